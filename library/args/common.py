@@ -1,0 +1,118 @@
+"""argparse groups shared by the training scripts. Flags and defaults follow kohya-ss/sd-scripts.
+
+Dataset flags default to None so that a dataset config's values take precedence over defaults
+(but not over flags the user gave).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from library.sampling.samplers import SAMPLER_NAMES
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="single-file checkpoint (.safetensors/.ckpt), diffusers folder, or hub id")
+    g.add_argument("--v2", action="store_true", help="the base model is SD2.x (detected automatically when possible)")
+    g.add_argument("--v_parameterization", action="store_true", help="train with v-prediction (SD2.x 768-v models)")
+    g.add_argument("--tokenizer_cache_dir", help="folder with the tokenizer files, for offline single-file loading")
+    g.add_argument("--clip_skip", type=int, help="use the output of the n-th last text-encoder layer (2 = penultimate)")
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset_config", help="dataset config (.toml or .json) in kohya's format")
+    g.add_argument("--train_data_dir", help="folder of '<repeats>_<class tokens>' image folders")
+    g.add_argument("--reg_data_dir", help="folder of '<repeats>_<class tokens>' regularization image folders")
+    g.add_argument("--resolution", help="training resolution: 'N' or 'W,H'")
+    g.add_argument("--train_batch_size", type=int, help="batch size (default 1)")
+    g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio bucketing")
+    g.add_argument("--min_bucket_reso", type=int, help="smallest bucket side (default 256)")
+    g.add_argument("--max_bucket_reso", type=int, help="largest bucket side (default 1024)")
+    g.add_argument("--bucket_reso_steps", type=int, help="bucket side granularity (default 64)")
+    g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never enlarge images for buckets")
+    g.add_argument("--caption_extension", help="caption file extension (default .caption)")
+    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
+    g.add_argument("--keep_tokens", type=int, help="keep the first N tags in place when shuffling")
+    g.add_argument("--caption_dropout_rate", type=float, help="drop the whole caption with this probability")
+    g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+    g.add_argument("--strict_dataset", action="store_true",
+                   help="stop on an unreadable image or caption instead of skipping it with a warning")
+    g.add_argument("--cache_latents", action="store_true", help="encode every image once before training (in RAM)")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers between epochs")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", required=True, help="where models are saved")
+    g.add_argument("--output_name", default="last", help="base name of saved files")
+    g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"])
+    g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="dtype of saved weights")
+    g.add_argument("--save_every_n_epochs", type=int, help="save every N epochs (name-000001.safetensors)")
+    g.add_argument("--save_every_n_steps", type=int, help="save every N steps (name-step00000100.safetensors)")
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--seed", type=int, help="random seed (random if not given)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    g.add_argument("--min_timestep", type=int, default=0)
+    g.add_argument("--max_timestep", type=int, default=1000)
+    g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata in saved LoRAs")
+    g.add_argument("--training_comment", help="stored as ss_training_comment")
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", default="AdamW", help="AdamW (default), SGDNesterov, or module.Class")
+    g.add_argument("--optimizer_args", nargs="*", default=[], help="key=value optimizer arguments")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--unet_lr", type=float)
+    g.add_argument("--text_encoder_lr", type=float)
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
+    g.add_argument("--lr_warmup_steps", default="0", help="warm-up steps: a count, or a ratio < 1 of all steps")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network")
+    g.add_argument("--network_module", default="networks.lora", help="plug-in module (networks.lora, lycoris.kohya, ...)")
+    g.add_argument("--network_dim", type=int, help="rank (default 4 for networks.lora)")
+    g.add_argument("--network_alpha", type=float, help="alpha (default 1); scale = alpha / dim")
+    g.add_argument("--network_args", nargs="*", default=[], help="key=value arguments for the network module")
+    g.add_argument("--network_weights", help="start from this LoRA file")
+    g.add_argument("--network_train_unet_only", action="store_true")
+    g.add_argument("--network_train_text_encoder_only", action="store_true")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sample images")
+    g.add_argument("--sample_prompts", help="prompt file (.txt with --n --w --h --d --l --s --ss, .toml, .json)")
+    g.add_argument("--sample_every_n_steps", type=int)
+    g.add_argument("--sample_every_n_epochs", type=int)
+    g.add_argument("--sample_at_first", action="store_true", help="also sample before training")
+    g.add_argument("--sample_sampler", default="ddim", choices=SAMPLER_NAMES)
+
+
+def add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--logging_dir", help="TensorBoard logs go to <logging_dir>/<log_prefix><timestamp>")
+    g.add_argument("--log_prefix", default="")
+    g.add_argument("--console_log_level", default="INFO")
+
+
+def network_training_parser(description: str) -> argparse.ArgumentParser:
+    """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
+    p = argparse.ArgumentParser(description=description)
+    for add in (add_model_args, add_dataset_args, add_training_args, add_optimizer_args, add_network_args,
+                add_sample_args, add_logging_args):
+        add(p)
+    return p

@@ -1,0 +1,227 @@
+"""Dataset configuration: kohya's TOML/JSON dataset format and the legacy folder flags.
+
+Values are looked up subset > dataset > [general] > command line > default. Every problem in a
+file is collected and reported together, each with its path, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import toml
+import voluptuous as vol
+
+from library.data.captions import CaptionOptions
+from library.utils.errors import UserError
+
+# keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
+NOT_YET_SUPPORTED = {
+    "metadata_file", "conditioning_data_dir", "alpha_mask", "color_aug", "random_crop", "face_crop_aug_range",
+    "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "cache_info", "custom_attributes",
+    "validation_split", "validation_seed", "network_multiplier", "resize_interpolation",
+}
+
+
+def _positive_int(v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise vol.Invalid("expected a positive int")
+    return v
+
+
+def _resolution(v):
+    if isinstance(v, bool):
+        raise vol.Invalid("expected int or [width, height]")
+    if isinstance(v, int) and v > 0:
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v):
+        return (v[0], v[1])
+    raise vol.Invalid("expected int or [width, height]")
+
+
+def _rate(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise vol.Invalid("expected a number between 0 and 1")
+    return float(v)
+
+
+def _typed(kind):
+    def check(v):
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise vol.Invalid("expected int")
+        if kind is bool and not isinstance(v, bool):
+            raise vol.Invalid("expected true or false")
+        if kind is str and not isinstance(v, str):
+            raise vol.Invalid("expected a string")
+        return v
+    return check
+
+
+DATASET_KEYS = {
+    "resolution": _resolution, "batch_size": _positive_int, "enable_bucket": _typed(bool),
+    "min_bucket_reso": _positive_int, "max_bucket_reso": _positive_int, "bucket_reso_steps": _positive_int,
+    "bucket_no_upscale": _typed(bool),
+}
+SUBSET_KEYS = {
+    "num_repeats": _positive_int, "shuffle_caption": _typed(bool), "keep_tokens": _typed(int),
+    "caption_separator": _typed(str), "caption_prefix": _typed(str), "caption_suffix": _typed(str),
+    "caption_dropout_rate": _rate, "flip_aug": _typed(bool), "caption_extension": _typed(str),
+    "class_tokens": _typed(str),
+}
+SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool)}
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One folder of images (a DreamBooth-style subset)."""
+
+    image_dir: str
+    is_reg: bool = False
+    class_tokens: str | None = None
+    caption_extension: str = ".caption"
+    num_repeats: int = 1
+    flip_aug: bool = False
+    caption: CaptionOptions = field(default_factory=CaptionOptions)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset: a resolution and batch size shared by its subsets."""
+
+    resolution: tuple[int, int]
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    subsets: tuple[SubsetConfig, ...] = ()
+
+
+def load_config_file(path: str) -> dict:
+    """Parse a dataset config file (.toml or .json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"dataset config not found: {p} (--dataset_config)")
+    try:
+        if p.suffix.lower() == ".json":
+            return json.loads(p.read_text(encoding="utf-8"))
+        return toml.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, toml.TomlDecodeError) as exc:
+        raise UserError(f"{p}: cannot parse: {exc}") from exc
+
+
+def _check_table(table: Any, allowed: dict, where: str, errors: list[str]) -> dict:
+    """Validate one table's keys and values; append readable errors; return converted values."""
+    if not isinstance(table, dict):
+        errors.append(f"{where}: expected a table")
+        return {}
+    out = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in allowed:
+            if key in NOT_YET_SUPPORTED:
+                errors.append(f"{path}: this kohya key is not supported by this version yet; remove it")
+            else:
+                hint = difflib.get_close_matches(key, list(allowed) + list(NOT_YET_SUPPORTED), n=1)
+                errors.append(f"{path}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            continue
+        try:
+            out[key] = allowed[key](value)
+        except vol.Invalid as exc:
+            errors.append(f"{path}: {exc.msg}, got {json.dumps(value)}")
+    return out
+
+
+def parse_dataset_config(raw: dict, source: str, cli: dict) -> list[DatasetConfig]:
+    """Validate a parsed dataset config and resolve every value by precedence.
+
+    ``cli`` holds the values given on the command line (None for flags not given).
+    """
+    errors: list[str] = []
+    for key in raw:
+        if key not in ("general", "datasets"):
+            errors.append(f"{key}: unknown top-level key (expected [general] and [[datasets]])")
+    general = _check_table(raw.get("general", {}), {**DATASET_KEYS, **SUBSET_KEYS}, "general", errors)
+    datasets_raw = raw.get("datasets", [])
+    if not isinstance(datasets_raw, list) or not datasets_raw:
+        errors.append("datasets: expected at least one [[datasets]] table")
+        datasets_raw = []
+    resolved = []
+    for i, ds in enumerate(datasets_raw):
+        ds_vals = _check_table({k: v for k, v in ds.items() if k != "subsets"} if isinstance(ds, dict) else ds,
+                               {**DATASET_KEYS, **SUBSET_KEYS}, f"datasets[{i}]", errors)
+        subsets_raw = ds.get("subsets", []) if isinstance(ds, dict) else []
+        if not isinstance(subsets_raw, list) or not subsets_raw:
+            errors.append(f"datasets[{i}].subsets: expected at least one [[datasets.subsets]] table")
+            subsets_raw = []
+        subs = []
+        for j, sub in enumerate(subsets_raw):
+            where = f"datasets[{i}].subsets[{j}]"
+            vals = _check_table(sub, {**SUBSET_KEYS, **SUBSET_ONLY_KEYS}, where, errors)
+            if isinstance(sub, dict) and "image_dir" not in sub:
+                errors.append(f"{where}.image_dir: required key missing")
+            subs.append(vals)
+        resolved.append((ds_vals, subs))
+    if errors:
+        raise UserError(f"{source}: {len(errors)} problem(s) in the dataset config:\n  " + "\n  ".join(errors))
+    return [_build_dataset(ds_vals, subs, general, cli, source, i) for i, (ds_vals, subs) in enumerate(resolved)]
+
+
+def _lookup(key: str, *tables: dict) -> Any:
+    for table in tables:
+        if table.get(key) is not None:
+            return table[key]
+    return None
+
+
+def _build_dataset(ds_vals: dict, subsets: list[dict], general: dict, cli: dict, source: str,
+                   index: int) -> DatasetConfig:
+    ds_kwargs = {}
+    for f in fields(DatasetConfig):
+        if f.name != "subsets" and (v := _lookup(f.name, ds_vals, general, cli)) is not None:
+            ds_kwargs[f.name] = v
+    if "resolution" not in ds_kwargs:
+        raise UserError(f"{source}: datasets[{index}] has no resolution; set resolution in the file or --resolution")
+    subs = tuple(_build_subset(s, ds_vals, general, cli) for s in subsets)
+    return DatasetConfig(**ds_kwargs, subsets=subs)
+
+
+def _build_subset(sub: dict, ds_vals: dict, general: dict, cli: dict) -> SubsetConfig:
+    tables = (sub, ds_vals, general, cli)
+    cap_kwargs = {f.name: v for f in fields(CaptionOptions) if (v := _lookup(f.name, *tables)) is not None}
+    kwargs = {f.name: v for f in fields(SubsetConfig)
+              if f.name != "caption" and (v := _lookup(f.name, *tables)) is not None}
+    return SubsetConfig(**kwargs, caption=CaptionOptions(**cap_kwargs))
+
+
+_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def folders_to_config(train_data_dir: str, reg_data_dir: str | None) -> dict:
+    """Turn kohya's legacy ``<repeats>_<class tokens>`` folders into a dataset-config dict."""
+    subsets = []
+    for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
+        if root is None:
+            continue
+        base = Path(root)
+        flag = "--reg_data_dir" if is_reg else "--train_data_dir"
+        if not base.is_dir():
+            raise UserError(f"{flag} {base}: folder not found")
+        found = False
+        for child in sorted(p for p in base.iterdir() if p.is_dir()):
+            m = _FOLDER.match(child.name)
+            if not m or int(m.group(1)) < 1:
+                continue
+            found = True
+            subsets.append({"image_dir": str(child), "num_repeats": int(m.group(1)),
+                            "class_tokens": m.group(2), "is_reg": is_reg})
+        if not found:
+            raise UserError(f"{flag} {base}: no sub-folder named '<repeats>_<class tokens>' (e.g. '10_sks dog'); "
+                            "put the images in such a folder")
+    return {"datasets": [{"subsets": subsets}]}

@@ -1,0 +1,174 @@
+"""The typed training configuration, built once from the parsed flags and checked before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.config.dataset_config import (DatasetConfig, folders_to_config, load_config_file,
+                                           parse_dataset_config)
+from library.sampling.prompts import SamplePrompt, load_prompt_file
+from library.utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    module: str
+    dim: int | None
+    alpha: float | None
+    args: dict[str, str]
+    weights: str | None
+    train_unet: bool
+    train_text_encoder: bool
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: str
+    optimizer_args: tuple[str, ...]
+    learning_rate: float
+    unet_lr: float | None
+    text_encoder_lr: float | None
+    lr_scheduler: str
+    lr_warmup: str
+    num_cycles: int
+    power: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    output_dir: Path
+    output_name: str
+    extension: str
+    precision: torch.dtype | None
+    every_n_epochs: int | None
+    every_n_steps: int | None
+    no_metadata: bool
+    training_comment: str | None
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[SamplePrompt, ...]
+    every_n_steps: int | None
+    every_n_epochs: int | None
+    at_first: bool
+    sampler: str
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a run needs, resolved and validated."""
+
+    model_path: str
+    tokenizer_dir: str | None
+    datasets: list[DatasetConfig]
+    network: NetworkConfig
+    optimizer: OptimizerConfig
+    save: SaveConfig
+    sample: SampleConfig
+    seed: int
+    max_train_steps: int
+    max_train_epochs: int | None
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    mixed_precision: str
+    cache_latents: bool
+    vae_batch_size: int
+    prior_loss_weight: float
+    strict_dataset: bool
+    num_workers: int
+    persistent_workers: bool
+    logging_dir: str | None
+    log_prefix: str
+    dataset_source: str = ""
+    raw_args: dict = field(default_factory=dict)
+
+
+_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _resolution(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(x) for x in str(value).split(",")]
+    except ValueError as exc:
+        raise UserError(f"--resolution {value!r}: expected 'N' or 'W,H'") from exc
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise UserError(f"--resolution {value!r}: expected 'N' or 'W,H' with positive numbers")
+    return (parts[0], parts[-1])
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
+    """Dataset configs from --dataset_config or the legacy folder flags, with CLI values as fallbacks."""
+    cli = {"resolution": _resolution(args.resolution), "batch_size": args.train_batch_size,
+           "enable_bucket": args.enable_bucket, "min_bucket_reso": args.min_bucket_reso,
+           "max_bucket_reso": args.max_bucket_reso, "bucket_reso_steps": args.bucket_reso_steps,
+           "bucket_no_upscale": args.bucket_no_upscale, "caption_extension": args.caption_extension,
+           "shuffle_caption": args.shuffle_caption, "keep_tokens": args.keep_tokens,
+           "caption_dropout_rate": args.caption_dropout_rate, "flip_aug": args.flip_aug}
+    if args.dataset_config:
+        return parse_dataset_config(load_config_file(args.dataset_config), args.dataset_config, cli), \
+            args.dataset_config
+    if args.train_data_dir:
+        raw = folders_to_config(args.train_data_dir, args.reg_data_dir)
+        return parse_dataset_config(raw, "--train_data_dir", cli), args.train_data_dir
+    raise UserError("no training data: pass --dataset_config FILE or --train_data_dir FOLDER")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    positive = {"max_train_steps": args.max_train_steps, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "vae_batch_size": args.vae_batch_size}
+    for flag in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
+                 "sample_every_n_epochs", "network_dim"):
+        if getattr(args, flag) is not None:
+            positive[flag] = getattr(args, flag)
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {value})")
+    if not 0 <= args.min_timestep < args.max_timestep <= 1000:
+        raise UserError("--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+
+
+def build_training_config(args: argparse.Namespace) -> TrainingConfig:
+    """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
+    from networks.base import import_network_module, parse_network_args
+    from library.training.optim import check_optimizer_name
+
+    _check_numbers(args)
+    datasets, source = build_datasets(args)
+    import_network_module(args.network_module)
+    check_optimizer_name(args.optimizer_type)
+    if args.network_weights and not Path(args.network_weights).is_file():
+        raise UserError(f"--network_weights {args.network_weights}: file not found")
+    prompts = tuple(load_prompt_file(args.sample_prompts)) if args.sample_prompts else ()
+    return TrainingConfig(
+        model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
+        network=NetworkConfig(args.network_module, args.network_dim, args.network_alpha,
+                              parse_network_args(args.network_args), args.network_weights,
+                              train_unet=not args.network_train_text_encoder_only,
+                              train_text_encoder=not args.network_train_unet_only),
+        optimizer=OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
+                                  args.text_encoder_lr, args.lr_scheduler, args.lr_warmup_steps,
+                                  args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm),
+        save=SaveConfig(Path(args.output_dir), args.output_name, "." + args.save_model_as,
+                        _PRECISIONS[args.save_precision], args.save_every_n_epochs, args.save_every_n_steps,
+                        args.no_metadata, args.training_comment),
+        sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
+                            args.sample_sampler),
+        seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1),
+        max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+        cache_latents=args.cache_latents, vae_batch_size=args.vae_batch_size,
+        prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
+        num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
+        logging_dir=args.logging_dir, log_prefix=args.log_prefix, dataset_source=source, raw_args=vars(args).copy())

@@ -1,0 +1,249 @@
+"""Training datasets: scanning image folders, bucketing, epoch order and batch assembly.
+
+One dataset item is one whole batch from a single bucket (as in kohya-ss/sd-scripts). The batch
+order of an epoch and every random choice inside a sample depend only on (seed, epoch, index),
+so a run can be resumed at any batch and data-loader workers need no shared state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.config.dataset_config import DatasetConfig, SubsetConfig
+from library.data import buckets as bk
+from library.data.captions import CaptionError, process_caption, read_caption_file
+from library.data.images import is_image_file, load_image_rgb, resize_to, to_tensor_image
+from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageItem:
+    """One training image and everything decided about it before training."""
+
+    path: str
+    caption: str
+    subset: SubsetConfig
+    size: tuple[int, int]
+    bucket: tuple[int, int] = (0, 0)
+    resized: tuple[int, int] = (0, 0)
+    latents: torch.Tensor | None = None
+    latents_flipped: torch.Tensor | None = None
+
+
+@dataclass
+class ScanReport:
+    """What scanning found: usable images, and files skipped with the reason."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    class_token_fallbacks: int = 0
+
+
+def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool) -> list[ImageItem]:
+    """List a subset's images, decode each once to be sure it is usable, and read its caption."""
+    folder = Path(subset.image_dir)
+    if not folder.is_dir():
+        raise UserError(f"image_dir not found: {folder}")
+    items = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)):
+        try:
+            image = load_image_rgb(str(path))
+        except Exception as exc:  # noqa: BLE001 - any decoder error means this file is unusable
+            _skip(report, str(path), f"cannot be read as an image ({type(exc).__name__}: {exc})", strict)
+            continue
+        try:
+            caption = read_caption_file(str(path), subset.caption_extension)
+        except CaptionError as exc:
+            _skip(report, str(path), str(exc), strict)
+            continue
+        if caption is None:
+            caption = subset.class_tokens or ""
+            report.class_token_fallbacks += 1
+        items.append(ImageItem(str(path), caption, subset, (image.shape[1], image.shape[0])))
+    if not items:
+        raise UserError(f"image_dir {folder} contains no usable images (supported: .png .jpg .jpeg .webp .bmp)")
+    return items
+
+
+def _skip(report: ScanReport, path: str, reason: str, strict: bool) -> None:
+    if strict:
+        raise UserError(f"{path}: {reason} (--strict_dataset is set; fix or remove the file)")
+    logger.warning("skipping %s: %s", path, reason)
+    report.skipped.append((path, reason))
+
+
+def balance_regularization(train_count: int, reg_items: list[ImageItem]) -> list[tuple[ImageItem, int]]:
+    """kohya's reg balancing: take reg images (with their repeats) until they match the number of
+    training samples; if all of them are fewer, raise their repeats round-robin until equal."""
+    chosen: list[list] = []
+    total = 0
+    for item in reg_items:
+        if total >= train_count:
+            break
+        chosen.append([item, item.subset.num_repeats])
+        total += item.subset.num_repeats
+    i = 0
+    while chosen and total < train_count:
+        chosen[i % len(chosen)][1] += 1
+        total += 1
+        i += 1
+    return [(item, repeats) for item, repeats in chosen]
+
+
+class BucketBatchDataset(torch.utils.data.Dataset):
+    """One dataset config's images, served as same-bucket batches."""
+
+    def __init__(self, config: DatasetConfig, items: list[ImageItem], reg_items: list[ImageItem],
+                 prior_loss_weight: float = 1.0):
+        self.config = config
+        self.prior_loss_weight = prior_loss_weight
+        self.items = items + reg_items
+        self._assign_buckets()
+        train_count = sum(it.subset.num_repeats for it in items)
+        self.entries: list[tuple[ImageItem, int]] = [(it, it.subset.num_repeats) for it in items]
+        self.entries += balance_regularization(train_count, reg_items)
+        self.num_train_images = train_count
+        self.num_reg_images = sum(r for _, r in self.entries[len(items):])
+
+    def _assign_buckets(self) -> None:
+        c = self.config
+        if not c.enable_bucket:
+            for it in self.items:
+                # without buckets every image is resized to cover the resolution and center-cropped
+                _, it.resized = bk.select_bucket(it.size, [c.resolution])
+                it.bucket = c.resolution
+            return
+        if c.bucket_no_upscale:
+            area = c.resolution[0] * c.resolution[1]
+            for it in self.items:
+                it.bucket, it.resized = bk.no_upscale_bucket(it.size, area, c.bucket_reso_steps)
+            return
+        table = bk.make_bucket_resolutions(c.resolution, c.min_bucket_reso, c.max_bucket_reso, c.bucket_reso_steps)
+        for it in self.items:
+            it.bucket, it.resized = bk.select_bucket(it.size, table)
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Samples per bucket (repeats counted), for the table printed at start."""
+        counts: Counter = Counter()
+        for it, repeats in self.entries:
+            counts[it.bucket] += repeats
+        return dict(sorted(counts.items()))
+
+    def epoch_batches(self, seed: int, epoch: int) -> list[list[ImageItem]]:
+        """The batches of one epoch: each bucket shuffled, cut into batches, batches shuffled."""
+        rng = random.Random(seed + epoch)
+        per_bucket: dict[tuple[int, int], list[ImageItem]] = defaultdict(list)
+        for item, repeats in self.entries:
+            per_bucket[item.bucket].extend([item] * repeats)
+        batches = []
+        for bucket in sorted(per_bucket):
+            members = per_bucket[bucket]
+            rng.shuffle(members)
+            bs = self.config.batch_size
+            batches += [members[i:i + bs] for i in range(0, len(members), bs)]
+        rng.shuffle(batches)
+        return batches
+
+    def __len__(self) -> int:
+        bs = self.config.batch_size
+        return sum(math.ceil(n / bs) for n in self.bucket_counts().values())
+
+    def load_pixels(self, item: ImageItem, flip: bool) -> torch.Tensor:
+        """The image resized to cover its bucket, center-cropped, optionally mirrored; (3, H, W) in [-1, 1]."""
+        image = resize_to(load_image_rgb(item.path), item.resized)
+        left, top, right, bottom = bk.center_crop_box(item.resized, item.bucket)
+        image = image[top:bottom, left:right]
+        if flip:
+            image = np.ascontiguousarray(image[:, ::-1])
+        return to_tensor_image(image)
+
+    def make_batch(self, batch: list[ImageItem], rng: random.Random) -> dict:
+        """Assemble one batch: latents (cached) or pixels, processed captions, loss weights."""
+        flips = [it.subset.flip_aug and rng.random() < 0.5 for it in batch]
+        out = {"captions": [process_caption(it.caption, it.subset.caption, rng) for it in batch],
+               "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in batch]),
+               "paths": [it.path for it in batch]}
+        if all(it.latents is not None for it in batch):
+            out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(batch, flips)])
+        else:
+            out["images"] = torch.stack([self.load_pixels(it, f) for it, f in zip(batch, flips)])
+        return out
+
+
+class DatasetGroup(torch.utils.data.Dataset):
+    """All datasets of a run. Items are addressed by (epoch, index): the batch behind a key
+    depends only on the seed, so persistent workers and resumed runs see the same batches."""
+
+    def __init__(self, datasets: list[BucketBatchDataset], seed: int):
+        self.datasets = datasets
+        self.seed = seed
+        self._order_epoch: int | None = None
+        self._order: list[tuple[int, list[ImageItem]]] = []
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, list[ImageItem]]]:
+        """(dataset index, batch) pairs of one epoch, in training order."""
+        if self._order_epoch != epoch:
+            order = [(d, b) for d, ds in enumerate(self.datasets) for b in ds.epoch_batches(self.seed, epoch)]
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            self._order, self._order_epoch = order, epoch
+        return self._order
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        ds_index, batch = self.epoch_order(epoch)[index]
+        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        return self.datasets[ds_index].make_batch(batch, rng)
+
+    @property
+    def items(self) -> list[ImageItem]:
+        return [it for d in self.datasets for it in d.items]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys for one epoch; ``start`` skips batches already trained."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.start, self.length)])
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+
+def build_dataset_group(configs: list[DatasetConfig], seed: int, prior_loss_weight: float,
+                        strict: bool) -> tuple[DatasetGroup, ScanReport]:
+    """Scan every subset, bucket the images and build the group. Raises UserError for unusable data."""
+    report = ScanReport()
+    datasets = []
+    for cfg in configs:
+        train, reg = [], []
+        for subset in cfg.subsets:
+            (reg if subset.is_reg else train).extend(scan_subset(subset, report, strict))
+        if not train:
+            raise UserError("a dataset has only regularization subsets (is_reg = true); add training images")
+        datasets.append(BucketBatchDataset(cfg, train, reg, prior_loss_weight))
+    return DatasetGroup(datasets, seed), report
+
+
+def collate_single(batch: list[dict]) -> dict:
+    """The DataLoader's batch_size is 1 because each item already is a batch."""
+    return batch[0]

@@ -1,0 +1,63 @@
+"""Image reading and resizing with PIL/numpy/OpenCV (torchvision cannot be installed here)."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# 12000x12000 images are legitimate training sources; PIL's default limit would reject them
+Image.MAX_IMAGE_PIXELS = 20000 * 20000
+
+
+def is_image_file(name: str) -> bool:
+    """True for a visible file with a supported image extension (macOS ``._*`` files excluded)."""
+    base = os.path.basename(name)
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image_rgb(path: str) -> np.ndarray:
+    """Decode an image fully: EXIF orientation applied, any mode converted to 8-bit RGB (H, W, 3).
+
+    Transparent pixels are composited on white so RGBA/palette images do not turn black.
+    Raises ``OSError``/``ValueError`` for unreadable files; callers decide whether to skip.
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            arr = (arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(arr, mode="L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header only."""
+    with Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (width, height): area filter when shrinking, Lanczos when enlarging."""
+    height, width = image.shape[:2]
+    if (width, height) == tuple(size):
+        return image
+    if size[0] < width and size[1] < height:
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+
+
+def to_tensor_image(image: np.ndarray):
+    """uint8 (H, W, 3) -> float tensor (3, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)

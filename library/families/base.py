@@ -1,0 +1,69 @@
+"""The model-family contract: everything in which SD1/SD2, SDXL and SD3 differ.
+
+The trainer calls these methods with explicit arguments and never asks which family it has. A new
+family is a new module implementing :class:`ModelFamily` plus an entry in ``families/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LoadedModels:
+    """The modules of one model. ``denoiser`` is the UNet (or MMDiT)."""
+
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class NoisyBatch:
+    """What one training step feeds the denoiser and compares its output with."""
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+class ModelFamily(ABC):
+    """One model family (SD1/2, SDXL, SD3). Instances carry the family's options (v-prediction, ...)."""
+
+    name: str
+    latent_channels: int
+
+    @abstractmethod
+    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:
+        """Load the model (raises UserError for a file of another family or a broken file)."""
+
+    @abstractmethod
+    def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents the denoiser trains on."""
+
+    @abstractmethod
+    def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> Any:
+        """Captions -> the denoiser's text conditioning (gradients flow if text LoRA is on)."""
+
+    @abstractmethod
+    def make_noisy_batch(self, latents: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        """Sample timesteps and build the noisy input and the training target."""
+
+    @abstractmethod
+    def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: Any) -> torch.Tensor:
+        """Run the denoiser on a noisy batch."""
+
+    @abstractmethod
+    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
+        """Generate one PIL image for a :class:`~library.sampling.prompts.SamplePrompt`."""
+
+    @abstractmethod
+    def metadata(self) -> dict[str, str]:
+        """Family-specific training metadata (``ss_base_model_version``, ``modelspec.architecture``, ...)."""

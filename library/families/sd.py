@@ -1,0 +1,104 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a DDPM-trained UNet, a 4-channel VAE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from library.families.base import LoadedModels, ModelFamily, NoisyBatch
+from library.models.sd_loading import load_sd_model
+from library.sampling.samplers import build_scheduler
+from library.training import noise as noise_fns
+
+
+@dataclass(frozen=True)
+class SDOptions:
+    """Options of the SD1/2 family that change the maths."""
+
+    v_parameterization: bool = False
+    clip_skip: int | None = None
+    min_timestep: int = 0
+    max_timestep: int = 1000
+
+
+class SDFamily(ModelFamily):
+    """SD1.x and SD2.x (SD2 is detected from the text encoder when the model is loaded)."""
+
+    name = "sd"
+    latent_channels = 4
+    scaling_factor = 0.18215
+
+    def __init__(self, options: SDOptions = SDOptions()):
+        self.options = options
+        self.v2 = False
+        self.alphas_cumprod = noise_fns.scaled_linear_alphas_cumprod()
+
+    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:
+        parts = load_sd_model(name_or_path, dtype, tokenizer_dir)
+        self.v2 = parts.v2
+        return LoadedModels(denoiser=parts.unet, vae=parts.vae, text_encoders=[parts.text_encoder],
+                            tokenizers=[parts.tokenizer], source=name_or_path)
+
+    def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
+        vae = models.vae
+        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+        return latents * self.scaling_factor
+
+    def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> torch.Tensor:
+        tokenizer, text_encoder = models.tokenizers[0], models.text_encoders[0]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        skip = self.options.clip_skip or 1
+        if skip <= 1:
+            return text_encoder(ids).last_hidden_state
+        hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-skip]
+        # kohya's clip_skip: an earlier layer's output, passed through the final layer norm
+        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+    def make_noisy_batch(self, latents: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        o = self.options
+        timesteps = noise_fns.sample_timesteps(latents.shape[0], o.min_timestep, o.max_timestep, latents.device)
+        noisy, target = noise_fns.ddpm_noisy_and_target(self.alphas_cumprod, latents, noise, timesteps,
+                                                        o.v_parameterization)
+        return NoisyBatch(noisy, timesteps, target)
+
+    def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: torch.Tensor) -> torch.Tensor:
+        unet = models.denoiser
+        return unet(batch.noisy_latents, batch.timesteps, conditioning).sample
+
+    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
+            unet=models.denoiser, scheduler=build_scheduler(sampler, self.prediction_type),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
+        skip = self.options.clip_skip
+        with torch.no_grad():
+            return pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
+                        height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
+                        generator=generator, clip_skip=(skip - 1) if skip and skip > 1 else None).images[0]
+
+    @property
+    def prediction_type(self) -> str:
+        return "v_prediction" if self.options.v_parameterization else "epsilon"
+
+    def metadata(self) -> dict[str, str]:
+        v = self.options.v_parameterization
+        if self.v2:
+            version, arch = ("sd_v2_v" if v else "sd_v2"), ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
+        else:
+            version, arch = "sd_v1", "stable-diffusion-v1"
+        return {
+            "ss_v2": str(self.v2),
+            "ss_base_model_version": version,
+            "ss_v_parameterization": str(v),
+            "ss_clip_skip": str(self.options.clip_skip) if self.options.clip_skip else "None",
+            "modelspec.architecture": f"{arch}/lora",
+            "modelspec.implementation": "diffusers",
+            "modelspec.prediction_type": "v" if v else "epsilon",
+        }

@@ -1,0 +1,104 @@
+"""Infer diffusers/transformers configs for SD1.x/2.x parts from the shapes in a state dict.
+
+Everything that weights reveal (widths, depths, channel counts, projection kind) is read from
+the tensors. What they do not reveal follows the rule of the real models: SD1 UNets use 8 heads,
+SD2 UNets and CLIP text towers use 64-wide heads (test-size towers narrower than 64 use 8-wide
+heads). So real checkpoints and tiny test checkpoints load through the same code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+
+def _indices(state: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in state if (m := rx.match(k))})
+
+
+def infer_unet_config(state: Mapping[str, torch.Tensor], v2: bool) -> dict:
+    """UNet2DConditionModel config from ldm UNet keys (``model.diffusion_model.`` removed)."""
+    model_channels = state["input_blocks.0.0.weight"].shape[0]
+    in_channels = state["input_blocks.0.0.weight"].shape[1]
+    n_input = len(_indices(state, r"input_blocks\.(\d+)\."))
+    downsample_at = _indices(state, r"input_blocks\.(\d+)\.0\.op\.weight")
+    levels = len(downsample_at) + 1
+    layers_per_block = (n_input - 1 - len(downsample_at)) // levels
+    per_level = layers_per_block + 1
+    channels, down_types, transformer_depths = [], [], []
+    for lvl in range(levels):
+        first = per_level * lvl + 1
+        channels.append(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        has_attn = f"input_blocks.{first}.1.proj_in.weight" in state
+        down_types.append("CrossAttnDownBlock2D" if has_attn else "DownBlock2D")
+        depth = len(_indices(state, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")) if has_attn else 1
+        transformer_depths.append(depth)
+    up_types = [t.replace("Down", "Up") for t in reversed(down_types)]
+    attn_key = next(k for k in state if k.endswith("attn2.to_k.weight"))
+    proj_in = next(k for k in state if k.endswith(".proj_in.weight"))
+    if v2:  # SD2: 64-wide heads
+        heads = [max(1, c // 64) for c in channels]
+    else:  # SD1: 8 heads everywhere
+        heads = 8
+    return {
+        "sample_size": 96 if v2 else 64,
+        "in_channels": in_channels,
+        "out_channels": state["out.2.weight"].shape[0],
+        "block_out_channels": channels,
+        "layers_per_block": layers_per_block,
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "cross_attention_dim": state[attn_key].shape[1],
+        "attention_head_dim": heads,
+        "use_linear_projection": state[proj_in].ndim == 2,
+        "transformer_layers_per_block": transformer_depths,
+        "norm_num_groups": 32 if model_channels % 32 == 0 else model_channels,
+    }
+
+
+def infer_vae_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """AutoencoderKL config from ldm VAE keys (``first_stage_model.`` removed)."""
+    levels = _indices(state, r"encoder\.down\.(\d+)\.")
+    layers = len(_indices(state, r"encoder\.down\.0\.block\.(\d+)\."))
+    channels = [state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels]
+    return {
+        "in_channels": state["encoder.conv_in.weight"].shape[1],
+        "out_channels": state["decoder.conv_out.weight"].shape[0],
+        "latent_channels": state["quant_conv.weight"].shape[0] // 2,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "down_block_types": ["DownEncoderBlock2D"] * len(levels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(levels),
+        "norm_num_groups": 32 if channels[0] % 32 == 0 else channels[0],
+        "sample_size": 512,
+    }
+
+
+def clip_heads(hidden: int) -> int:
+    """Head count for a CLIP text tower of width ``hidden`` (64-wide heads; 8-wide below 64)."""
+    return hidden // 64 if hidden >= 64 else max(1, hidden // 8)
+
+
+def infer_clip_l_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """CLIPTextConfig kwargs from HF-named CLIP keys (``text_model.`` present or not)."""
+    pre = "text_model." if any(k.startswith("text_model.") for k in state) else ""
+    tok = state[f"{pre}embeddings.token_embedding.weight"]
+    vocab, hidden = tok.shape
+    layers = _indices(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": state[f"{pre}encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": clip_heads(hidden),
+        "max_position_embeddings": state[f"{pre}embeddings.position_embedding.weight"].shape[0],
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768 if hidden == 768 else hidden,
+        # the start/end tokens are the last two vocabulary entries in CLIP and in our tiny tokenizer
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": 1,
+    }

@@ -1,0 +1,145 @@
+"""Key maps between diffusers module names and the original (ldm) single-file layout for SD1.x/2.x.
+
+One table per model serves both directions: loading renames ldm -> diffusers, saving renames
+diffusers -> ldm. The tables are generated from the diffusers config, so they hold for any width
+or depth (real models and the tiny test models alike). diffusers' own ldm -> diffusers converters
+are the independent reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "cond_stage_model.transformer."
+
+# resnet sub-modules: diffusers name -> ldm name
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def unet_block_map(block_out_channels, layers_per_block: int, up_block_types) -> dict[str, str]:
+    """Map diffusers UNet block prefixes to ldm prefixes (``down_blocks.0.resnets.0`` -> ``input_blocks.1.0``)."""
+    per_level = layers_per_block + 1
+    levels = len(block_out_channels)
+    m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+         "mid_block.resnets.1": "middle_block.2"}
+    for i in range(levels):
+        for j in range(layers_per_block):
+            m[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{per_level * i + j + 1}.0"
+            m[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{per_level * i + j + 1}.1"
+        if i < levels - 1:
+            m[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{per_level * (i + 1)}.0.op"
+        for j in range(per_level):
+            m[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{per_level * i + j}.0"
+            m[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{per_level * i + j}.1"
+        if i < levels - 1:
+            slot = 2 if "CrossAttn" in up_block_types[i] else 1
+            m[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{per_level * i + layers_per_block}.{slot}.conv"
+    return m
+
+
+def vae_block_map(num_levels: int, layers_per_block: int) -> dict[str, str]:
+    """Map diffusers AutoencoderKL block prefixes to ldm prefixes."""
+    m = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out",
+         "encoder.mid_block.attentions.0": "encoder.mid.attn_1", "decoder.mid_block.attentions.0": "decoder.mid.attn_1"}
+    for part in ("encoder", "decoder"):
+        m[f"{part}.mid_block.resnets.0"] = f"{part}.mid.block_1"
+        m[f"{part}.mid_block.resnets.1"] = f"{part}.mid.block_2"
+    for i in range(num_levels):
+        for j in range(layers_per_block):
+            m[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+        m[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+        ldm_level = num_levels - 1 - i  # the decoder's levels are stored in reverse order
+        for j in range(layers_per_block + 1):
+            m[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{ldm_level}.block.{j}"
+        m[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{ldm_level}.upsample.conv"
+    return m
+
+
+def _rename(key: str, block_map: Mapping[str, str], inner_maps: Mapping[str, Mapping[str, str]]) -> str:
+    """Rename one key by its longest matching block prefix, then rename the part after the prefix
+    with the inner map of the block's kind (the kind is read from the diffusers side of the pair)."""
+    for prefix in _prefixes(key):
+        if prefix in block_map:
+            target = block_map[prefix]
+            rest = key[len(prefix) + 1:]
+            for kind, inner in inner_maps.items():
+                if kind in prefix or kind in target:
+                    for src, dst in inner.items():
+                        if rest.startswith(src + "."):
+                            rest = dst + rest[len(src):]
+                            break
+            return f"{target}.{rest}"
+    return key
+
+
+def unet_to_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel state dict -> ldm ``model.diffusion_model.*`` keys."""
+    block_map = unet_block_map(config.block_out_channels, config.layers_per_block, config.up_block_types)
+    inner = {"resnets": _UNET_RESNET}
+    return {UNET_PREFIX + _rename(k, block_map, inner): v for k, v in state.items()}
+
+
+def unet_from_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """ldm UNet keys (prefix already removed) -> diffusers names (inverse of :func:`unet_to_ldm`)."""
+    block_map = unet_block_map(config.block_out_channels, config.layers_per_block, config.up_block_types)
+    inner = {"resnets": _invert(_UNET_RESNET)}
+    return {_rename(k, _invert(block_map), inner): v for k, v in state.items()}
+
+
+def vae_to_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL state dict -> ldm ``first_stage_model.*`` keys (attention as 1x1 convs)."""
+    block_map = vae_block_map(len(config.block_out_channels), config.layers_per_block)
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, block_map, {"resnets": _VAE_RESNET, "attentions": _VAE_ATTN})
+        if ".attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)
+        out[VAE_PREFIX + new] = value
+    return out
+
+
+def vae_from_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """ldm VAE keys (prefix removed) -> diffusers names; 1x1-conv attention weights become linear."""
+    inverse = _invert(vae_block_map(len(config.block_out_channels), config.layers_per_block))
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, inverse, {"resnets": _invert(_VAE_RESNET), "attentions": _invert(_VAE_ATTN)})
+        if ".attentions." in new and new.endswith(".weight") and value.ndim == 4:
+            value = value.reshape(value.shape[0], value.shape[1])
+        out[new] = value
+    return out
+
+
+def clip_to_ldm(state: Mapping[str, torch.Tensor], prefix: str = CLIP_L_PREFIX) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys -> ldm keys. transformers 5 dropped the ``text_model.``
+    level from CLIPTextModel; the file layout keeps it, so it is added back here."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def clip_from_ldm(state: Mapping[str, torch.Tensor], model_keys) -> dict[str, torch.Tensor]:
+    """ldm CLIP keys (prefix removed) -> the names ``model_keys`` uses (with or without ``text_model.``)."""
+    flat = not any(k.startswith("text_model.") for k in model_keys)
+    out = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue  # a buffer some files carry; the model rebuilds it
+        out[key[len("text_model."):] if flat and key.startswith("text_model.") else key] = value
+    return out
+
+
+def _invert(m: Mapping[str, str]) -> dict[str, str]:
+    return {v: k for k, v in m.items()}
+
+
+def _prefixes(key: str):
+    parts = key.split(".")
+    return (".".join(parts[:cut]) for cut in range(len(parts) - 1, 0, -1))

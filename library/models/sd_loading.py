@@ -1,0 +1,215 @@
+"""Load and save SD1.x/2.x models: single-file checkpoints (ldm layout) and diffusers folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from library.models import sd_infer, sd_keys
+from library.utils.errors import UserError
+from library.utils.files import save_safetensors, save_torch
+
+logger = logging.getLogger(__name__)
+
+CLIP_L_HUB_ID = "openai/clip-vit-large-patch14"
+SD2_HUB_ID = "stabilityai/stable-diffusion-2"
+_MAX_HEADER = 100 * 1024 * 1024
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class SDComponents:
+    """The parts of an SD1.x/2.x model the trainers use."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    v2: bool
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) checkpoint.
+
+    Pickles are opened with ``weights_only=True``: a file that needs arbitrary code to load is
+    refused. A safetensors header larger than 100 MiB, or longer than the file, is refused too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (check --pretrained_model_name_or_path)")
+    if path.suffix == ".safetensors":
+        _check_safetensors_header(path)
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any parse error means a broken file
+            raise UserError(f"{path} is not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path} could not be loaded safely as a checkpoint: {str(exc).splitlines()[0]}. "
+                        "Only plain tensor checkpoints are accepted; convert it to .safetensors.") from exc
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not contain a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_safetensors_header(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise UserError(f"{path} is too short to be a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or n + 8 > size:
+        raise UserError(f"{path} has a corrupt safetensors header (declared {n} bytes, file {size} bytes)")
+
+
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """Name the model family of a single-file state dict from its keys."""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        return "sdxl"
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in state):
+        return "sd3"
+    if "model.diffusion_model.input_blocks.0.0.weight" in state:
+        if any(k.startswith("cond_stage_model.model.") for k in state):
+            return "sd2"
+        return "sd1"
+    return "unknown"
+
+
+def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) -> torch.nn.Module:
+    """Instantiate ``cls`` without allocating random weights, then adopt ``state``'s tensors."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls(config) if not isinstance(config, dict) else cls(**config)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{path}: the {what} weights do not match the detected architecture "
+                        f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model.eval().requires_grad_(False)
+
+
+def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        tokenizer_dir: str | None = None) -> SDComponents:
+    """Load an SD1.x single-file checkpoint (ldm key layout) into diffusers/transformers modules."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = read_state_dict(path)
+    layout = detect_layout(state)
+    if layout == "sd2":
+        raise UserError(f"{path} is an SD2.x single file; SD2 single files need the OpenCLIP converter, which "
+                        "is not in this version yet. Use the model's diffusers folder (or hub id) instead.")
+    if layout != "sd1":
+        hint = {"sdxl": "use sdxl_train_network.py", "sd3": "use sd3_train_network.py"}.get(layout, "")
+        raise UserError(f"{path} is not an SD1.x/2.x checkpoint (it looks like: {layout}){'; ' + hint if hint else ''}")
+    unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
+    unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=False)
+    unet = _build(UNet2DConditionModel, unet_cfg, sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg)), dtype, "UNet", path)
+    vae_ldm = _strip(state, sd_keys.VAE_PREFIX)
+    vae_cfg = sd_infer.infer_vae_config(vae_ldm)
+    vae = _build(AutoencoderKL, vae_cfg, sd_keys.vae_from_ldm(vae_ldm, _Cfg(vae_cfg)), dtype, "VAE", path)
+    clip_ldm = _strip(state, sd_keys.CLIP_L_PREFIX)
+    clip_cfg = CLIPTextConfig(**sd_infer.infer_clip_l_config(clip_ldm))
+    with torch.device("meta"):
+        model_keys = list(CLIPTextModel(clip_cfg).state_dict())
+    text_encoder = _build(CLIPTextModel, clip_cfg, sd_keys.clip_from_ldm(clip_ldm, model_keys), dtype,
+                          "text encoder", path)
+    tokenizer = resolve_clip_tokenizer(Path(path), tokenizer_dir, v2=False)
+    return SDComponents(unet, vae, text_encoder, tokenizer, v2=False)
+
+
+class _Cfg:
+    """Attribute view of a config dict (the key maps read configs by attribute)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def resolve_clip_tokenizer(ckpt: Path, tokenizer_dir: str | None, v2: bool):
+    """Find the CLIP tokenizer for a single-file checkpoint without network access if possible.
+
+    Order: ``--tokenizer_cache_dir`` (the folder itself or its ``tokenizer`` sub-folder), a
+    ``tokenizer`` folder next to the checkpoint, then the Hugging Face cache/hub.
+    """
+    from transformers import CLIPTokenizer
+
+    candidates = []
+    if tokenizer_dir:
+        candidates += [Path(tokenizer_dir), Path(tokenizer_dir) / "tokenizer"]
+    candidates.append(ckpt.parent / "tokenizer")
+    for cand in candidates:
+        if (cand / "tokenizer.json").is_file() or (cand / "vocab.json").is_file():
+            return CLIPTokenizer.from_pretrained(str(cand))
+    hub_id, sub = (SD2_HUB_ID, "tokenizer") if v2 else (CLIP_L_HUB_ID, None)
+    try:
+        kwargs = {"subfolder": sub} if sub else {}
+        return CLIPTokenizer.from_pretrained(hub_id, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"no CLIP tokenizer found for {ckpt}: looked in {', '.join(map(str, candidates))} and the "
+                        f"Hugging Face cache for {hub_id}. Put the tokenizer files (tokenizer.json or vocab.json + "
+                        "merges.txt) in a 'tokenizer' folder next to the checkpoint or pass --tokenizer_cache_dir, "
+                        f"or go online once so {hub_id} is cached.") from exc
+
+
+def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Load from a diffusers folder or hub id (the hub cache is used when offline)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load a diffusers model from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    v2 = text_encoder.config.hidden_size == 1024
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2)
+
+
+def load_sd_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+                  tokenizer_dir: str | None = None) -> SDComponents:
+    """Load an SD1.x/2.x model from a single file, a diffusers folder or a hub id."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
+            raise UserError(f"{p} is a folder but not a diffusers model (no model_index.json or unet/)")
+        return load_sd_diffusers(str(p), dtype)
+    if p.is_file() or p.suffix in CHECKPOINT_SUFFIXES:
+        return load_sd_single_file(p, dtype, tokenizer_dir)  # a missing file is reported there
+    return load_sd_diffusers(name_or_path, dtype)
+
+
+def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write a single-file checkpoint in the original ldm key layout (what A1111/ComfyUI load)."""
+    if parts.v2:
+        raise UserError("saving SD2.x as a single file is not supported yet; save as a diffusers folder")
+    state = {}
+    state.update(sd_keys.unet_to_ldm(parts.unet.state_dict(), parts.unet.config))
+    state.update(sd_keys.vae_to_ldm(parts.vae.state_dict(), parts.vae.config))
+    state.update(sd_keys.clip_to_ldm(parts.text_encoder.state_dict()))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if str(path).endswith(".safetensors"):
+        save_safetensors(state, path, metadata=metadata)
+    else:
+        save_torch({"state_dict": state}, path)

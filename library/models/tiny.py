@@ -1,0 +1,60 @@
+"""Tiny random-weight models with the real architectures' layouts, for tests and the quickstart.
+
+They are narrow and shallow (about 2M parameters for SD1) but have the same module names as the
+real models, so checkpoints written from them have the real key layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from library.models.sd_infer import clip_heads
+from library.models.sd_loading import SDComponents
+from library.models.tiny_tokenizer import build_tiny_clip_tokenizer
+
+TINY_SD1_UNET = {
+    "sample_size": 8,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+# four levels like the real VAE, so latents are 1/8 of the image size as trainers assume
+TINY_VAE = {
+    "block_out_channels": (32, 32, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+
+
+def tiny_clip_config(vocab_size: int, hidden: int = 32, layers: int = 2):
+    """A CLIPTextConfig of CLIP-L's kind (quick_gelu, 77 positions) at test size."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37,
+                          num_hidden_layers=layers, num_attention_heads=clip_heads(hidden),
+                          max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hidden,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1)
+
+
+def make_tiny_sd1(seed: int = 0) -> SDComponents:
+    """Build a tiny SD1-architecture model (UNet, VAE, CLIP text encoder, tokenizer) with random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(**TINY_SD1_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(tiny_clip_config(len(tokenizer)))
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, v2=False)

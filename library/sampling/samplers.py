@@ -1,0 +1,44 @@
+"""kohya sampler names -> diffusers schedulers, shared by gen_img.py and training-time samples."""
+
+from __future__ import annotations
+
+from library.utils.errors import UserError
+
+# name -> (diffusers class name, extra constructor arguments)
+_SAMPLERS = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
+
+SAMPLER_NAMES = tuple(_SAMPLERS) + tuple(_ALIASES)
+
+# the DDPM schedule SD1.x/2.x and SDXL were trained with
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def canonical_sampler(name: str) -> str:
+    """Normalise a sampler name (case-insensitive, ``k_`` aliases); UserError for unknown names."""
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in _SAMPLERS:
+        raise UserError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLER_NAMES)}")
+    return key
+
+
+def build_scheduler(name: str, prediction_type: str = "epsilon"):
+    """A fresh diffusers scheduler for ``name`` with the SD training schedule."""
+    import diffusers
+
+    cls_name, extra = _SAMPLERS[canonical_sampler(name)]
+    cls = getattr(diffusers, cls_name)
+    return cls(**SD_SCHEDULE, prediction_type=prediction_type, **extra)

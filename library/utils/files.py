@@ -1,0 +1,45 @@
+"""Crash-safe file writing: every file is written to a temporary name, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A crash or exception inside the block leaves any previous ``path`` untouched and removes
+    the partial temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield str(tmp)
+        with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically. Tensors are made contiguous (safetensors requires it)."""
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def save_torch(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically (used for ``.ckpt``/``.pt`` outputs)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

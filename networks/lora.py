@@ -1,0 +1,267 @@
+"""kohya-style LoRA for SD1.x/2.x UNets and CLIP text encoders (``--network_module networks.lora``).
+
+Each target Linear/Conv2d keeps its weights W; its forward becomes
+``W x + up(down(x)) * multiplier * alpha / dim`` with ``up`` initialised to zero, so training starts
+from the base model exactly. Saved keys follow kohya's format, which AUTOMATIC1111, Forge, ComfyUI
+and diffusers' ``load_lora_weights`` read:
+``lora_unet_<diffusers path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and
+``lora_te_text_model_encoder_layers_<i>_<self_attn|mlp>_<proj>.*``.
+
+network_args: ``conv_dim``/``conv_alpha`` (LoRA on 3x3 convs of resnets and samplers as well).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+from torch import nn
+
+from library.training.metadata import add_model_hashes
+from library.utils.errors import UserError
+from library.utils.files import save_safetensors
+
+UNET_TARGET_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+# text-encoder layers: the attention and MLP linears of every encoder layer, found by path so a
+# renamed attention class in transformers cannot silently drop modules
+TE_TARGET = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+class LoRAModule(nn.Module):
+    """The low-rank update of one Linear or Conv2d, hooked into that module's forward."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float, dim: int, alpha: float | None):
+        super().__init__()
+        self.lora_name = lora_name
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org_module.in_channels, dim, org_module.kernel_size, org_module.stride,
+                                       org_module.padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, org_module.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = dim if not alpha else alpha
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.scale = float(alpha) / dim
+        self.multiplier = multiplier
+        self.enabled = True
+        self._org = [org_module]  # a list, so the base module is not registered as a child
+        self._org_forward = None
+
+    def apply_to(self) -> None:
+        """Route the base module's forward through this LoRA."""
+        org = self._org[0]
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def remove(self) -> None:
+        """Restore the base module's own forward."""
+        if self._org_forward is not None:
+            self._org[0].forward = self._org_forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forward(x)
+        if not self.enabled or self.multiplier == 0:
+            return out
+        lx = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged weight update ``scale * up @ down`` in the base module's weight shape."""
+        up, down = self.lora_up.weight, self.lora_down.weight
+        if up.ndim == 2:
+            return self.scale * (up @ down)
+        if down.shape[2:] == (1, 1):
+            return self.scale * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
+        return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+def te_lora_name(prefix: str, path: str) -> str:
+    """kohya name of a text-encoder module; transformers 5 dropped ``text_model.``, the file keeps it."""
+    if not path.startswith("text_model."):
+        path = "text_model." + path
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def _unet_targets(unet: nn.Module, conv_dim: int) -> list[tuple[str, nn.Module, bool]]:
+    """(path, module, is_3x3_conv) for every UNet module LoRA attaches to."""
+    found, seen = [], set()
+    for block_path, block in unet.named_modules():
+        kind = type(block).__name__
+        if kind not in UNET_TARGET_BLOCKS and not (conv_dim and kind in UNET_CONV_BLOCKS):
+            continue
+        for child_path, child in block.named_modules():
+            path = f"{block_path}.{child_path}" if child_path else block_path
+            if path in seen:
+                continue
+            is_linear = isinstance(child, nn.Linear)
+            is_conv = isinstance(child, nn.Conv2d)
+            is_1x1 = is_conv and child.kernel_size == (1, 1)
+            if is_linear or is_1x1:
+                found.append((path, child, False))
+                seen.add(path)
+            elif is_conv and conv_dim:
+                found.append((path, child, True))
+                seen.add(path)
+    return found
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one model, with the trainer-facing methods of the plug-in contract."""
+
+    def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, multiplier: float, dim: int,
+                 alpha: float | None, conv_dim: int = 0, conv_alpha: float | None = None,
+                 module_dims: dict[str, int] | None = None, module_alphas: dict[str, float] | None = None):
+        """``module_dims``/``module_alphas`` (from a file) override the ranks per module and limit
+        the network to the modules they name."""
+        super().__init__()
+        self.multiplier = multiplier
+        te_prefixes = ["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))]
+        # modules are registered under their kohya names, so state_dict() keys are the file's keys
+        self.text_encoder_loras: list[LoRAModule] = []
+        for prefix, te in zip(te_prefixes, text_encoders):
+            for path, module in te.named_modules():
+                if isinstance(module, nn.Linear) and TE_TARGET.search(path):
+                    name = te_lora_name(prefix, path)
+                    if module_dims is None or name in module_dims:
+                        d, a = _rank(name, dim, alpha, module_dims, module_alphas)
+                        self.text_encoder_loras.append(LoRAModule(name, module, multiplier, d, a))
+        self.unet_loras: list[LoRAModule] = []
+        for path, module, is_conv3 in _unet_targets(unet, conv_dim or module_dims is not None):
+            name = "lora_unet_" + path.replace(".", "_")
+            if module_dims is None or name in module_dims:
+                d, a = (conv_dim, conv_alpha) if is_conv3 else (dim, alpha)
+                d, a = _rank(name, d, a, module_dims, module_alphas)
+                self.unet_loras.append(LoRAModule(name, module, multiplier, d, a))
+        for lora in self.all_loras():
+            if hasattr(self, lora.lora_name):
+                raise ValueError(f"duplicate LoRA module name {lora.lora_name}")
+            self.add_module(lora.lora_name, lora)
+
+    def all_loras(self) -> list[LoRAModule]:
+        return list(self.text_encoder_loras) + list(self.unet_loras)
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Hook the selected parts; the parts not trained are dropped from the network."""
+        dropped = (self.text_encoder_loras if not apply_text_encoder else []) + (self.unet_loras if not apply_unet else [])
+        for lora in dropped:
+            delattr(self, lora.lora_name)
+        if not apply_text_encoder:
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self.unet_loras = []
+        for lora in self.all_loras():
+            lora.apply_to()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.all_loras():
+            lora.multiplier = multiplier
+
+    def load_weights(self, file: str) -> str:
+        """Load a kohya-format file (non-strict: keys of parts not trained are ignored)."""
+        state = _read_lora_file(file)
+        info = self.load_state_dict(state, strict=False)
+        ours = set(self.state_dict())
+        if not ours & set(state):
+            raise UserError(f"--network_weights {file}: none of its keys match this network "
+                            "(is it a LoRA for another model family?)")
+        return f"loaded {len(ours & set(state))} tensors ({len(info.missing_keys)} of ours not in the file)"
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+        """One group per part, each with its learning rate; returns (groups, descriptions)."""
+        groups, names = [], []
+        for loras, lr, name in ((self.text_encoder_loras, text_encoder_lr, "textencoder"),
+                                (self.unet_loras, unet_lr, "unet")):
+            params = [p for m in loras for p in m.parameters()]
+            if params:
+                groups.append({"params": params, "lr": lr if lr is not None else default_lr})
+                names.append(name)
+        return groups, names
+
+    def enable_gradient_checkpointing(self) -> None:
+        """LoRA needs nothing here: checkpointing of the base model covers the hooked forwards."""
+
+    def prepare_grad_etc(self, text_encoder, unet) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet) -> None:
+        self.train()
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
+        """Write the LoRA (safetensors with metadata and kohya's hashes, or a torch pickle)."""
+        state = {k: (v.detach().to("cpu", dtype) if dtype is not None else v.detach().cpu())
+                 for k, v in self.state_dict().items()}
+        if os.path.splitext(file)[1] == ".safetensors":
+            metadata = dict(metadata or {})
+            add_model_hashes(state, metadata)
+            save_safetensors(state, file, metadata)
+        else:
+            from library.utils.files import save_torch
+            save_torch(state, file)
+
+
+def _rank(name, dim, alpha, module_dims, module_alphas):
+    if module_dims is None:
+        return dim, alpha
+    return module_dims[name], (module_alphas or {}).get(name, module_dims[name])
+
+
+def _read_lora_file(file: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(file):
+        raise UserError(f"LoRA file not found: {file}")
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _as_list(text_encoder) -> list[nn.Module]:
+    if text_encoder is None:
+        return []
+    return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
+                   unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
+    """The plug-in entry point. ``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya."""
+    if neuron_dropout:
+        raise UserError("--network_dropout is not supported by networks.lora in this version")
+    known = {"conv_dim", "conv_alpha"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora (known: {sorted(known)})")
+    try:
+        conv_dim = int(kwargs.get("conv_dim", 0) or 0)
+        conv_alpha = float(kwargs["conv_alpha"]) if kwargs.get("conv_alpha") else (1.0 if conv_dim else None)
+    except ValueError as exc:
+        raise UserError(f"--network_args: conv_dim must be an int and conv_alpha a number ({exc})") from exc
+    return LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4,
+                       network_alpha if network_alpha is not None else 1.0, conv_dim, conv_alpha)
+
+
+def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None,
+                                for_inference: bool = False, **kwargs):
+    """Build a network whose ranks and alphas are read from a LoRA file (or state dict)."""
+    state = weights_sd if weights_sd is not None else _read_lora_file(file)
+    dims, alphas = {}, {}
+    for key, value in state.items():
+        name = key.split(".")[0]
+        if key.endswith("lora_down.weight"):
+            dims[name] = value.shape[0]
+        elif key.endswith(".alpha"):
+            alphas[name] = float(value)
+    if not dims:
+        raise UserError(f"{file}: no LoRA keys (lora_down.weight) found")
+    network = LoRANetwork(_as_list(text_encoder), unet, multiplier, max(dims.values()), None,
+                          module_dims=dims, module_alphas=alphas)
+    return network, state

@@ -1,0 +1,19 @@
+"""train_db.py: not available in this version yet.
+
+This script keeps kohya-ss/sd-scripts' name so command lines find it; full-weight training is planned
+for a later version. Running it stops with a clear message instead of doing something half-way.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    print("error: train_db.py is not implemented in this version yet; "
+          "train_network.py (SD1.x/2.x LoRA) is available", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Train a LoRA (or another network plug-in) on a Stable Diffusion 1.x/2.x model.
+
+    accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \
+        --dataset_config dataset.toml --output_dir out --output_name my_lora --network_module networks.lora
+"""
+
+from __future__ import annotations
+
+from library.args.common import network_training_parser
+from library.utils.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = network_training_parser("LoRA training for SD1.x/2.x").parse_args(argv)
+    from library.utils.log import setup_logging
+
+    setup_logging(args.console_log_level)
+    from library.config.training_config import build_training_config
+    from library.families.sd import SDFamily, SDOptions
+    from library.training.trainer import NetworkTrainer
+
+    config = build_training_config(args)
+    family = SDFamily(SDOptions(v_parameterization=args.v_parameterization, clip_skip=args.clip_skip,
+                                min_timestep=args.min_timestep, max_timestep=args.max_timestep))
+    NetworkTrainer(family, config).run()
+
+
+if __name__ == "__main__":
+    run_cli(main)
