@@ -11,6 +11,7 @@ import torch
 
 from library.config.dataset_config import (DatasetConfig, folders_to_config, load_config_file,
                                            parse_dataset_config)
+from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
 
@@ -144,6 +145,9 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     from library.training.optim import check_optimizer_name
 
     _check_numbers(args)
+    model = Path(args.pretrained_model_name_or_path)
+    if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
+        raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
     datasets, source = build_datasets(args)
     import_network_module(args.network_module)
     check_optimizer_name(args.optimizer_type)

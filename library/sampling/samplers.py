@@ -6,15 +6,15 @@ from library.utils.errors import UserError
 
 # name -> (diffusers class name, extra constructor arguments)
 _SAMPLERS = {
-    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
 }
@@ -23,7 +23,8 @@ _ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2
 SAMPLER_NAMES = tuple(_SAMPLERS) + tuple(_ALIASES)
 
 # the DDPM schedule SD1.x/2.x and SDXL were trained with
-SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "steps_offset": 1}
 
 
 def canonical_sampler(name: str) -> str:
@@ -39,6 +40,10 @@ def build_scheduler(name: str, prediction_type: str = "epsilon"):
     """A fresh diffusers scheduler for ``name`` with the SD training schedule."""
     import diffusers
 
+    import inspect
+
     cls_name, extra = _SAMPLERS[canonical_sampler(name)]
     cls = getattr(diffusers, cls_name)
-    return cls(**SD_SCHEDULE, prediction_type=prediction_type, **extra)
+    accepted = inspect.signature(cls.__init__).parameters
+    common = {k: v for k, v in SD_SCHEDULE.items() if k in accepted}  # not every scheduler has steps_offset
+    return cls(**common, prediction_type=prediction_type, **extra)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models, the tiny default dataset, and a helper to run scripts.
+
+Nothing here touches the network: HF_HUB_OFFLINE is forced before any Hugging Face import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_sd1():
+    """A fresh tiny SD1-architecture model (random weights, seed 0)."""
+    from library.models.tiny import make_tiny_sd1
+
+    return make_tiny_sd1(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_default(tmp_path_factory) -> Path:
+    """The quickstart's tiny default (model file + tokenizer, dataset, TOML, prompts)."""
+    out = tmp_path_factory.mktemp("tiny_default")
+    run_script("tools/make_tiny_default.py", "--out", str(out), check=True)
+    return out
+
+
+def run_script(script: str, *args: str, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a project script in a fresh interpreter, offline; returns the completed process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_train_args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
+    """train_network.py arguments for a short run on the tiny default."""
+    return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
+            "--dataset_config", str(tiny_default / "dataset.toml"), "--output_dir", str(out),
+            "--seed", "1", "--console_log_level", "WARNING", *extra]

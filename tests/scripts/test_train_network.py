@@ -1,0 +1,176 @@
+"""train_network.py end to end on the tiny default: files, names, metadata, logs, samples, options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from tests.conftest import run_script, tiny_train_args
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny_default, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, out, "--output_name", "tiny_lora", "--network_dim", "4", "--network_alpha", "2",
+        "--learning_rate", "1e-3", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+        "--save_every_n_steps", "50", "--cache_latents", "--sample_prompts", str(tiny_default / "prompts.txt"),
+        "--sample_every_n_epochs", "1", "--logging_dir", str(out / "logs"), "--training_comment", "hello"),
+        check=True)
+    return out
+
+
+def test_saved_files_and_names(main_run):
+    names = sorted(p.name for p in main_run.glob("*.safetensors"))
+    # 80 batches per epoch, 2 epochs = 160 steps; epoch 2 is the final save under the plain name
+    assert names == ["tiny_lora-000001.safetensors", "tiny_lora-step00000050.safetensors",
+                     "tiny_lora-step00000100.safetensors", "tiny_lora-step00000150.safetensors",
+                     "tiny_lora.safetensors"]
+
+
+def test_lora_keys_and_metadata(main_run):
+    tensors, meta = _read(main_run / "tiny_lora.safetensors")
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in tensors
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"].item() == 2.0
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(v.abs().sum() > 0 for v in ups)  # every module was trained
+    expected = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2.0",
+                "ss_num_train_images": "80", "ss_num_reg_images": "80", "ss_steps": "160", "ss_epoch": "2",
+                "ss_learning_rate": "0.001", "ss_base_model_version": "sd_v1", "ss_v2": "False",
+                "ss_resolution": "(64, 64)", "ss_seed": "1", "ss_training_comment": "hello",
+                "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.sai_model_spec": "1.0.1",
+                "ss_sd_model_name": "tiny-sd15.safetensors", "ss_cache_latents": "True"}
+    for key, value in expected.items():
+        assert meta[key] == value, key
+    assert json.loads(meta["ss_tag_frequency"])["10_sks shape"] == {"sks shape": 8, "red circle": 8}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_sks shape": {"n_repeats": 10, "img_count": 8}}
+    assert len(meta["sshs_model_hash"]) == 64
+    _, epoch1 = _read(main_run / "tiny_lora-000001.safetensors")
+    assert epoch1["ss_epoch"] == "1" and epoch1["ss_steps"] == "80"
+
+
+def test_tensorboard_scalars(main_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = list((main_run / "logs").glob("*/network_train"))
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch_average"} <= tags
+    steps = [e.step for e in acc.Scalars("loss/current")]
+    assert steps == list(range(1, 161))
+    assert acc.Scalars("lr/unet")[0].value == pytest.approx(1e-3)
+    assert len(acc.Tags()["images"]) == 2
+
+
+def test_sample_images(main_run):
+    samples = sorted((main_run / "sample").glob("*.png"))
+    assert len(samples) == 4
+    assert samples[0].name.startswith("tiny_lora_e000001_00_") and samples[0].name.endswith("_1.png")
+    img = Image.open(samples[0])
+    assert img.size == (64, 64)
+    assert "Negative prompt: blue" in img.text["parameters"] and "Seed: 1" in img.text["parameters"]
+
+
+def test_legacy_folders_accumulation_checkpointing_unet_only(tiny_default, tmp_path):
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--dataset_config", "", "--train_data_dir", str(tiny_default / "train"),
+        "--reg_data_dir", str(tiny_default / "reg"), "--resolution", "64", "--train_batch_size", "2",
+        "--caption_extension", ".caption", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+        "--max_train_steps", "3", "--network_train_unet_only", "--optimizer_type", "SGDNesterov",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"), check=True)
+    tensors, meta = _read(tmp_path / "last.safetensors")
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert meta["ss_steps"] == "3" and meta["ss_gradient_accumulation_steps"] == "2"
+
+
+def test_diffusers_folder_bf16_and_network_weights(tiny_default, tmp_path, main_run):
+    from library.models.sd_loading import load_sd_model
+
+    parts = load_sd_model(str(tiny_default / "model" / "tiny-sd15.safetensors"))
+    folder = tmp_path / "diffusers_model"
+    parts.unet.save_pretrained(folder / "unet")
+    parts.vae.save_pretrained(folder / "vae")
+    parts.text_encoder.save_pretrained(folder / "text_encoder")
+    parts.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "model_index.json").write_text("{}", encoding="utf-8")
+    start = main_run / "tiny_lora.safetensors"
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--pretrained_model_name_or_path", str(folder), "--max_train_steps", "2",
+        "--mixed_precision", "bf16", "--network_weights", str(start), "--network_dim", "4", "--network_alpha", "2",
+        "--learning_rate", "1e-9", "--save_precision", "fp16"), check=True)
+    before, _ = _read(start)
+    after, _ = _read(tmp_path / "last.safetensors")
+    assert after["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].dtype == torch.float16
+    for key in before:
+        torch.testing.assert_close(after[key].float(), before[key].float(), atol=2e-3, rtol=2e-3)
+
+
+def test_lycoris_plugs_into_the_same_seam(tiny_default, tmp_path):
+    pytest.importorskip("lycoris")
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--network_module", "lycoris.kohya", "--network_args", "algo=lora",
+        "preset=attn-mlp", "--network_dim", "4", "--network_alpha", "1", "--max_train_steps", "3"), check=True)
+    tensors, meta = _read(tmp_path / "last.safetensors")
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert any(k.startswith("lora_unet_") and k.endswith("lora_up.weight") for k in tensors)
+    assert any(k.startswith("lora_te_") for k in tensors)
+
+
+def _user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert line, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bad_input_messages(tiny_default, tmp_path):
+    args = tiny_train_args(tiny_default, tmp_path)
+    missing = list(args)
+    missing[1] = str(tmp_path / "nope.safetensors")
+    _user_error(run_script("train_network.py", *missing), "nope.safetensors", "file not found")
+
+    empty = tmp_path / "empty" / "5_thing"
+    empty.mkdir(parents=True)
+    _user_error(run_script("train_network.py", *args, "--dataset_config", "", "--train_data_dir",
+                           str(empty.parent), "--resolution", "64"), "contains no usable images", "5_thing")
+
+    _user_error(run_script("train_network.py", *args, "--network_module", "networks.nosuch"),
+                "--network_module networks.nosuch")
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ok --w 64\nbad --x 1\n", encoding="utf-8")
+    _user_error(run_script("train_network.py", *args, "--sample_prompts", str(prompts)), "p.txt:2", "--x")
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 'ten'\n",
+                   encoding="utf-8")
+    _user_error(run_script("train_network.py", *args, "--dataset_config", str(cfg)),
+                'datasets[0].subsets[0].num_repeats: expected a positive int, got "ten"')
+
+
+def test_unreadable_image_is_skipped_or_stops(tiny_default, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_default / "train", data)
+    bad = data / "10_sks shape" / "zz_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    args = tiny_train_args(tiny_default, tmp_path / "out", "--dataset_config", "", "--train_data_dir", str(data),
+                           "--resolution", "64", "--max_train_steps", "1")
+    proc = run_script("train_network.py", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping" in proc.stderr and "zz_broken.png" in proc.stderr
+    _user_error(run_script("train_network.py", *args, "--strict_dataset"), "zz_broken.png", "--strict_dataset")

@@ -1,0 +1,55 @@
+"""Dataset config validation (all errors, with paths) and value precedence."""
+
+import pytest
+
+from library.config.dataset_config import folders_to_config, parse_dataset_config
+from library.utils.errors import UserError
+
+CLI_NONE = {"resolution": None, "batch_size": None}
+
+
+def test_all_errors_reported_with_paths():
+    raw = {"general": {"shuffle_caption": "yes"},
+           "datasets": [{"resolution": 512, "batch_sise": 2,
+                         "subsets": [{"image_dir": "a"}, {"image_dir": "b", "num_repeats": "ten"},
+                                     {"num_repeats": 1, "color_aug": True}]}]}
+    with pytest.raises(UserError) as exc:
+        parse_dataset_config(raw, "cfg.toml", CLI_NONE)
+    msg = str(exc.value)
+    assert "cfg.toml: 5 problem(s)" in msg
+    assert 'general.shuffle_caption: expected true or false, got "yes"' in msg
+    assert "datasets[0].batch_sise: unknown key (did you mean 'batch_size'?)" in msg
+    assert 'datasets[0].subsets[1].num_repeats: expected a positive int, got "ten"' in msg
+    assert "datasets[0].subsets[2].color_aug: this kohya key is not supported by this version yet" in msg
+    assert "datasets[0].subsets[2].image_dir: required key missing" in msg
+
+
+def test_precedence_subset_dataset_general_cli_default():
+    raw = {"general": {"num_repeats": 3, "shuffle_caption": True, "keep_tokens": 2},
+           "datasets": [{"resolution": [640, 512], "num_repeats": 5,
+                         "subsets": [{"image_dir": "a", "num_repeats": 7}, {"image_dir": "b"}]}]}
+    cli = {"resolution": (256, 256), "batch_size": 4, "keep_tokens": 9, "caption_extension": ".txt", "flip_aug": None}
+    (ds,) = parse_dataset_config(raw, "cfg", cli)
+    assert ds.resolution == (640, 512)           # dataset beats CLI
+    assert ds.batch_size == 4                    # CLI beats default
+    assert ds.subsets[0].num_repeats == 7        # subset beats dataset
+    assert ds.subsets[1].num_repeats == 5        # dataset beats general
+    assert ds.subsets[1].caption.keep_tokens == 2  # general beats CLI
+    assert ds.subsets[1].caption_extension == ".txt"
+    assert ds.subsets[1].flip_aug is False       # default
+
+
+def test_missing_resolution_is_reported():
+    with pytest.raises(UserError, match="no resolution"):
+        parse_dataset_config({"datasets": [{"subsets": [{"image_dir": "a"}]}]}, "cfg", CLI_NONE)
+
+
+def test_legacy_folders(tmp_path):
+    (tmp_path / "10_sks dog").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "0_skip").mkdir()
+    raw = folders_to_config(str(tmp_path), None)
+    (sub,) = raw["datasets"][0]["subsets"]
+    assert sub["num_repeats"] == 10 and sub["class_tokens"] == "sks dog" and sub["is_reg"] is False
+    with pytest.raises(UserError, match="no sub-folder named"):
+        folders_to_config(str(tmp_path / "notes"), None)

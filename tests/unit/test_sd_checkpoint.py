@@ -1,0 +1,109 @@
+"""SD1 single-file key maps and loading, checked against diffusers' own converters and loaders."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.torch import load_file, save_file
+
+from library.models import sd_infer, sd_keys
+from library.models.sd_loading import load_sd_model, read_state_dict, save_sd_single_file
+from library.utils.errors import UserError
+
+
+def _strip(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _sd15_like_unet():
+    # three levels, two layers per block, attention in the first two: the real SD1.5 pattern, narrow
+    return UNet2DConditionModel(block_out_channels=(32, 64, 64), layers_per_block=2,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8, sample_size=16)
+
+
+def test_unet_map_matches_diffusers_converter_and_inverts():
+    unet = _sd15_like_unet()
+    state = unet.state_dict()
+    ldm = sd_keys.unet_to_ldm(state, unet.config)
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight" in ldm
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in ldm  # upsampler after an attention
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in ldm  # upsampler without attention
+    ref = convert_ldm_unet_checkpoint(dict(ldm), dict(unet.config))  # diffusers' ldm -> diffusers
+    assert set(ref) == set(state) and all(torch.equal(ref[k], state[k]) for k in state)
+    back = sd_keys.unet_from_ldm(_strip(ldm, sd_keys.UNET_PREFIX), unet.config)
+    assert set(back) == set(state)
+
+
+def test_vae_map_matches_diffusers_converter_and_inverts():
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    state = vae.state_dict()
+    ldm = sd_keys.vae_to_ldm(state, vae.config)
+    assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)
+    ref = convert_ldm_vae_checkpoint(dict(ldm), dict(vae.config))
+    assert set(ref) == set(state) and all(torch.equal(ref[k], state[k]) for k in state)
+    back = sd_keys.vae_from_ldm(_strip(ldm, sd_keys.VAE_PREFIX), vae.config)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_inferred_unet_config_matches():
+    unet = _sd15_like_unet()
+    cfg = sd_infer.infer_unet_config(_strip(sd_keys.unet_to_ldm(unet.state_dict(), unet.config),
+                                            sd_keys.UNET_PREFIX), v2=False)
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "cross_attention_dim", "attention_head_dim", "use_linear_projection", "in_channels"):
+        assert list(cfg[key]) == list(unet.config[key]) if isinstance(cfg[key], list) else cfg[key] == unet.config[key]
+
+
+def test_single_file_round_trip_is_bit_exact(tmp_path, tiny_sd1):
+    path = tmp_path / "m.safetensors"
+    save_sd_single_file(path, tiny_sd1)
+    tiny_sd1.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    keys = set(load_file(str(path)))
+    assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    loaded = load_sd_model(str(path))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(tiny_sd1, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    # saving the loaded model again gives the same file contents
+    save_sd_single_file(tmp_path / "again.safetensors", loaded)
+    again = load_file(str(tmp_path / "again.safetensors"))
+    first = load_file(str(path))
+    assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_diffusers_from_single_file_reads_our_file(tmp_path, tiny_sd1):
+    path = tmp_path / "m.safetensors"
+    save_sd_single_file(path, tiny_sd1)
+    tiny_sd1.unet.save_config(str(tmp_path / "unet_cfg"))
+    unet = UNet2DConditionModel.from_single_file(str(path), config=str(tmp_path / "unet_cfg"))
+    ours = tiny_sd1.unet.state_dict()
+    assert all(torch.equal(unet.state_dict()[k], ours[k]) for k in ours)
+
+
+def test_bad_files_are_reported(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        read_state_dict(tmp_path / "missing.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match="corrupt safetensors header"):
+        read_state_dict(broken)
+    other = tmp_path / "other.safetensors"
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(other))
+    with pytest.raises(UserError, match="looks like: sdxl.*sdxl_train_network.py"):
+        load_sd_model(str(other))
+
+
+def test_pickle_needing_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run on an unsafe load",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": Evil()}}, str(path))
+    with pytest.raises(UserError, match="could not be loaded safely"):
+        read_state_dict(path)
