@@ -1,0 +1,104 @@
+"""Does the whole chain learn? A short LoRA run on one distinctive content (red circles, trigger
+'sks shape, red circle') must (1) lower the denoising loss on those images at fixed timesteps and
+noise, and (2) move generations with the trigger prompt toward the training latents, for every one
+of several fixed seeds. A control LoRA with random weights of the same size must do neither, so
+the effect comes from training and not from any perturbation."""
+
+from __future__ import annotations
+
+import glob
+
+import torch
+
+from tests.conftest import run_script, tiny_train_args
+
+PROMPT = "sks shape, red circle"
+SEEDS = range(6)
+
+
+def _load(tiny_default, lora_state=None):
+    from library.models.sd_loading import load_sd_model
+    from networks import lora
+
+    model = load_sd_model(str(tiny_default / "model" / "tiny-sd15.safetensors"))
+    if lora_state is not None:
+        net, _ = lora.create_network_from_weights(1.0, None, model.vae, model.text_encoder, model.unet,
+                                                  weights_sd=lora_state)
+        net.apply_to(model.text_encoder, model.unet)
+        net.load_state_dict(lora_state)
+    return model
+
+
+def _training_latents(model, tiny_default):
+    from library.data.images import load_image_rgb, to_tensor_image
+
+    pixels = torch.stack([to_tensor_image(load_image_rgb(p))
+                          for p in sorted(glob.glob(str(tiny_default / "train" / "*" / "*.png")))])
+    with torch.no_grad():
+        return model.vae.encode(pixels).latent_dist.mean * 0.18215
+
+
+@torch.no_grad()
+def _denoising_loss(model, latents) -> float:
+    from library.training.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+
+    ids = model.tokenizer([PROMPT] * len(latents), padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+    cond = model.text_encoder(ids).last_hidden_state
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for t in (100, 300, 500, 700, 900):
+        noise = torch.randn(latents.shape, generator=gen)
+        steps = torch.full((len(latents),), t)
+        noisy, target = ddpm_noisy_and_target(scaled_linear_alphas_cumprod(), latents, noise, steps, False)
+        losses.append(((model.unet(noisy, steps, cond).sample - target) ** 2).mean().item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _generation_distances(model, latents) -> list[float]:
+    """Distance from each seed's generated latents to the nearest training latent."""
+    from diffusers import StableDiffusionPipeline
+
+    from library.sampling.samplers import build_scheduler
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=build_scheduler("euler"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for seed in SEEDS:
+        gen = torch.Generator().manual_seed(seed)
+        z = pipe(PROMPT, width=64, height=64, num_inference_steps=20, guidance_scale=1.0, generator=gen,
+                 output_type="latent").images[0]
+        out.append(torch.cdist(z.flatten()[None], latents.flatten(1)).min().item())
+    return out
+
+
+def _random_like(state: dict) -> dict:
+    gen = torch.Generator().manual_seed(99)
+    return {k: (torch.randn(v.shape, generator=gen) * v.std() if k.endswith("lora_up.weight") else v.clone())
+            for k, v in state.items()}
+
+
+def test_lora_training_learns_the_content(tiny_default, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--output_name", "learned", "--network_dim", "8", "--network_alpha", "4",
+        "--learning_rate", "1e-3", "--max_train_epochs", "4", "--cache_latents", "--seed", "42"), check=True)
+    trained = load_file(str(tmp_path / "learned.safetensors"))
+    base = _load(tiny_default)
+    latents = _training_latents(base, tiny_default)
+    models = {"base": base, "trained": _load(tiny_default, trained), "control": _load(tiny_default, _random_like(trained))}
+    loss = {name: _denoising_loss(m, latents) for name, m in models.items()}
+    dist = {name: _generation_distances(m, latents) for name, m in models.items()}
+    with capsys.disabled():
+        print(f"\n[learning] denoising loss on the training images: {loss}")
+        for name, d in dist.items():
+            print(f"[learning] {name:8s} distance of generated latents to the training set per seed: "
+                  + ", ".join(f"{x:.1f}" for x in d))
+    assert loss["trained"] < 0.7 * loss["base"]
+    assert loss["control"] > 0.9 * loss["base"]
+    assert all(t < 0.9 * b for t, b in zip(dist["trained"], dist["base"]))
+    assert sum(dist["control"]) > 0.95 * sum(dist["base"])
