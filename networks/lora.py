@@ -149,7 +149,8 @@ class LoRANetwork(nn.Module):
 
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         """Hook the selected parts; the parts not trained are dropped from the network."""
-        dropped = (self.text_encoder_loras if not apply_text_encoder else []) + (self.unet_loras if not apply_unet else [])
+        dropped = (self.text_encoder_loras if not apply_text_encoder else []) + \
+            (self.unet_loras if not apply_unet else [])
         for lora in dropped:
             delattr(self, lora.lora_name)
         if not apply_text_encoder:

@@ -76,7 +76,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unet_lr", type=float)
     g.add_argument("--text_encoder_lr", type=float)
     g.add_argument("--lr_scheduler", default="constant",
-                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                            "polynomial"])
     g.add_argument("--lr_warmup_steps", default="0", help="warm-up steps: a count, or a ratio < 1 of all steps")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
@@ -84,7 +85,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
-    g.add_argument("--network_module", default="networks.lora", help="plug-in module (networks.lora, lycoris.kohya, ...)")
+    g.add_argument("--network_module", default="networks.lora",
+                   help="plug-in module (networks.lora, lycoris.kohya, ...)")
     g.add_argument("--network_dim", type=int, help="rank (default 4 for networks.lora)")
     g.add_argument("--network_alpha", type=float, help="alpha (default 1); scale = alpha / dim")
     g.add_argument("--network_args", nargs="*", default=[], help="key=value arguments for the network module")
@@ -95,7 +97,8 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sample images")
-    g.add_argument("--sample_prompts", help="prompt file (.txt with --n --w --h --d --l --s --ss, .toml, .json)")
+    g.add_argument("--sample_prompts",
+                   help="prompt file (.txt with --n --w --h --d --l --s --ss, .toml, .json)")
     g.add_argument("--sample_every_n_steps", type=int)
     g.add_argument("--sample_every_n_epochs", type=int)
     g.add_argument("--sample_at_first", action="store_true", help="also sample before training")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from library.config.dataset_config import (DatasetConfig, folders_to_config, load_config_file,
-                                           parse_dataset_config)
+from library.config.dataset_config import DatasetConfig, folders_to_config, load_config_file, parse_dataset_config
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
@@ -124,8 +123,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    positive = {"max_train_steps": args.max_train_steps, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "vae_batch_size": args.vae_batch_size}
+    positive = {"max_train_steps": args.max_train_steps, "vae_batch_size": args.vae_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps}
     for flag in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
                  "sample_every_n_epochs", "network_dim"):
         if getattr(args, flag) is not None:
@@ -141,8 +140,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
-    from networks.base import import_network_module, parse_network_args
     from library.training.optim import check_optimizer_name
+    from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
     model = Path(args.pretrained_model_name_or_path)

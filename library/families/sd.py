@@ -90,7 +90,8 @@ class SDFamily(ModelFamily):
     def metadata(self) -> dict[str, str]:
         v = self.options.v_parameterization
         if self.v2:
-            version, arch = ("sd_v2_v" if v else "sd_v2"), ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
+            version = "sd_v2_v" if v else "sd_v2"
+            arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
         else:
             version, arch = "sd_v1", "stable-diffusion-v1"
         return {

@@ -9,7 +9,7 @@ heads). So real checkpoints and tiny test checkpoints load through the same code
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -102,3 +102,11 @@ def infer_clip_l_config(state: Mapping[str, torch.Tensor]) -> dict:
         "eos_token_id": vocab - 1,
         "pad_token_id": 1,
     }
+
+
+def shipped_config(name: str) -> dict:
+    """A real architecture's config shipped with the project (``library/models/configs/<name>.json``)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ are the independent reference the tests compare against.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

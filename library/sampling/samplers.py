@@ -38,9 +38,9 @@ def canonical_sampler(name: str) -> str:
 
 def build_scheduler(name: str, prediction_type: str = "epsilon"):
     """A fresh diffusers scheduler for ``name`` with the SD training schedule."""
-    import diffusers
-
     import inspect
+
+    import diffusers
 
     cls_name, extra = _SAMPLERS[canonical_sampler(name)]
     cls = getattr(diffusers, cls_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -15,8 +15,8 @@ def setup_logging(level: str = "INFO") -> None:
     for name in ("transformers", "diffusers", "accelerate", "bitsandbytes", "PIL", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        import transformers.utils.logging as tlog
         import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
         tlog.set_verbosity_error()
         dlog.set_verbosity_error()
     except Exception:  # noqa: BLE001 - logging setup must never stop a run

@@ -85,6 +85,7 @@ def _path_resolver(model):
 
 def test_diffusers_load_lora_weights_equals_hand_merge(tmp_path, tiny_sd1, caplog):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
     from library.models.tiny import make_tiny_sd1
 
     x, t, ids = _inputs(tiny_sd1)

@@ -90,7 +90,8 @@ def test_lora_training_learns_the_content(tiny_default, tmp_path, capsys):
     trained = load_file(str(tmp_path / "learned.safetensors"))
     base = _load(tiny_default)
     latents = _training_latents(base, tiny_default)
-    models = {"base": base, "trained": _load(tiny_default, trained), "control": _load(tiny_default, _random_like(trained))}
+    models = {"base": base, "trained": _load(tiny_default, trained),
+              "control": _load(tiny_default, _random_like(trained))}
     loss = {name: _denoising_loss(m, latents) for name, m in models.items()}
     dist = {name: _generation_distances(m, latents) for name, m in models.items()}
     with capsys.disabled():

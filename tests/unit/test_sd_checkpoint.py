@@ -107,3 +107,33 @@ def test_pickle_needing_code_is_refused(tmp_path):
     torch.save({"state_dict": {"x": Evil()}}, str(path))
     with pytest.raises(UserError, match="could not be loaded safely"):
         read_state_dict(path)
+
+
+def test_real_sd15_layout_matches_shipped_config():
+    """The full-size SD1.5 architecture (on the meta device): our ldm key names are the real file's
+    names, and the config inferred from their shapes is the shipped one."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = sd_infer.shipped_config("sd15_unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+        vae = AutoencoderKL(**sd_infer.shipped_config("sd15_vae"))
+        clip = CLIPTextModel(CLIPTextConfig(**sd_infer.shipped_config("clip_l_text")))
+    ldm = sd_keys.unet_to_ldm(unet.state_dict(), unet.config)
+    # a few names every SD1.5 single file has
+    for key in ("model.diffusion_model.input_blocks.3.0.op.weight",
+                "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+                "model.diffusion_model.middle_block.1.proj_out.weight",
+                "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.2.weight",
+                "model.diffusion_model.out.2.weight", "model.diffusion_model.time_embed.2.bias"):
+        assert key in ldm
+    assert len(ldm) == 686  # the number of UNet tensors in v1-5-pruned-emaonly.safetensors
+    inferred = sd_infer.infer_unet_config(_strip(ldm, sd_keys.UNET_PREFIX), v2=False)
+    for key, value in cfg.items():
+        got = inferred[key]
+        assert (list(got) if isinstance(got, (list, tuple)) else got) == value, key
+    vae_ldm = sd_keys.vae_to_ldm(vae.state_dict(), vae.config)
+    assert len(vae_ldm) == 248 and "first_stage_model.encoder.down.3.block.1.conv2.weight" in vae_ldm
+    clip_ldm = sd_keys.clip_to_ldm(clip.state_dict())
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in clip_ldm
+    assert len(clip_ldm) == 196

@@ -1,0 +1,175 @@
+"""Benchmark: LoRA training step time and peak memory of train_network's trainer vs bare compute.
+
+Setup (issue #2): SD1.5-architecture UNet with random weights (full size unless --tiny), 256 px,
+batch 1, LoRA dim 16 on the UNet only, AdamW, cached latents, fp32. Two modes, each in its own
+process so peak RSS is measured separately:
+
+  trainer  the real NetworkTrainer loop (data loader, noise, loss, logging, progress bar)
+  bare     the same modules and LoRA, one fixed batch: text encoder forward + UNet forward +
+           backward + AdamW step, nothing else
+
+    .venv/bin/python bench/bench_train_step.py            # full size (about 3 minutes, 2 CPU cores)
+    .venv/bin/python bench/bench_train_step.py --tiny     # smoke (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_models(tiny: bool):
+    """Random-weight SD1.5 (or tiny) modules; returns an SDComponents."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.models.sd_infer import shipped_config
+    from library.models.sd_loading import SDComponents
+    from library.models.tiny import make_tiny_sd1
+    from library.models.tiny_tokenizer import build_tiny_clip_tokenizer
+
+    if tiny:
+        return make_tiny_sd1(0)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**shipped_config("sd15_unet"))
+    vae = AutoencoderKL(**shipped_config("sd15_vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**shipped_config("clip_l_text")))
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return SDComponents(unet, vae, text_encoder, build_tiny_clip_tokenizer(), v2=False)
+
+
+def make_dataset(root: Path, size: int, count: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "1_bench"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.caption").write_text("a photo of sks bench", encoding="utf-8")
+    return root
+
+
+def run_trainer(parts, size: int, steps: int, warmup: int) -> list[float]:
+    """The real trainer; returns per-step wall times (from the step after warm-up).
+
+    A step's time is the time between the ends of consecutive steps, so data loading, logging and
+    the progress bar count too."""
+    from library.args.common import network_training_parser
+    from library.config.training_config import build_training_config
+    from library.families.base import LoadedModels
+    from library.families.sd import SDFamily
+    from library.training import trainer as trainer_mod
+
+    class InMemorySD(SDFamily):
+        def load(self, name_or_path, dtype, tokenizer_dir):
+            return LoadedModels(parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], source="random")
+
+    ends: list[float] = []
+    original = trainer_mod._Loop._step
+
+    def timed(self, batch):
+        loss = original(self, batch)
+        ends.append(time.perf_counter())
+        return loss
+
+    trainer_mod._Loop._step = timed
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(Path(tmp) / "data", size, 4)
+        args = network_training_parser("bench").parse_args([
+            "--pretrained_model_name_or_path", "random-sd15", "--train_data_dir", str(data),
+            "--resolution", str(size), "--output_dir", str(Path(tmp) / "out"), "--network_dim", "16",
+            "--network_alpha", "16", "--network_train_unet_only", "--cache_latents", "--optimizer_type", "AdamW",
+            "--max_train_steps", str(steps + warmup), "--seed", "0", "--console_log_level", "WARNING"])
+        trainer_mod.NetworkTrainer(InMemorySD(), build_training_config(args)).run()
+    return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
+
+
+def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
+    """The same work without the trainer around it."""
+    import torch
+
+    from library.training.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+    from networks import lora
+
+    net = lora.create_network(1.0, 16, 16, parts.vae, parts.text_encoder, parts.unet)
+    net.apply_to(parts.text_encoder, parts.unet, apply_text_encoder=False, apply_unet=True)
+    net.requires_grad_(True)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, size // 8, size // 8) * 0.18215
+    ids = parts.tokenizer(["a photo of sks bench"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    alphas = scaled_linear_alphas_cumprod()
+    times = []
+    for i in range(steps + warmup):
+        start = time.perf_counter()
+        with torch.no_grad():
+            cond = parts.text_encoder(ids).last_hidden_state
+        t = torch.randint(0, 1000, (1,))
+        noisy, target = ddpm_noisy_and_target(alphas, latents, torch.randn_like(latents), t, False)
+        loss = ((parts.unet(noisy, t, cond).sample - target) ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def child(mode: str, tiny: bool, size: int, steps: int, warmup: int) -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    parts = build_models(tiny)
+    times = (run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    print(json.dumps({"mode": mode, "median_s": statistics.median(times), "steps": len(times),
+                      "peak_rss_gib": round(peak_gib, 3)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model (smoke test)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="measured steps per mode")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--child", choices=["trainer", "bare"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a.child, a.tiny, a.size, a.steps, a.warmup)
+        return
+    results = {}
+    for mode in ("bare", "trainer"):
+        cmd = [sys.executable, __file__, "--child", mode, "--size", str(a.size), "--steps", str(a.steps),
+               "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    bare, tr = results["bare"], results["trainer"]
+    overhead = tr["median_s"] / bare["median_s"] - 1
+    print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet, {a.size}px, batch 1, LoRA dim 16 UNet only, AdamW, fp32")
+    for name, r in (("bare compute", bare), ("trainer", tr)):
+        print(f"{name:13s}: {r['median_s']:.3f} s/step (median of {r['steps']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
+    print(f"trainer overhead: {overhead * 100:+.1f}% (target within 5%); peak RSS target < 6.5 GiB")
+    print(json.dumps({"bare": bare, "trainer": tr, "overhead": overhead}))
+
+
+if __name__ == "__main__":
+    main()

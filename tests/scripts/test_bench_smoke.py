@@ -1,0 +1,14 @@
+"""A short smoke of the benchmark on the tiny model (the full-size run lives outside CI)."""
+
+import json
+
+from tests.conftest import run_script
+
+
+def test_bench_train_step_smoke():
+    proc = run_script("bench/bench_train_step.py", "--tiny", "--size", "64", "--steps", "2", "--warmup", "1",
+                      check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bare"]["steps"] == 2 and result["trainer"]["steps"] == 2
+    assert result["bare"]["median_s"] > 0 and result["trainer"]["median_s"] > 0
+    assert 0 < result["trainer"]["peak_rss_gib"] < 6.5
