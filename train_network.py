@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     from library.training.trainer import NetworkTrainer
 
     config = build_training_config(args)
-    family = SDFamily(SDOptions(v_parameterization=args.v_parameterization, clip_skip=args.clip_skip,
+    family = SDFamily(SDOptions(v_parameterization=args.v_parameterization, v2=args.v2, clip_skip=args.clip_skip,
                                 min_timestep=args.min_timestep, max_timestep=args.max_timestep))
     NetworkTrainer(family, config).run()
 

@@ -83,8 +83,8 @@ def run_trainer(parts, size: int, steps: int, warmup: int) -> list[float]:
     ends: list[float] = []
     original = trainer_mod._Loop._step
 
-    def timed(self, batch):
-        loss = original(self, batch)
+    def timed(self, *args):
+        loss = original(self, *args)
         ends.append(time.perf_counter())
         return loss
 

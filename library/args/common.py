@@ -15,7 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="single-file checkpoint (.safetensors/.ckpt), diffusers folder, or hub id")
-    g.add_argument("--v2", action="store_true", help="the base model is SD2.x (detected automatically when possible)")
+    g.add_argument("--v2", action="store_true",
+                   help="the base model is SD2.x (SD2 is detected; this flag is checked against it)")
     g.add_argument("--v_parameterization", action="store_true", help="train with v-prediction (SD2.x 768-v models)")
     g.add_argument("--tokenizer_cache_dir", help="folder with the tokenizer files, for offline single-file loading")
     g.add_argument("--clip_skip", type=int, help="use the output of the n-th last text-encoder layer (2 = penultimate)")

@@ -10,6 +10,7 @@ from library.families.base import LoadedModels, ModelFamily, NoisyBatch
 from library.models.sd_loading import load_sd_model
 from library.sampling.samplers import build_scheduler
 from library.training import noise as noise_fns
+from library.utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class SDOptions:
     """Options of the SD1/2 family that change the maths."""
 
     v_parameterization: bool = False
+    v2: bool = False  # --v2: the user says the model is SD2.x; checked against what is loaded
     clip_skip: int | None = None
     min_timestep: int = 0
     max_timestep: int = 1000
@@ -36,6 +38,9 @@ class SDFamily(ModelFamily):
 
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:
         parts = load_sd_model(name_or_path, dtype, tokenizer_dir)
+        if self.options.v2 and not parts.v2:
+            raise UserError(f"--v2 was given but {name_or_path} is an SD1.x model (its text encoder is CLIP-L); "
+                            "remove --v2")
         self.v2 = parts.v2
         return LoadedModels(denoiser=parts.unet, vae=parts.vae, text_encoders=[parts.text_encoder],
                             tokenizers=[parts.tokenizer], source=name_or_path)

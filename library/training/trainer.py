@@ -75,8 +75,8 @@ class NetworkTrainer:
         if cfg.logging_dir:
             stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             project = ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / f"{cfg.log_prefix}{stamp}"))
-        acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                          mixed_precision=cfg.mixed_precision, log_with="tensorboard" if project else None,
+        # gradient accumulation is done by the loop itself (it knows where an epoch ends)
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard" if project else None,
                           project_config=project)
         if acc.num_processes > 1:
             raise UserError("multi-process training is not supported by this version yet; run one process")
@@ -119,7 +119,7 @@ class NetworkTrainer:
             cache_latents_in_memory(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
                                     acc.is_local_main_process)
         adapter = self._build_network(models)
-        train_te = bool(getattr(adapter.net, "text_encoder_loras", True)) and cfg.network.train_text_encoder
+        train_te = cfg.network.train_text_encoder
         if cfg.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing()
             adapter.enable_gradient_checkpointing()
@@ -175,10 +175,14 @@ class _Loop:
             self.adapter.on_epoch_start(self.models.text_encoders, self.models.denoiser)
             sampler.set_epoch(epoch)
             epoch_losses = []
-            for batch in loader:
-                loss = self._step(batch)
-                if not acc.sync_gradients:
+            accum, micro = cfg.gradient_accumulation_steps, []
+            for i, batch in enumerate(loader):
+                # an optimizer step every `accum` batches, and at the end of the epoch
+                sync = (i + 1) % accum == 0 or i + 1 == len(loader)
+                micro.append(self._step(batch, sync, step + 1))
+                if not sync:
                     continue
+                loss, micro = sum(micro) / len(micro), []
                 step += 1
                 epoch_losses.append(loss)
                 recent = (recent + [loss])[-len(loader):]
@@ -205,27 +209,28 @@ class _Loop:
         acc.end_training()
         return final
 
-    def _step(self, batch: dict) -> float:
+    def _step(self, batch: dict, sync: bool, step: int) -> float:
+        """Forward and backward on one batch; an optimizer step too when ``sync``."""
         acc, family, models = self.acc, self.family, self.models
-        with acc.accumulate(self.adapter.net):
-            self.adapter.on_step_start(self.models.text_encoders, self.models.denoiser)
-            dtype = self.t._weight_dtype()
-            with torch.no_grad():
-                if "latents" in batch:
-                    latents = batch["latents"].to(acc.device, dtype)
-                else:
-                    latents = family.encode_images(models, batch["images"].to(acc.device)).to(dtype)
-            with torch.set_grad_enabled(self.train_te), acc.autocast():
-                cond = family.encode_prompts(models, batch["captions"], acc.device)
-            noisy = family.make_noisy_batch(latents, torch.randn_like(latents))
-            with acc.autocast():
-                pred = family.denoise(models, noisy, cond)
-            loss = weighted_batch_loss(per_sample_mse(pred, noisy.target), batch["loss_weights"])
-            if not torch.isfinite(loss):
-                raise UserError(f"the loss became {loss.item()} at step {acc.step}; lower --learning_rate or use "
-                                "--mixed_precision no (the last saved file is intact)")
-            acc.backward(loss)
-            if acc.sync_gradients and self.cfg.optimizer.max_grad_norm > 0:
+        self.adapter.on_step_start(models.text_encoders, models.denoiser)
+        dtype = self.t._weight_dtype()
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"].to(acc.device, dtype)
+            else:
+                latents = family.encode_images(models, batch["images"].to(acc.device)).to(dtype)
+        with torch.set_grad_enabled(self.train_te), acc.autocast():
+            cond = family.encode_prompts(models, batch["captions"], acc.device)
+        noisy = family.make_noisy_batch(latents, torch.randn_like(latents))
+        with acc.autocast():
+            pred = family.denoise(models, noisy, cond)
+        loss = weighted_batch_loss(per_sample_mse(pred, noisy.target), batch["loss_weights"])
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} at step {step}; lower --learning_rate or use "
+                            "--mixed_precision no (files saved before this step are intact)")
+        acc.backward(loss / self.cfg.gradient_accumulation_steps)
+        if sync:
+            if self.cfg.optimizer.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, self.cfg.optimizer.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()

@@ -150,3 +150,11 @@ def test_bad_args(tiny_sd1, tmp_path):
     save_file({"lora_unet_nothing.lora_down.weight": torch.zeros(1, 1)}, str(other))
     with pytest.raises(UserError, match="none of its keys match"):
         net.load_weights(str(other))
+
+
+def test_apply_to_parts(tiny_sd1):
+    te_only = lora.create_network(1.0, 4, 1, None, tiny_sd1.text_encoder, tiny_sd1.unet)
+    te_only.apply_to(tiny_sd1.text_encoder, tiny_sd1.unet, apply_text_encoder=True, apply_unet=False)
+    assert te_only.state_dict() and all(k.startswith("lora_te_") for k in te_only.state_dict())
+    groups, names = te_only.prepare_optimizer_params(5e-5, 1e-4, 1e-3)
+    assert names == ["textencoder"] and groups[0]["lr"] == 5e-5

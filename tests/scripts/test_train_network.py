@@ -89,11 +89,31 @@ def test_legacy_folders_accumulation_checkpointing_unet_only(tiny_default, tmp_p
         tiny_default, tmp_path, "--dataset_config", "", "--train_data_dir", str(tiny_default / "train"),
         "--reg_data_dir", str(tiny_default / "reg"), "--resolution", "64", "--train_batch_size", "2",
         "--caption_extension", ".caption", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
-        "--max_train_steps", "3", "--network_train_unet_only", "--optimizer_type", "SGDNesterov",
-        "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"), check=True)
+        "--max_train_steps", "3", "--network_train_unet_only", "--optimizer_type", "AdamW",
+        "--optimizer_args", "weight_decay=0.05", "betas=0.9,0.99", "--lr_scheduler", "cosine",
+        "--lr_warmup_steps", "1", "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
+        "--no_metadata", "--sample_prompts", str(tiny_default / "prompts.txt"), "--sample_at_first",
+        "--sample_every_n_steps", "2", "--sample_sampler", "euler_a"), check=True)
     tensors, meta = _read(tmp_path / "last.safetensors")
     assert tensors and all(k.startswith("lora_unet_") for k in tensors)
-    assert meta["ss_steps"] == "3" and meta["ss_gradient_accumulation_steps"] == "2"
+    # --no_metadata keeps kohya's minimum set (plus modelspec)
+    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert "ss_steps" not in meta and "ss_tag_frequency" not in meta
+    assert "modelspec.architecture" in meta
+    # samples at step 0 and step 2, two prompts each
+    names = sorted(p.name for p in (tmp_path / "sample").glob("*.png"))
+    assert len(names) == 4 and names[0].startswith("last_000000_00_") and names[2].startswith("last_000002_00_")
+
+
+def test_optimizer_args_reach_the_optimizer(tmp_path):
+    import torch as _torch
+
+    from library.training import optim
+
+    kwargs = optim.parse_optimizer_args(["weight_decay=0.05", "betas=0.9,0.99", "foreach=False"])
+    assert kwargs == {"weight_decay": 0.05, "betas": (0.9, 0.99), "foreach": False}
+    opt = optim.build_optimizer("AdamW", [{"params": [_torch.nn.Parameter(_torch.zeros(2))]}], 1e-3, kwargs)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["weight_decay"] == 0.05
 
 
 def test_diffusers_folder_bf16_and_network_weights(tiny_default, tmp_path, main_run):
@@ -155,6 +175,8 @@ def test_bad_input_messages(tiny_default, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("ok --w 64\nbad --x 1\n", encoding="utf-8")
     _user_error(run_script("train_network.py", *args, "--sample_prompts", str(prompts)), "p.txt:2", "--x")
+
+    _user_error(run_script("train_network.py", *args, "--v2"), "--v2 was given", "SD1.x")
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 'ten'\n",

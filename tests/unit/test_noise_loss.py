@@ -34,3 +34,19 @@ def test_weighted_loss_hand_computed():
     assert per.tolist() == [1.0, 4.0]
     # (1 * 1 + 4 * 0.5) / 2 = 1.5 (the second sample is a reg image with prior_loss_weight 0.5)
     assert weighted_batch_loss(per, torch.tensor([1.0, 0.5])).item() == 1.5
+
+
+def test_clip_skip_uses_earlier_layer_through_final_norm(tiny_sd1):
+    from library.families.base import LoadedModels
+    from library.families.sd import SDFamily, SDOptions
+
+    models = LoadedModels(tiny_sd1.unet, tiny_sd1.vae, [tiny_sd1.text_encoder], [tiny_sd1.tokenizer])
+    te = tiny_sd1.text_encoder
+    ids = tiny_sd1.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = te(ids, output_hidden_states=True)
+        skip1 = SDFamily(SDOptions(clip_skip=1)).encode_prompts(models, ["a red circle"], torch.device("cpu"))
+        skip2 = SDFamily(SDOptions(clip_skip=2)).encode_prompts(models, ["a red circle"], torch.device("cpu"))
+        torch.testing.assert_close(skip1, out.last_hidden_state)
+        torch.testing.assert_close(skip2, te.final_layer_norm(out.hidden_states[-2]))
+    assert not torch.allclose(skip1, skip2)
