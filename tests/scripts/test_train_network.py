@@ -196,3 +196,38 @@ def test_unreadable_image_is_skipped_or_stops(tiny_default, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipping" in proc.stderr and "zz_broken.png" in proc.stderr
     _user_error(run_script("train_network.py", *args, "--strict_dataset"), "zz_broken.png", "--strict_dataset")
+
+
+def test_trained_file_loads_in_diffusers_like_a_hand_merge(main_run, tiny_default, caplog):
+    """The LoRA written by training, read by diffusers' load_lora_weights, changes the UNet and text
+    encoder exactly as merging W + alpha/dim * up @ down by hand; every module is consumed."""
+    import logging
+
+    from diffusers import StableDiffusionPipeline
+
+    from library.models.sd_loading import load_sd_model
+    from library.sampling.samplers import build_scheduler
+    from tests.networks.test_lora import _inputs, _merge_by_hand, _outputs, _path_resolver
+
+    ckpt = str(tiny_default / "model" / "tiny-sd15.safetensors")
+    state, _ = _read(main_run / "tiny_lora.safetensors")
+    ref = load_sd_model(ckpt)
+    _merge_by_hand(ref.text_encoder, state, [("lora_te_text_model_", _path_resolver(ref.text_encoder))])
+    _merge_by_hand(ref.unet, state, [("lora_unet_", _path_resolver(ref.unet))])
+    x, t, ids = _inputs(ref)
+    merged = _outputs(ref, x, t, ids)
+    base = load_sd_model(ckpt)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=build_scheduler("euler"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(main_run / "tiny_lora.safetensors"))
+    complaints = [r.getMessage() for r in caplog.records if r.name.startswith(("diffusers", "peft"))]
+    assert not complaints, complaints
+    modules = {k.split(".")[0] for k in state}
+    wrapped = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A")) + \
+        sum(1 for n, _ in pipe.text_encoder.named_modules() if n.endswith(".lora_A"))
+    assert wrapped == len(modules)
+    loaded = _outputs(pipe, x, t, ids)
+    for a, b in zip(loaded, merged):
+        assert (a - b).abs().max() / b.abs().max() < 1e-5
