@@ -50,6 +50,12 @@ class SaveConfig:
     every_n_steps: int | None
     no_metadata: bool
     training_comment: str | None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    last_n_epochs: int | None = None
+    last_n_steps: int | None = None
+    last_n_epochs_state: int | None = None
+    last_n_steps_state: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class TrainingConfig:
     persistent_workers: bool
     logging_dir: str | None
     log_prefix: str
+    resume: str | None = None
     dataset_source: str = ""
     raw_args: dict = field(default_factory=dict)
 
@@ -126,7 +133,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     positive = {"max_train_steps": args.max_train_steps, "vae_batch_size": args.vae_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps}
     for flag in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
-                 "sample_every_n_epochs", "network_dim"):
+                 "sample_every_n_epochs", "network_dim", "save_last_n_epochs", "save_last_n_steps",
+                 "save_last_n_epochs_state", "save_last_n_steps_state"):
         if getattr(args, flag) is not None:
             positive[flag] = getattr(args, flag)
     for flag, value in positive.items():
@@ -164,7 +172,11 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
                                   args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm),
         save=SaveConfig(Path(args.output_dir), args.output_name, "." + args.save_model_as,
                         _PRECISIONS[args.save_precision], args.save_every_n_epochs, args.save_every_n_steps,
-                        args.no_metadata, args.training_comment),
+                        args.no_metadata, args.training_comment, save_state=args.save_state,
+                        save_state_on_train_end=args.save_state_on_train_end, last_n_epochs=args.save_last_n_epochs,
+                        last_n_steps=args.save_last_n_steps,
+                        last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
+                        last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps),
         sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
                             args.sample_sampler),
         seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1),
@@ -174,4 +186,5 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         cache_latents=args.cache_latents, vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
-        logging_dir=args.logging_dir, log_prefix=args.log_prefix, dataset_source=source, raw_args=vars(args).copy())
+        logging_dir=args.logging_dir, log_prefix=args.log_prefix, resume=args.resume, dataset_source=source,
+        raw_args=vars(args).copy())

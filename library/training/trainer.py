@@ -23,6 +23,8 @@ from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group
 from library.data.latent_cache import cache_latents_in_memory
 from library.families.base import LoadedModels, ModelFamily
 from library.training import optim, saving
+from library.training import state as train_state
+from library.training.checkpointing import Checkpointer, Progress
 from library.training.loss import per_sample_mse, weighted_batch_loss
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
@@ -31,11 +33,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Progress:
-    """Where the run is."""
+class Schedule:
+    """How long the run is."""
 
-    epoch: int = 0
-    global_step: int = 0
+    max_steps: int
+    num_epochs: int
+    batches_per_epoch: int
 
 
 class NetworkTrainer:
@@ -44,13 +47,14 @@ class NetworkTrainer:
     def __init__(self, family: ModelFamily, config: TrainingConfig):
         self.family = family
         self.cfg = config
-        self.progress = Progress()
+        self.seed = config.seed
+        self.resume: tuple[Path, train_state.TrainState] | None = None
 
     # ----------------------------------------------------------------- setup
     def prepare_data(self) -> DatasetGroup:
         """Scan and bucket the images; print the summary. No model is needed for this."""
         cfg = self.cfg
-        group, report = build_dataset_group(cfg.datasets, cfg.seed, cfg.prior_loss_weight, cfg.strict_dataset)
+        group, report = build_dataset_group(cfg.datasets, self.seed, cfg.prior_loss_weight, cfg.strict_dataset)
         for i, ds in enumerate(group.datasets):
             logger.info("dataset %d: %d train images (x repeats), %d reg, batch size %d, %d batches per epoch",
                         i, ds.num_train_images, ds.num_reg_images, ds.config.batch_size, len(ds))
@@ -74,7 +78,10 @@ class NetworkTrainer:
         project = None
         if cfg.logging_dir:
             stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-            project = ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / f"{cfg.log_prefix}{stamp}"))
+            log_dir = str(Path(cfg.logging_dir) / f"{cfg.log_prefix}{stamp}")
+            if self.resume and self.resume[1].log_dir:
+                log_dir = self.resume[1].log_dir  # continue the same TensorBoard run
+            project = ProjectConfiguration(project_dir=log_dir)
         # gradient accumulation is done by the loop itself (it knows where an epoch ends)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard" if project else None,
                           project_config=project)
@@ -102,112 +109,174 @@ class NetworkTrainer:
             logger.info("network weights: %s", adapter.load_weights(net_cfg.weights))
         return adapter
 
+    def _read_resume(self) -> None:
+        """Find and check the state to resume from (before anything is loaded); it fixes the seed."""
+        if not self.cfg.resume:
+            return
+        save = self.cfg.save
+        folder = train_state.find_latest_state(save.output_dir, save.output_name) if self.cfg.resume == "latest" \
+            else Path(self.cfg.resume)
+        state = train_state.read_train_state(folder)
+        if state.seed != self.cfg.seed and self.cfg.raw_args.get("seed") is not None:
+            logger.warning("--seed %d differs from the state's seed %d; the state's seed is used", self.cfg.seed,
+                           state.seed)
+        self.seed = state.seed
+        self.resume = (folder, state)
+        logger.info("resuming from %s (step %d, epoch %d)", folder, state.global_step, state.epoch + 1)
+
+    def _network_fingerprint(self) -> dict:
+        n = self.cfg.network
+        return {"module": n.module, "dim": n.dim, "alpha": n.alpha, "args": n.args, "train_unet": n.train_unet,
+                "train_text_encoder": n.train_text_encoder}
+
+    def _load_models(self, acc, group: DatasetGroup) -> LoadedModels:
+        cfg = self.cfg
+        models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir)
+        for m in [models.denoiser, models.vae, *models.text_encoders]:
+            m.to(acc.device)
+        if cfg.cache_latents:
+            cache_latents_in_memory(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
+                                    acc.is_local_main_process)
+        return models
+
+    def _enable_checkpointing(self, models: LoadedModels, adapter: NetworkAdapter) -> None:
+        models.denoiser.enable_gradient_checkpointing()
+        adapter.enable_gradient_checkpointing()
+        if self.cfg.network.train_text_encoder:
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable()
+                te.train()
+
+    def _optimization(self, adapter: NetworkAdapter, batches: int):
+        """Optimizer, LR schedule, their log names, and the run's length."""
+        cfg, o = self.cfg, self.cfg.optimizer
+        groups, lr_names = adapter.optimizer_groups(o.text_encoder_lr, o.unet_lr, o.learning_rate)
+        if not groups:
+            raise UserError("the network has no trainable parameters (check --network_train_* flags)")
+        optimizer = optim.build_optimizer(o.optimizer_type, groups, o.learning_rate,
+                                          optim.parse_optimizer_args(o.optimizer_args))
+        steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+        max_steps = cfg.max_train_epochs * steps_per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+        schedule = Schedule(max_steps, math.ceil(max_steps / steps_per_epoch), batches)
+        scheduler = optim.build_lr_scheduler(o.lr_scheduler, optimizer, optim.warmup_steps(o.lr_warmup, max_steps),
+                                             max_steps, o.num_cycles, o.power)
+        return optimizer, scheduler, lr_names, schedule
+
+    def _restore(self, network, optimizer, scheduler, batches: int) -> Progress:
+        if not self.resume:
+            return Progress()
+        folder, state = self.resume
+        train_state.check_compatible(state, self._network_fingerprint(), batches, folder)
+        train_state.load_state(folder, network, optimizer, scheduler)
+        return Progress(state.global_step, state.epoch, state.batches_done, list(state.recent_losses),
+                        list(state.epoch_losses))
+
     # ----------------------------------------------------------------- main
     def run(self) -> Path:
         """Train; return the path of the final network file."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        self._read_resume()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
         group = self.prepare_data()
         acc = self._make_accelerator()
-        device = acc.device
-        models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir)
-        for m in [models.denoiser, models.vae, *models.text_encoders]:
-            m.to(device)
-        if cfg.cache_latents:
-            cache_latents_in_memory(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
-                                    acc.is_local_main_process)
+        models = self._load_models(acc, group)
         adapter = self._build_network(models)
-        train_te = cfg.network.train_text_encoder
         if cfg.gradient_checkpointing:
-            models.denoiser.enable_gradient_checkpointing()
-            adapter.enable_gradient_checkpointing()
-            if train_te:
-                for te in models.text_encoders:
-                    te.gradient_checkpointing_enable()
-                    te.train()
-        groups, lr_names = adapter.optimizer_groups(cfg.optimizer.text_encoder_lr, cfg.optimizer.unet_lr,
-                                                    cfg.optimizer.learning_rate)
-        if not groups:
-            raise UserError("the network has no trainable parameters (check --network_train_* flags)")
-        optimizer = optim.build_optimizer(cfg.optimizer.optimizer_type, groups, cfg.optimizer.learning_rate,
-                                          optim.parse_optimizer_args(cfg.optimizer.optimizer_args))
-        sampler = EpochSampler(len(group))
-        loader = torch.utils.data.DataLoader(
-            group, batch_size=1, sampler=sampler, collate_fn=collate_single, num_workers=cfg.num_workers,
-            persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
-        steps_per_epoch = math.ceil(len(group) / cfg.gradient_accumulation_steps)
-        max_steps = cfg.max_train_epochs * steps_per_epoch if cfg.max_train_epochs else cfg.max_train_steps
-        num_epochs = math.ceil(max_steps / steps_per_epoch)
-        scheduler = optim.build_lr_scheduler(cfg.optimizer.lr_scheduler, optimizer,
-                                             optim.warmup_steps(cfg.optimizer.lr_warmup, max_steps), max_steps,
-                                             cfg.optimizer.num_cycles, cfg.optimizer.power)
+            self._enable_checkpointing(models, adapter)
+        optimizer, scheduler, lr_names, schedule = self._optimization(adapter, len(group))
         network, optimizer, scheduler = acc.prepare(adapter.net, optimizer, scheduler)
         adapter.prepare_grad_etc(models.text_encoders, models.denoiser)
-        meta = saving.base_metadata(cfg, self.family.metadata(), group, len(group), num_epochs, max_steps)
+        progress = self._restore(adapter.net, optimizer, scheduler, len(group))
+        meta = saving.base_metadata(cfg, self.family.metadata(), group, len(group), schedule.num_epochs,
+                                    schedule.max_steps)
+        run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
+                    "log_dir": acc.project_dir if cfg.logging_dir else None}
+        checkpointer = Checkpointer(cfg.save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
         if acc.is_main_process and cfg.logging_dir:
-            acc.init_trackers("network_train")
-        logger.info("training: %d steps, %d epochs, %d batches per epoch", max_steps, num_epochs, len(group))
-        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, train_te, meta)
-        return loop.train(loader, sampler, num_epochs, max_steps)
+            # purge_step drops events a killed run wrote after its last state, so steps never overlap
+            acc.init_trackers("network_train", init_kwargs={"tensorboard": {"purge_step": progress.global_step + 1}}
+                              if self.resume else {})
+        logger.info("training: %d steps, %d epochs, %d batches per epoch", schedule.max_steps, schedule.num_epochs,
+                    len(group))
+        # the loader gets its own generator: creating an iterator must not consume the global RNG,
+        # or a resumed run's noise would differ from the uninterrupted run's
+        loader = torch.utils.data.DataLoader(
+            group, batch_size=1, sampler=EpochSampler(len(group)), collate_fn=collate_single,
+            num_workers=cfg.num_workers, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed))
+        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer)
+        return loop.train(loader, schedule, progress)
 
 
 class _Loop:
     """The epoch/step loop with its saving, sampling and logging side effects."""
 
-    def __init__(self, trainer: NetworkTrainer, acc, models, adapter, optimizer, scheduler, lr_names, train_te, meta):
+    def __init__(self, trainer: NetworkTrainer, acc, models, adapter, optimizer, scheduler, lr_names,
+                 checkpointer: Checkpointer):
         self.t, self.acc, self.models, self.adapter = trainer, acc, models, adapter
         self.optimizer, self.scheduler, self.lr_names = optimizer, scheduler, lr_names
-        self.train_te, self.meta = train_te, meta
+        self.checkpointer = checkpointer
         self.cfg = trainer.cfg
         self.family = trainer.family
+        self.train_te = trainer.cfg.network.train_text_encoder
         self.params = adapter.trainable_params()
 
-    def train(self, loader, sampler: EpochSampler, num_epochs: int, max_steps: int) -> Path:
+    def train(self, loader, schedule: Schedule, p: Progress) -> Path:
+        """Run epochs from ``p`` (a fresh or restored position) until ``schedule.max_steps``."""
         cfg, acc = self.cfg, self.acc
-        step = 0
-        bar = tqdm(total=max_steps, desc="steps", disable=not acc.is_local_main_process)
-        recent: list[float] = []
-        if cfg.sample.at_first:
+        bar = tqdm(total=schedule.max_steps, initial=p.global_step, desc="steps", disable=not acc.is_local_main_process)
+        if cfg.sample.at_first and p.global_step == 0:
             self.sample(epoch=None, step=0)
-        for epoch in range(num_epochs):
-            self.adapter.on_epoch_start(self.models.text_encoders, self.models.denoiser)
-            sampler.set_epoch(epoch)
-            epoch_losses = []
-            accum, micro = cfg.gradient_accumulation_steps, []
-            for i, batch in enumerate(loader):
-                # an optimizer step every `accum` batches, and at the end of the epoch
-                sync = (i + 1) % accum == 0 or i + 1 == len(loader)
-                micro.append(self._step(batch, sync, step + 1))
-                if not sync:
-                    continue
-                loss, micro = sum(micro) / len(micro), []
-                step += 1
-                epoch_losses.append(loss)
-                recent = (recent + [loss])[-len(loader):]
-                bar.update(1)
-                bar.set_postfix(avr_loss=f"{sum(recent) / len(recent):.4f}")
-                self._log(step, loss, sum(recent) / len(recent))
-                if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < max_steps:
-                    self.save(saving.step_file_name(cfg.save.output_name, step, cfg.save.extension), step, epoch + 1)
-                if cfg.sample.every_n_steps and not cfg.sample.every_n_epochs and step % cfg.sample.every_n_steps == 0:
-                    self.sample(epoch=None, step=step)
-                if step >= max_steps:
-                    break
-            if acc.is_main_process and cfg.logging_dir and epoch_losses:
-                acc.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch + 1)
-            last_epoch = epoch + 1 == num_epochs or step >= max_steps
-            if cfg.save.every_n_epochs and (epoch + 1) % cfg.save.every_n_epochs == 0 and not last_epoch:
-                self.save(saving.epoch_file_name(cfg.save.output_name, epoch + 1, cfg.save.extension), step, epoch + 1)
-            if cfg.sample.every_n_epochs and (epoch + 1) % cfg.sample.every_n_epochs == 0:
-                self.sample(epoch=epoch + 1, step=step)
-            if step >= max_steps:
+        if p.batches_done >= schedule.batches_per_epoch:  # the state was saved at the end of an epoch
+            p.epoch, p.batches_done, p.epoch_losses = p.epoch + 1, 0, []
+        for epoch in range(p.epoch, schedule.num_epochs):
+            if p.global_step >= schedule.max_steps:
                 break
+            if epoch != p.epoch:
+                p.epoch, p.batches_done, p.epoch_losses = epoch, 0, []
+            self._run_epoch(loader, schedule, p, bar)
+            self._end_epoch(schedule, p)
         bar.close()
-        final = self.save(saving.final_file_name(cfg.save.output_name, cfg.save.extension), step, epoch + 1)
+        final = self.checkpointer.on_train_end(p)
         acc.end_training()
         return final
+
+    def _run_epoch(self, loader, schedule: Schedule, p: Progress, bar) -> None:
+        cfg = self.cfg
+        self.adapter.on_epoch_start(self.models.text_encoders, self.models.denoiser)
+        loader.sampler.set_epoch(p.epoch, start=p.batches_done)
+        accum, micro = cfg.gradient_accumulation_steps, []
+        for i, batch in enumerate(loader, start=p.batches_done):
+            # an optimizer step every `accum` batches, and at the end of the epoch
+            sync = (i + 1) % accum == 0 or i + 1 == schedule.batches_per_epoch
+            micro.append(self._step(batch, sync, p.global_step + 1))
+            if not sync:
+                continue
+            loss, micro = sum(micro) / len(micro), []
+            p.global_step, p.batches_done = p.global_step + 1, i + 1
+            p.epoch_losses.append(loss)
+            p.recent_losses = (p.recent_losses + [loss])[-schedule.batches_per_epoch:]
+            average = sum(p.recent_losses) / len(p.recent_losses)
+            bar.update(1)
+            bar.set_postfix(avr_loss=f"{average:.4f}")
+            self._log(p.global_step, loss, average)
+            self.checkpointer.on_step(p, is_last=p.global_step >= schedule.max_steps)
+            every = cfg.sample.every_n_steps
+            if every and not cfg.sample.every_n_epochs and p.global_step % every == 0:
+                self.sample(epoch=None, step=p.global_step)
+            if p.global_step >= schedule.max_steps:
+                break
+
+    def _end_epoch(self, schedule: Schedule, p: Progress) -> None:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process and cfg.logging_dir and p.epoch_losses:
+            acc.log({"loss/epoch_average": sum(p.epoch_losses) / len(p.epoch_losses)}, step=p.epoch + 1)
+        last = p.epoch + 1 == schedule.num_epochs or p.global_step >= schedule.max_steps
+        self.checkpointer.on_epoch_end(p, is_last=last)
+        if cfg.sample.every_n_epochs and (p.epoch + 1) % cfg.sample.every_n_epochs == 0:
+            self.sample(epoch=p.epoch + 1, step=p.global_step)
 
     def _step(self, batch: dict, sync: bool, step: int) -> float:
         """Forward and backward on one batch; an optimizer step too when ``sync``."""
@@ -244,14 +313,6 @@ class _Loop:
         for name, lr in zip(self.lr_names, self.scheduler.get_last_lr()):
             logs[f"lr/{name}"] = lr
         self.acc.log(logs, step=step)
-
-    def save(self, file_name: str, step: int, epoch: int) -> Path:
-        path = self.cfg.save.output_dir / file_name
-        if self.acc.is_main_process:
-            meta = saving.metadata_for_save(self.meta, step, epoch, self.cfg.save.no_metadata)
-            self.adapter.save(str(path), self.cfg.save.precision, meta)
-            logger.info("saved %s", path)
-        return path
 
     def sample(self, epoch: int | None, step: int) -> None:
         prompts = self.cfg.sample.prompts

@@ -1,0 +1,121 @@
+"""Saving during training: network files, state folders for resume, and pruning of old ones.
+
+Old files are removed only after the new one is completely written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.config.training_config import SaveConfig
+from library.training import saving
+from library.training.state import TrainState, save_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where the run is; everything needed to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # batches of ``epoch`` already trained
+    recent_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+class Checkpointer:
+    """Writes network files and state folders with kohya's names, and prunes old ones."""
+
+    def __init__(self, cfg: SaveConfig, adapter, optimizer, scheduler, base_meta: dict[str, str],
+                 run_info: dict, is_main: bool):
+        self.cfg, self.adapter, self.optimizer, self.scheduler = cfg, adapter, optimizer, scheduler
+        self.base_meta, self.run_info, self.is_main = base_meta, run_info, is_main
+
+    def _stem(self, step: int | None = None, epoch: int | None = None) -> str:
+        name = self.cfg.output_name
+        if step is not None:
+            return saving.step_file_name(name, step, "")
+        if epoch is not None:
+            return saving.epoch_file_name(name, epoch, "")
+        return name
+
+    def save_network(self, stem: str, progress: Progress) -> Path:
+        path = self.cfg.output_dir / f"{stem}{self.cfg.extension}"
+        if self.is_main:
+            meta = saving.metadata_for_save(self.base_meta, progress.global_step, progress.epoch + 1,
+                                            self.cfg.no_metadata)
+            self.adapter.save(str(path), self.cfg.precision, meta)
+            logger.info("saved %s", path)
+        return path
+
+    def save_state(self, stem: str, progress: Progress) -> Path:
+        folder = self.cfg.output_dir / f"{stem}-state"
+        if self.is_main:
+            state = TrainState(global_step=progress.global_step, epoch=progress.epoch,
+                               batches_done=progress.batches_done, recent_losses=list(progress.recent_losses),
+                               epoch_losses=list(progress.epoch_losses), **self.run_info)
+            save_state(folder, self.adapter.net, self.optimizer, self.scheduler, state)
+            logger.info("saved state %s", folder)
+        return folder
+
+    def on_step(self, progress: Progress, is_last: bool) -> None:
+        """After an optimizer step: the every-n-steps save (the last step gets the final name instead)."""
+        every = self.cfg.every_n_steps
+        if not every or progress.global_step % every or is_last:
+            return
+        stem = self._stem(step=progress.global_step)
+        self.save_network(stem, progress)
+        self._prune_steps(progress.global_step, every, self.cfg.last_n_steps, state=False)
+        if self.cfg.save_state:
+            self.save_state(stem, progress)
+            self._prune_steps(progress.global_step, every, self.cfg.last_n_steps_state, state=True)
+
+    def on_epoch_end(self, progress: Progress, is_last: bool) -> None:
+        """At the end of an epoch (``progress.epoch`` is the finished one, counted from 0)."""
+        every = self.cfg.every_n_epochs
+        done = progress.epoch + 1
+        if not every or done % every or is_last:
+            return
+        stem = self._stem(epoch=done)
+        self.save_network(stem, progress)
+        self._prune_epochs(done, every, self.cfg.last_n_epochs, state=False)
+        if self.cfg.save_state:
+            self.save_state(stem, progress)
+            self._prune_epochs(done, every, self.cfg.last_n_epochs_state, state=True)
+
+    def on_train_end(self, progress: Progress) -> Path:
+        path = self.save_network(self._stem(), progress)
+        if self.cfg.save_state or self.cfg.save_state_on_train_end:
+            self.save_state(self._stem(), progress)
+        return path
+
+    def _remove(self, stem: str, state: bool) -> None:
+        if not self.is_main:
+            return
+        target = self.cfg.output_dir / (f"{stem}-state" if state else f"{stem}{self.cfg.extension}")
+        if target.is_dir():
+            shutil.rmtree(target)
+            logger.info("removed old state %s", target)
+        elif target.is_file():
+            target.unlink()
+            logger.info("removed old file %s", target)
+
+    def _prune_epochs(self, epoch: int, every: int, keep: int | None, state: bool) -> None:
+        """Keep the newest ``keep`` epoch saves: remove the one from ``keep`` saves ago."""
+        if keep:
+            old = epoch - every * keep
+            if old > 0:
+                self._remove(self._stem(epoch=old), state)
+
+    def _prune_steps(self, step: int, every: int, keep_steps: int | None, state: bool) -> None:
+        """Keep the step saves of the last ``keep_steps`` steps (kohya's rule)."""
+        if keep_steps:
+            old = step - keep_steps - 1
+            old -= old % every
+            if old > 0:
+                self._remove(self._stem(step=old), state)

@@ -1,0 +1,137 @@
+"""Training state for exact resume: saved as a folder, published atomically, validated on load.
+
+A state folder holds the network weights, the optimizer and scheduler states, every RNG state and
+``train_state.json`` (global step, epoch, batches done in that epoch, loss windows, and what the
+run was made with). It is written under a temporary name and renamed into place only when
+complete, so a crash while saving leaves the previous state intact; a folder without
+``train_state.json`` is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.utils.errors import UserError
+
+STATE_FILE = "train_state.json"
+_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
+
+
+@dataclass
+class TrainState:
+    """Where a run is, and what it was made with (checked when resuming)."""
+
+    global_step: int
+    epoch: int
+    batches_done: int  # batches of ``epoch`` already trained
+    seed: int
+    num_batches_per_epoch: int
+    network: dict
+    recent_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    log_dir: str | None = None
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                   *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(folder: Path, network: torch.nn.Module, optimizer, scheduler, state: TrainState) -> None:
+    """Write a complete state folder atomically (temporary folder, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+              str(tmp / "network.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")  # written last
+    for name in _FILES:
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_train_state(folder: Path) -> TrainState:
+    """Read and check a state folder's ``train_state.json``; refuse incomplete folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--resume {folder}: not a folder")
+    missing = [name for name in _FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"--resume {folder}: incomplete state folder (missing {', '.join(missing)}); "
+                        "it was probably interrupted while saving. Resume from an earlier state.")
+    try:
+        return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--resume {folder}: {STATE_FILE} is unreadable ({exc})") from exc
+
+
+def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler) -> None:
+    """Restore network weights, optimizer, scheduler and every RNG from a state folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    network.load_state_dict(load_file(str(folder / "network.safetensors")), strict=True)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
+
+
+def find_latest_state(output_dir: Path, output_name: str) -> Path:
+    """The complete state folder of ``output_name`` in ``output_dir`` with the highest global step."""
+    best: tuple[int, Path] | None = None
+    for folder in Path(output_dir).glob(f"{output_name}*-state"):
+        try:
+            state = read_train_state(folder)
+        except UserError:
+            continue
+        if best is None or state.global_step > best[0]:
+            best = (state.global_step, folder)
+    if best is None:
+        raise UserError(f"--resume latest: no complete state folder '{output_name}*-state' in {output_dir}")
+    return best[1]
+
+
+def check_compatible(state: TrainState, network: dict, num_batches: int, folder: Path) -> None:
+    """Refuse a state made with another network or another dataset size."""
+    if state.network != network:
+        diffs = {k: (state.network.get(k), network.get(k)) for k in set(state.network) | set(network)
+                 if state.network.get(k) != network.get(k)}
+        detail = ", ".join(f"{k}: state {a!r} vs now {b!r}" for k, (a, b) in sorted(diffs.items()))
+        raise UserError(f"--resume {folder}: the state was made with another network ({detail}); "
+                        "use the same --network_module/--network_dim/--network_alpha/--network_args")
+    if state.num_batches_per_epoch != num_batches:
+        raise UserError(f"--resume {folder}: the dataset now has {num_batches} batches per epoch, the state "
+                        f"{state.num_batches_per_epoch}; exact resume needs the same data and batch settings")
