@@ -15,13 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
-    from library.config.training_config import build_training_config
+    from library.config.training_config import build_ddpm_options, build_training_config
     from library.families.sd import SDFamily, SDOptions
     from library.training.trainer import NetworkTrainer
 
     config = build_training_config(args)
-    family = SDFamily(SDOptions(v_parameterization=args.v_parameterization, v2=args.v2, clip_skip=args.clip_skip,
-                                min_timestep=args.min_timestep, max_timestep=args.max_timestep))
+    family = SDFamily(SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip))
     NetworkTrainer(family, config).run()
 
 

@@ -71,10 +71,31 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--seed", type=int, help="random seed (random if not given)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    g.add_argument("--min_timestep", type=int, default=0)
-    g.add_argument("--max_timestep", type=int, default=1000)
     g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata in saved LoRAs")
     g.add_argument("--training_comment", help="stored as ss_training_comment")
+
+
+def add_noise_loss_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("noise and loss (DDPM models)")
+    g.add_argument("--min_timestep", type=int, default=0, help="lowest training timestep (inclusive)")
+    g.add_argument("--max_timestep", type=int, default=1000, help="highest training timestep (exclusive)")
+    g.add_argument("--noise_offset", type=float, help="noise offset strength, e.g. 0.05")
+    g.add_argument("--noise_offset_random_strength", action="store_true", help="offset drawn from U(0, offset)")
+    g.add_argument("--adaptive_noise_scale", type=float, help="add this times |latent mean| to the offset")
+    g.add_argument("--multires_noise_iterations", type=int, help="pyramid noise levels, e.g. 6")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3, help="weight decay per pyramid level")
+    g.add_argument("--ip_noise_gamma", type=float, help="input perturbation strength, e.g. 0.1")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true", help="gamma drawn from U(0, gamma)")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the schedule to zero terminal SNR")
+    g.add_argument("--min_snr_gamma", type=float, help="min-SNR loss weighting, e.g. 5")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                   help="scale v-prediction loss like epsilon loss (needs --v_parameterization)")
+    g.add_argument("--v_pred_like_loss", type=float, help="add a v-prediction-like loss with this weight")
+    g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting")
+    g.add_argument("--loss_type", default="l2", choices=["l2", "l1", "huber", "smooth_l1"])
+    g.add_argument("--huber_schedule", default="snr", choices=["snr", "exponential", "constant"])
+    g.add_argument("--huber_c", type=float, default=0.1, help="Huber parameter c0")
+    g.add_argument("--huber_scale", type=float, default=1.0, help="Huber scale (exponential/constant schedules)")
 
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -124,7 +145,7 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
 def network_training_parser(description: str) -> argparse.ArgumentParser:
     """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
     p = argparse.ArgumentParser(description=description)
-    for add in (add_model_args, add_dataset_args, add_training_args, add_optimizer_args, add_network_args,
-                add_sample_args, add_logging_args):
+    for add in (add_model_args, add_dataset_args, add_training_args, add_noise_loss_args, add_optimizer_args,
+                add_network_args, add_sample_args, add_logging_args):
         add(p)
     return p

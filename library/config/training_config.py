@@ -12,6 +12,7 @@ import torch
 from library.config.dataset_config import DatasetConfig, folders_to_config, load_config_file, parse_dataset_config
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
+from library.training.noise import DDPMOptions, SNRWeighting
 from library.utils.errors import UserError
 
 
@@ -140,8 +141,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
-    if not 0 <= args.min_timestep < args.max_timestep <= 1000:
-        raise UserError("--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
 
@@ -188,3 +187,21 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
         logging_dir=args.logging_dir, log_prefix=args.log_prefix, resume=args.resume, dataset_source=source,
         raw_args=vars(args).copy())
+
+
+def build_ddpm_options(args: argparse.Namespace) -> DDPMOptions:
+    """Noise/loss options of DDPM families from the flags; contradictions stop the run here."""
+    opts = DDPMOptions(
+        v_parameterization=args.v_parameterization, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+        noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
+        adaptive_noise_scale=args.adaptive_noise_scale, multires_noise_iterations=args.multires_noise_iterations,
+        multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength, zero_terminal_snr=args.zero_terminal_snr,
+        snr_weighting=SNRWeighting(args.min_snr_gamma, args.scale_v_pred_loss_like_noise_pred,
+                                   args.v_pred_like_loss, args.debiased_estimation_loss),
+        loss_type=args.loss_type, huber_schedule=args.huber_schedule, huber_c=args.huber_c,
+        huber_scale=args.huber_scale)
+    problems = opts.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    return opts

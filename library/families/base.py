@@ -61,6 +61,10 @@ class ModelFamily(ABC):
         """Run the denoiser on a noisy batch."""
 
     @abstractmethod
+    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        """The loss of each sample (loss type and the family's loss weighting applied), float32 (B,)."""
+
+    @abstractmethod
     def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
         """Generate one PIL image for a :class:`~library.sampling.prompts.SamplePrompt`."""
 

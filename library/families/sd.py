@@ -10,6 +10,8 @@ from library.families.base import LoadedModels, ModelFamily, NoisyBatch
 from library.models.sd_loading import load_sd_model
 from library.sampling.samplers import build_scheduler
 from library.training import noise as noise_fns
+from library.training.loss import elementwise_loss, per_sample_mean
+from library.training.noise import DDPMOptions
 from library.utils.errors import UserError
 
 
@@ -17,11 +19,9 @@ from library.utils.errors import UserError
 class SDOptions:
     """Options of the SD1/2 family that change the maths."""
 
-    v_parameterization: bool = False
+    ddpm: DDPMOptions = DDPMOptions()
     v2: bool = False  # --v2: the user says the model is SD2.x; checked against what is loaded
     clip_skip: int | None = None
-    min_timestep: int = 0
-    max_timestep: int = 1000
 
 
 class SDFamily(ModelFamily):
@@ -34,7 +34,8 @@ class SDFamily(ModelFamily):
     def __init__(self, options: SDOptions = SDOptions()):
         self.options = options
         self.v2 = False
-        self.alphas_cumprod = noise_fns.scaled_linear_alphas_cumprod()
+        ztsnr = options.ddpm.zero_terminal_snr
+        self.alphas_cumprod = noise_fns.scaled_linear_alphas_cumprod(zero_terminal_snr=ztsnr)
 
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:
         parts = load_sd_model(name_or_path, dtype, tokenizer_dir)
@@ -62,11 +63,30 @@ class SDFamily(ModelFamily):
         return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
     def make_noisy_batch(self, latents: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
-        o = self.options
+        o = self.options.ddpm
+        if o.noise_offset:
+            noise = noise_fns.offset_noise(noise, latents, o.noise_offset, o.noise_offset_random_strength,
+                                           o.adaptive_noise_scale)
+        if o.multires_noise_iterations:
+            noise = noise_fns.multires_noise(noise, o.multires_noise_iterations, o.multires_noise_discount)
         timesteps = noise_fns.sample_timesteps(latents.shape[0], o.min_timestep, o.max_timestep, latents.device)
+        input_noise = None
+        if o.ip_noise_gamma:
+            gamma = o.ip_noise_gamma * (torch.rand(1).item() if o.ip_noise_gamma_random_strength else 1.0)
+            input_noise = noise + gamma * torch.randn_like(noise)
         noisy, target = noise_fns.ddpm_noisy_and_target(self.alphas_cumprod, latents, noise, timesteps,
-                                                        o.v_parameterization)
+                                                        o.v_parameterization, input_noise)
         return NoisyBatch(noisy, timesteps, target)
+
+    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        o = self.options.ddpm
+        c = None
+        if o.loss_type in ("huber", "smooth_l1"):
+            c = noise_fns.huber_c(o.huber_schedule, o.huber_c, o.huber_scale, batch.timesteps, self.alphas_cumprod)
+        loss = per_sample_mean(elementwise_loss(prediction, batch.target, o.loss_type, c))
+        scale = noise_fns.snr_loss_scale(noise_fns.snr(self.alphas_cumprod, batch.timesteps), o.snr_weighting,
+                                         o.v_parameterization)
+        return loss if scale is None else loss * scale
 
     def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: torch.Tensor) -> torch.Tensor:
         unet = models.denoiser
@@ -77,7 +97,8 @@ class SDFamily(ModelFamily):
 
         pipe = StableDiffusionPipeline(
             vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
-            unet=models.denoiser, scheduler=build_scheduler(sampler, self.prediction_type),
+            unet=models.denoiser,
+            scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu")
@@ -90,16 +111,17 @@ class SDFamily(ModelFamily):
 
     @property
     def prediction_type(self) -> str:
-        return "v_prediction" if self.options.v_parameterization else "epsilon"
+        return "v_prediction" if self.options.ddpm.v_parameterization else "epsilon"
 
     def metadata(self) -> dict[str, str]:
-        v = self.options.v_parameterization
+        v = self.options.ddpm.v_parameterization
         if self.v2:
             version = "sd_v2_v" if v else "sd_v2"
             arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
         else:
             version, arch = "sd_v1", "stable-diffusion-v1"
         return {
+            **self.options.ddpm.metadata(),
             "ss_v2": str(self.v2),
             "ss_base_model_version": version,
             "ss_v_parameterization": str(v),

@@ -36,8 +36,9 @@ def canonical_sampler(name: str) -> str:
     return key
 
 
-def build_scheduler(name: str, prediction_type: str = "epsilon"):
-    """A fresh diffusers scheduler for ``name`` with the SD training schedule."""
+def build_scheduler(name: str, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """A fresh diffusers scheduler for ``name`` with the SD training schedule (rescaled to zero
+    terminal SNR, with trailing timestep spacing, when the model was trained that way)."""
     import inspect
 
     import diffusers
@@ -45,5 +46,8 @@ def build_scheduler(name: str, prediction_type: str = "epsilon"):
     cls_name, extra = _SAMPLERS[canonical_sampler(name)]
     cls = getattr(diffusers, cls_name)
     accepted = inspect.signature(cls.__init__).parameters
-    common = {k: v for k, v in SD_SCHEDULE.items() if k in accepted}  # not every scheduler has steps_offset
+    common = dict(SD_SCHEDULE)
+    if zero_terminal_snr:
+        common.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    common = {k: v for k, v in common.items() if k in accepted}  # not every scheduler has every option
     return cls(**common, prediction_type=prediction_type, **extra)

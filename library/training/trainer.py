@@ -25,7 +25,7 @@ from library.families.base import LoadedModels, ModelFamily
 from library.training import optim, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
-from library.training.loss import per_sample_mse, weighted_batch_loss
+from library.training.loss import weighted_batch_loss
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
 
@@ -293,7 +293,7 @@ class _Loop:
         noisy = family.make_noisy_batch(latents, torch.randn_like(latents))
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
-        loss = weighted_batch_loss(per_sample_mse(pred, noisy.target), batch["loss_weights"])
+        loss = weighted_batch_loss(family.per_sample_loss(pred, noisy), batch["loss_weights"])
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at step {step}; lower --learning_rate or use "
                             "--mixed_precision no (files saved before this step are intact)")

@@ -231,3 +231,24 @@ def test_trained_file_loads_in_diffusers_like_a_hand_merge(main_run, tiny_defaul
     loaded = _outputs(pipe, x, t, ids)
     for a, b in zip(loaded, merged):
         assert (a - b).abs().max() / b.abs().max() < 1e-5
+
+
+def test_noise_and_loss_options_run(tiny_default, tmp_path):
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--max_train_steps", "3", "--noise_offset", "0.05", "--noise_offset_random_strength",
+        "--adaptive_noise_scale", "0.01", "--multires_noise_iterations", "3", "--ip_noise_gamma", "0.1",
+        "--min_snr_gamma", "5", "--debiased_estimation_loss", "--loss_type", "huber", "--huber_schedule", "snr",
+        "--v_parameterization", "--zero_terminal_snr", "--min_timestep", "100", "--max_timestep", "900"),
+        check=True)
+    _, meta = _read(tmp_path / "last.safetensors")
+    assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.timestep_range"] == "100,900"
+    assert meta["ss_noise_offset"] == "0.05" and meta["ss_min_snr_gamma"] == "5.0"
+    assert meta["ss_loss_type"] == "huber" and meta["ss_zero_terminal_snr"] == "True"
+
+
+def test_contradictory_flags_stop_before_loading(tiny_default, tmp_path):
+    args = tiny_train_args(tiny_default, tmp_path)
+    args[1] = str(tmp_path / "not-loaded-yet")  # a missing model: the flag check must come first
+    proc = run_script("train_network.py", *args, "--adaptive_noise_scale", "0.1", "--v_pred_like_loss", "0.1",
+                      "--v_parameterization")
+    _user_error(proc, "--adaptive_noise_scale needs --noise_offset", "--v_pred_like_loss cannot be used")
