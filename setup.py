@@ -35,6 +35,7 @@ setup(
         "xformers": ["xformers"],
         "captioning": ["onnxruntime", "huggingface_hub"],
         "lycoris": ["lycoris-lora==4.1.3"],
-        "optimizers": ["bitsandbytes", "lion-pytorch", "prodigyopt", "schedulefree", "dadaptation"],
+        "optimizers": ["bitsandbytes==0.50.2", "lion-pytorch==0.2.5", "prodigyopt==1.1.2", "schedulefree==1.4.1",
+                       "dadaptation==3.2"],
     },
 )

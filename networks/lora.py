@@ -7,7 +7,9 @@ and diffusers' ``load_lora_weights`` read:
 ``lora_unet_<diffusers path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and
 ``lora_te_text_model_encoder_layers_<i>_<self_attn|mlp>_<proj>.*``.
 
-network_args: ``conv_dim``/``conv_alpha`` (LoRA on 3x3 convs of resnets and samplers as well).
+network_args: ``conv_dim``/``conv_alpha`` (LoRA on 3x3 convs of resnets and samplers as well);
+``loraplus_lr_ratio`` / ``loraplus_unet_lr_ratio`` / ``loraplus_text_encoder_lr_ratio`` (LoRA+, Hayou et
+al. 2024: the ``lora_up`` matrices learn at ``ratio`` times the learning rate).
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class LoRANetwork(nn.Module):
         the network to the modules they name."""
         super().__init__()
         self.multiplier = multiplier
+        self.loraplus: dict[str, float | None] = {}
         te_prefixes = ["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))]
         # modules are registered under their kohya names, so state_dict() keys are the file's keys
         self.text_encoder_loras: list[LoRAModule] = []
@@ -175,15 +178,28 @@ class LoRANetwork(nn.Module):
                             "(is it a LoRA for another model family?)")
         return f"loaded {len(ours & set(state))} tensors ({len(info.missing_keys)} of ours not in the file)"
 
+    def set_loraplus_ratios(self, unet_ratio: float | None, text_encoder_ratio: float | None) -> None:
+        """LoRA+: ``lora_up`` weights get their part's learning rate times this ratio."""
+        self.loraplus = {"unet": unet_ratio, "textencoder": text_encoder_ratio}
+
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
-        """One group per part, each with its learning rate; returns (groups, descriptions)."""
+        """One group per part (two with LoRA+: ``<part>`` and ``<part> plus``); returns (groups, names)."""
         groups, names = [], []
+        ratios = self.loraplus
         for loras, lr, name in ((self.text_encoder_loras, text_encoder_lr, "textencoder"),
                                 (self.unet_loras, unet_lr, "unet")):
-            params = [p for m in loras for p in m.parameters()]
-            if params:
-                groups.append({"params": params, "lr": lr if lr is not None else default_lr})
-                names.append(name)
+            lr = lr if lr is not None else default_lr
+            ratio = ratios.get(name)
+            if ratio:
+                base = [p for m in loras for n, p in m.named_parameters() if not n.startswith("lora_up")]
+                plus = [p for m in loras for n, p in m.named_parameters() if n.startswith("lora_up")]
+                parts = [(base, lr, name), (plus, lr * ratio, f"{name} plus")]
+            else:
+                parts = [([p for m in loras for p in m.parameters()], lr, name)]
+            for params, group_lr, group_name in parts:
+                if params:
+                    groups.append({"params": params, "lr": group_lr})
+                    names.append(group_name)
         return groups, names
 
     def enable_gradient_checkpointing(self) -> None:
@@ -237,17 +253,22 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     """The plug-in entry point. ``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya."""
     if neuron_dropout:
         raise UserError("--network_dropout is not supported by networks.lora in this version")
-    known = {"conv_dim", "conv_alpha"}
+    known = {"conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora (known: {sorted(known)})")
     try:
         conv_dim = int(kwargs.get("conv_dim", 0) or 0)
         conv_alpha = float(kwargs["conv_alpha"]) if kwargs.get("conv_alpha") else (1.0 if conv_dim else None)
+        plus = {k: float(kwargs[k]) for k in kwargs if k.startswith("loraplus")}
     except ValueError as exc:
-        raise UserError(f"--network_args: conv_dim must be an int and conv_alpha a number ({exc})") from exc
-    return LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4,
-                       network_alpha if network_alpha is not None else 1.0, conv_dim, conv_alpha)
+        raise UserError(f"--network_args: conv_dim must be an int, conv_alpha and loraplus_* numbers ({exc})") from exc
+    network = LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4,
+                          network_alpha if network_alpha is not None else 1.0, conv_dim, conv_alpha)
+    shared = plus.get("loraplus_lr_ratio")
+    network.set_loraplus_ratios(plus.get("loraplus_unet_lr_ratio", shared),
+                                plus.get("loraplus_text_encoder_lr_ratio", shared))
+    return network
 
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None,

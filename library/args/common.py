@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from library.sampling.samplers import SAMPLER_NAMES
+from library.training.optim import SCHEDULERS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -100,15 +101,20 @@ def add_noise_loss_args(p: argparse.ArgumentParser) -> None:
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer_type", default="AdamW", help="AdamW (default), SGDNesterov, or module.Class")
+    g.add_argument("--optimizer_type", default="AdamW",
+                   help="AdamW (default), AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, SGDNesterov, SGDNesterov8bit, "
+                        "DAdaptation/DAdaptAdam/..., Prodigy, Adafactor, AdamWScheduleFree, RAdamScheduleFree, "
+                        "SGDScheduleFree, or module.Class")
     g.add_argument("--optimizer_args", nargs="*", default=[], help="key=value optimizer arguments")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--unet_lr", type=float)
     g.add_argument("--text_encoder_lr", type=float)
-    g.add_argument("--lr_scheduler", default="constant",
-                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                            "polynomial"])
-    g.add_argument("--lr_warmup_steps", default="0", help="warm-up steps: a count, or a ratio < 1 of all steps")
+    g.add_argument("--lr_scheduler", default="constant", choices=SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", default="0", help="warm-up steps: a count, a ratio < 1 of all steps, or N%%")
+    g.add_argument("--lr_decay_steps", default="0", help="decay steps of warmup_stable_decay (count, ratio or N%%)")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, help="final lr ratio (cosine_with_min_lr, wsd)")
+    g.add_argument("--lr_scheduler_type", help="any scheduler class: module.Class (or a torch.optim.lr_scheduler name)")
+    g.add_argument("--lr_scheduler_args", nargs="*", default=[], help="key=value arguments for the scheduler")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
 

@@ -39,6 +39,10 @@ class OptimizerConfig:
     num_cycles: int
     power: float
     max_grad_norm: float
+    lr_decay: str = "0"
+    min_lr_ratio: float | None = None
+    scheduler_type: str | None = None
+    scheduler_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,9 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
                               train_text_encoder=not args.network_train_unet_only),
         optimizer=OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
                                   args.text_encoder_lr, args.lr_scheduler, args.lr_warmup_steps,
-                                  args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm),
+                                  args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm,
+                                  args.lr_decay_steps, args.lr_scheduler_min_lr_ratio, args.lr_scheduler_type,
+                                  tuple(args.lr_scheduler_args)),
         save=SaveConfig(Path(args.output_dir), args.output_name, "." + args.save_model_as,
                         _PRECISIONS[args.save_precision], args.save_every_n_epochs, args.save_every_n_steps,
                         args.no_metadata, args.training_comment, save_state=args.save_state,

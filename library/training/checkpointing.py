@@ -12,6 +12,7 @@ from pathlib import Path
 
 from library.config.training_config import SaveConfig
 from library.training import saving
+from library.training.optim import optimizer_eval_mode
 from library.training.state import TrainState, save_state
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class Checkpointer:
         if self.is_main:
             meta = saving.metadata_for_save(self.base_meta, progress.global_step, progress.epoch + 1,
                                             self.cfg.no_metadata)
-            self.adapter.save(str(path), self.cfg.precision, meta)
+            with optimizer_eval_mode(self.optimizer):
+                self.adapter.save(str(path), self.cfg.precision, meta)
             logger.info("saved %s", path)
         return path
 

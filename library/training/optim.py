@@ -1,59 +1,80 @@
-"""Optimizers and learning-rate schedulers by name (registries, not if-chains)."""
+"""Optimizers and learning-rate schedulers by kohya's names: registries, not if-chains.
+
+An optimizer entry names where the class lives and which pip extra provides it; anything else is
+taken as a dotted ``module.Class`` path. Schedule-free optimizers need ``train()``/``eval()``
+switching (see :func:`is_schedule_free`) and use a constant schedule.
+"""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
-from collections.abc import Callable
+import inspect
+import logging
+from dataclasses import dataclass
 
 import torch
 
 from library.utils.errors import UserError
 
-
-def _adamw(groups, lr, **kw):
-    return torch.optim.AdamW(groups, lr=lr, **kw)
+logger = logging.getLogger(__name__)
 
 
-def _sgd_nesterov(groups, lr, **kw):
-    kw.setdefault("momentum", 0.9)
-    return torch.optim.SGD(groups, lr=lr, nesterov=True, **kw)
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """Where an optimizer class lives, the pip package that provides it, and fixed defaults."""
+
+    path: str
+    package: str | None = None
+    defaults: tuple[tuple[str, object], ...] = ()
 
 
-def _from_package(package: str, attr: str, extra: str) -> Callable:
-    def make(groups, lr, **kw):
-        try:
-            module = importlib.import_module(package)
-        except ImportError as exc:
-            raise UserError(f"--optimizer_type needs the package '{package}': pip install {extra}") from exc
-        cls = module
-        for part in attr.split("."):
-            cls = getattr(cls, part)
-        return cls(groups, lr=lr, **kw)
-    return make
-
-
-OPTIMIZERS: dict[str, Callable] = {
-    "adamw": _adamw,
-    "sgdnesterov": _sgd_nesterov,
-    "adamw8bit": _from_package("bitsandbytes", "optim.AdamW8bit", "bitsandbytes"),
-    "lion": _from_package("lion_pytorch", "Lion", "lion-pytorch"),
+_BNB = "bitsandbytes"
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "adamw": OptimizerEntry("torch.optim.AdamW"),
+    "sgdnesterov": OptimizerEntry("torch.optim.SGD", None, (("nesterov", True), ("momentum", 0.9))),
+    "adamw8bit": OptimizerEntry("bitsandbytes.optim.AdamW8bit", _BNB),
+    "pagedadamw8bit": OptimizerEntry("bitsandbytes.optim.PagedAdamW8bit", _BNB),
+    "pagedadamw": OptimizerEntry("bitsandbytes.optim.PagedAdamW", _BNB),
+    "pagedadamw32bit": OptimizerEntry("bitsandbytes.optim.PagedAdamW32bit", _BNB),
+    "lion8bit": OptimizerEntry("bitsandbytes.optim.Lion8bit", _BNB),
+    "pagedlion8bit": OptimizerEntry("bitsandbytes.optim.PagedLion8bit", _BNB),
+    "sgdnesterov8bit": OptimizerEntry("bitsandbytes.optim.SGD8bit", _BNB, (("nesterov", True), ("momentum", 0.9))),
+    "lion": OptimizerEntry("lion_pytorch.Lion", "lion-pytorch"),
+    "dadaptation": OptimizerEntry("dadaptation.experimental.DAdaptAdamPreprint", "dadaptation"),
+    "dadaptadampreprint": OptimizerEntry("dadaptation.experimental.DAdaptAdamPreprint", "dadaptation"),
+    "dadaptadagrad": OptimizerEntry("dadaptation.DAdaptAdaGrad", "dadaptation"),
+    "dadaptadam": OptimizerEntry("dadaptation.DAdaptAdam", "dadaptation"),
+    "dadaptadan": OptimizerEntry("dadaptation.DAdaptAdan", "dadaptation"),
+    "dadaptadanip": OptimizerEntry("dadaptation.experimental.DAdaptAdanIP", "dadaptation"),
+    "dadaptlion": OptimizerEntry("dadaptation.DAdaptLion", "dadaptation"),
+    "dadaptsgd": OptimizerEntry("dadaptation.DAdaptSGD", "dadaptation"),
+    "prodigy": OptimizerEntry("prodigyopt.Prodigy", "prodigyopt"),
+    "adafactor": OptimizerEntry("transformers.optimization.Adafactor", "transformers"),
+    "radamschedulefree": OptimizerEntry("schedulefree.RAdamScheduleFree", "schedulefree"),
+    "adamwschedulefree": OptimizerEntry("schedulefree.AdamWScheduleFree", "schedulefree"),
+    "sgdschedulefree": OptimizerEntry("schedulefree.SGDScheduleFree", "schedulefree"),
 }
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
 
 
 def check_optimizer_name(name: str) -> None:
     """Fail early for a name that is neither registered nor a dotted ``module.Class`` path."""
     if name.lower() not in OPTIMIZERS and "." not in name:
-        raise UserError(f"--optimizer_type {name}: unknown; choose {', '.join(OPTIMIZERS)} or give module.Class")
+        raise UserError(f"--optimizer_type {name}: unknown; choose one of {', '.join(sorted(OPTIMIZERS))} "
+                        "(any case) or give module.Class")
 
 
-def parse_optimizer_args(items) -> dict:
+def parse_kv_args(items, flag: str) -> dict:
     """``key=value`` strings -> kwargs; values parsed as Python literals (``betas=0.9,0.99`` -> tuple)."""
     out = {}
-    for item in items:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"--optimizer_args '{item}': expected key=value")
+            raise UserError(f"{flag} '{item}': expected key=value")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -61,36 +82,129 @@ def parse_optimizer_args(items) -> dict:
     return out
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, args: dict):
-    """Instantiate the optimizer; a dotted name imports ``module.Class``."""
-    factory = OPTIMIZERS.get(name.lower())
-    if factory is None:
-        module_name, _, cls_name = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError) as exc:
-            raise UserError(f"--optimizer_type {name}: cannot import it ({exc})") from exc
-        return cls(groups, lr=lr, **args)
+def parse_optimizer_args(items) -> dict:
+    """``--optimizer_args`` -> kwargs."""
+    return parse_kv_args(items, "--optimizer_args")
+
+
+def _import_path(path: str, package: str | None, flag: str):
+    module_name, _, attr = path.rpartition(".")
     try:
-        return factory(groups, lr, **args)
+        return getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        hint = f"; pip install {package} (or the project's [optimizers] extra)" if package else ""
+        raise UserError(f"{flag}: cannot import {path} ({exc}){hint}") from exc
+    except AttributeError as exc:
+        raise UserError(f"{flag}: {module_name} has no {attr}") from exc
+
+
+def is_schedule_free(optimizer) -> bool:
+    """Schedule-free optimizers must be put in eval mode for sampling/saving and train mode for steps."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return type(inner).__module__.startswith("schedulefree")
+
+
+@contextlib.contextmanager
+def optimizer_eval_mode(optimizer):
+    """Within the block a schedule-free optimizer holds its evaluation weights (for sampling and saving)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
+
+
+def prepare_optimizer_for_training(optimizer) -> None:
+    """Schedule-free optimizers start in training mode."""
+    if is_schedule_free(optimizer):
+        getattr(optimizer, "optimizer", optimizer).train()
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float | None, args: dict):
+    """Instantiate the optimizer for ``name`` with the parameter groups and ``--optimizer_args``."""
+    entry = OPTIMIZERS.get(name.lower())
+    if entry is None:
+        cls, kwargs = _import_path(name, None, "--optimizer_type"), dict(args)
+    else:
+        cls = _import_path(entry.path, entry.package, "--optimizer_type")
+        kwargs = {**dict(entry.defaults), **args}
+    if name.lower().startswith(("dadapt", "prodigy")) and lr is not None and lr <= 0.1:
+        logger.warning("%s adapts the step size itself; a learning rate around 1.0 is usual (got %s)", name, lr)
+    if name.lower() == "adafactor" and kwargs.setdefault("relative_step", True):
+        # relative-step Adafactor computes its own step size; the lr only seeds its schedule
+        kwargs.setdefault("scale_parameter", True)
+        kwargs.setdefault("warmup_init", False)
+        lr = None
+        groups = [{k: v for k, v in g.items() if k != "lr"} for g in groups]
+    if lr is not None or "lr" in inspect.signature(cls).parameters:
+        kwargs["lr"] = lr
+    try:
+        return cls(groups, **kwargs)
     except TypeError as exc:
-        raise UserError(f"--optimizer_args: {exc}") from exc
+        raise UserError(f"--optimizer_args for {name}: {exc}") from exc
 
 
 def warmup_steps(value: str, total_steps: int) -> int:
-    """``--lr_warmup_steps``: an int count, or a float below 1 as a ratio of all steps."""
+    """``--lr_warmup_steps``: an int count, a float below 1 as a ratio of all steps, or ``"10%"``."""
+    text = str(value).strip()
     try:
-        number = float(value)
+        if text.endswith("%"):
+            return int(float(text[:-1]) / 100 * total_steps)
+        number = float(text)
     except ValueError as exc:
-        raise UserError(f"--lr_warmup_steps {value!r}: expected a step count or a ratio below 1") from exc
+        raise UserError(f"--lr_warmup_steps {value!r}: expected a step count, a ratio below 1, or N%") from exc
     return int(number * total_steps) if number < 1 else int(number)
 
 
-def build_lr_scheduler(name: str, optimizer, warmup: int, total_steps: int, num_cycles: int, power: float):
-    """A diffusers/transformers schedule by kohya's names."""
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """What ``--lr_scheduler*`` asked for."""
+
+    name: str
+    warmup: int
+    total_steps: int
+    num_cycles: int = 1
+    power: float = 1.0
+    min_lr_ratio: float | None = None
+    decay_steps: int = 0
+    custom_type: str | None = None
+    args: tuple[str, ...] = ()
+
+
+def build_lr_scheduler(spec: SchedulerSpec, optimizer, initial_lr: float | None = None):
+    """The LR schedule for ``spec`` (kohya's names), or any ``--lr_scheduler_type module.Class``."""
+    kwargs = parse_kv_args(spec.args, "--lr_scheduler_args")
+    if spec.custom_type:
+        path = spec.custom_type if "." in spec.custom_type else f"torch.optim.lr_scheduler.{spec.custom_type}"
+        return _import_path(path, None, "--lr_scheduler_type")(optimizer, **kwargs)
+    if is_schedule_free(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    name = spec.name
+    if name == "adafactor" or is_adafactor_relative(optimizer):
+        from transformers.optimization import AdafactorSchedule
+        return AdafactorSchedule(optimizer, initial_lr=initial_lr or 0.0)
+    if name == "constant" and spec.warmup > 0:
+        name = "constant_with_warmup"
+    if name in ("inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"):
+        from transformers.optimization import get_scheduler as tf_get_scheduler
+        if name == "cosine_with_min_lr":
+            kwargs.setdefault("min_lr_rate", spec.min_lr_ratio or 0.0)
+        if name == "warmup_stable_decay":
+            kwargs.setdefault("num_decay_steps", spec.decay_steps)
+            kwargs.setdefault("min_lr_ratio", spec.min_lr_ratio or 0.0)
+        return tf_get_scheduler(name, optimizer, num_warmup_steps=spec.warmup, num_training_steps=spec.total_steps,
+                                scheduler_specific_kwargs=kwargs)
     from diffusers.optimization import get_scheduler
 
-    if name == "constant" and warmup > 0:
-        name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         num_cycles=num_cycles, power=power)
+    extra = {"step_rules": kwargs["step_rules"]} if name == "piecewise_constant" and "step_rules" in kwargs else {}
+    return get_scheduler(name, optimizer, num_warmup_steps=spec.warmup, num_training_steps=spec.total_steps,
+                         num_cycles=spec.num_cycles, power=spec.power, **extra)
+
+
+def is_adafactor_relative(optimizer) -> bool:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return type(inner).__name__ == "Adafactor" and bool(inner.defaults.get("relative_step"))

@@ -158,8 +158,10 @@ class NetworkTrainer:
         steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
         max_steps = cfg.max_train_epochs * steps_per_epoch if cfg.max_train_epochs else cfg.max_train_steps
         schedule = Schedule(max_steps, math.ceil(max_steps / steps_per_epoch), batches)
-        scheduler = optim.build_lr_scheduler(o.lr_scheduler, optimizer, optim.warmup_steps(o.lr_warmup, max_steps),
-                                             max_steps, o.num_cycles, o.power)
+        spec = optim.SchedulerSpec(o.lr_scheduler, optim.warmup_steps(o.lr_warmup, max_steps), max_steps,
+                                   o.num_cycles, o.power, o.min_lr_ratio, optim.warmup_steps(o.lr_decay, max_steps),
+                                   o.scheduler_type, o.scheduler_args)
+        scheduler = optim.build_lr_scheduler(spec, optimizer, initial_lr=o.learning_rate)
         return optimizer, scheduler, lr_names, schedule
 
     def _restore(self, network, optimizer, scheduler, batches: int) -> Progress:
@@ -227,6 +229,7 @@ class _Loop:
         """Run epochs from ``p`` (a fresh or restored position) until ``schedule.max_steps``."""
         cfg, acc = self.cfg, self.acc
         bar = tqdm(total=schedule.max_steps, initial=p.global_step, desc="steps", disable=not acc.is_local_main_process)
+        optim.prepare_optimizer_for_training(self.optimizer)
         if cfg.sample.at_first and p.global_step == 0:
             self.sample(epoch=None, step=0)
         if p.batches_done >= schedule.batches_per_epoch:  # the state was saved at the end of an epoch
@@ -315,6 +318,7 @@ class _Loop:
         self.acc.log(logs, step=step)
 
     def sample(self, epoch: int | None, step: int) -> None:
+        """Generate the sample prompts; the RNG state and training modes are restored afterwards."""
         prompts = self.cfg.sample.prompts
         if not prompts or not self.acc.is_main_process:
             return
@@ -322,20 +326,22 @@ class _Loop:
         was_training = self.adapter.net.training
         self.adapter.net.eval()
         try:
-            for i, prompt in enumerate(prompts):
-                seed = prompt.seed if prompt.seed is not None else random.randint(0, 2**31 - 1)
-                prompt = prompt.__class__(**{**prompt.__dict__, "seed": seed})
-                image = self.family.generate(self.models, prompt, prompt.sampler or self.cfg.sample.sampler,
-                                             self.acc.device)
-                path = saving.sample_file_name(self.cfg.save.output_dir, self.cfg.save.output_name, epoch, step, i,
-                                               seed)
-                _save_png(image, path, prompt)
-                if self.cfg.logging_dir:
-                    self._log_image(image, i, step)
+            with optim.optimizer_eval_mode(self.optimizer):
+                for i, prompt in enumerate(prompts):
+                    self._sample_one(i, prompt, epoch, step)
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(py_state)
             self.adapter.net.train(was_training)
+
+    def _sample_one(self, index: int, prompt, epoch: int | None, step: int) -> None:
+        seed = prompt.seed if prompt.seed is not None else random.randint(0, 2**31 - 1)
+        prompt = prompt.__class__(**{**prompt.__dict__, "seed": seed})
+        image = self.family.generate(self.models, prompt, prompt.sampler or self.cfg.sample.sampler, self.acc.device)
+        path = saving.sample_file_name(self.cfg.save.output_dir, self.cfg.save.output_name, epoch, step, index, seed)
+        _save_png(image, path, prompt)
+        if self.cfg.logging_dir:
+            self._log_image(image, index, step)
 
     def _log_image(self, image, index: int, step: int) -> None:
         tracker = self.acc.get_tracker("tensorboard", unwrap=True)

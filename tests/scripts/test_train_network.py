@@ -252,3 +252,14 @@ def test_contradictory_flags_stop_before_loading(tiny_default, tmp_path):
     proc = run_script("train_network.py", *args, "--adaptive_noise_scale", "0.1", "--v_pred_like_loss", "0.1",
                       "--v_parameterization")
     _user_error(proc, "--adaptive_noise_scale needs --noise_offset", "--v_pred_like_loss cannot be used")
+
+
+@pytest.mark.parametrize("optimizer", ["AdamWScheduleFree", "Adafactor"])
+def test_special_optimizers_train(tiny_default, tmp_path, optimizer):
+    pytest.importorskip("schedulefree")
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--max_train_steps", "4", "--optimizer_type", optimizer, "--save_every_n_steps", "2",
+        "--sample_prompts", str(tiny_default / "prompts.txt"), "--sample_every_n_steps", "2",
+        "--logging_dir", str(tmp_path / "logs")), check=True)
+    tensors, meta = _read(tmp_path / "last.safetensors")
+    assert meta["ss_optimizer"] == optimizer and all(torch.isfinite(v).all() for v in tensors.values())
