@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 from library.args.common import network_training_parser
+from library.args.config_file import parse_args_with_config
 from library.utils.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = network_training_parser("LoRA training for SD1.x/2.x").parse_args(argv)
+    parser = network_training_parser("LoRA training for SD1.x/2.x")
+    args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path", "output_dir"))
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)

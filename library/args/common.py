@@ -14,7 +14,7 @@ from library.training.optim import SCHEDULERS
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True,
+    g.add_argument("--pretrained_model_name_or_path",
                    help="single-file checkpoint (.safetensors/.ckpt), diffusers folder, or hub id")
     g.add_argument("--v2", action="store_true",
                    help="the base model is SD2.x (SD2 is detected; this flag is checked against it)")
@@ -51,7 +51,7 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--output_dir", required=True, help="where models are saved")
+    g.add_argument("--output_dir", help="where models are saved (required)")
     g.add_argument("--output_name", default="last", help="base name of saved files")
     g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"])
     g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="dtype of saved weights")
@@ -145,13 +145,26 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", help="TensorBoard logs go to <logging_dir>/<log_prefix><timestamp>")
     g.add_argument("--log_prefix", default="")
+    g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"],
+                   help="trackers (default tensorboard when --logging_dir is set; wandb needs pip install wandb)")
+    g.add_argument("--log_tracker_name", default="network_train", help="run name under the logging folder")
+    g.add_argument("--log_tracker_config", help="TOML file with tracker init arguments ([tensorboard], [wandb])")
+    g.add_argument("--log_config", action="store_true", help="log the training flags (paths and secrets removed)")
+    g.add_argument("--wandb_run_name", help="W&B run name")
+    g.add_argument("--wandb_api_key", help="W&B API key (better: put it in the environment as WANDB_API_KEY)")
     g.add_argument("--console_log_level", default="INFO")
+
+
+def add_config_file_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("config file")
+    g.add_argument("--config_file", help="training flags in TOML (command-line flags override it)")
+    g.add_argument("--output_config", help="write the flags given (file + command line) to this TOML and exit")
 
 
 def network_training_parser(description: str) -> argparse.ArgumentParser:
     """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
     p = argparse.ArgumentParser(description=description)
     for add in (add_model_args, add_dataset_args, add_training_args, add_noise_loss_args, add_optimizer_args,
-                add_network_args, add_sample_args, add_logging_args):
+                add_network_args, add_sample_args, add_logging_args, add_config_file_args):
         add(p)
     return p

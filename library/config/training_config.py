@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import toml
 import torch
 
 from library.config.dataset_config import DatasetConfig, folders_to_config, load_config_file, parse_dataset_config
@@ -97,6 +98,10 @@ class TrainingConfig:
     persistent_workers: bool
     logging_dir: str | None
     log_prefix: str
+    trackers: tuple[str, ...] = ()
+    tracker_name: str = "network_train"
+    tracker_init: dict = field(default_factory=dict)
+    log_config: bool = False
     resume: str | None = None
     dataset_source: str = ""
     raw_args: dict = field(default_factory=dict)
@@ -149,6 +154,43 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
 
 
+def _trackers(args: argparse.Namespace) -> tuple[str, ...]:
+    """Which trackers to start; checks that their requirements are met."""
+    chosen = args.log_with or ("tensorboard" if args.logging_dir else None)
+    trackers = ("tensorboard", "wandb") if chosen == "all" else ((chosen,) if chosen else ())
+    if "tensorboard" in trackers and not args.logging_dir:
+        raise UserError("--log_with tensorboard needs --logging_dir")
+    if "wandb" in trackers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise UserError("--log_with wandb needs the wandb package: pip install wandb") from exc
+    return trackers
+
+
+def _tracker_init(args: argparse.Namespace) -> dict:
+    init: dict = {}
+    if args.log_tracker_config:
+        p = Path(args.log_tracker_config)
+        if not p.is_file():
+            raise UserError(f"--log_tracker_config {p}: file not found")
+        init = toml.loads(p.read_text(encoding="utf-8"))
+    if args.wandb_run_name:
+        init.setdefault("wandb", {})["name"] = args.wandb_run_name
+    return init
+
+
+_PRIVATE = {"wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "dataset_config", "vae",
+            "sample_prompts", "network_weights", "resume", "config_file", "output_config", "train_data_dir",
+            "reg_data_dir", "tokenizer_cache_dir", "log_tracker_config", "output_dir", "logging_dir"}
+
+
+def loggable_args(raw: dict) -> dict:
+    """Flags safe to send to a tracker: scalars only, no paths and no secrets."""
+    return {k: v for k, v in raw.items() if k not in _PRIVATE and not k.endswith(("_dir", "_path", "_file"))
+            and isinstance(v, (int, float, str, bool))}
+
+
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
     from library.training.optim import check_optimizer_name
@@ -191,7 +233,9 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         cache_latents=args.cache_latents, vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
-        logging_dir=args.logging_dir, log_prefix=args.log_prefix, resume=args.resume, dataset_source=source,
+        logging_dir=args.logging_dir, log_prefix=args.log_prefix, trackers=_trackers(args),
+        tracker_name=args.log_tracker_name, tracker_init=_tracker_init(args), log_config=args.log_config,
+        resume=args.resume, dataset_source=source,
         raw_args=vars(args).copy())
 
 

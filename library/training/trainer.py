@@ -32,6 +32,14 @@ from networks.base import NetworkAdapter, import_network_module
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteError(Exception):
+    """A NaN/inf loss or gradient; the step that produced it has not been applied."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(what)
+        self.step, self.what = step, what
+
+
 @dataclass
 class Schedule:
     """How long the run is."""
@@ -83,11 +91,21 @@ class NetworkTrainer:
                 log_dir = self.resume[1].log_dir  # continue the same TensorBoard run
             project = ProjectConfiguration(project_dir=log_dir)
         # gradient accumulation is done by the loop itself (it knows where an epoch ends)
-        acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard" if project else None,
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=list(cfg.trackers) or None,
                           project_config=project)
         if acc.num_processes > 1:
             raise UserError("multi-process training is not supported by this version yet; run one process")
         return acc
+
+    def _init_trackers(self, acc, progress: Progress) -> None:
+        from library.config.training_config import loggable_args
+
+        init = {k: dict(v) for k, v in self.cfg.tracker_init.items()}
+        if self.resume and "tensorboard" in self.cfg.trackers:
+            # purge_step drops events a killed run wrote after its last state, so steps never overlap
+            init.setdefault("tensorboard", {})["purge_step"] = progress.global_step + 1
+        config = loggable_args(self.cfg.raw_args) if self.cfg.log_config else None
+        acc.init_trackers(self.cfg.tracker_name, config=config, init_kwargs=init)
 
     def _weight_dtype(self) -> torch.dtype:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision, torch.float32)
@@ -196,10 +214,8 @@ class NetworkTrainer:
         run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
                     "log_dir": acc.project_dir if cfg.logging_dir else None}
         checkpointer = Checkpointer(cfg.save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
-        if acc.is_main_process and cfg.logging_dir:
-            # purge_step drops events a killed run wrote after its last state, so steps never overlap
-            acc.init_trackers("network_train", init_kwargs={"tensorboard": {"purge_step": progress.global_step + 1}}
-                              if self.resume else {})
+        if acc.is_main_process and cfg.trackers:
+            self._init_trackers(acc, progress)
         logger.info("training: %d steps, %d epochs, %d batches per epoch", schedule.max_steps, schedule.num_epochs,
                     len(group))
         # the loader gets its own generator: creating an iterator must not consume the global RNG,
@@ -234,13 +250,17 @@ class _Loop:
             self.sample(epoch=None, step=0)
         if p.batches_done >= schedule.batches_per_epoch:  # the state was saved at the end of an epoch
             p.epoch, p.batches_done, p.epoch_losses = p.epoch + 1, 0, []
-        for epoch in range(p.epoch, schedule.num_epochs):
-            if p.global_step >= schedule.max_steps:
-                break
-            if epoch != p.epoch:
-                p.epoch, p.batches_done, p.epoch_losses = epoch, 0, []
-            self._run_epoch(loader, schedule, p, bar)
-            self._end_epoch(schedule, p)
+        try:
+            for epoch in range(p.epoch, schedule.num_epochs):
+                if p.global_step >= schedule.max_steps:
+                    break
+                if epoch != p.epoch:
+                    p.epoch, p.batches_done, p.epoch_losses = epoch, 0, []
+                self._run_epoch(loader, schedule, p, bar)
+                self._end_epoch(schedule, p)
+        except NonFiniteError as exc:
+            bar.close()
+            raise UserError(self._stop_non_finite(exc, p)) from exc
         bar.close()
         final = self.checkpointer.on_train_end(p)
         acc.end_training()
@@ -272,9 +292,23 @@ class _Loop:
             if p.global_step >= schedule.max_steps:
                 break
 
+    def _stop_non_finite(self, exc: NonFiniteError, p: Progress) -> str:
+        """Keep the weights of the last completed step (they are still finite: the bad step was not
+        applied), then explain. Weights that are not finite are never written."""
+        finite = all(torch.isfinite(t).all() for t in self.adapter.net.state_dict().values())
+        saved = ""
+        if finite and p.global_step > 0:
+            stem = saving.step_file_name(self.cfg.save.output_name, p.global_step, "")
+            saved = f"; the weights after step {p.global_step} were saved as "
+            saved += str(self.checkpointer.save_network(stem, p))
+            if self.cfg.save.save_state:
+                saved += f" (state: {self.checkpointer.save_state(stem, p)})"
+        return (f"stopped at step {exc.step}: {exc.what}{saved}. Try a lower --learning_rate, "
+                "--max_grad_norm 1.0, or --mixed_precision no / bf16 instead of fp16")
+
     def _end_epoch(self, schedule: Schedule, p: Progress) -> None:
         cfg, acc = self.cfg, self.acc
-        if acc.is_main_process and cfg.logging_dir and p.epoch_losses:
+        if acc.is_main_process and cfg.trackers and p.epoch_losses:
             acc.log({"loss/epoch_average": sum(p.epoch_losses) / len(p.epoch_losses)}, step=p.epoch + 1)
         last = p.epoch + 1 == schedule.num_epochs or p.global_step >= schedule.max_steps
         self.checkpointer.on_epoch_end(p, is_last=last)
@@ -298,19 +332,20 @@ class _Loop:
             pred = family.denoise(models, noisy, cond)
         loss = weighted_batch_loss(family.per_sample_loss(pred, noisy), batch["loss_weights"])
         if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at step {step}; lower --learning_rate or use "
-                            "--mixed_precision no (files saved before this step are intact)")
+            raise NonFiniteError(step, f"the loss became {loss.item()}")
         acc.backward(loss / self.cfg.gradient_accumulation_steps)
         if sync:
-            if self.cfg.optimizer.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.params, self.cfg.optimizer.max_grad_norm)
+            max_norm = self.cfg.optimizer.max_grad_norm
+            norm = acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                raise NonFiniteError(step, f"the gradient norm became {float(norm)}")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach().item()
 
     def _log(self, step: int, loss: float, average: float) -> None:
-        if not (self.acc.is_main_process and self.cfg.logging_dir):
+        if not (self.acc.is_main_process and self.cfg.trackers):
             return
         logs = {"loss/current": loss, "loss/average": average}
         for name, lr in zip(self.lr_names, self.scheduler.get_last_lr()):
@@ -340,12 +375,17 @@ class _Loop:
         image = self.family.generate(self.models, prompt, prompt.sampler or self.cfg.sample.sampler, self.acc.device)
         path = saving.sample_file_name(self.cfg.save.output_dir, self.cfg.save.output_name, epoch, step, index, seed)
         _save_png(image, path, prompt)
-        if self.cfg.logging_dir:
+        if self.cfg.trackers:
             self._log_image(image, index, step)
 
     def _log_image(self, image, index: int, step: int) -> None:
-        tracker = self.acc.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image(f"sample_{index}", np.asarray(image), global_step=step, dataformats="HWC")
+        """Sample images go to every tracker (TensorBoard and W&B both take lists of numpy images)."""
+        array = np.asarray(image)
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({f"sample_{index}": array[None]}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({f"sample_{index}": [array]}, step=step)
 
 
 def _save_png(image, path: Path, prompt) -> None:

@@ -12,8 +12,10 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "diffusers", "accelerate", "bitsandbytes", "PIL", "httpx", "urllib3"):
+    for name in ("transformers", "diffusers", "accelerate", "PIL", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes warns on every import on CPU about optional kernels it cannot fetch
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog

@@ -263,3 +263,62 @@ def test_special_optimizers_train(tiny_default, tmp_path, optimizer):
         "--logging_dir", str(tmp_path / "logs")), check=True)
     tensors, meta = _read(tmp_path / "last.safetensors")
     assert meta["ss_optimizer"] == optimizer and all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_weights(tiny_default, tmp_path):
+    proc = run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--max_train_steps", "20", "--learning_rate", "1e30", "--max_grad_norm", "0",
+        "--save_state"))
+    _user_error(proc, "stopped at step 2", "the weights after step 1 were saved as",
+                "last-step00000001.safetensors", "--learning_rate")
+    tensors, meta = _read(tmp_path / "last-step00000001.safetensors")
+    assert meta["ss_steps"] == "1" and all(torch.isfinite(v).all() for v in tensors.values())
+    assert (tmp_path / "last-step00000001-state" / "train_state.json").is_file()
+    assert not (tmp_path / "last.safetensors").exists()
+
+
+def test_config_file_precedence_and_output_config(tiny_default, tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f"""[model]
+pretrained_model_name_or_path = "{(tiny_default / 'model' / 'tiny-sd15.safetensors').as_posix()}"
+[data]
+dataset_config = "{(tiny_default / 'dataset.toml').as_posix()}"
+[training]
+output_dir = "{out.as_posix()}"
+max_train_steps = 2
+network_dim = 2
+network_args = ["conv_dim=2"]
+""", encoding="utf-8")
+    # the command line beats the file; the file beats the defaults
+    run_script("train_network.py", "--config_file", str(cfg.with_suffix("")), "--max_train_steps", "3",
+               "--console_log_level", "WARNING", check=True)
+    tensors, meta = _read(out / "last.safetensors")
+    assert meta["ss_steps"] == "3" and meta["ss_network_dim"] == "2"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2"}
+    assert any("resnets" in k for k in tensors)
+
+    written = tmp_path / "written.toml"
+    proc = run_script("train_network.py", "--config_file", str(cfg), "--learning_rate", "3e-4",
+                      "--output_config", str(written), check=True)
+    import toml
+    values = toml.loads(written.read_text(encoding="utf-8"))
+    assert values["learning_rate"] == 3e-4 and values["max_train_steps"] == 2 and "output_config" not in values
+    assert "seed" not in values  # defaults are left out
+    again = run_script("train_network.py", "--config_file", str(cfg), "--output_config", str(written))
+    _user_error(again, "the file exists")
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rat = 1e-4\nmax_train_steps = 'many'\n", encoding="utf-8")
+    _user_error(run_script("train_network.py", "--config_file", str(bad)),
+                "unknown key learning_rat (did you mean 'learning_rate'?)", "max_train_steps: expected int")
+    _user_error(run_script("train_network.py", "--output_dir", str(out)), "--pretrained_model_name_or_path required")
+
+
+def test_loggable_args_drop_paths_and_secrets():
+    from library.config.training_config import loggable_args
+
+    raw = {"learning_rate": 1e-4, "wandb_api_key": "secret", "output_dir": "/home/me", "logging_dir": "/x",
+           "pretrained_model_name_or_path": "/models/a.safetensors", "network_args": ["a=1"], "seed": 3,
+           "sample_prompts": "/p.txt", "optimizer_type": "AdamW", "cache_dir": "/c"}
+    assert loggable_args(raw) == {"learning_rate": 1e-4, "seed": 3, "optimizer_type": "AdamW"}
