@@ -299,8 +299,8 @@ network_args = ["conv_dim=2"]
     assert any("resnets" in k for k in tensors)
 
     written = tmp_path / "written.toml"
-    proc = run_script("train_network.py", "--config_file", str(cfg), "--learning_rate", "3e-4",
-                      "--output_config", str(written), check=True)
+    run_script("train_network.py", "--config_file", str(cfg), "--learning_rate", "3e-4",
+               "--output_config", str(written), check=True)
     import toml
     values = toml.loads(written.read_text(encoding="utf-8"))
     assert values["learning_rate"] == 3e-4 and values["max_train_steps"] == 2 and "output_config" not in values
