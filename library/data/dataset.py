@@ -105,6 +105,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
     def __init__(self, config: DatasetConfig, items: list[ImageItem], reg_items: list[ImageItem],
                  prior_loss_weight: float = 1.0):
         self.config = config
+        self.world_size = 1  # processes sharing each global batch (set by DatasetGroup)
         self.prior_loss_weight = prior_loss_weight
         self.items = items + reg_items
         self._assign_buckets()
@@ -138,8 +139,13 @@ class BucketBatchDataset(torch.utils.data.Dataset):
             counts[it.bucket] += repeats
         return dict(sorted(counts.items()))
 
+    @property
+    def global_batch_size(self) -> int:
+        """``batch_size`` is per process (kohya's meaning); a global batch feeds every process."""
+        return self.config.batch_size * self.world_size
+
     def epoch_batches(self, seed: int, epoch: int) -> list[list[ImageItem]]:
-        """The batches of one epoch: each bucket shuffled, cut into batches, batches shuffled."""
+        """The global batches of one epoch: each bucket shuffled, cut into batches, batches shuffled."""
         rng = random.Random(seed + epoch)
         per_bucket: dict[tuple[int, int], list[ImageItem]] = defaultdict(list)
         for item, repeats in self.entries:
@@ -148,13 +154,13 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         for bucket in sorted(per_bucket):
             members = per_bucket[bucket]
             rng.shuffle(members)
-            bs = self.config.batch_size
+            bs = self.global_batch_size
             batches += [members[i:i + bs] for i in range(0, len(members), bs)]
         rng.shuffle(batches)
         return batches
 
     def __len__(self) -> int:
-        bs = self.config.batch_size
+        bs = self.global_batch_size
         return sum(math.ceil(n / bs) for n in self.bucket_counts().values())
 
     def load_pixels(self, item: ImageItem, flip: bool) -> torch.Tensor:
@@ -166,16 +172,26 @@ class BucketBatchDataset(torch.utils.data.Dataset):
             image = np.ascontiguousarray(image[:, ::-1])
         return to_tensor_image(image)
 
-    def make_batch(self, batch: list[ImageItem], rng: random.Random) -> dict:
-        """Assemble one batch: latents (cached) or pixels, processed captions, loss weights."""
-        flips = [it.subset.flip_aug and rng.random() < 0.5 for it in batch]
-        out = {"captions": [process_caption(it.caption, it.subset.caption, rng) for it in batch],
-               "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in batch]),
-               "paths": [it.path for it in batch]}
-        if all(it.latents is not None for it in batch):
-            out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(batch, flips)])
+    def make_batch(self, batch: list[ImageItem], key: tuple[int, int, int], rank: int) -> dict:
+        """Assemble this process's share of a global batch: latents (cached) or pixels, processed
+        captions, loss weights, and each sample's (epoch, batch, position) key. Every random choice
+        for a sample is seeded by its key, so the split over processes does not change it."""
+        seed, epoch, index = key
+        bs = self.config.batch_size
+        positions = range(rank * bs, min((rank + 1) * bs, len(batch)))
+        if not positions:  # a short last batch: this process repeats the batch's first samples
+            positions = range(0, min(bs, len(batch)))
+        rngs = [random.Random(f"{seed}-{epoch}-{index}-{j}") for j in positions]
+        items = [batch[j] for j in positions]
+        flips = [it.subset.flip_aug and r.random() < 0.5 for it, r in zip(items, rngs)]
+        out = {"captions": [process_caption(it.caption, it.subset.caption, r) for it, r in zip(items, rngs)],
+               "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]),
+               "paths": [it.path for it in items],
+               "sample_keys": [(epoch, index, j) for j in positions]}
+        if all(it.latents is not None for it in items):
+            out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(items, flips)])
         else:
-            out["images"] = torch.stack([self.load_pixels(it, f) for it, f in zip(batch, flips)])
+            out["images"] = torch.stack([self.load_pixels(it, f) for it, f in zip(items, flips)])
         return out
 
 
@@ -183,9 +199,12 @@ class DatasetGroup(torch.utils.data.Dataset):
     """All datasets of a run. Items are addressed by (epoch, index): the batch behind a key
     depends only on the seed, so persistent workers and resumed runs see the same batches."""
 
-    def __init__(self, datasets: list[BucketBatchDataset], seed: int):
+    def __init__(self, datasets: list[BucketBatchDataset], seed: int, world_size: int = 1, rank: int = 0):
         self.datasets = datasets
         self.seed = seed
+        self.rank = rank
+        for ds in datasets:
+            ds.world_size = world_size
         self._order_epoch: int | None = None
         self._order: list[tuple[int, list[ImageItem]]] = []
 
@@ -203,8 +222,7 @@ class DatasetGroup(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         ds_index, batch = self.epoch_order(epoch)[index]
-        rng = random.Random(f"{self.seed}-{epoch}-{index}")
-        return self.datasets[ds_index].make_batch(batch, rng)
+        return self.datasets[ds_index].make_batch(batch, (self.seed, epoch, index), self.rank)
 
     @property
     def items(self) -> list[ImageItem]:
@@ -230,7 +248,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def build_dataset_group(configs: list[DatasetConfig], seed: int, prior_loss_weight: float,
-                        strict: bool) -> tuple[DatasetGroup, ScanReport]:
+                        strict: bool, world_size: int = 1, rank: int = 0) -> tuple[DatasetGroup, ScanReport]:
     """Scan every subset, bucket the images and build the group. Raises UserError for unusable data."""
     report = ScanReport()
     datasets = []
@@ -241,7 +259,7 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int, prior_loss_weig
         if not train:
             raise UserError("a dataset has only regularization subsets (is_reg = true); add training images")
         datasets.append(BucketBatchDataset(cfg, train, reg, prior_loss_weight))
-    return DatasetGroup(datasets, seed), report
+    return DatasetGroup(datasets, seed, world_size, rank), report
 
 
 def collate_single(batch: list[dict]) -> dict:

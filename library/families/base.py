@@ -45,16 +45,18 @@ class ModelFamily(ABC):
         """Load the model (raises UserError for a file of another family or a broken file)."""
 
     @abstractmethod
-    def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents the denoiser trains on."""
+    def encode_images(self, models: LoadedModels, images: torch.Tensor, rng=None) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents the denoiser trains on (sampled from the
+        VAE posterior with ``rng``'s per-sample draws when given)."""
 
     @abstractmethod
     def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> Any:
         """Captions -> the denoiser's text conditioning (gradients flow if text LoRA is on)."""
 
     @abstractmethod
-    def make_noisy_batch(self, latents: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
-        """Sample timesteps and build the noisy input and the training target."""
+    def make_noisy_batch(self, latents: torch.Tensor, rng) -> NoisyBatch:
+        """Draw noise and timesteps from ``rng`` (a per-sample
+        :class:`~library.training.rng.SampleRNG`) and build the noisy input and the training target."""
 
     @abstractmethod
     def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: Any) -> torch.Tensor:

@@ -12,6 +12,7 @@ from library.sampling.samplers import build_scheduler
 from library.training import noise as noise_fns
 from library.training.loss import elementwise_loss, per_sample_mean
 from library.training.noise import DDPMOptions
+from library.training.rng import SampleRNG
 from library.utils.errors import UserError
 
 
@@ -46,9 +47,13 @@ class SDFamily(ModelFamily):
         return LoadedModels(denoiser=parts.unet, vae=parts.vae, text_encoders=[parts.text_encoder],
                             tokenizers=[parts.tokenizer], source=name_or_path)
 
-    def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, models: LoadedModels, images: torch.Tensor, rng: SampleRNG | None = None) -> torch.Tensor:
         vae = models.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        if rng is None:
+            latents = dist.sample()
+        else:  # per-sample draws, so the result does not depend on how the batch is split
+            latents = dist.mean + dist.std * rng.randn(*dist.mean.shape[1:]).to(dist.mean)
         return latents * self.scaling_factor
 
     def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -62,18 +67,19 @@ class SDFamily(ModelFamily):
         # kohya's clip_skip: an earlier layer's output, passed through the final layer norm
         return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
-    def make_noisy_batch(self, latents: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+    def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG) -> NoisyBatch:
         o = self.options.ddpm
+        noise = rng.randn(*latents.shape[1:]).to(latents.dtype)
         if o.noise_offset:
             noise = noise_fns.offset_noise(noise, latents, o.noise_offset, o.noise_offset_random_strength,
-                                           o.adaptive_noise_scale)
+                                           o.adaptive_noise_scale, rng)
         if o.multires_noise_iterations:
-            noise = noise_fns.multires_noise(noise, o.multires_noise_iterations, o.multires_noise_discount)
-        timesteps = noise_fns.sample_timesteps(latents.shape[0], o.min_timestep, o.max_timestep, latents.device)
+            noise = noise_fns.multires_noise(noise, o.multires_noise_iterations, o.multires_noise_discount, rng)
+        timesteps = noise_fns.sample_timesteps(rng, o.min_timestep, o.max_timestep)
         input_noise = None
         if o.ip_noise_gamma:
-            gamma = o.ip_noise_gamma * (torch.rand(1).item() if o.ip_noise_gamma_random_strength else 1.0)
-            input_noise = noise + gamma * torch.randn_like(noise)
+            input_noise = noise_fns.perturbed_input_noise(noise, o.ip_noise_gamma, o.ip_noise_gamma_random_strength,
+                                                          rng)
         noisy, target = noise_fns.ddpm_noisy_and_target(self.alphas_cumprod, latents, noise, timesteps,
                                                         o.v_parameterization, input_noise)
         return NoisyBatch(noisy, timesteps, target)

@@ -1,17 +1,19 @@
 """Noise, timesteps, targets and SNR loss weights for DDPM-trained families (SD1/2, SDXL).
 
-Pure tensor functions; randomness comes from the global torch/python RNG (restored on resume).
+Pure tensor functions; randomness comes from a :class:`~library.training.rng.SampleRNG`, so each
+sample's draws depend only on where it sits in training.
 Definitions follow kohya-ss/sd-scripts (see docs/train_network.md for the flags).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from library.training.rng import SampleRNG
 
 
 def scaled_linear_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -36,43 +38,51 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return a / (1.0 - a)
 
 
-def sample_timesteps(batch_size: int, min_timestep: int, max_timestep: int, device) -> torch.Tensor:
+def sample_timesteps(rng: SampleRNG, min_timestep: int, max_timestep: int) -> torch.Tensor:
     """Integer timesteps uniform in [min_timestep, max_timestep) (one per sample); equal bounds give
     that constant timestep."""
     if min_timestep == max_timestep:
-        return torch.full((batch_size,), min_timestep, device=device, dtype=torch.long)
-    return torch.randint(min_timestep, max_timestep, (batch_size,), device=device, dtype=torch.long)
+        return torch.full((len(rng),), min_timestep, device=rng.device, dtype=torch.long)
+    return rng.randint(min_timestep, max_timestep)
 
 
 def offset_noise(noise: torch.Tensor, latents: torch.Tensor, offset: float, random_strength: bool,
-                 adaptive_scale: float | None) -> torch.Tensor:
+                 adaptive_scale: float | None, rng: SampleRNG) -> torch.Tensor:
     """Noise offset (Guttenberg 2023): add a per-sample, per-channel constant ``offset * N(0, 1)``.
 
     ``random_strength`` draws the offset uniformly from [0, offset] once per batch; ``adaptive_scale``
     raises it by ``adaptive_scale * |mean over H, W of the latents|`` (clamped at 0)."""
     if random_strength:
-        offset = torch.rand(1, device=noise.device).item() * offset
+        offset = rng.batch_uniform() * offset
     strength: torch.Tensor | float = offset
     if adaptive_scale is not None:
         mean = latents.float().mean(dim=(2, 3), keepdim=True).abs()
         strength = (offset + adaptive_scale * mean).clamp(min=0.0)
-    per_channel = torch.randn(noise.shape[0], noise.shape[1], 1, 1, device=noise.device, dtype=torch.float32)
+    per_channel = rng.randn(noise.shape[1], 1, 1)
     return (noise.float() + strength * per_channel).to(noise.dtype)
 
 
-def multires_noise(noise: torch.Tensor, iterations: int, discount: float) -> torch.Tensor:
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float, rng: SampleRNG) -> torch.Tensor:
     """Pyramid ("multi-resolution") noise: add N(0, 1) drawn at sizes H/r^i x W/r^i (r ~ U(2, 4) per
-    level), upsampled bilinearly and weighted by discount^i, down to 1 pixel; renormalise to unit std."""
-    b, c, h, w = noise.shape
+    level, shared by the batch), upsampled bilinearly and weighted by discount^i, down to 1 pixel;
+    renormalise to unit std."""
+    _, c, h, w = noise.shape
     out = noise.float().clone()
     for i in range(1, iterations + 1):
-        r = random.random() * 2 + 2
+        r = rng.batch_uniform() * 2 + 2
         hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
-        coarse = torch.randn(b, c, hn, wn, device=noise.device, dtype=torch.float32)
+        coarse = rng.randn(c, hn, wn)
         out += F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
         if hn == 1 or wn == 1:
             break
     return (out / out.std()).to(noise.dtype)
+
+
+def perturbed_input_noise(noise: torch.Tensor, gamma: float, random_strength: bool, rng: SampleRNG) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023): eps + gamma * N(0, 1), used for x_t only."""
+    if random_strength:
+        gamma = rng.batch_uniform() * gamma
+    return noise + gamma * rng.randn(*noise.shape[1:]).to(noise.dtype)
 
 
 def ddpm_noisy_and_target(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,

@@ -26,10 +26,31 @@ from library.training import optim, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.loss import weighted_batch_loss
+from library.training.rng import SampleRNG
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
 
 logger = logging.getLogger(__name__)
+
+
+def _same_on_all_processes(acc, seed: int) -> int:
+    """Every process must use rank 0's seed (a seed drawn at random differs per process)."""
+    if acc.num_processes == 1:
+        return seed
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([seed])[0]
+
+
+def _average_gradients(params) -> None:
+    """Average the network's gradients over all processes (the network is not DDP-wrapped)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
 
 
 class NonFiniteError(Exception):
@@ -59,13 +80,19 @@ class NetworkTrainer:
         self.resume: tuple[Path, train_state.TrainState] | None = None
 
     # ----------------------------------------------------------------- setup
-    def prepare_data(self) -> DatasetGroup:
+    def prepare_data(self, world_size: int = 1, rank: int = 0) -> DatasetGroup:
         """Scan and bucket the images; print the summary. No model is needed for this."""
         cfg = self.cfg
-        group, report = build_dataset_group(cfg.datasets, self.seed, cfg.prior_loss_weight, cfg.strict_dataset)
+        group, report = build_dataset_group(cfg.datasets, self.seed, cfg.prior_loss_weight, cfg.strict_dataset,
+                                            world_size, rank)
+        if rank == 0:
+            self._print_data_summary(group, report)
+        return group
+
+    def _print_data_summary(self, group: DatasetGroup, report) -> None:
         for i, ds in enumerate(group.datasets):
-            logger.info("dataset %d: %d train images (x repeats), %d reg, batch size %d, %d batches per epoch",
-                        i, ds.num_train_images, ds.num_reg_images, ds.config.batch_size, len(ds))
+            logger.info("dataset %d: %d train images (x repeats), %d reg, batch size %d per process, %d batches "
+                        "per epoch", i, ds.num_train_images, ds.num_reg_images, ds.config.batch_size, len(ds))
             for (w, h), n in ds.bucket_counts().items():
                 logger.info("  bucket %dx%d: %d samples", w, h, n)
         if report.skipped:
@@ -74,7 +101,6 @@ class NetworkTrainer:
         if report.class_token_fallbacks:
             logger.info("%d image(s) have no caption file and use their subset's class_tokens",
                         report.class_token_fallbacks)
-        return group
 
     def _make_accelerator(self):
         from accelerate import Accelerator
@@ -93,8 +119,6 @@ class NetworkTrainer:
         # gradient accumulation is done by the loop itself (it knows where an epoch ends)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=list(cfg.trackers) or None,
                           project_config=project)
-        if acc.num_processes > 1:
-            raise UserError("multi-process training is not supported by this version yet; run one process")
         return acc
 
     def _init_trackers(self, acc, progress: Progress) -> None:
@@ -196,17 +220,21 @@ class NetworkTrainer:
         """Train; return the path of the final network file."""
         cfg = self.cfg
         self._read_resume()
+        acc = self._make_accelerator()
+        self.seed = _same_on_all_processes(acc, self.seed)
         torch.manual_seed(self.seed)
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
-        group = self.prepare_data()
-        acc = self._make_accelerator()
+        group = self.prepare_data(acc.num_processes, acc.process_index)
         models = self._load_models(acc, group)
         adapter = self._build_network(models)
+        # the network is not wrapped in DDP (its forward is never called; gradients are averaged
+        # explicitly), and the schedule is stepped once per optimizer step whatever the process count
+        adapter.net.to(acc.device)
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, adapter)
         optimizer, scheduler, lr_names, schedule = self._optimization(adapter, len(group))
-        network, optimizer, scheduler = acc.prepare(adapter.net, optimizer, scheduler)
+        optimizer = acc.prepare(optimizer)
         adapter.prepare_grad_etc(models.text_encoders, models.denoiser)
         progress = self._restore(adapter.net, optimizer, scheduler, len(group))
         meta = saving.base_metadata(cfg, self.family.metadata(), group, len(group), schedule.num_epochs,
@@ -320,14 +348,15 @@ class _Loop:
         acc, family, models = self.acc, self.family, self.models
         self.adapter.on_step_start(models.text_encoders, models.denoiser)
         dtype = self.t._weight_dtype()
+        rng = SampleRNG(self.t.seed, batch["sample_keys"], acc.device)
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"].to(acc.device, dtype)
             else:
-                latents = family.encode_images(models, batch["images"].to(acc.device)).to(dtype)
+                latents = family.encode_images(models, batch["images"].to(acc.device), rng).to(dtype)
         with torch.set_grad_enabled(self.train_te), acc.autocast():
             cond = family.encode_prompts(models, batch["captions"], acc.device)
-        noisy = family.make_noisy_batch(latents, torch.randn_like(latents))
+        noisy = family.make_noisy_batch(latents, rng)
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
         loss = weighted_batch_loss(family.per_sample_loss(pred, noisy), batch["loss_weights"])
@@ -335,6 +364,8 @@ class _Loop:
             raise NonFiniteError(step, f"the loss became {loss.item()}")
         acc.backward(loss / self.cfg.gradient_accumulation_steps)
         if sync:
+            if acc.num_processes > 1:
+                _average_gradients(self.params)
             max_norm = self.cfg.optimizer.max_grad_norm
             norm = acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
             if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
@@ -342,6 +373,8 @@ class _Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if acc.num_processes > 1:
+            loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
 
     def _log(self, step: int, loss: float, average: float) -> None:

@@ -119,32 +119,49 @@ def test_huber_schedules_and_losses_hand_computed():
     assert elementwise_loss(pred, target, "smooth_l1", c).item() == pytest.approx(2.0)  # 2*(5-4)
 
 
+def _rng(n=2, seed=0):
+    from library.training.rng import SampleRNG
+
+    return SampleRNG(seed, [(0, 0, j) for j in range(n)])
+
+
 def test_noise_offset_is_a_per_channel_constant():
     torch.manual_seed(0)
     noise, latents = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    torch.manual_seed(1)
-    out = nz.offset_noise(noise, latents, 0.1, False, None)
-    torch.manual_seed(1)
-    expected = noise + 0.1 * torch.randn(2, 4, 1, 1)
+    out = nz.offset_noise(noise, latents, 0.1, False, None, _rng())
+    expected = noise + 0.1 * _rng().randn(4, 1, 1)
     torch.testing.assert_close(out, expected)
-    torch.manual_seed(1)
-    adaptive = nz.offset_noise(noise, latents, 0.1, False, 0.5)
-    torch.manual_seed(1)
+    adaptive = nz.offset_noise(noise, latents, 0.1, False, 0.5, _rng())
     strength = (0.1 + 0.5 * latents.mean(dim=(2, 3), keepdim=True).abs()).clamp(min=0)
-    torch.testing.assert_close(adaptive, noise + strength * torch.randn(2, 4, 1, 1))
+    torch.testing.assert_close(adaptive, noise + strength * _rng().randn(4, 1, 1))
+    rng = _rng()
+    u = _rng().batch_uniform()
+    torch.testing.assert_close(nz.offset_noise(noise, latents, 0.1, True, None, rng),
+                               noise + 0.1 * u * _rng().randn(4, 1, 1))
 
 
 def test_multires_noise_unit_std_and_low_frequencies():
     torch.manual_seed(0)
-    import random as _random
-    _random.seed(0)
     base = torch.randn(2, 4, 64, 64)
-    out = nz.multires_noise(base, 6, 0.8)
+    out = nz.multires_noise(base, 6, 0.8, _rng())
     assert out.shape == base.shape and abs(out.std().item() - 1.0) < 1e-5
+
     # coarse levels add spatially correlated noise: neighbouring pixels correlate more than in white noise
     def neighbour_corr(x):
         return torch.corrcoef(torch.stack([x[..., :, :-1].flatten(), x[..., :, 1:].flatten()]))[0, 1]
+
     assert neighbour_corr(out) > neighbour_corr(base) + 0.1
+
+
+def test_sample_rng_is_keyed_per_sample_not_per_call():
+    from library.training.rng import SampleRNG
+
+    whole = SampleRNG(7, [(1, 3, 0), (1, 3, 1), (1, 3, 2), (1, 3, 3)])
+    first, second = SampleRNG(7, [(1, 3, 0), (1, 3, 1)]), SampleRNG(7, [(1, 3, 2), (1, 3, 3)])
+    torch.testing.assert_close(whole.randn(4, 2, 2), torch.cat([first.randn(4, 2, 2), second.randn(4, 2, 2)]))
+    assert whole.randint(0, 1000).tolist() == first.randint(0, 1000).tolist() + second.randint(0, 1000).tolist()
+    assert first.batch_uniform() == second.batch_uniform()  # batch-level draws are shared
+    assert not torch.equal(SampleRNG(8, [(1, 3, 0)]).randn(3), SampleRNG(7, [(1, 3, 0)]).randn(3))
 
 
 def test_input_perturbation_changes_input_not_target():
@@ -163,4 +180,4 @@ def test_contradictory_options_are_named():
     assert "--scale_v_pred_loss_like_noise_pred needs --v_parameterization" in probs
     assert nz.DDPMOptions(v_parameterization=True, snr_weighting=nz.SNRWeighting(v_pred_like_loss=0.1)).problems()
     assert nz.DDPMOptions(min_timestep=500, max_timestep=500).problems() == []
-    assert nz.sample_timesteps(3, 500, 500, "cpu").tolist() == [500, 500, 500]
+    assert nz.sample_timesteps(_rng(3), 500, 500).tolist() == [500, 500, 500]

@@ -1,0 +1,47 @@
+"""Two CPU processes (gloo) through accelerate give the same LoRA as one process with the same
+global batch, and only rank 0 writes files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, run_script
+
+
+def _common(tiny_default, out):
+    return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
+            "--train_data_dir", str(tiny_default / "train"), "--resolution", "64", "--caption_extension", ".caption",
+            "--shuffle_caption", "--flip_aug", "--cache_latents", "--max_train_steps", "6",
+            "--learning_rate", "1e-3", "--seed", "11", "--save_every_n_steps", "3", "--output_dir", str(out),
+            "--console_log_level", "INFO"]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_default, tmp_path):
+    run_script("train_network.py", *_common(tiny_default, tmp_path / "one"), "--train_batch_size", "4", check=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true",
+               HF_HOME=str(tmp_path / "hf"))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29531", str(ROOT / "train_network.py")]
+    proc = subprocess.run(launcher + _common(tiny_default, tmp_path / "two") + ["--train_batch_size", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = load_file(str(tmp_path / "one" / "last.safetensors"))
+    two = load_file(str(tmp_path / "two" / "last.safetensors"))
+    assert set(one) == set(two)
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    moved = max((one[k].float() - 0).abs().max().item() for k in one if k.endswith("lora_up.weight"))
+    print(f"max |one - two| = {worst:.2e} (lora_up max {moved:.2e})")
+    assert moved > 1e-4 and worst < 1e-5  # equal up to float summation order
+    # only rank 0 wrote: each file was saved once
+    saves = [line for line in proc.stderr.splitlines() if "checkpointing: saved" in line]
+    assert len(saves) == 2, saves
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["last-step00000003.safetensors",
+                                                                      "last.safetensors"]
+    assert torch.equal(one["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"],
+                       two["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"])
