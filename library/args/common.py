@@ -70,10 +70,23 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--full_fp16", action="store_true",
+                   help="keep the network itself in fp16 (GPU, fp16 mixed precision)")
+    g.add_argument("--full_bf16", action="store_true", help="keep the network itself in bf16 (bf16 mixed precision)")
+    g.add_argument("--fp8_base", action="store_true", help="store the base model's linear/conv weights in fp8")
+    g.add_argument("--fp8_base_unet", action="store_true",
+                   help="fp8 for the UNet only (text encoders keep their dtype)")
+    attn = g.add_mutually_exclusive_group()
+    attn.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    attn.add_argument("--xformers", action="store_true", help="xformers attention (CUDA GPU and pip install xformers)")
+    attn.add_argument("--mem_eff_attn", action="store_true", help="sliced attention: less memory, slower")
     g.add_argument("--seed", type=int, help="random seed (random if not given)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata in saved LoRAs")
     g.add_argument("--training_comment", help="stored as ss_training_comment")
+    for key in ("title", "author", "description", "license", "tags", "usage_hint", "trigger_phrase", "merged_from",
+                "preprocessor"):
+        g.add_argument(f"--metadata_{key}", help=f"modelspec.{key} in the saved file")
 
 
 def add_noise_loss_args(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from library.config.dataset_config import DatasetConfig, folders_to_config, load
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.training.noise import DDPMOptions, SNRWeighting
+from library.training.precision import check_precision_flags
 from library.utils.errors import UserError
 
 
@@ -58,6 +59,7 @@ class SaveConfig:
     training_comment: str | None
     save_state: bool = False
     save_state_on_train_end: bool = False
+    modelspec: dict = field(default_factory=dict)
     last_n_epochs: int | None = None
     last_n_steps: int | None = None
     last_n_epochs_state: int | None = None
@@ -98,6 +100,9 @@ class TrainingConfig:
     persistent_workers: bool
     logging_dir: str | None
     log_prefix: str
+    full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
+    fp8_base: str | None = None  # "all" or "unet"
+    attention: str = "sdpa"
     trackers: tuple[str, ...] = ()
     tracker_name: str = "network_train"
     tracker_init: dict = field(default_factory=dict)
@@ -197,6 +202,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
+    check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)
     model = Path(args.pretrained_model_name_or_path)
     if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
         raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
@@ -223,7 +229,9 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
                         save_state_on_train_end=args.save_state_on_train_end, last_n_epochs=args.save_last_n_epochs,
                         last_n_steps=args.save_last_n_steps,
                         last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
-                        last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps),
+                        last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
+                        modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
+                                   if k.startswith("metadata_") and v is not None}),
         sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
                             args.sample_sampler),
         seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1),
@@ -233,6 +241,9 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         cache_latents=args.cache_latents, vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
+        full_half="fp16" if args.full_fp16 else ("bf16" if args.full_bf16 else None),
+        fp8_base="unet" if args.fp8_base_unet else ("all" if args.fp8_base else None),
+        attention="xformers" if args.xformers else ("mem_eff" if args.mem_eff_attn else "sdpa"),
         logging_dir=args.logging_dir, log_prefix=args.log_prefix, trackers=_trackers(args),
         tracker_name=args.log_tracker_name, tracker_init=_tracker_init(args), log_config=args.log_config,
         resume=args.resume, dataset_source=source,

@@ -97,7 +97,9 @@ def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: Datas
         "ss_network_alpha": str(net.alpha if net.alpha is not None else 1.0),
         "ss_network_args": json.dumps(net.args),
         "ss_mixed_precision": cfg.mixed_precision,
-        "ss_full_fp16": "False",
+        "ss_full_fp16": str(cfg.full_half == "fp16"),
+        "ss_fp8_base": str(cfg.fp8_base is not None),
+        "ss_fp8_base_unet": str(cfg.fp8_base == "unet"),
         "ss_seed": str(cfg.seed),
         "ss_cache_latents": str(cfg.cache_latents),
         "ss_optimizer": f"{opt.optimizer_type}({','.join(opt.optimizer_args)})" if opt.optimizer_args
@@ -128,6 +130,8 @@ def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: Datas
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(family_meta)
+    for key, value in cfg.save.modelspec.items():  # --metadata_title etc.
+        meta[f"modelspec.{key}"] = value
     return meta
 
 

@@ -22,7 +22,7 @@ from library.config.training_config import TrainingConfig
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single
 from library.data.latent_cache import cache_latents_in_memory
 from library.families.base import LoadedModels, ModelFamily
-from library.training import optim, saving
+from library.training import optim, precision, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.loss import weighted_batch_loss
@@ -176,9 +176,13 @@ class NetworkTrainer:
         models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir)
         for m in [models.denoiser, models.vae, *models.text_encoders]:
             m.to(acc.device)
+        precision.set_attention(models.denoiser, cfg.attention)
         if cfg.cache_latents:
             cache_latents_in_memory(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
                                     acc.is_local_main_process)
+        if cfg.fp8_base:
+            fp8 = [models.denoiser] + (list(models.text_encoders) if cfg.fp8_base == "all" else [])
+            logger.info("fp8 base weights: %d modules", sum(precision.store_in_fp8(m) for m in fp8))
         return models
 
     def _enable_checkpointing(self, models: LoadedModels, adapter: NetworkAdapter) -> None:
@@ -186,7 +190,9 @@ class NetworkTrainer:
         adapter.enable_gradient_checkpointing()
         if self.cfg.network.train_text_encoder:
             for te in models.text_encoders:
-                te.gradient_checkpointing_enable()
+                # transformers 5 renamed the method; older versions only have the old name
+                enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+                enable()
                 te.train()
 
     def _optimization(self, adapter: NetworkAdapter, batches: int):
@@ -231,6 +237,8 @@ class NetworkTrainer:
         # the network is not wrapped in DDP (its forward is never called; gradients are averaged
         # explicitly), and the schedule is stepped once per optimizer step whatever the process count
         adapter.net.to(acc.device)
+        if cfg.full_half:
+            adapter.net.to(torch.float16 if cfg.full_half == "fp16" else torch.bfloat16)
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, adapter)
         optimizer, scheduler, lr_names, schedule = self._optimization(adapter, len(group))

@@ -322,3 +322,46 @@ def test_loggable_args_drop_paths_and_secrets():
            "pretrained_model_name_or_path": "/models/a.safetensors", "network_args": ["a=1"], "seed": 3,
            "sample_prompts": "/p.txt", "optimizer_type": "AdamW", "cache_dir": "/c"}
     assert loggable_args(raw) == {"learning_rate": 1e-4, "seed": 3, "optimizer_type": "AdamW"}
+
+
+def test_precision_options_and_modelspec_flags(tiny_default, tmp_path):
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--max_train_steps", "2", "--mixed_precision", "bf16", "--fp8_base", "--full_bf16",
+        "--mem_eff_attn", "--metadata_title", "Red circles", "--metadata_author", "me",
+        "--metadata_trigger_phrase", "sks shape"), check=True)
+    tensors, meta = _read(tmp_path / "last.safetensors")
+    assert all(v.dtype == torch.bfloat16 for k, v in tensors.items() if "lora_" in k and k.endswith("weight"))
+    assert meta["ss_fp8_base"] == "True" and meta["ss_mixed_precision"] == "bf16"
+    assert meta["modelspec.title"] == "Red circles" and meta["modelspec.author"] == "me"
+    assert meta["modelspec.trigger_phrase"] == "sks shape"
+    args = tiny_train_args(tiny_default, tmp_path)
+    _user_error(run_script("train_network.py", *args, "--full_bf16"), "--full_bf16 needs --mixed_precision bf16")
+    _user_error(run_script("train_network.py", *args, "--fp8_base"), "--fp8_base computes in the mixed-precision")
+
+
+def test_attention_modes(tiny_sd1):
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    from library.training import precision
+    from library.utils.errors import UserError
+
+    precision.set_attention(tiny_sd1.unet, "mem_eff")
+    assert any(isinstance(p, SlicedAttnProcessor) for p in tiny_sd1.unet.attn_processors.values())
+    precision.set_attention(tiny_sd1.unet, "sdpa")
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_sd1.unet.attn_processors.values())
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="xformers"):
+            precision.set_attention(tiny_sd1.unet, "xformers")
+
+
+def test_save_last_n_epochs_keeps_the_newest(tiny_default, tmp_path):
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--dataset_config", "", "--train_data_dir", str(tiny_default / "train"),
+        "--resolution", "64", "--train_batch_size", "4", "--caption_extension", ".caption", "--cache_latents",
+        "--max_train_epochs", "4", "--save_every_n_epochs", "1", "--save_last_n_epochs", "2",
+        "--save_state", "--save_model_as", "safetensors"), check=True)
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert names == ["last-000002-state", "last-000002.safetensors", "last-000003-state", "last-000003.safetensors",
+                     "last-state", "last.safetensors"]

@@ -1,0 +1,49 @@
+"""Precision and attention settings: fp8 base weights, full half-precision networks, attention kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from library.utils.errors import UserError
+
+FP8 = torch.float8_e4m3fn
+
+
+def store_in_fp8(module: torch.nn.Module) -> int:
+    """Keep the weights of every Linear and Conv2d in float8_e4m3fn (embeddings and norms keep their
+    dtype); autocast computes in the mixed-precision dtype. Returns the number of modules changed."""
+    changed = 0
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+            sub.to(FP8)
+            changed += 1
+    return changed
+
+
+def check_precision_flags(mixed_precision: str, full_fp16: bool, full_bf16: bool, fp8_base: bool) -> None:
+    """Contradictions between the precision flags, named (raised before any model is loaded)."""
+    if full_fp16 and mixed_precision != "fp16":
+        raise UserError("--full_fp16 needs --mixed_precision fp16")
+    if full_bf16 and mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16")
+    if full_fp16 and full_bf16:
+        raise UserError("--full_fp16 and --full_bf16 exclude each other")
+    if fp8_base and mixed_precision == "no":
+        raise UserError("--fp8_base computes in the mixed-precision dtype: add --mixed_precision bf16 (or fp16 on GPU)")
+
+
+def set_attention(unet: torch.nn.Module, mode: str) -> None:
+    """``sdpa`` (PyTorch scaled-dot-product attention, the default), ``xformers``, or ``mem_eff``
+    (diffusers' sliced attention, which bounds attention memory by computing it in slices)."""
+    if mode == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError, NotImplementedError) as exc:
+            raise UserError(f"--xformers: {exc}. xformers needs a CUDA GPU and `pip install xformers`; "
+                            "use --sdpa (the default) otherwise") from exc
+    elif mode == "mem_eff":
+        unet.set_attention_slice("auto")
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
