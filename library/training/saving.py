@@ -11,6 +11,7 @@ from pathlib import Path
 
 from library.config.training_config import TrainingConfig
 from library.data.dataset import DatasetGroup
+from library.training.metadata import file_hashes
 
 MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
@@ -116,6 +117,9 @@ def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: Datas
         "ss_max_bucket_reso": str(first.max_bucket_reso),
         "ss_bucket_no_upscale": str(first.bucket_no_upscale),
         "ss_flip_aug": str(any(s.flip_aug for s in first.subsets)),
+        "ss_color_aug": "False",
+        "ss_random_crop": "False",
+        "ss_max_token_length": "None",
         "ss_shuffle_caption": str(any(s.caption.shuffle_caption for s in first.subsets)),
         "ss_keep_tokens": str(first.subsets[0].caption.keep_tokens),
         "ss_caption_dropout_rate": str(first.subsets[0].caption.caption_dropout_rate),
@@ -129,6 +133,8 @@ def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: Datas
         "modelspec.resolution": f"{first.resolution[0]}x{first.resolution[1]}",
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if os.path.isfile(cfg.model_path):
+        meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"] = file_hashes(cfg.model_path)
     meta.update(family_meta)
     for key, value in cfg.save.modelspec.items():  # --metadata_title etc.
         meta[f"modelspec.{key}"] = value

@@ -98,7 +98,9 @@ def test_sigkill_inside_an_epoch_then_resume_latest(reference, tiny_default, tmp
 
 def test_sigkill_after_an_epoch_boundary_then_resume_that_state(reference, tiny_default, tmp_path):
     out = tmp_path / "killed"
-    args = _args(tiny_default, out, "--save_every_n_epochs", "1", "--save_state")
+    # workers this time (the reference run has none): the data does not depend on them
+    args = _args(tiny_default, out, "--save_every_n_epochs", "1", "--save_state", "--max_data_loader_n_workers", "2",
+                 "--persistent_data_loader_workers")
     boundary = out / "last-000001-state"
     _kill_when(_start(args), lambda: (boundary / "train_state.json").is_file())
     run_script("train_network.py", *args, "--resume", str(boundary), check=True)

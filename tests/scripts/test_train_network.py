@@ -39,7 +39,7 @@ def test_saved_files_and_names(main_run):
                      "tiny_lora.safetensors"]
 
 
-def test_lora_keys_and_metadata(main_run):
+def test_lora_keys_and_metadata(main_run, tiny_default):
     tensors, meta = _read(main_run / "tiny_lora.safetensors")
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in tensors
@@ -57,6 +57,10 @@ def test_lora_keys_and_metadata(main_run):
     assert json.loads(meta["ss_tag_frequency"])["10_sks shape"] == {"sks shape": 8, "red circle": 8}
     assert json.loads(meta["ss_dataset_dirs"]) == {"10_sks shape": {"n_repeats": 10, "img_count": 8}}
     assert len(meta["sshs_model_hash"]) == 64
+    import hashlib
+    model_bytes = (tiny_default / "model" / "tiny-sd15.safetensors").read_bytes()
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(model_bytes).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(model_bytes[0x100000:0x110000]).hexdigest()[:8]
     _, epoch1 = _read(main_run / "tiny_lora-000001.safetensors")
     assert epoch1["ss_epoch"] == "1" and epoch1["ss_steps"] == "80"
 
