@@ -39,6 +39,17 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
     g.add_argument("--keep_tokens", type=int, help="keep the first N tags in place when shuffling")
     g.add_argument("--caption_dropout_rate", type=float, help="drop the whole caption with this probability")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, help="drop every caption in every N-th epoch")
+    g.add_argument("--caption_tag_dropout_rate", type=float, help="drop each (flexible) tag with this probability")
+    g.add_argument("--caption_separator", help="tag separator (default ',')")
+    g.add_argument("--keep_tokens_separator", help="marks the end of the fixed tags (e.g. '|||')")
+    g.add_argument("--secondary_separator", help="glues tags that move together; replaced by the separator")
+    g.add_argument("--caption_prefix", help="text put before every caption")
+    g.add_argument("--caption_suffix", help="text put after every caption")
+    g.add_argument("--enable_wildcard", action="store_true", default=None,
+                   help="{a|b} choices and one random line of multi-line captions")
+    g.add_argument("--token_warmup_min", type=int, help="tags kept at the start of token warm-up (default 1)")
+    g.add_argument("--token_warmup_step", type=float, help="warm-up length: steps, or a ratio < 1 of all steps")
     g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     g.add_argument("--strict_dataset", action="store_true",

@@ -22,8 +22,7 @@ from library.utils.errors import UserError
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
     "metadata_file", "conditioning_data_dir", "alpha_mask", "color_aug", "random_crop", "face_crop_aug_range",
-    "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_dropout_every_n_epochs",
-    "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "cache_info", "custom_attributes",
+    "cache_info", "custom_attributes",
     "validation_split", "validation_seed", "network_multiplier", "resize_interpolation",
 }
 
@@ -42,6 +41,18 @@ def _resolution(v):
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v):
         return (v[0], v[1])
     raise vol.Invalid("expected int or [width, height]")
+
+
+def _non_negative_int(v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise vol.Invalid("expected an int >= 0")
+    return v
+
+
+def _non_negative_number(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise vol.Invalid("expected a number >= 0")
+    return v
 
 
 def _rate(v):
@@ -71,7 +82,10 @@ SUBSET_KEYS = {
     "num_repeats": _positive_int, "shuffle_caption": _typed(bool), "keep_tokens": _typed(int),
     "caption_separator": _typed(str), "caption_prefix": _typed(str), "caption_suffix": _typed(str),
     "caption_dropout_rate": _rate, "flip_aug": _typed(bool), "caption_extension": _typed(str),
-    "class_tokens": _typed(str),
+    "class_tokens": _typed(str), "keep_tokens_separator": _typed(str), "secondary_separator": _typed(str),
+    "enable_wildcard": _typed(bool), "caption_dropout_every_n_epochs": _non_negative_int,
+    "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
+    "token_warmup_step": _non_negative_number,
 }
 SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool)}
 

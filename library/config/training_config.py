@@ -135,6 +135,10 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
            "bucket_no_upscale": args.bucket_no_upscale, "caption_extension": args.caption_extension,
            "shuffle_caption": args.shuffle_caption, "keep_tokens": args.keep_tokens,
            "caption_dropout_rate": args.caption_dropout_rate, "flip_aug": args.flip_aug}
+    for key in ("caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_separator",
+                "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
+                "enable_wildcard", "token_warmup_min", "token_warmup_step"):
+        cli[key] = getattr(args, key)
     if args.dataset_config:
         return parse_dataset_config(load_config_file(args.dataset_config), args.dataset_config, cli), \
             args.dataset_config

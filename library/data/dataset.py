@@ -61,7 +61,7 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool) -> list[
             _skip(report, str(path), f"cannot be read as an image ({type(exc).__name__}: {exc})", strict)
             continue
         try:
-            caption = read_caption_file(str(path), subset.caption_extension)
+            caption = read_caption_file(str(path), subset.caption_extension, subset.caption.enable_wildcard)
         except CaptionError as exc:
             _skip(report, str(path), str(exc), strict)
             continue
@@ -172,7 +172,8 @@ class BucketBatchDataset(torch.utils.data.Dataset):
             image = np.ascontiguousarray(image[:, ::-1])
         return to_tensor_image(image)
 
-    def make_batch(self, batch: list[ImageItem], key: tuple[int, int, int], rank: int) -> dict:
+    def make_batch(self, batch: list[ImageItem], key: tuple[int, int, int], rank: int,
+                   step: tuple[int, int] = (0, 0)) -> dict:
         """Assemble this process's share of a global batch: latents (cached) or pixels, processed
         captions, loss weights, and each sample's (epoch, batch, position) key. Every random choice
         for a sample is seeded by its key, so the split over processes does not change it."""
@@ -184,7 +185,8 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         rngs = [random.Random(f"{seed}-{epoch}-{index}-{j}") for j in positions]
         items = [batch[j] for j in positions]
         flips = [it.subset.flip_aug and r.random() < 0.5 for it, r in zip(items, rngs)]
-        out = {"captions": [process_caption(it.caption, it.subset.caption, r) for it, r in zip(items, rngs)],
+        out = {"captions": [process_caption(it.caption, it.subset.caption, r, epoch, *step)
+                            for it, r in zip(items, rngs)],
                "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]),
                "paths": [it.path for it in items],
                "sample_keys": [(epoch, index, j) for j in positions]}
@@ -203,6 +205,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         self.datasets = datasets
         self.seed = seed
         self.rank = rank
+        self.accumulation, self.max_train_steps = 1, 0  # set by the trainer, for token warm-up
         for ds in datasets:
             ds.world_size = world_size
         self._order_epoch: int | None = None
@@ -222,7 +225,9 @@ class DatasetGroup(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         ds_index, batch = self.epoch_order(epoch)[index]
-        return self.datasets[ds_index].make_batch(batch, (self.seed, epoch, index), self.rank)
+        step = (epoch * len(self) + index) // self.accumulation
+        return self.datasets[ds_index].make_batch(batch, (self.seed, epoch, index), self.rank,
+                                                  (step, self.max_train_steps))
 
     @property
     def items(self) -> list[ImageItem]:

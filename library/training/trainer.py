@@ -242,6 +242,7 @@ class NetworkTrainer:
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, adapter)
         optimizer, scheduler, lr_names, schedule = self._optimization(adapter, len(group))
+        group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
         optimizer = acc.prepare(optimizer)
         adapter.prepare_grad_etc(models.text_encoders, models.denoiser)
         progress = self._restore(adapter.net, optimizer, scheduler, len(group))
