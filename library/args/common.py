@@ -51,6 +51,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token_warmup_min", type=int, help="tags kept at the start of token warm-up (default 1)")
     g.add_argument("--token_warmup_step", type=float, help="warm-up length: steps, or a ratio < 1 of all steps")
     g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips")
+    g.add_argument("--color_aug", action="store_true", default=None, help="random hue/gamma changes (not cacheable)")
+    g.add_argument("--random_crop", action="store_true", default=None,
+                   help="random instead of centred crop to the bucket (not cacheable)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     g.add_argument("--strict_dataset", action="store_true",
                    help="stop on an unreadable image or caption instead of skipping it with a warning")

@@ -21,7 +21,7 @@ from library.utils.errors import UserError
 
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
-    "metadata_file", "conditioning_data_dir", "alpha_mask", "color_aug", "random_crop", "face_crop_aug_range",
+    "metadata_file", "conditioning_data_dir", "alpha_mask", "face_crop_aug_range",
     "cache_info", "custom_attributes",
     "validation_split", "validation_seed", "network_multiplier", "resize_interpolation",
 }
@@ -81,7 +81,8 @@ DATASET_KEYS = {
 SUBSET_KEYS = {
     "num_repeats": _positive_int, "shuffle_caption": _typed(bool), "keep_tokens": _typed(int),
     "caption_separator": _typed(str), "caption_prefix": _typed(str), "caption_suffix": _typed(str),
-    "caption_dropout_rate": _rate, "flip_aug": _typed(bool), "caption_extension": _typed(str),
+    "caption_dropout_rate": _rate, "flip_aug": _typed(bool), "color_aug": _typed(bool),
+    "random_crop": _typed(bool), "caption_extension": _typed(str),
     "class_tokens": _typed(str), "keep_tokens_separator": _typed(str), "secondary_separator": _typed(str),
     "enable_wildcard": _typed(bool), "caption_dropout_every_n_epochs": _non_negative_int,
     "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
@@ -100,6 +101,8 @@ class SubsetConfig:
     caption_extension: str = ".caption"
     num_repeats: int = 1
     flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
     caption: CaptionOptions = field(default_factory=CaptionOptions)
 
 

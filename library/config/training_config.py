@@ -137,7 +137,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
            "caption_dropout_rate": args.caption_dropout_rate, "flip_aug": args.flip_aug}
     for key in ("caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_separator",
                 "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
-                "enable_wildcard", "token_warmup_min", "token_warmup_step"):
+                "enable_wildcard", "token_warmup_min", "token_warmup_step", "color_aug", "random_crop"):
         cli[key] = getattr(args, key)
     if args.dataset_config:
         return parse_dataset_config(load_config_file(args.dataset_config), args.dataset_config, cli), \
@@ -161,6 +161,17 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+
+
+def _check_cache_conflicts(args: argparse.Namespace, datasets: list[DatasetConfig]) -> None:
+    if not args.cache_latents:
+        return
+    for i, ds in enumerate(datasets):
+        for j, sub in enumerate(ds.subsets):
+            for key in ("color_aug", "random_crop"):
+                if getattr(sub, key):
+                    raise UserError(f"--cache_latents with {key} (datasets[{i}].subsets[{j}], {sub.image_dir}): a "
+                                    f"cached latent fixes one crop and colour; remove --cache_latents or {key}")
 
 
 def _trackers(args: argparse.Namespace) -> tuple[str, ...]:
@@ -211,6 +222,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
         raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
     datasets, source = build_datasets(args)
+    _check_cache_conflicts(args, datasets)
     import_network_module(args.network_module)
     check_optimizer_name(args.optimizer_type)
     if args.network_weights and not Path(args.network_weights).is_file():

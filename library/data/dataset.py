@@ -20,7 +20,7 @@ import torch
 from library.config.dataset_config import DatasetConfig, SubsetConfig
 from library.data import buckets as bk
 from library.data.captions import CaptionError, process_caption, read_caption_file
-from library.data.images import is_image_file, load_image_rgb, resize_to, to_tensor_image
+from library.data.images import color_augment, is_image_file, load_image_rgb, resize_to, to_tensor_image
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -163,11 +163,18 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         bs = self.global_batch_size
         return sum(math.ceil(n / bs) for n in self.bucket_counts().values())
 
-    def load_pixels(self, item: ImageItem, flip: bool) -> torch.Tensor:
-        """The image resized to cover its bucket, center-cropped, optionally mirrored; (3, H, W) in [-1, 1]."""
+    def load_pixels(self, item: ImageItem, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
+        """The image resized to cover its bucket, cropped (centred, or at random with random_crop),
+        colour-augmented with color_aug, optionally mirrored; (3, H, W) in [-1, 1]."""
         image = resize_to(load_image_rgb(item.path), item.resized)
         left, top, right, bottom = bk.center_crop_box(item.resized, item.bucket)
+        if rng is not None and item.subset.random_crop:
+            left = rng.randint(0, item.resized[0] - item.bucket[0])
+            top = rng.randint(0, item.resized[1] - item.bucket[1])
+            right, bottom = left + item.bucket[0], top + item.bucket[1]
         image = image[top:bottom, left:right]
+        if rng is not None and item.subset.color_aug:
+            image = color_augment(image, rng)
         if flip:
             image = np.ascontiguousarray(image[:, ::-1])
         return to_tensor_image(image)
@@ -193,7 +200,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         if all(it.latents is not None for it in items):
             out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(items, flips)])
         else:
-            out["images"] = torch.stack([self.load_pixels(it, f) for it, f in zip(items, flips)])
+            out["images"] = torch.stack([self.load_pixels(it, f, r) for it, f, r in zip(items, flips, rngs)])
         return out
 
 

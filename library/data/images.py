@@ -61,3 +61,17 @@ def to_tensor_image(image: np.ndarray):
     import torch
 
     return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def color_augment(image: np.ndarray, rng) -> np.ndarray:
+    """kohya's colour augmentation: with probability 1/3, either shift the hue by up to 8 degrees
+    (OpenCV's 0-180 hue scale) or apply a gamma between 0.95 and 1.05; otherwise unchanged."""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        shift = rng.uniform(-8, 8)
+        hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.float32) + shift) % 180).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    gamma = rng.uniform(0.95, 1.05)
+    return np.clip(255.0 * (image / 255.0) ** gamma, 0, 255).astype(np.uint8)

@@ -93,6 +93,7 @@ def test_legacy_folders_accumulation_checkpointing_unet_only(tiny_default, tmp_p
         tiny_default, tmp_path, "--dataset_config", "", "--train_data_dir", str(tiny_default / "train"),
         "--reg_data_dir", str(tiny_default / "reg"), "--resolution", "64", "--train_batch_size", "2",
         "--caption_extension", ".caption", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+        "--color_aug", "--random_crop", "--caption_tag_dropout_rate", "0.1", "--enable_wildcard",
         "--max_train_steps", "3", "--network_train_unet_only", "--optimizer_type", "AdamW",
         "--optimizer_args", "weight_decay=0.05", "betas=0.9,0.99", "--lr_scheduler", "cosine",
         "--lr_warmup_steps", "1", "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
