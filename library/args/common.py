@@ -58,6 +58,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strict_dataset", action="store_true",
                    help="stop on an unreadable image or caption instead of skipping it with a warning")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once before training (in RAM)")
+    g.add_argument("--cache_latents_to_disk", action="store_true",
+                   help="also keep them in <image>_<WxH>_sd.npz files, reused while still valid")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loader worker processes")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers between epochs")

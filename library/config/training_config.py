@@ -100,6 +100,7 @@ class TrainingConfig:
     persistent_workers: bool
     logging_dir: str | None
     log_prefix: str
+    cache_to_disk: bool = False
     full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
     fp8_base: str | None = None  # "all" or "unet"
     attention: str = "sdpa"
@@ -164,7 +165,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_cache_conflicts(args: argparse.Namespace, datasets: list[DatasetConfig]) -> None:
-    if not args.cache_latents:
+    if not (args.cache_latents or args.cache_latents_to_disk):
         return
     for i, ds in enumerate(datasets):
         for j, sub in enumerate(ds.subsets):
@@ -254,7 +255,8 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-        cache_latents=args.cache_latents, vae_batch_size=args.vae_batch_size,
+        cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
+        vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
         full_half="fp16" if args.full_fp16 else ("bf16" if args.full_bf16 else None),

@@ -39,6 +39,8 @@ class ModelFamily(ABC):
 
     name: str
     latent_channels: int
+    #: latent cache files are named ``<stem>_<WWWW>x<HHHH>_<cache_suffix>.npz`` (kohya's names)
+    cache_suffix: str
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:

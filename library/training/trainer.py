@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from library.config.training_config import TrainingConfig
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single
-from library.data.latent_cache import cache_latents_in_memory
+from library.data.latent_cache import cache_latents, module_fingerprint
 from library.families.base import LoadedModels, ModelFamily
 from library.training import optim, precision, saving
 from library.training import state as train_state
@@ -178,8 +178,9 @@ class NetworkTrainer:
             m.to(acc.device)
         precision.set_attention(models.denoiser, cfg.attention)
         if cfg.cache_latents:
-            cache_latents_in_memory(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
-                                    acc.is_local_main_process)
+            cache_latents(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
+                          self.family.latent_channels, self.family.cache_suffix if cfg.cache_to_disk else None,
+                          module_fingerprint(models.vae), acc.is_local_main_process)
         if cfg.fp8_base:
             fp8 = [models.denoiser] + (list(models.text_encoders) if cfg.fp8_base == "all" else [])
             logger.info("fp8 base weights: %d modules", sum(precision.store_in_fp8(m) for m in fp8))

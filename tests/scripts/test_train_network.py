@@ -370,3 +370,17 @@ def test_save_last_n_epochs_keeps_the_newest(tiny_default, tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert names == ["last-000002-state", "last-000002.safetensors", "last-000003-state", "last-000003.safetensors",
                      "last-state", "last.safetensors"]
+
+
+def test_cache_tool_then_training_reuses_the_files(tiny_default, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_default / "train", data)
+    common = ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
+              "--train_data_dir", str(data), "--resolution", "64", "--caption_extension", ".caption",
+              "--vae_batch_size", "4", "--console_log_level", "INFO"]
+    proc = run_script("tools/cache_latents.py", *common, check=True)
+    assert "0 valid file(s) kept, 8 written" in proc.stdout
+    assert len(list((data / "10_sks shape").glob("*_0064x0064_sd.npz"))) == 8
+    proc = run_script("train_network.py", *common, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
+                      "--cache_latents_to_disk", check=True)
+    assert "8 loaded from disk, 0 encoded" in proc.stderr
