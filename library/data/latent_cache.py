@@ -36,7 +36,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256(type(module).__name__.encode())
     config = getattr(module, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # "_" keys vary by process
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     params = list(module.state_dict().values())
     for t in params[:2] + params[-2:]:
         h.update(t.detach().float().cpu().numpy().tobytes())
