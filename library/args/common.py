@@ -55,6 +55,10 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random_crop", action="store_true", default=None,
                    help="random instead of centred crop to the bucket (not cacheable)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss by mask images (subsets with conditioning_data_dir, red channel)")
+    g.add_argument("--alpha_mask", action="store_true", default=None,
+                   help="weight the loss by each image's alpha channel (the subset key alpha_mask)")
     g.add_argument("--strict_dataset", action="store_true",
                    help="stop on an unreadable image or caption instead of skipping it with a warning")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once before training (in RAM)")

@@ -21,7 +21,7 @@ from library.utils.errors import UserError
 
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
-    "metadata_file", "conditioning_data_dir", "alpha_mask", "face_crop_aug_range",
+    "metadata_file", "face_crop_aug_range",
     "cache_info", "custom_attributes",
     "validation_split", "validation_seed", "network_multiplier", "resize_interpolation",
 }
@@ -88,7 +88,8 @@ SUBSET_KEYS = {
     "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
     "token_warmup_step": _non_negative_number,
 }
-SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool)}
+SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool), "alpha_mask": _typed(bool),
+                    "conditioning_data_dir": _typed(str)}
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class SubsetConfig:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False  # the image's alpha channel weights the loss
+    conditioning_data_dir: str | None = None  # mask images (red channel) with the images' file names
     caption: CaptionOptions = field(default_factory=CaptionOptions)
 
 

@@ -138,7 +138,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
            "caption_dropout_rate": args.caption_dropout_rate, "flip_aug": args.flip_aug}
     for key in ("caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_separator",
                 "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
-                "enable_wildcard", "token_warmup_min", "token_warmup_step", "color_aug", "random_crop"):
+                "enable_wildcard", "token_warmup_min", "token_warmup_step", "color_aug", "random_crop",
+                "alpha_mask"):
         cli[key] = getattr(args, key)
     if args.dataset_config:
         return parse_dataset_config(load_config_file(args.dataset_config), args.dataset_config, cli), \
@@ -173,6 +174,19 @@ def _check_cache_conflicts(args: argparse.Namespace, datasets: list[DatasetConfi
                 if getattr(sub, key):
                     raise UserError(f"--cache_latents with {key} (datasets[{i}].subsets[{j}], {sub.image_dir}): a "
                                     f"cached latent fixes one crop and colour; remove --cache_latents or {key}")
+
+
+def _check_masks(args: argparse.Namespace, datasets: list[DatasetConfig]) -> None:
+    subsets = [(i, j, sub) for i, ds in enumerate(datasets) for j, sub in enumerate(ds.subsets)]
+    with_dirs = [f"datasets[{i}].subsets[{j}]" for i, j, sub in subsets if sub.conditioning_data_dir]
+    if with_dirs and not args.masked_loss:
+        raise UserError(f"{', '.join(with_dirs)} set conditioning_data_dir: add --masked_loss to use those masks")
+    if args.masked_loss and not with_dirs and not any(sub.alpha_mask for _, _, sub in subsets):
+        raise UserError("--masked_loss needs mask images: set conditioning_data_dir (or alpha_mask) on a subset")
+    for i, j, sub in subsets:
+        if sub.conditioning_data_dir and not Path(sub.conditioning_data_dir).is_dir():
+            raise UserError(f"datasets[{i}].subsets[{j}].conditioning_data_dir: folder not found: "
+                            f"{sub.conditioning_data_dir}")
 
 
 def _trackers(args: argparse.Namespace) -> tuple[str, ...]:
@@ -224,6 +238,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
     datasets, source = build_datasets(args)
     _check_cache_conflicts(args, datasets)
+    _check_masks(args, datasets)
     import_network_module(args.network_module)
     check_optimizer_name(args.optimizer_type)
     if args.network_weights and not Path(args.network_weights).is_file():

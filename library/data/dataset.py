@@ -16,11 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from library.config.dataset_config import DatasetConfig, SubsetConfig
 from library.data import buckets as bk
 from library.data.captions import CaptionError, process_caption, read_caption_file
-from library.data.images import color_augment, is_image_file, load_image_rgb, resize_to, to_tensor_image
+from library.data.images import (
+    color_augment,
+    is_image_file,
+    load_image_rgb,
+    load_mask,
+    resize_mask,
+    resize_to,
+    to_tensor_image,
+)
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +47,7 @@ class ImageItem:
     resized: tuple[int, int] = (0, 0)
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
+    mask_path: str | None = None  # a conditioning mask image, or the image itself for alpha masks
 
 
 @dataclass
@@ -68,10 +78,39 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool) -> list[
         if caption is None:
             caption = subset.class_tokens or ""
             report.class_token_fallbacks += 1
-        items.append(ImageItem(str(path), caption, subset, (image.shape[1], image.shape[0])))
+        size = (image.shape[1], image.shape[0])
+        mask_path, problem = find_mask(path, subset, size)
+        if problem:
+            _skip(report, str(path), problem, strict)
+            continue
+        items.append(ImageItem(str(path), caption, subset, size, mask_path=mask_path))
     if not items:
         raise UserError(f"image_dir {folder} contains no usable images (supported: .png .jpg .jpeg .webp .bmp)")
     return items
+
+
+def find_mask(image: Path, subset: SubsetConfig, size: tuple[int, int]) -> tuple[str | None, str | None]:
+    """The loss-mask source of an image and a problem description (None when usable)."""
+    if subset.alpha_mask:
+        return str(image), None
+    if not subset.conditioning_data_dir:
+        return None, None
+    folder = Path(subset.conditioning_data_dir)
+    found = [p for p in folder.glob(f"{glob_escape(image.stem)}.*") if is_image_file(p.name)] if folder.is_dir() else []
+    if not found:
+        return None, f"no mask with the same name in conditioning_data_dir {folder}"
+    try:
+        with Image.open(found[0]) as m:
+            mask_size = ImageOps.exif_transpose(m).size
+    except OSError as exc:
+        return None, f"its mask {found[0]} cannot be read ({exc})"
+    if mask_size != size:
+        return None, f"its mask {found[0]} is {mask_size[0]}x{mask_size[1]}, the image {size[0]}x{size[1]}"
+    return str(found[0]), None
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 def _skip(report: ScanReport, path: str, reason: str, strict: bool) -> None:
@@ -163,15 +202,33 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         bs = self.global_batch_size
         return sum(math.ceil(n / bs) for n in self.bucket_counts().values())
 
-    def load_pixels(self, item: ImageItem, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
-        """The image resized to cover its bucket, cropped (centred, or at random with random_crop),
-        colour-augmented with color_aug, optionally mirrored; (3, H, W) in [-1, 1]."""
-        image = resize_to(load_image_rgb(item.path), item.resized)
+    def crop_box(self, item: ImageItem, rng: random.Random | None) -> tuple[int, int, int, int]:
+        """The (left, top, right, bottom) window cut from the resized image: centred, or random with
+        random_crop (drawn from ``rng``)."""
         left, top, right, bottom = bk.center_crop_box(item.resized, item.bucket)
         if rng is not None and item.subset.random_crop:
             left = rng.randint(0, item.resized[0] - item.bucket[0])
             top = rng.randint(0, item.resized[1] - item.bucket[1])
             right, bottom = left + item.bucket[0], top + item.bucket[1]
+        return left, top, right, bottom
+
+    def load_mask(self, item: ImageItem, flip: bool, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """The item's loss mask, resized, cropped and flipped like its pixels; (1, H, W) in [0, 1]."""
+        if item.mask_path is None:
+            return torch.ones(1, item.bucket[1], item.bucket[0])
+        mask = resize_mask(load_mask(item.mask_path, from_alpha=item.subset.alpha_mask), item.resized)
+        left, top, right, bottom = box
+        mask = mask[top:bottom, left:right]
+        if flip:
+            mask = np.ascontiguousarray(mask[:, ::-1])
+        return torch.from_numpy(np.clip(mask, 0.0, 1.0)).float()[None]
+
+    def load_pixels(self, item: ImageItem, flip: bool, rng: random.Random | None = None,
+                    box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """The image resized to cover its bucket, cropped (centred, or at random with random_crop),
+        colour-augmented with color_aug, optionally mirrored; (3, H, W) in [-1, 1]."""
+        image = resize_to(load_image_rgb(item.path), item.resized)
+        left, top, right, bottom = box if box is not None else self.crop_box(item, rng)
         image = image[top:bottom, left:right]
         if rng is not None and item.subset.color_aug:
             image = color_augment(image, rng)
@@ -197,10 +254,14 @@ class BucketBatchDataset(torch.utils.data.Dataset):
                "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]),
                "paths": [it.path for it in items],
                "sample_keys": [(epoch, index, j) for j in positions]}
+        boxes = [self.crop_box(it, r) for it, r in zip(items, rngs)]
         if all(it.latents is not None for it in items):
             out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(items, flips)])
         else:
-            out["images"] = torch.stack([self.load_pixels(it, f, r) for it, f, r in zip(items, flips, rngs)])
+            out["images"] = torch.stack([self.load_pixels(it, f, r, b)
+                                         for it, f, r, b in zip(items, flips, rngs, boxes)])
+        if any(it.mask_path for it in items):
+            out["masks"] = torch.stack([self.load_mask(it, f, b) for it, f, b in zip(items, flips, boxes)])
         return out
 
 

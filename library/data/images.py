@@ -38,6 +38,27 @@ def load_image_rgb(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+def load_mask(path: str, from_alpha: bool) -> np.ndarray:
+    """A loss mask in [0, 1], (H, W) float32: the alpha channel of ``path`` (all ones without one),
+    or the red channel of a mask image."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if from_alpha:
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                return np.asarray(img.convert("RGBA"), dtype=np.float32)[:, :, 3] / 255.0
+            return np.ones((img.height, img.width), dtype=np.float32)
+        return np.asarray(img.convert("RGB"), dtype=np.float32)[:, :, 0] / 255.0
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a float mask to (width, height) with area averaging (bilinear when enlarging)."""
+    height, width = mask.shape
+    if (width, height) == tuple(size):
+        return mask
+    shrink = size[0] < width and size[1] < height
+    return cv2.resize(mask, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def image_size(path: str) -> tuple[int, int]:
     """(width, height) after EXIF orientation, read from the header only."""
     with Image.open(path) as img:

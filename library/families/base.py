@@ -65,8 +65,10 @@ class ModelFamily(ABC):
         """Run the denoiser on a noisy batch."""
 
     @abstractmethod
-    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
-        """The loss of each sample (loss type and the family's loss weighting applied), float32 (B,)."""
+    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of each sample, float32 (B,): loss type, pixel ``mask`` (B, 1, H, W) if given,
+        and the family's loss weighting applied."""
 
     @abstractmethod
     def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):

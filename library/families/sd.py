@@ -10,7 +10,7 @@ from library.families.base import LoadedModels, ModelFamily, NoisyBatch
 from library.models.sd_loading import load_sd_model
 from library.sampling.samplers import build_scheduler
 from library.training import noise as noise_fns
-from library.training.loss import elementwise_loss, per_sample_mean
+from library.training.loss import apply_mask, elementwise_loss, per_sample_mean
 from library.training.noise import DDPMOptions
 from library.training.rng import SampleRNG
 from library.utils.errors import UserError
@@ -85,12 +85,13 @@ class SDFamily(ModelFamily):
                                                         o.v_parameterization, input_noise)
         return NoisyBatch(noisy, timesteps, target)
 
-    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
         o = self.options.ddpm
         c = None
         if o.loss_type in ("huber", "smooth_l1"):
             c = noise_fns.huber_c(o.huber_schedule, o.huber_c, o.huber_scale, batch.timesteps, self.alphas_cumprod)
-        loss = per_sample_mean(elementwise_loss(prediction, batch.target, o.loss_type, c))
+        loss = per_sample_mean(apply_mask(elementwise_loss(prediction, batch.target, o.loss_type, c), mask))
         scale = noise_fns.snr_loss_scale(noise_fns.snr(self.alphas_cumprod, batch.timesteps), o.snr_weighting,
                                          o.v_parameterization)
         return loss if scale is None else loss * scale

@@ -38,3 +38,15 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def weighted_batch_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Batch mean of per-sample losses times per-sample weights (``prior_loss_weight`` for reg images)."""
     return (per_sample * weights.to(per_sample.device, per_sample.dtype)).mean()
+
+
+def apply_mask(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Weight a per-element loss (B, C, h, w) by a pixel mask (B, 1, H, W) in [0, 1], resized to
+    (h, w) by area averaging. Like kohya, the result is not renormalised by the mask's area, so a
+    mostly masked image contributes a smaller loss."""
+    if mask is None:
+        return loss
+    mask = mask.to(loss.device, torch.float32)
+    if mask.shape[-2:] != loss.shape[-2:]:
+        mask = torch.nn.functional.interpolate(mask, size=loss.shape[-2:], mode="area")
+    return loss * mask

@@ -369,7 +369,7 @@ class _Loop:
         noisy = family.make_noisy_batch(latents, rng)
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
-        loss = weighted_batch_loss(family.per_sample_loss(pred, noisy), batch["loss_weights"])
+        loss = weighted_batch_loss(family.per_sample_loss(pred, noisy, batch.get("masks")), batch["loss_weights"])
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"the loss became {loss.item()}")
         acc.backward(loss / self.cfg.gradient_accumulation_steps)

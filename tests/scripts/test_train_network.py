@@ -384,3 +384,32 @@ def test_cache_tool_then_training_reuses_the_files(tiny_default, tmp_path):
     proc = run_script("train_network.py", *common, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
                       "--cache_latents_to_disk", check=True)
     assert "8 loaded from disk, 0 encoded" in proc.stderr
+
+
+def test_masked_loss_training(tiny_default, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for img in (tiny_default / "train" / "10_sks shape").glob("*.png"):
+        m = np.zeros((64, 64, 3), dtype=np.uint8)
+        m[16:48, 16:48, 0] = 255
+        Image.fromarray(m).save(masks / img.name)
+    cfg = tmp_path / "masked.toml"
+    cfg.write_text(f"""[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "{(tiny_default / 'train' / '10_sks shape').as_posix()}"
+  conditioning_data_dir = "{masks.as_posix()}"
+  caption_extension = ".caption"
+  [[datasets.subsets]]
+  image_dir = "{(tiny_default / 'reg' / '1_shape').as_posix()}"
+  alpha_mask = true
+  class_tokens = "shape"
+""", encoding="utf-8")
+    args = tiny_train_args(tiny_default, tmp_path / "out", "--dataset_config", str(cfg), "--max_train_steps", "3")
+    _user_error(run_script("train_network.py", *args), "conditioning_data_dir: add --masked_loss")
+    run_script("train_network.py", *args, "--masked_loss", "--cache_latents", check=True)
+    assert (tmp_path / "out" / "last.safetensors").is_file()
