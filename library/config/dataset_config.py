@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import voluptuous as vol
 
 from library.data.captions import CaptionOptions
 from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
@@ -209,7 +212,37 @@ def _build_dataset(ds_vals: dict, subsets: list[dict], general: dict, cli: dict,
     if "resolution" not in ds_kwargs:
         raise UserError(f"{source}: datasets[{index}] has no resolution; set resolution in the file or --resolution")
     subs = tuple(_build_subset(s, ds_vals, general, cli) for s in subsets)
-    return DatasetConfig(**ds_kwargs, subsets=subs)
+    return _checked_buckets(DatasetConfig(**ds_kwargs, subsets=subs), f"{source}: datasets[{index}]")
+
+
+def _checked_buckets(ds: DatasetConfig, where: str) -> DatasetConfig:
+    """kohya's bucket rules: min/max_bucket_reso rounded to the step (with a warning); the
+    resolution must lie between them and be a multiple of the step."""
+    if not ds.enable_bucket or ds.bucket_no_upscale:
+        return ds
+    step = ds.bucket_reso_steps
+    lo, hi = ds.min_bucket_reso - ds.min_bucket_reso % step, -(-ds.max_bucket_reso // step) * step
+    if (lo, hi) != (ds.min_bucket_reso, ds.max_bucket_reso):
+        logger.warning("%s: min/max_bucket_reso %d/%d rounded to multiples of bucket_reso_steps %d: %d/%d", where,
+                       ds.min_bucket_reso, ds.max_bucket_reso, step, lo, hi)
+    w, h = ds.resolution
+    if w % step or h % step:
+        raise UserError(f"{where}.resolution {w}x{h} is not a multiple of bucket_reso_steps {step}")
+    if lo > min(w, h) or hi < max(w, h):
+        raise UserError(f"{where}: resolution {w}x{h} must lie between min_bucket_reso {lo} and max_bucket_reso {hi}")
+    return replace(ds, min_bucket_reso=lo, max_bucket_reso=hi)
+
+
+def check_size_multiple(datasets: list[DatasetConfig], multiple: int, family: str) -> None:
+    """Every training size must be a multiple of what the model's UNet and VAE need."""
+    for i, ds in enumerate(datasets):
+        if ds.enable_bucket:
+            if ds.bucket_reso_steps % multiple:
+                raise UserError(f"datasets[{i}].bucket_reso_steps {ds.bucket_reso_steps}: {family} models need "
+                                f"multiples of {multiple}")
+        elif ds.resolution[0] % multiple or ds.resolution[1] % multiple:
+            raise UserError(f"datasets[{i}].resolution {ds.resolution[0]}x{ds.resolution[1]}: {family} models need "
+                            f"multiples of {multiple}")
 
 
 def _build_subset(sub: dict, ds_vals: dict, general: dict, cli: dict) -> SubsetConfig:

@@ -56,10 +56,12 @@ class ScanReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)
     class_token_fallbacks: int = 0
+    empty_subsets: list[str] = field(default_factory=list)
 
 
-def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool) -> list[ImageItem]:
-    """List a subset's images, decode each once to be sure it is usable, and read its caption."""
+def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side: int = 1) -> list[ImageItem]:
+    """List a subset's images, decode each once to be sure it is usable, and read its caption.
+    Images with a side below ``min_side`` are skipped (they would have no bucket)."""
     folder = Path(subset.image_dir)
     if not folder.is_dir():
         raise UserError(f"image_dir not found: {folder}")
@@ -79,13 +81,20 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool) -> list[
             caption = subset.class_tokens or ""
             report.class_token_fallbacks += 1
         size = (image.shape[1], image.shape[0])
+        if min(size) < min_side:
+            _skip(report, str(path), f"{size[0]}x{size[1]} is smaller than one bucket step ({min_side}) and "
+                  "bucket_no_upscale never enlarges", strict)
+            continue
         mask_path, problem = find_mask(path, subset, size)
         if problem:
             _skip(report, str(path), problem, strict)
             continue
         items.append(ImageItem(str(path), caption, subset, size, mask_path=mask_path))
     if not items:
-        raise UserError(f"image_dir {folder} contains no usable images (supported: .png .jpg .jpeg .webp .bmp)")
+        if strict:
+            raise UserError(f"image_dir {folder} contains no usable images (--strict_dataset is set)")
+        logger.warning("image_dir %s contains no usable images (supported: .png .jpg .jpeg .webp .bmp)", folder)
+        report.empty_subsets.append(str(folder))
     return items
 
 
@@ -327,10 +336,13 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int, prior_loss_weig
     datasets = []
     for cfg in configs:
         train, reg = [], []
+        min_side = cfg.bucket_reso_steps if cfg.enable_bucket and cfg.bucket_no_upscale else 1
         for subset in cfg.subsets:
-            (reg if subset.is_reg else train).extend(scan_subset(subset, report, strict))
+            (reg if subset.is_reg else train).extend(scan_subset(subset, report, strict, min_side))
         if not train:
-            raise UserError("a dataset has only regularization subsets (is_reg = true); add training images")
+            folders = ", ".join(s.image_dir for s in cfg.subsets if not s.is_reg) or "none (only is_reg subsets)"
+            raise UserError(f"a dataset has no usable training images (image_dir: {folders}); "
+                            "supported: .png .jpg .jpeg .webp .bmp")
         datasets.append(BucketBatchDataset(cfg, train, reg, prior_loss_weight))
     return DatasetGroup(datasets, seed, world_size, rank), report
 

@@ -39,6 +39,8 @@ class ModelFamily(ABC):
 
     name: str
     latent_channels: int
+    #: every training image size must be a multiple of this (VAE and UNet downsampling)
+    size_multiple: int
     #: latent cache files are named ``<stem>_<WWWW>x<HHHH>_<cache_suffix>.npz`` (kohya's names)
     cache_suffix: str
 

@@ -31,6 +31,7 @@ class SDFamily(ModelFamily):
     name = "sd"
     latent_channels = 4
     cache_suffix = "sd"
+    size_multiple = 64
     scaling_factor = 0.18215
 
     def __init__(self, options: SDOptions = SDOptions()):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.config.dataset_config import check_size_multiple
 from library.config.training_config import TrainingConfig
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single
 from library.data.latent_cache import cache_latents, module_fingerprint
@@ -83,6 +84,7 @@ class NetworkTrainer:
     def prepare_data(self, world_size: int = 1, rank: int = 0) -> DatasetGroup:
         """Scan and bucket the images; print the summary. No model is needed for this."""
         cfg = self.cfg
+        check_size_multiple(cfg.datasets, self.family.size_multiple, self.family.name)
         group, report = build_dataset_group(cfg.datasets, self.seed, cfg.prior_loss_weight, cfg.strict_dataset,
                                             world_size, rank)
         if rank == 0:

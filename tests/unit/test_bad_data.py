@@ -1,0 +1,107 @@
+"""A generated corpus of bad data: every problem gets a clear message naming the file or key; unusable
+files are skipped and listed (or stop the run with --strict_dataset); nothing raises a traceback."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from library.config.dataset_config import DatasetConfig, SubsetConfig, parse_dataset_config
+from library.data.dataset import ScanReport, build_dataset_group, scan_subset
+from library.utils.errors import UserError
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "5_thing"
+    d.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(d / "good.png")
+    (d / "good.txt").write_text("a good caption", encoding="utf-8")
+    Image.new("RGB", (64, 64)).save(d / "nocaption.png")
+    (d / "zero.png").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / "text.png").write_text("not an image", encoding="utf-8")
+    (d / "._good.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
+    (d / ".hidden.png").write_bytes(b"")
+    Image.new("RGB", (64, 64)).save(d / "latin1.png")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    Image.new("RGB", (64, 64)).save(d / "empty_caption.png")
+    (d / "empty_caption.txt").write_text("  \n", encoding="utf-8")
+    Image.new("RGB", (10, 10)).save(d / "tiny.png")
+    return d
+
+
+def test_corpus_is_skipped_with_reasons(corpus):
+    report = ScanReport()
+    items = scan_subset(SubsetConfig(str(corpus), caption_extension=".txt", class_tokens="thing"), report, False)
+    assert sorted(p.rsplit("/", 1)[-1] for p in (it.path for it in items)) == ["good.png", "nocaption.png", "tiny.png"]
+    reasons = {p.rsplit("/", 1)[-1]: why for p, why in report.skipped}
+    assert set(reasons) == {"zero.png", "truncated.jpg", "text.png", "latin1.png", "empty_caption.png"}
+    assert "cannot be read as an image" in reasons["zero.png"] and "not UTF-8" in reasons["latin1.png"]
+    assert "is empty" in reasons["empty_caption.png"]
+    assert report.class_token_fallbacks == 2  # nocaption.png and tiny.png use class_tokens
+    assert next(it for it in items if it.path.endswith("nocaption.png")).caption == "thing"
+
+
+def test_strict_stops_at_the_first_bad_file(corpus):
+    with pytest.raises(UserError, match=r"empty_caption.png: .*is empty.*--strict_dataset"):  # first in order
+        scan_subset(SubsetConfig(str(corpus), caption_extension=".txt"), ScanReport(), True)
+
+
+def test_tiny_images_with_no_upscale_and_huge_images(corpus, tmp_path):
+    cfg = DatasetConfig((64, 64), enable_bucket=True, bucket_no_upscale=True, bucket_reso_steps=64,
+                        subsets=(SubsetConfig(str(corpus), caption_extension=".txt"),))
+    group, report = build_dataset_group([cfg], 0, 1.0, False)
+    assert any("tiny.png" in p and "smaller than one bucket step" in why for p, why in report.skipped)
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.new("RGB", (12000, 12000), (1, 2, 3)).save(big / "huge.png")
+    cfg = DatasetConfig((512, 512), enable_bucket=True, subsets=(SubsetConfig(str(big)),))
+    group, _ = build_dataset_group([cfg], 0, 1.0, False)
+    item = group.items[0]
+    assert item.size == (12000, 12000) and item.bucket == (512, 512)
+
+
+def test_empty_subsets_and_datasets(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ok").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok" / "a.png")
+    cfg = DatasetConfig((64, 64), subsets=(SubsetConfig(str(tmp_path / "empty")), SubsetConfig(str(tmp_path / "ok"))))
+    group, report = build_dataset_group([cfg], 0, 1.0, False)
+    assert report.empty_subsets == [str(tmp_path / "empty")] and len(group.items) == 1
+    only_empty = DatasetConfig((64, 64), subsets=(SubsetConfig(str(tmp_path / "empty")),))
+    with pytest.raises(UserError, match="no usable training images"):
+        build_dataset_group([only_empty], 0, 1.0, False)
+
+
+def test_bucket_rules():
+    raw = {"datasets": [{"resolution": 512, "enable_bucket": True, "min_bucket_reso": 300, "max_bucket_reso": 1000,
+                         "subsets": [{"image_dir": "x"}]}]}
+    (ds,) = parse_dataset_config(raw, "c.toml", {})
+    assert (ds.min_bucket_reso, ds.max_bucket_reso) == (256, 1024)  # rounded to the 64 step
+    raw["datasets"][0]["resolution"] = 520
+    with pytest.raises(UserError, match=r"c.toml: datasets\[0\].resolution 520x520 is not a multiple of "
+                                         r"bucket_reso_steps 64"):
+        parse_dataset_config(raw, "c.toml", {})
+    raw["datasets"][0].update(resolution=512, min_bucket_reso=640)
+    with pytest.raises(UserError, match="must lie between min_bucket_reso 640"):
+        parse_dataset_config(raw, "c.toml", {})
+    for bad in ({"num_repeats": 0}, {"num_repeats": -3}):
+        raw = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "x", **bad}]}]}
+        with pytest.raises(UserError, match="num_repeats: expected a positive int"):
+            parse_dataset_config(raw, "c.toml", {})
+
+
+def test_family_size_multiple():
+    from library.config.dataset_config import check_size_multiple
+
+    check_size_multiple([DatasetConfig((512, 768))], 64, "sd")
+    with pytest.raises(UserError, match=r"resolution 520x512: sd models need multiples of 64"):
+        check_size_multiple([DatasetConfig((520, 512))], 64, "sd")
+    with pytest.raises(UserError, match="bucket_reso_steps 32: sd models need multiples of 64"):
+        check_size_multiple([DatasetConfig((512, 512), enable_bucket=True, bucket_reso_steps=32)], 64, "sd")
