@@ -66,6 +66,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="also keep them in <image>_<WxH>_sd.npz files, reused while still valid")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--debug_dataset", action="store_true",
+                   help="print every batch as it will be trained (bucket, sizes, captions), then exit; no model "
+                        "is loaded")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers between epochs")
 
 

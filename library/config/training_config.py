@@ -101,6 +101,7 @@ class TrainingConfig:
     logging_dir: str | None
     log_prefix: str
     cache_to_disk: bool = False
+    debug_dataset: bool = False
     full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
     fp8_base: str | None = None  # "all" or "unet"
     attention: str = "sdpa"
@@ -271,6 +272,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
+        debug_dataset=args.debug_dataset,
         vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,

@@ -34,6 +34,20 @@ from networks.base import NetworkAdapter, import_network_module
 logger = logging.getLogger(__name__)
 
 
+def debug_dataset(group: DatasetGroup, epochs: int) -> None:
+    """``--debug_dataset``: print each batch as training would see it, without loading any model."""
+    for epoch in range(epochs):
+        for index in range(len(group)):
+            batch = group[(epoch, index)]
+            pixels = batch["images"]
+            print(f"epoch {epoch + 1} batch {index + 1}/{len(group)}: bucket {pixels.shape[3]}x{pixels.shape[2]}, "
+                  f"loss weights {batch['loss_weights'].tolist()}")
+            for path, size, caption in zip(batch["paths"], batch["original_sizes"], batch["captions"]):
+                print(f"  {path} ({size[0]}x{size[1]}): {caption!r}")
+            if "masks" in batch:
+                print(f"  masks: mean {[round(m.mean().item(), 3) for m in batch['masks']]}")
+
+
 def _same_on_all_processes(acc, seed: int) -> int:
     """Every process must use rank 0's seed (a seed drawn at random differs per process)."""
     if acc.num_processes == 1:
@@ -235,6 +249,8 @@ class NetworkTrainer:
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
         group = self.prepare_data(acc.num_processes, acc.process_index)
+        if cfg.debug_dataset:
+            return debug_dataset(group, cfg.max_train_epochs or 1)
         models = self._load_models(acc, group)
         adapter = self._build_network(models)
         # the network is not wrapped in DDP (its forward is never called; gradients are averaged

@@ -413,3 +413,14 @@ batch_size = 2
     _user_error(run_script("train_network.py", *args), "conditioning_data_dir: add --masked_loss")
     run_script("train_network.py", *args, "--masked_loss", "--cache_latents", check=True)
     assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_debug_dataset_prints_batches_without_loading(tiny_default, tmp_path):
+    args = tiny_train_args(tiny_default, tmp_path, "--debug_dataset", "--shuffle_caption")
+    args[1] = str(tmp_path / "no-model-needed")
+    proc = run_script("train_network.py", *args, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "epoch 1 batch 1/80: bucket 64x64, loss weights " + lines[0].split("loss weights ")[1]
+    assert any("img0" in ln and "(64x64): 'sks shape, red circle'" in ln for ln in lines)
+    assert sum(ln.startswith("epoch 1 batch") for ln in lines) == 80
+    assert not (tmp_path / "last.safetensors").exists()
