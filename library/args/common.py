@@ -66,6 +66,12 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="also keep them in <image>_<WxH>_sd.npz files, reused while still valid")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--validation_split", type=float, help="share of each subset held out for validation (0-1)")
+    g.add_argument("--validation_seed", type=int, help="seed of the validation split and noise (default --seed)")
+    g.add_argument("--validate_every_n_steps", type=int, help="validation loss every N steps")
+    g.add_argument("--validate_every_n_epochs", type=int,
+                   help="validation loss every N epochs (default: every epoch when there is a validation set)")
+    g.add_argument("--max_validation_steps", type=int, help="at most N validation batches per pass")
     g.add_argument("--debug_dataset", action="store_true",
                    help="print every batch as it will be trained (bucket, sizes, captions), then exit; no model "
                         "is loaded")

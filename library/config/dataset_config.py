@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 NOT_YET_SUPPORTED = {
     "metadata_file", "face_crop_aug_range",
     "cache_info", "custom_attributes",
-    "validation_split", "validation_seed", "network_multiplier", "resize_interpolation",
+    "network_multiplier", "resize_interpolation",
 }
 
 
@@ -79,7 +79,7 @@ def _typed(kind):
 DATASET_KEYS = {
     "resolution": _resolution, "batch_size": _positive_int, "enable_bucket": _typed(bool),
     "min_bucket_reso": _positive_int, "max_bucket_reso": _positive_int, "bucket_reso_steps": _positive_int,
-    "bucket_no_upscale": _typed(bool),
+    "bucket_no_upscale": _typed(bool), "validation_split": _rate, "validation_seed": _typed(int),
 }
 SUBSET_KEYS = {
     "num_repeats": _positive_int, "shuffle_caption": _typed(bool), "keep_tokens": _typed(int),
@@ -123,6 +123,8 @@ class DatasetConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0  # share of each (non-reg) subset's images held out for validation
+    validation_seed: int | None = None
     subsets: tuple[SubsetConfig, ...] = ()
 
 

@@ -102,6 +102,9 @@ class TrainingConfig:
     log_prefix: str
     cache_to_disk: bool = False
     debug_dataset: bool = False
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    max_validation_steps: int | None = None
     full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
     fp8_base: str | None = None  # "all" or "unet"
     attention: str = "sdpa"
@@ -140,7 +143,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
     for key in ("caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_separator",
                 "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
                 "enable_wildcard", "token_warmup_min", "token_warmup_step", "color_aug", "random_crop",
-                "alpha_mask"):
+                "alpha_mask", "validation_split", "validation_seed"):
         cli[key] = getattr(args, key)
     if args.dataset_config:
         return parse_dataset_config(load_config_file(args.dataset_config), args.dataset_config, cli), \
@@ -156,12 +159,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 "gradient_accumulation_steps": args.gradient_accumulation_steps}
     for flag in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
                  "sample_every_n_epochs", "network_dim", "save_last_n_epochs", "save_last_n_steps",
-                 "save_last_n_epochs_state", "save_last_n_steps_state"):
+                 "save_last_n_epochs_state", "save_last_n_steps_state", "validate_every_n_steps",
+                 "validate_every_n_epochs", "max_validation_steps"):
         if getattr(args, flag) is not None:
             positive[flag] = getattr(args, flag)
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
+    if args.validation_split is not None and not 0 <= args.validation_split < 1:
+        raise UserError(f"--validation_split must be in [0, 1) (got {args.validation_split})")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
 
@@ -272,7 +278,8 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
-        debug_dataset=args.debug_dataset,
+        debug_dataset=args.debug_dataset, validate_every_n_steps=args.validate_every_n_steps,
+        validate_every_n_epochs=args.validate_every_n_epochs, max_validation_steps=args.max_validation_steps,
         vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,

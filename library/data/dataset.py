@@ -11,7 +11,7 @@ import logging
 import math
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +284,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         self.seed = seed
         self.rank = rank
         self.accumulation, self.max_train_steps = 1, 0  # set by the trainer, for token warm-up
+        self.validation: DatasetGroup | None = None
         for ds in datasets:
             ds.world_size = world_size
         self._order_epoch: int | None = None
@@ -330,22 +331,47 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.length - self.start
 
 
+def split_validation(items: list[ImageItem], share: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
+    """kohya's split of one subset: shuffle with ``seed``; the first ceil(n (1 - share)) images train,
+    the last round(n share) validate (shown once per validation pass, without repeats)."""
+    if share <= 0:
+        return items, []
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n_train = math.ceil(len(order) * (1 - share))
+    n_val = round(len(order) * share)
+    val_subset = {id(it.subset): replace(it.subset, num_repeats=1) for it in order}
+    val = [replace(it, subset=val_subset[id(it.subset)]) for it in order[len(order) - n_val:]]
+    return order[:n_train], val
+
+
 def build_dataset_group(configs: list[DatasetConfig], seed: int, prior_loss_weight: float,
                         strict: bool, world_size: int = 1, rank: int = 0) -> tuple[DatasetGroup, ScanReport]:
-    """Scan every subset, bucket the images and build the group. Raises UserError for unusable data."""
+    """Scan every subset, bucket the images and build the group (and ``group.validation``, the
+    held-out images of datasets with validation_split). Raises UserError for unusable data."""
     report = ScanReport()
-    datasets = []
+    datasets, val_datasets = [], []
     for cfg in configs:
-        train, reg = [], []
+        train, reg, val = [], [], []
         min_side = cfg.bucket_reso_steps if cfg.enable_bucket and cfg.bucket_no_upscale else 1
         for subset in cfg.subsets:
-            (reg if subset.is_reg else train).extend(scan_subset(subset, report, strict, min_side))
+            found = scan_subset(subset, report, strict, min_side)
+            if subset.is_reg:  # regularisation images are never held out
+                reg.extend(found)
+                continue
+            kept, held = split_validation(found, cfg.validation_split, cfg.validation_seed or seed)
+            train.extend(kept)
+            val.extend(held)
         if not train:
             folders = ", ".join(s.image_dir for s in cfg.subsets if not s.is_reg) or "none (only is_reg subsets)"
             raise UserError(f"a dataset has no usable training images (image_dir: {folders}); "
                             "supported: .png .jpg .jpeg .webp .bmp")
         datasets.append(BucketBatchDataset(cfg, train, reg, prior_loss_weight))
-    return DatasetGroup(datasets, seed, world_size, rank), report
+        if val:
+            val_datasets.append(BucketBatchDataset(cfg, val, [], prior_loss_weight))
+    group = DatasetGroup(datasets, seed, world_size, rank)
+    group.validation = DatasetGroup(val_datasets, seed, world_size, rank) if val_datasets else None
+    return group, report
 
 
 def collate_single(batch: list[dict]) -> dict:

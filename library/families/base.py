@@ -58,9 +58,14 @@ class ModelFamily(ABC):
         """Captions -> the denoiser's text conditioning (gradients flow if text LoRA is on)."""
 
     @abstractmethod
-    def make_noisy_batch(self, latents: torch.Tensor, rng) -> NoisyBatch:
+    def make_noisy_batch(self, latents: torch.Tensor, rng, timestep: int | None = None) -> NoisyBatch:
         """Draw noise and timesteps from ``rng`` (a per-sample
-        :class:`~library.training.rng.SampleRNG`) and build the noisy input and the training target."""
+        :class:`~library.training.rng.SampleRNG`) and build the noisy input and the training target.
+        ``timestep`` fixes the timestep (validation uses a few fixed ones)."""
+
+    @abstractmethod
+    def validation_timesteps(self) -> list[int]:
+        """The fixed timesteps every validation batch is evaluated at."""
 
     @abstractmethod
     def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: Any) -> torch.Tensor:

@@ -69,7 +69,7 @@ class SDFamily(ModelFamily):
         # kohya's clip_skip: an earlier layer's output, passed through the final layer norm
         return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
-    def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG) -> NoisyBatch:
+    def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG, timestep: int | None = None) -> NoisyBatch:
         o = self.options.ddpm
         noise = rng.randn(*latents.shape[1:]).to(latents.dtype)
         if o.noise_offset:
@@ -77,7 +77,10 @@ class SDFamily(ModelFamily):
                                            o.adaptive_noise_scale, rng)
         if o.multires_noise_iterations:
             noise = noise_fns.multires_noise(noise, o.multires_noise_iterations, o.multires_noise_discount, rng)
-        timesteps = noise_fns.sample_timesteps(rng, o.min_timestep, o.max_timestep)
+        if timestep is None:
+            timesteps = noise_fns.sample_timesteps(rng, o.min_timestep, o.max_timestep)
+        else:
+            timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
         input_noise = None
         if o.ip_noise_gamma:
             input_noise = noise_fns.perturbed_input_noise(noise, o.ip_noise_gamma, o.ip_noise_gamma_random_strength,
@@ -121,6 +124,11 @@ class SDFamily(ModelFamily):
     @property
     def prediction_type(self) -> str:
         return "v_prediction" if self.options.ddpm.v_parameterization else "epsilon"
+
+    def validation_timesteps(self) -> list[int]:
+        """kohya's fixed validation timesteps: the 4 interior points of linspace(min, max, 6)."""
+        o = self.options.ddpm
+        return [int(o.min_timestep + (o.max_timestep - o.min_timestep) * k / 5) for k in range(1, 5)]
 
     def metadata(self) -> dict[str, str]:
         v = self.options.ddpm.v_parameterization

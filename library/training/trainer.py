@@ -28,6 +28,7 @@ from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.loss import weighted_batch_loss
 from library.training.rng import SampleRNG
+from library.training.validation import Validator, batch_latents
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
 
@@ -194,9 +195,10 @@ class NetworkTrainer:
             m.to(acc.device)
         precision.set_attention(models.denoiser, cfg.attention)
         if cfg.cache_latents:
-            cache_latents(group, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
-                          self.family.latent_channels, self.family.cache_suffix if cfg.cache_to_disk else None,
-                          module_fingerprint(models.vae), acc.is_local_main_process)
+            for g in [group] + ([group.validation] if group.validation else []):
+                cache_latents(g, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
+                              self.family.latent_channels, self.family.cache_suffix if cfg.cache_to_disk else None,
+                              module_fingerprint(models.vae), acc.is_local_main_process)
         if cfg.fp8_base:
             fp8 = [models.denoiser] + (list(models.text_encoders) if cfg.fp8_base == "all" else [])
             logger.info("fp8 base weights: %d modules", sum(precision.store_in_fp8(m) for m in fp8))
@@ -280,7 +282,13 @@ class NetworkTrainer:
             group, batch_size=1, sampler=EpochSampler(len(group)), collate_fn=collate_single,
             num_workers=cfg.num_workers, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed))
-        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer)
+        validator = None
+        if group.validation is not None:
+            validator = Validator(self.family, models, group.validation, self.seed, cfg.max_validation_steps, acc,
+                                  self._weight_dtype())
+            logger.info("validation: %d held-out image(s), %d batch(es) per pass",
+                        len(group.validation.items), validator.batches)
+        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer, validator)
         return loop.train(loader, schedule, progress)
 
 
@@ -288,8 +296,9 @@ class _Loop:
     """The epoch/step loop with its saving, sampling and logging side effects."""
 
     def __init__(self, trainer: NetworkTrainer, acc, models, adapter, optimizer, scheduler, lr_names,
-                 checkpointer: Checkpointer):
+                 checkpointer: Checkpointer, validator: Validator | None = None):
         self.t, self.acc, self.models, self.adapter = trainer, acc, models, adapter
+        self.validator = validator
         self.optimizer, self.scheduler, self.lr_names = optimizer, scheduler, lr_names
         self.checkpointer = checkpointer
         self.cfg = trainer.cfg
@@ -342,11 +351,26 @@ class _Loop:
             bar.set_postfix(avr_loss=f"{average:.4f}")
             self._log(p.global_step, loss, average)
             self.checkpointer.on_step(p, is_last=p.global_step >= schedule.max_steps)
+            if self.validator and cfg.validate_every_n_steps and p.global_step % cfg.validate_every_n_steps == 0:
+                self._validate(p, "step")
             every = cfg.sample.every_n_steps
             if every and not cfg.sample.every_n_epochs and p.global_step % every == 0:
                 self.sample(epoch=None, step=p.global_step)
             if p.global_step >= schedule.max_steps:
                 break
+
+    def _validate(self, p: Progress, when: str) -> None:
+        """Log kohya's loss/validation/<when>_average and _divergence (validation minus training)."""
+        with optim.optimizer_eval_mode(self.optimizer):
+            value = self.validator.loss(self.adapter.net)
+        train = (sum(p.recent_losses) / len(p.recent_losses)) if when == "step" and p.recent_losses else \
+            (sum(p.epoch_losses) / len(p.epoch_losses) if p.epoch_losses else float("nan"))
+        logger.info("validation loss at %s %d: %.5f (training %.5f)", when,
+                    p.global_step if when == "step" else p.epoch + 1, value, train)
+        if self.acc.is_main_process and self.cfg.trackers:
+            x = p.global_step if when == "step" else p.epoch + 1
+            self.acc.log({f"loss/validation/{when}_average": value,
+                          f"loss/validation/{when}_divergence": value - train}, step=x)
 
     def _stop_non_finite(self, exc: NonFiniteError, p: Progress) -> str:
         """Keep the weights of the last completed step (they are still finite: the bad step was not
@@ -367,6 +391,9 @@ class _Loop:
         if acc.is_main_process and cfg.trackers and p.epoch_losses:
             acc.log({"loss/epoch_average": sum(p.epoch_losses) / len(p.epoch_losses)}, step=p.epoch + 1)
         last = p.epoch + 1 == schedule.num_epochs or p.global_step >= schedule.max_steps
+        every = cfg.validate_every_n_epochs or (None if cfg.validate_every_n_steps else 1)
+        if self.validator and every and (p.epoch + 1) % every == 0:
+            self._validate(p, "epoch")
         self.checkpointer.on_epoch_end(p, is_last=last)
         if cfg.sample.every_n_epochs and (p.epoch + 1) % cfg.sample.every_n_epochs == 0:
             self.sample(epoch=p.epoch + 1, step=p.global_step)
@@ -377,11 +404,7 @@ class _Loop:
         self.adapter.on_step_start(models.text_encoders, models.denoiser)
         dtype = self.t._weight_dtype()
         rng = SampleRNG(self.t.seed, batch["sample_keys"], acc.device)
-        with torch.no_grad():
-            if "latents" in batch:
-                latents = batch["latents"].to(acc.device, dtype)
-            else:
-                latents = family.encode_images(models, batch["images"].to(acc.device), rng).to(dtype)
+        latents = batch_latents(family, models, batch, acc.device, dtype, rng)
         with torch.set_grad_enabled(self.train_te), acc.autocast():
             cond = family.encode_prompts(models, batch["captions"], acc.device)
         noisy = family.make_noisy_batch(latents, rng)

@@ -424,3 +424,56 @@ def test_debug_dataset_prints_batches_without_loading(tiny_default, tmp_path):
     assert any("img0" in ln and "(64x64): 'sks shape, red circle'" in ln for ln in lines)
     assert sum(ln.startswith("epoch 1 batch") for ln in lines) == 80
     assert not (tmp_path / "last.safetensors").exists()
+
+
+def test_validation_split_and_logging(tiny_default, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tmp_path / "val.toml"
+    cfg.write_text(f"""[[datasets]]
+resolution = 64
+batch_size = 2
+validation_split = 0.25
+validation_seed = 3
+  [[datasets.subsets]]
+  image_dir = "{(tiny_default / 'train' / '10_sks shape').as_posix()}"
+  caption_extension = ".caption"
+  num_repeats = 2
+  [[datasets.subsets]]
+  image_dir = "{(tiny_default / 'reg' / '1_shape').as_posix()}"
+  is_reg = true
+""", encoding="utf-8")
+    out = tmp_path / "out"
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, out, "--dataset_config", str(cfg), "--max_train_epochs", "2", "--validate_every_n_steps", "4",
+        "--logging_dir", str(out / "logs"), "--cache_latents"), check=True)
+    _, meta = _read(out / "last.safetensors")
+    # 8 images: 6 train (ceil(8 * 0.75)) x 2 repeats, 2 validation; the reg set is never split
+    assert meta["ss_num_train_images"] == "12" and meta["ss_num_validation_images"] == "2"
+    (run_dir,) = list((out / "logs").glob("*/network_train"))
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/validation/step_average")]
+    assert steps == [4, 8, 12, 16, 20, 24]  # (12 train + 12 balanced reg samples) / 2 = 12 batches x 2 epochs
+    assert "loss/validation/step_divergence" in acc.Tags()["scalars"]
+    assert "loss/validation/epoch_average" not in acc.Tags()["scalars"]  # step-based validation only
+
+
+def test_validation_is_deterministic(tiny_sd1, tiny_default):
+    import accelerate
+
+    from library.config.dataset_config import DatasetConfig, SubsetConfig
+    from library.data.dataset import build_dataset_group
+    from library.families.base import LoadedModels
+    from library.families.sd import SDFamily
+    from library.training.validation import Validator
+
+    sub = SubsetConfig(str(tiny_default / "train" / "10_sks shape"), caption_extension=".caption")
+    group, _ = build_dataset_group([DatasetConfig((64, 64), batch_size=2, validation_split=0.5, subsets=(sub,))],
+                                   1, 1.0, False)
+    assert len(group.validation.items) == 4 and len(group.items) == 4
+    models = LoadedModels(tiny_sd1.unet, tiny_sd1.vae, [tiny_sd1.text_encoder], [tiny_sd1.tokenizer])
+    v = Validator(SDFamily(), models, group.validation, 1, None, accelerate.Accelerator(cpu=True), torch.float32)
+    net = torch.nn.Linear(1, 1)
+    assert v.loss(net) == v.loss(net) and net.training
+    assert SDFamily().validation_timesteps() == [200, 400, 600, 800]
