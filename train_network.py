@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     from library.training.trainer import NetworkTrainer
 
     config = build_training_config(args)
-    family = SDFamily(SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip))
+    family = SDFamily(SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip,
+                                max_token_length=args.max_token_length or 75,
+                                weighted_captions=args.weighted_captions))
     NetworkTrainer(family, config).run()
 
 

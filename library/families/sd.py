@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from library.families import clip_text
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
 from library.models.sd_loading import load_sd_model
 from library.sampling.samplers import build_scheduler
@@ -23,6 +24,8 @@ class SDOptions:
     ddpm: DDPMOptions = DDPMOptions()
     v2: bool = False  # --v2: the user says the model is SD2.x; checked against what is loaded
     clip_skip: int | None = None
+    max_token_length: int = 75  # 75, 150 or 225: prompts are encoded in windows of 75 tokens
+    weighted_captions: bool = False  # (word:1.2) emphasis in captions
 
 
 class SDFamily(ModelFamily):
@@ -60,14 +63,17 @@ class SDFamily(ModelFamily):
 
     def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> torch.Tensor:
         tokenizer, text_encoder = models.tokenizers[0], models.text_encoders[0]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
         skip = self.options.clip_skip or 1
-        if skip <= 1:
-            return text_encoder(ids).last_hidden_state
-        hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-skip]
-        # kohya's clip_skip: an earlier layer's output, passed through the final layer norm
-        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+        def encode_window(ids: torch.Tensor) -> torch.Tensor:
+            if skip <= 1:
+                return text_encoder(ids).last_hidden_state
+            hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-skip]
+            # kohya's clip_skip: an earlier layer's output, passed through the final layer norm
+            return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+        return clip_text.encode_prompts(tokenizer, encode_window, captions, self.options.max_token_length,
+                                        self.options.weighted_captions, device)
 
     def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG, timestep: int | None = None) -> NoisyBatch:
         o = self.options.ddpm
@@ -115,11 +121,13 @@ class SDFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu")
         generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
-        skip = self.options.clip_skip
         with torch.no_grad():
-            return pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
+            # our own encoding, so samples see clip_skip, long prompts and (word:1.2) weights as training does
+            positive, negative = (self.encode_prompts(models, [text], device) for text in
+                                  (prompt.prompt, prompt.negative_prompt or ""))
+            return pipe(prompt_embeds=positive, negative_prompt_embeds=negative, width=prompt.width,
                         height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
-                        generator=generator, clip_skip=(skip - 1) if skip and skip > 1 else None).images[0]
+                        generator=generator).images[0]
 
     @property
     def prediction_type(self) -> str:
@@ -143,6 +151,8 @@ class SDFamily(ModelFamily):
             "ss_base_model_version": version,
             "ss_v_parameterization": str(v),
             "ss_clip_skip": str(self.options.clip_skip) if self.options.clip_skip else "None",
+            "ss_max_token_length": str(self.options.max_token_length),
+            "ss_weighted_captions": str(self.options.weighted_captions),
             "modelspec.architecture": f"{arch}/lora",
             "modelspec.implementation": "diffusers",
             "modelspec.prediction_type": "v" if v else "epsilon",

@@ -125,7 +125,6 @@ def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: Datas
         "ss_flip_aug": str(any(s.flip_aug for s in first.subsets)),
         "ss_color_aug": "False",
         "ss_random_crop": "False",
-        "ss_max_token_length": "None",
         "ss_shuffle_caption": str(any(s.caption.shuffle_caption for s in first.subsets)),
         "ss_keep_tokens": str(first.subsets[0].caption.keep_tokens),
         "ss_caption_dropout_rate": str(first.subsets[0].caption.caption_dropout_rate),

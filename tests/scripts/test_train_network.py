@@ -243,12 +243,16 @@ def test_noise_and_loss_options_run(tiny_default, tmp_path):
         tiny_default, tmp_path, "--max_train_steps", "3", "--noise_offset", "0.05", "--noise_offset_random_strength",
         "--adaptive_noise_scale", "0.01", "--multires_noise_iterations", "3", "--ip_noise_gamma", "0.1",
         "--min_snr_gamma", "5", "--debiased_estimation_loss", "--loss_type", "huber", "--huber_schedule", "snr",
-        "--v_parameterization", "--zero_terminal_snr", "--min_timestep", "100", "--max_timestep", "900"),
+        "--v_parameterization", "--zero_terminal_snr", "--min_timestep", "100", "--max_timestep", "900",
+        "--max_token_length", "150", "--weighted_captions", "--clip_skip", "2",
+        "--sample_prompts", str(tiny_default / "prompts.txt"), "--sample_at_first"),
         check=True)
     _, meta = _read(tmp_path / "last.safetensors")
     assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.timestep_range"] == "100,900"
     assert meta["ss_noise_offset"] == "0.05" and meta["ss_min_snr_gamma"] == "5.0"
     assert meta["ss_loss_type"] == "huber" and meta["ss_zero_terminal_snr"] == "True"
+    assert meta["ss_max_token_length"] == "150" and meta["ss_weighted_captions"] == "True"
+    assert len(list((tmp_path / "sample").glob("*.png"))) == 2
 
 
 def test_contradictory_flags_stop_before_loading(tiny_default, tmp_path):

@@ -1,0 +1,69 @@
+"""Long prompts in windows of 75 tokens, and (word:1.2) emphasis."""
+
+import pytest
+import torch
+
+from library.families import clip_text
+from library.sampling.prompt_weighting import parse_weighted_prompt
+
+
+def test_parse_weighted_prompt_hand_checked():
+    assert parse_weighted_prompt("a (red:1.5) cat") == [("a ", 1.0), ("red", 1.5), (" cat", 1.0)]
+    assert parse_weighted_prompt("((a))") == [("a", pytest.approx(1.21))]
+    assert parse_weighted_prompt("[b]") == [("b", pytest.approx(1 / 1.1))]
+    assert parse_weighted_prompt(r"\(x\)") == [("(x)", 1.0)]
+    assert parse_weighted_prompt("open (a") == [("open ", 1.0), ("a", pytest.approx(1.1))]
+
+
+def test_short_prompts_match_plain_tokenization(tiny_sd1):
+    tok, te = tiny_sd1.tokenizer, tiny_sd1.text_encoder
+    texts = ["sks shape, red circle", ""]
+    with torch.no_grad():
+        ours = clip_text.encode_prompts(tok, lambda ids: te(ids).last_hidden_state, texts, 75, False, "cpu")
+        ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        torch.testing.assert_close(ours, te(ids).last_hidden_state)
+
+
+def test_long_prompts_are_windowed_and_stitched(tiny_sd1):
+    tok, te = tiny_sd1.tokenizer, tiny_sd1.text_encoder
+    long = ", ".join(["red circle"] * 60)  # 180 tokens
+    ids, weights = clip_text.tokenize_with_weights(tok, long, 225, False)
+    assert len(ids) == 227 and ids[0] == tok.bos_token_id and ids[181] == tok.eos_token_id
+    full = torch.tensor([ids])
+    wins = clip_text.windows(full, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert len(wins) == 3 and all(w.shape == (1, 77) for w in wins)
+    assert torch.equal(wins[1][0, 1:76], full[0, 76:151])  # window 2 holds tokens 76..150
+    assert all(w[0, 0] == tok.bos_token_id and w[0, -1] == tok.eos_token_id for w in wins)
+    with torch.no_grad():
+        hidden = clip_text.encode_prompts(tok, lambda i: te(i).last_hidden_state, [long], 225, False, "cpu")
+        assert hidden.shape == (1, 227, te.config.hidden_size)
+        first = te(wins[0]).last_hidden_state
+        torch.testing.assert_close(hidden[:, :76], first[:, :76])
+        torch.testing.assert_close(hidden[:, -1], te(wins[2]).last_hidden_state[:, -1])
+
+
+def test_windows_when_padding_differs_from_eos():
+    # SD2-style tokenizer: pad 0, eos 9, bos 8. A window that ends inside the text gets EOS;
+    # one that starts with padding gets EOS at position 1.
+    full = torch.tensor([[8] + [5] * 80 + [9] + [0] * 70])  # 80 tokens, EOS, padding: 75*2 + 2 ids
+    w1, w2 = clip_text.windows(full, 8, 9, 0)
+    assert w1[0, -1] == 9 and w1[0, 0] == 8
+    assert w2[0, 1] == 5 and w2[0, -1] == 0  # ends in padding: kept
+    padded = torch.tensor([[8] + [5] * 10 + [9] + [0] * 140])
+    _, second = clip_text.windows(padded, 8, 9, 0)
+    assert second[0, 1] == 9
+
+
+def test_weights_scale_positions_and_keep_the_mean(tiny_sd1):
+    tok = tiny_sd1.tokenizer
+    ids, weights = clip_text.tokenize_with_weights(tok, "a (red:1.5) circle", 75, True)
+    red = tok("red", add_special_tokens=False).input_ids
+    pos = ids.index(red[0])
+    assert weights[pos] == 1.5 and weights[0] == 1.0 and weights[pos - 1] == 1.0
+    hidden = torch.randn(1, 77, 8) + 2.0
+    w = torch.tensor([weights])
+    out = clip_text.apply_weights(hidden, w)
+    torch.testing.assert_close(out.mean(), hidden.mean())
+    ratio = (out[0, pos] / hidden[0, pos]) / (out[0, 0] / hidden[0, 0])
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1.5))
+    torch.testing.assert_close(clip_text.apply_weights(hidden, torch.ones(1, 77)), hidden)
