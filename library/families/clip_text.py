@@ -62,11 +62,18 @@ def stitch(hidden: list[torch.Tensor]) -> torch.Tensor:
 
 
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale each position's state by its weight, then restore each prompt's mean (lpw's rule)."""
+    """Scale each position's state by its weight, then restore each prompt's mean (lpw's rule).
+    Prompts without emphasis are returned unchanged, and a mean too close to zero to divide by
+    (layer-normed states can average to ~0) is not restored."""
+    weights = weights.to(hidden.device, torch.float32)
+    if torch.all(weights == 1):
+        return hidden
     before = hidden.float().mean(dim=(-2, -1), keepdim=True)
-    scaled = hidden.float() * weights.to(hidden.device, torch.float32).unsqueeze(-1)
+    scaled = hidden.float() * weights.unsqueeze(-1)
     after = scaled.mean(dim=(-2, -1), keepdim=True)
-    return (scaled * (before / after)).to(hidden.dtype)
+    safe = after.abs() > 1e-4 * hidden.float().abs().mean(dim=(-2, -1), keepdim=True)
+    ratio = torch.where(safe, before / torch.where(safe, after, torch.ones_like(after)), torch.ones_like(after))
+    return (scaled * ratio).to(hidden.dtype)
 
 
 def encode_prompts(tokenizer, encode_window: Callable[[torch.Tensor], torch.Tensor], texts: list[str],
