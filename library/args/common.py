@@ -32,6 +32,11 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_config", help="dataset config (.toml or .json) in kohya's format")
     g.add_argument("--train_data_dir", help="folder of '<repeats>_<class tokens>' image folders")
     g.add_argument("--reg_data_dir", help="folder of '<repeats>_<class tokens>' regularization image folders")
+    g.add_argument("--in_json", help="fine-tuning metadata (JSON/JSONL) for the images in --train_data_dir")
+    g.add_argument("--dataset_repeats", type=int, default=1, help="repeats of the --in_json images")
+    g.add_argument("--resize_interpolation",
+                   choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"],
+                   help="resize filter (default: area when shrinking, lanczos when enlarging)")
     g.add_argument("--resolution", help="training resolution: 'N' or 'W,H'")
     g.add_argument("--train_batch_size", type=int, help="batch size (default 1)")
     g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio bucketing")

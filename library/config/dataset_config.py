@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
-    "metadata_file", "face_crop_aug_range",
+    "face_crop_aug_range",
     "cache_info", "custom_attributes",
-    "network_multiplier", "resize_interpolation",
+    "network_multiplier",
 }
 
 
@@ -76,6 +76,15 @@ def _typed(kind):
     return check
 
 
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
+def _interpolation(v):
+    if v not in INTERPOLATIONS:
+        raise vol.Invalid(f"expected one of {', '.join(INTERPOLATIONS)}")
+    return v
+
+
 DATASET_KEYS = {
     "resolution": _resolution, "batch_size": _positive_int, "enable_bucket": _typed(bool),
     "min_bucket_reso": _positive_int, "max_bucket_reso": _positive_int, "bucket_reso_steps": _positive_int,
@@ -89,18 +98,21 @@ SUBSET_KEYS = {
     "class_tokens": _typed(str), "keep_tokens_separator": _typed(str), "secondary_separator": _typed(str),
     "enable_wildcard": _typed(bool), "caption_dropout_every_n_epochs": _non_negative_int,
     "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
-    "token_warmup_step": _non_negative_number,
+    "token_warmup_step": _non_negative_number, "resize_interpolation": _interpolation,
 }
 SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool), "alpha_mask": _typed(bool),
-                    "conditioning_data_dir": _typed(str)}
+                    "conditioning_data_dir": _typed(str), "metadata_file": _typed(str)}
+
 
 
 @dataclass(frozen=True)
 class SubsetConfig:
     """One folder of images (a DreamBooth-style subset)."""
 
-    image_dir: str
+    image_dir: str | None = None
     is_reg: bool = False
+    metadata_file: str | None = None  # fine-tuning subsets: captions (and tags) from kohya's metadata JSON/JSONL
+    resize_interpolation: str | None = None  # default: area when shrinking, lanczos when enlarging
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     num_repeats: int = 1
@@ -189,9 +201,15 @@ def parse_dataset_config(raw: dict, source: str, cli: dict) -> list[DatasetConfi
         for j, sub in enumerate(subsets_raw):
             where = f"datasets[{i}].subsets[{j}]"
             vals = _check_table(sub, {**SUBSET_KEYS, **SUBSET_ONLY_KEYS}, where, errors)
-            if isinstance(sub, dict) and "image_dir" not in sub:
-                errors.append(f"{where}.image_dir: required key missing")
+            if isinstance(sub, dict) and "image_dir" not in sub and "metadata_file" not in sub:
+                errors.append(f"{where}.image_dir: required key missing (or give metadata_file)")
+            if isinstance(sub, dict) and "metadata_file" in sub and sub.get("is_reg"):
+                errors.append(f"{where}: metadata_file subsets cannot be is_reg")
             subs.append(vals)
+        kinds = {"metadata_file" in sub for sub in subsets_raw if isinstance(sub, dict)}
+        if len(kinds) > 1:
+            errors.append(f"datasets[{i}]: subsets with and without metadata_file cannot be mixed in the same "
+                          "dataset; put them in separate [[datasets]]")
         resolved.append((ds_vals, subs))
     if errors:
         raise UserError(f"{source}: {len(errors)} problem(s) in the dataset config:\n  " + "\n  ".join(errors))
@@ -256,6 +274,14 @@ def _build_subset(sub: dict, ds_vals: dict, general: dict, cli: dict) -> SubsetC
 
 
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def metadata_to_config(train_data_dir: str | None, in_json: str, repeats: int) -> dict:
+    """kohya's ``--in_json`` (with ``--train_data_dir`` and ``--dataset_repeats``) as a dataset config."""
+    subset = {"metadata_file": in_json, "num_repeats": repeats}
+    if train_data_dir:
+        subset["image_dir"] = train_data_dir
+    return {"datasets": [{"subsets": [subset]}]}
 
 
 def folders_to_config(train_data_dir: str, reg_data_dir: str | None) -> dict:

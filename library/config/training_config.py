@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +11,20 @@ from pathlib import Path
 import toml
 import torch
 
-from library.config.dataset_config import DatasetConfig, folders_to_config, load_config_file, parse_dataset_config
+from library.config.dataset_config import (
+    DatasetConfig,
+    folders_to_config,
+    load_config_file,
+    metadata_to_config,
+    parse_dataset_config,
+)
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.training.noise import DDPMOptions, SNRWeighting
 from library.training.precision import check_precision_flags
 from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,11 +152,18 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
     for key in ("caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_separator",
                 "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
                 "enable_wildcard", "token_warmup_min", "token_warmup_step", "color_aug", "random_crop",
-                "alpha_mask", "validation_split", "validation_seed"):
+                "alpha_mask", "validation_split", "validation_seed", "resize_interpolation"):
         cli[key] = getattr(args, key)
     if args.dataset_config:
+        ignored = [f for f in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, f)]
+        if ignored:
+            logger.warning("--dataset_config is given, so %s %s ignored", ", ".join(f"--{f}" for f in ignored),
+                           "is" if len(ignored) == 1 else "are")
         return parse_dataset_config(load_config_file(args.dataset_config), args.dataset_config, cli), \
             args.dataset_config
+    if args.in_json:
+        raw = metadata_to_config(args.train_data_dir, args.in_json, args.dataset_repeats)
+        return parse_dataset_config(raw, "--in_json", cli), args.in_json
     if args.train_data_dir:
         raw = folders_to_config(args.train_data_dir, args.reg_data_dir)
         return parse_dataset_config(raw, "--train_data_dir", cli), args.train_data_dir

@@ -30,6 +30,7 @@ from library.data.images import (
     resize_to,
     to_tensor_image,
 )
+from library.data.metadata import metadata_images
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -59,23 +60,37 @@ class ScanReport:
     empty_subsets: list[str] = field(default_factory=list)
 
 
-def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side: int = 1) -> list[ImageItem]:
-    """List a subset's images, decode each once to be sure it is usable, and read its caption.
-    Images with a side below ``min_side`` are skipped (they would have no bucket)."""
+def _candidates(subset: SubsetConfig, report: ScanReport, strict: bool):
+    """(image path, caption or None, caption problem or None) for each image of a subset."""
+    if subset.metadata_file:
+        for key, path, caption in metadata_images(subset.metadata_file, subset.image_dir):
+            if path is None:
+                _skip(report, key, f"listed in {subset.metadata_file} but no such image file", strict)
+                continue
+            yield path, caption or None, None
+        return
     folder = Path(subset.image_dir)
     if not folder.is_dir():
         raise UserError(f"image_dir not found: {folder}")
-    items = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)):
+        try:
+            yield path, read_caption_file(str(path), subset.caption_extension, subset.caption.enable_wildcard), None
+        except CaptionError as exc:
+            yield path, None, str(exc)
+
+
+def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side: int = 1) -> list[ImageItem]:
+    """List a subset's images, decode each once to be sure it is usable, and read its caption.
+    Images with a side below ``min_side`` are skipped (they would have no bucket)."""
+    items = []
+    for path, caption, problem in _candidates(subset, report, strict):
         try:
             image = load_image_rgb(str(path))
         except Exception as exc:  # noqa: BLE001 - any decoder error means this file is unusable
             _skip(report, str(path), f"cannot be read as an image ({type(exc).__name__}: {exc})", strict)
             continue
-        try:
-            caption = read_caption_file(str(path), subset.caption_extension, subset.caption.enable_wildcard)
-        except CaptionError as exc:
-            _skip(report, str(path), str(exc), strict)
+        if problem:
+            _skip(report, str(path), problem, strict)
             continue
         if caption is None:
             caption = subset.class_tokens or ""
@@ -85,16 +100,17 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side
             _skip(report, str(path), f"{size[0]}x{size[1]} is smaller than one bucket step ({min_side}) and "
                   "bucket_no_upscale never enlarges", strict)
             continue
-        mask_path, problem = find_mask(path, subset, size)
+        mask_path, problem = find_mask(Path(path), subset, size)
         if problem:
             _skip(report, str(path), problem, strict)
             continue
         items.append(ImageItem(str(path), caption, subset, size, mask_path=mask_path))
     if not items:
+        where = subset.metadata_file or subset.image_dir
         if strict:
-            raise UserError(f"image_dir {folder} contains no usable images (--strict_dataset is set)")
-        logger.warning("image_dir %s contains no usable images (supported: .png .jpg .jpeg .webp .bmp)", folder)
-        report.empty_subsets.append(str(folder))
+            raise UserError(f"{where} gives no usable images (--strict_dataset is set)")
+        logger.warning("%s gives no usable images (supported: .png .jpg .jpeg .webp .bmp)", where)
+        report.empty_subsets.append(str(where))
     return items
 
 
@@ -236,7 +252,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
                     box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """The image resized to cover its bucket, cropped (centred, or at random with random_crop),
         colour-augmented with color_aug, optionally mirrored; (3, H, W) in [-1, 1]."""
-        image = resize_to(load_image_rgb(item.path), item.resized)
+        image = resize_to(load_image_rgb(item.path), item.resized, item.subset.resize_interpolation)
         left, top, right, bottom = box if box is not None else self.crop_box(item, rng)
         image = image[top:bottom, left:right]
         if rng is not None and item.subset.color_aug:

@@ -67,14 +67,22 @@ def image_size(path: str) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize to (width, height): area filter when shrinking, Lanczos when enlarging."""
+_CV2 = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+        "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+_PIL = {"lanczos": Image.LANCZOS, "box": Image.BOX}
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
+    """Resize to (width, height) with kohya's ``resize_interpolation`` names; by default the area
+    filter when shrinking and Lanczos when enlarging."""
     height, width = image.shape[:2]
     if (width, height) == tuple(size):
         return image
-    if size[0] < width and size[1] < height:
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+    if interpolation is None:
+        interpolation = "area" if size[0] < width and size[1] < height else "lanczos"
+    if interpolation in _PIL:
+        return np.asarray(Image.fromarray(image).resize(size, _PIL[interpolation]))
+    return cv2.resize(image, size, interpolation=_CV2[interpolation])
 
 
 def to_tensor_image(image: np.ndarray):

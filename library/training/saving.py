@@ -31,10 +31,15 @@ def final_file_name(name: str, ext: str) -> str:
     return f"{name}{ext}"
 
 
+def _subset_name(subset) -> str:
+    """kohya names a subset by its folder's base name (or the metadata file's)."""
+    return os.path.basename(os.path.normpath(subset.image_dir or subset.metadata_file))
+
+
 def _tag_frequency(group: DatasetGroup) -> dict[str, dict[str, int]]:
     freq: dict[str, Counter] = {}
     for item in group.items:
-        folder = os.path.basename(os.path.normpath(item.subset.image_dir))
+        folder = _subset_name(item.subset)
         counter = freq.setdefault(folder, Counter())
         for tag in item.caption.split(","):
             if tag.strip():
@@ -48,8 +53,7 @@ def _dataset_dirs(group: DatasetGroup, reg: bool) -> dict[str, dict[str, int]]:
         for subset in ds.config.subsets:
             if subset.is_reg == reg:
                 count = sum(1 for it in ds.items if it.subset is subset)
-                dirs[os.path.basename(os.path.normpath(subset.image_dir))] = {"n_repeats": subset.num_repeats,
-                                                                              "img_count": count}
+                dirs[_subset_name(subset)] = {"n_repeats": subset.num_repeats, "img_count": count}
     return dirs
 
 
@@ -66,7 +70,7 @@ def _datasets_info(group: DatasetGroup) -> list[dict]:
                          "flip_aug": s.flip_aug, "shuffle_caption": s.caption.shuffle_caption,
                          "keep_tokens": s.caption.keep_tokens, "caption_prefix": s.caption.caption_prefix,
                          "caption_suffix": s.caption.caption_suffix,
-                         "image_dir": os.path.basename(os.path.normpath(s.image_dir)),
+                         "image_dir": _subset_name(s), "metadata_file": s.metadata_file,
                          "class_tokens": s.class_tokens, "is_reg": s.is_reg} for s in c.subsets],
         })
     return out

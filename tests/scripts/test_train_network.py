@@ -481,3 +481,17 @@ def test_validation_is_deterministic(tiny_sd1, tiny_default):
     net = torch.nn.Linear(1, 1)
     assert v.loss(net) == v.loss(net) and net.training
     assert SDFamily().validation_timesteps() == [200, 400, 600, 800]
+
+
+def test_in_json_fine_tuning_dataset(tiny_default, tmp_path):
+    folder = tiny_default / "train" / "10_sks shape"
+    meta = {p.name: {"caption": "red circle", "tags": "sks"} for p in folder.glob("*.png")}
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    args = tiny_train_args(tiny_default, tmp_path / "out", "--dataset_config", "", "--in_json", str(path),
+                           "--train_data_dir", str(folder), "--dataset_repeats", "2", "--resolution", "64",
+                           "--max_train_steps", "2", "--resize_interpolation", "bicubic")
+    run_script("train_network.py", *args, check=True)
+    _, meta_out = _read(tmp_path / "out" / "last.safetensors")
+    assert meta_out["ss_num_train_images"] == "16"
+    assert json.loads(meta_out["ss_tag_frequency"]) == {"10_sks shape": {"red circle": 8, "sks": 8}}
