@@ -74,6 +74,12 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_latents_to_disk", action="store_true",
                    help="also keep them in <image>_<WxH>_sd.npz files, reused while still valid")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode every (fixed) caption once; needs --network_train_unet_only and no caption "
+                        "randomisation")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="also keep them in <image>_sd_te.npz files, reused while still valid")
+    g.add_argument("--text_encoder_batch_size", type=int, default=8, help="captions per text-encoder call when caching")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loader worker processes")
     g.add_argument("--validation_split", type=float, help="share of each subset held out for validation (0-1)")
     g.add_argument("--validation_seed", type=int, help="seed of the validation split and noise (default --seed)")

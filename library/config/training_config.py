@@ -111,6 +111,9 @@ class TrainingConfig:
     log_prefix: str
     cache_to_disk: bool = False
     debug_dataset: bool = False
+    cache_text: bool = False
+    cache_text_to_disk: bool = False
+    text_encoder_batch_size: int = 8
     validate_every_n_steps: int | None = None
     validate_every_n_epochs: int | None = None
     max_validation_steps: int | None = None
@@ -184,6 +187,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
     if args.validation_split is not None and not 0 <= args.validation_split < 1:
         raise UserError(f"--validation_split must be in [0, 1) (got {args.validation_split})")
+    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) \
+            and not args.network_train_unet_only:
+        raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained text encoder's "
+                        "outputs change every step)")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
 
@@ -295,6 +302,9 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
         debug_dataset=args.debug_dataset, validate_every_n_steps=args.validate_every_n_steps,
+        cache_text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
+        cache_text_to_disk=args.cache_text_encoder_outputs_to_disk,
+        text_encoder_batch_size=args.text_encoder_batch_size,
         validate_every_n_epochs=args.validate_every_n_epochs, max_validation_steps=args.max_validation_steps,
         vae_batch_size=args.vae_batch_size,
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,

@@ -49,6 +49,7 @@ class ImageItem:
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
     mask_path: str | None = None  # a conditioning mask image, or the image itself for alpha masks
+    text_outputs: object = None  # cached text-encoder outputs for the (fixed) caption
 
 
 @dataclass
@@ -286,6 +287,8 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         else:
             out["images"] = torch.stack([self.load_pixels(it, f, r, b)
                                          for it, f, r, b in zip(items, flips, rngs, boxes)])
+        if all(it.text_outputs is not None for it in items):
+            out["conditioning"] = stack_outputs([it.text_outputs for it in items])
         if any(it.mask_path for it in items):
             out["masks"] = torch.stack([self.load_mask(it, f, b) for it, f, b in zip(items, flips, boxes)])
         return out
@@ -388,6 +391,20 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int, prior_loss_weig
     group = DatasetGroup(datasets, seed, world_size, rank)
     group.validation = DatasetGroup(val_datasets, seed, world_size, rank) if val_datasets else None
     return group, report
+
+
+def stack_outputs(outputs: list):
+    """Batch cached text-encoder outputs (tensors, or dicts of tensors)."""
+    if isinstance(outputs[0], torch.Tensor):
+        return torch.stack(outputs)
+    return {k: torch.stack([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def to_device(value, device, dtype=None):
+    """Move a tensor, or a dict of tensors, to ``device`` (and floating ones to ``dtype``)."""
+    if isinstance(value, dict):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
 
 
 def collate_single(batch: list[dict]) -> dict:

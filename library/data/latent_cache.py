@@ -36,7 +36,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256(type(module).__name__.encode())
     config = getattr(module, "config", None)
     if config is not None:
-        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # "_" keys vary by process
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers
+        public = {k: v for k, v in items.items() if not k.startswith("_")}  # "_" keys vary by process
         h.update(json.dumps(public, sort_keys=True, default=str).encode())
     params = list(module.state_dict().values())
     for t in params[:2] + params[-2:]:

@@ -58,6 +58,11 @@ class ModelFamily(ABC):
         """Captions -> the denoiser's text conditioning (gradients flow if text LoRA is on)."""
 
     @abstractmethod
+    def text_encoder_settings(self, models: LoadedModels) -> dict:
+        """What the prompt encoding depends on besides the caption (encoder weights' fingerprint and
+        options); recorded in text-encoder caches so a changed setting is never served stale."""
+
+    @abstractmethod
     def make_noisy_batch(self, latents: torch.Tensor, rng, timestep: int | None = None) -> NoisyBatch:
         """Draw noise and timesteps from ``rng`` (a per-sample
         :class:`~library.training.rng.SampleRNG`) and build the noisy input and the training target.

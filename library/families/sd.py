@@ -75,6 +75,14 @@ class SDFamily(ModelFamily):
         return clip_text.encode_prompts(tokenizer, encode_window, captions, self.options.max_token_length,
                                         self.options.weighted_captions, device)
 
+    def text_encoder_settings(self, models: LoadedModels) -> dict:
+        from library.data.latent_cache import module_fingerprint
+
+        o = self.options
+        return {"family": self.name, "encoder": module_fingerprint(models.text_encoders[0]),
+                "clip_skip": o.clip_skip or 1, "max_token_length": o.max_token_length,
+                "weighted": o.weighted_captions}
+
     def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG, timestep: int | None = None) -> NoisyBatch:
         o = self.options.ddpm
         noise = rng.randn(*latents.shape[1:]).to(latents.dtype)

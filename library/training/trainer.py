@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from library.config.dataset_config import check_size_multiple
 from library.config.training_config import TrainingConfig
-from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single
+from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single, to_device
 from library.data.latent_cache import cache_latents, module_fingerprint
+from library.data.text_cache import cache_text_outputs, random_caption_options
 from library.families.base import LoadedModels, ModelFamily
 from library.training import optim, precision, saving
 from library.training import state as train_state
@@ -199,10 +200,27 @@ class NetworkTrainer:
                 cache_latents(g, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,
                               self.family.latent_channels, self.family.cache_suffix if cfg.cache_to_disk else None,
                               module_fingerprint(models.vae), acc.is_local_main_process)
+        if cfg.cache_text:
+            self._cache_text(models, group, acc)
         if cfg.fp8_base:
             fp8 = [models.denoiser] + (list(models.text_encoders) if cfg.fp8_base == "all" else [])
             logger.info("fp8 base weights: %d modules", sum(precision.store_in_fp8(m) for m in fp8))
         return models
+
+    @staticmethod
+    def _check_text_cache(group: DatasetGroup) -> None:
+        groups = [group] + ([group.validation] if group.validation else [])
+        randomised = random_caption_options([it for g in groups for it in g.items])
+        if randomised:
+            raise UserError(f"--cache_text_encoder_outputs needs fixed captions, but {', '.join(randomised)} "
+                            "change them between steps; turn those off or do not cache")
+
+    def _cache_text(self, models: LoadedModels, group: DatasetGroup, acc) -> None:
+        groups = [group] + ([group.validation] if group.validation else [])
+        cache_text_outputs(groups, lambda caps: self.family.encode_prompts(models, caps, acc.device),
+                           self.family.text_encoder_settings(models), self.cfg.text_encoder_batch_size,
+                           self.family.cache_suffix if self.cfg.cache_text_to_disk else None,
+                           acc.is_local_main_process)
 
     def _enable_checkpointing(self, models: LoadedModels, adapter: NetworkAdapter) -> None:
         models.denoiser.enable_gradient_checkpointing()
@@ -253,6 +271,8 @@ class NetworkTrainer:
         group = self.prepare_data(acc.num_processes, acc.process_index)
         if cfg.debug_dataset:
             return debug_dataset(group, cfg.max_train_epochs or 1)
+        if cfg.cache_text:
+            self._check_text_cache(group)
         models = self._load_models(acc, group)
         adapter = self._build_network(models)
         # the network is not wrapped in DDP (its forward is never called; gradients are averaged
@@ -405,8 +425,11 @@ class _Loop:
         dtype = self.t._weight_dtype()
         rng = SampleRNG(self.t.seed, batch["sample_keys"], acc.device)
         latents = batch_latents(family, models, batch, acc.device, dtype, rng)
-        with torch.set_grad_enabled(self.train_te), acc.autocast():
-            cond = family.encode_prompts(models, batch["captions"], acc.device)
+        if "conditioning" in batch:
+            cond = to_device(batch["conditioning"], acc.device, dtype)
+        else:
+            with torch.set_grad_enabled(self.train_te), acc.autocast():
+                cond = family.encode_prompts(models, batch["captions"], acc.device)
         noisy = family.make_noisy_batch(latents, rng)
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)

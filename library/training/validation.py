@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from library.data.dataset import DatasetGroup
+from library.data.dataset import DatasetGroup, to_device
 from library.families.base import LoadedModels, ModelFamily
 from library.training.loss import weighted_batch_loss
 from library.training.rng import SampleRNG
@@ -46,7 +46,8 @@ class Validator:
                     rng = SampleRNG(self.seed + t, batch["sample_keys"], self.acc.device)
                     latents = batch_latents(self.family, self.models, batch, self.acc.device, self.dtype, rng)
                     with self.acc.autocast():
-                        cond = self.family.encode_prompts(self.models, batch["captions"], self.acc.device)
+                        cond = to_device(batch["conditioning"], self.acc.device, self.dtype) if "conditioning" in \
+                            batch else self.family.encode_prompts(self.models, batch["captions"], self.acc.device)
                         noisy = self.family.make_noisy_batch(latents, rng, timestep=t)
                         pred = self.family.denoise(self.models, noisy, cond)
                     per = self.family.per_sample_loss(pred, noisy, batch.get("masks"))

@@ -495,3 +495,35 @@ def test_in_json_fine_tuning_dataset(tiny_default, tmp_path):
     _, meta_out = _read(tmp_path / "out" / "last.safetensors")
     assert meta_out["ss_num_train_images"] == "16"
     assert json.loads(meta_out["ss_tag_frequency"]) == {"10_sks shape": {"red circle": 8, "sks": 8}}
+
+
+def test_text_encoder_cache_tool_training_and_staleness(tiny_default, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_default / "train", data)
+    common = ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
+              "--train_data_dir", str(data), "--resolution", "64", "--caption_extension", ".caption",
+              "--console_log_level", "INFO"]
+    proc = run_script("tools/cache_text_encoder_outputs.py", *common, check=True)
+    assert "0 valid file(s) kept, 8 written" in proc.stdout
+    files = sorted((data / "10_sks shape").glob("*_sd_te.npz"))
+    assert len(files) == 8
+    with np.load(files[0]) as npz:
+        assert npz["out"].shape == (77, 32)
+    train = [*common, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
+             "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only", "--cache_latents"]
+    proc = run_script("train_network.py", *train, check=True)
+    assert "text-encoder cache: 8 loaded from disk, 0 encoded" in proc.stderr
+    # an edited caption and another clip_skip are noticed: those outputs are encoded again
+    (data / "10_sks shape" / "img00.caption").write_text("a different caption", encoding="utf-8")
+    proc = run_script("train_network.py", *train, check=True)
+    assert "text-encoder cache: 7 loaded from disk, 1 encoded" in proc.stderr
+    proc = run_script("train_network.py", *train, "--clip_skip", "2", check=True)
+    assert "text-encoder cache: 0 loaded from disk, 8 encoded" in proc.stderr
+    # refused combinations, before any model is loaded
+    bad = list(train)
+    bad[1] = str(tmp_path / "nothing")
+    _user_error(run_script("train_network.py", *bad, "--shuffle_caption"), "needs fixed captions", "shuffle_caption")
+    bad.remove("--network_train_unet_only")
+    _user_error(run_script("train_network.py", *bad), "needs --network_train_unet_only")

@@ -1,0 +1,54 @@
+"""Pre-compute the text-encoder output cache files of a dataset, with the same flags as training.
+
+    python tools/cache_text_encoder_outputs.py --pretrained_model_name_or_path model.safetensors \
+        --dataset_config dataset.toml [--clip_skip 2] [--max_token_length 225]
+
+Writes ``<image stem>_sd_te.npz`` next to each image (kept while caption and encoder settings are
+unchanged). Train with ``--cache_text_encoder_outputs_to_disk --network_train_unet_only``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.utils.errors import UserError, run_cli  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from library.args.common import network_training_parser
+    from library.args.config_file import parse_args_with_config
+    from library.config.training_config import build_datasets
+    from library.data.dataset import build_dataset_group
+    from library.data.text_cache import cache_text_outputs, random_caption_options
+    from library.families.sd import SDFamily, SDOptions
+    from library.utils.log import setup_logging
+
+    parser = network_training_parser("Pre-compute text-encoder output cache files (SD1.x/2.x)")
+    args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path",))
+    setup_logging(args.console_log_level)
+    group, report = build_dataset_group(build_datasets(args)[0], args.seed or 0, args.prior_loss_weight,
+                                        args.strict_dataset)
+    groups = [group] + ([group.validation] if group.validation else [])
+    randomised = random_caption_options([it for g in groups for it in g.items])
+    if randomised:
+        raise UserError(f"captions change between steps ({', '.join(randomised)}); they cannot be cached")
+    family = SDFamily(SDOptions(clip_skip=args.clip_skip, max_token_length=args.max_token_length or 75,
+                                weighted_captions=args.weighted_captions))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models.text_encoders[0].to(device)
+    counts = cache_text_outputs(groups, lambda caps: family.encode_prompts(models, caps, device),
+                                family.text_encoder_settings(models), args.text_encoder_batch_size,
+                                family.cache_suffix)
+    print(f"text-encoder cache: {counts['loaded']} valid file(s) kept, {counts['encoded']} written; "
+          f"{len(report.skipped)} unusable image(s) skipped")
+
+
+if __name__ == "__main__":
+    run_cli(main)
