@@ -172,7 +172,7 @@ def test_bad_input_messages(tiny_default, tmp_path):
     empty = tmp_path / "empty" / "5_thing"
     empty.mkdir(parents=True)
     _user_error(run_script("train_network.py", *args, "--dataset_config", "", "--train_data_dir",
-                           str(empty.parent), "--resolution", "64"), "contains no usable images", "5_thing")
+                           str(empty.parent), "--resolution", "64"), "no usable training images", "5_thing")
 
     _user_error(run_script("train_network.py", *args, "--network_module", "networks.nosuch"),
                 "--network_module networks.nosuch")
