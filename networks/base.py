@@ -86,6 +86,14 @@ class NetworkAdapter:
     def on_step_start(self, text_encoder, unet) -> None:
         self._optional("on_step_start", text_encoder, unet)
 
+    def set_multiplier(self, multiplier: float) -> None:
+        """The network's strength (kohya's ``set_multiplier``); required only when it is not 1."""
+        fn = getattr(self.net, "set_multiplier", None)
+        if not callable(fn):
+            raise UserError(f"network_multiplier {multiplier}: the network {type(self.net).__name__} has no "
+                            "set_multiplier(); leave network_multiplier at 1")
+        fn(multiplier)
+
     def enable_gradient_checkpointing(self) -> None:
         self._optional("enable_gradient_checkpointing")
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 NOT_YET_SUPPORTED = {
     "face_crop_aug_range",
     "cache_info", "custom_attributes",
-    "network_multiplier",
+
 }
 
 
@@ -89,6 +89,7 @@ DATASET_KEYS = {
     "resolution": _resolution, "batch_size": _positive_int, "enable_bucket": _typed(bool),
     "min_bucket_reso": _positive_int, "max_bucket_reso": _positive_int, "bucket_reso_steps": _positive_int,
     "bucket_no_upscale": _typed(bool), "validation_split": _rate, "validation_seed": _typed(int),
+    "network_multiplier": _non_negative_number,
 }
 SUBSET_KEYS = {
     "num_repeats": _positive_int, "shuffle_caption": _typed(bool), "keep_tokens": _typed(int),
@@ -137,6 +138,7 @@ class DatasetConfig:
     bucket_no_upscale: bool = False
     validation_split: float = 0.0  # share of each (non-reg) subset's images held out for validation
     validation_seed: int | None = None
+    network_multiplier: float = 1.0  # the network's strength while training on this dataset
     subsets: tuple[SubsetConfig, ...] = ()
 
 

@@ -280,6 +280,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
                "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]),
                "paths": [it.path for it in items],
                "original_sizes": [it.size for it in items],
+               "network_multiplier": float(self.config.network_multiplier),
                "sample_keys": [(epoch, index, j) for j in positions]}
         boxes = [self.crop_box(it, r) for it, r in zip(items, rngs)]
         if all(it.latents is not None for it in items):

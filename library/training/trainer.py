@@ -325,6 +325,7 @@ class _Loop:
         self.family = trainer.family
         self.train_te = trainer.cfg.network.train_text_encoder
         self.params = adapter.trainable_params()
+        self.multiplier = 1.0
 
     def train(self, loader, schedule: Schedule, p: Progress) -> Path:
         """Run epochs from ``p`` (a fresh or restored position) until ``schedule.max_steps``."""
@@ -381,6 +382,7 @@ class _Loop:
 
     def _validate(self, p: Progress, when: str) -> None:
         """Log kohya's loss/validation/<when>_average and _divergence (validation minus training)."""
+        self._set_multiplier(1.0)
         with optim.optimizer_eval_mode(self.optimizer):
             value = self.validator.loss(self.adapter.net)
         train = (sum(p.recent_losses) / len(p.recent_losses)) if when == "step" and p.recent_losses else \
@@ -422,6 +424,7 @@ class _Loop:
         """Forward and backward on one batch; an optimizer step too when ``sync``."""
         acc, family, models = self.acc, self.family, self.models
         self.adapter.on_step_start(models.text_encoders, models.denoiser)
+        self._set_multiplier(batch.get("network_multiplier", 1.0))
         dtype = self.t._weight_dtype()
         rng = SampleRNG(self.t.seed, batch["sample_keys"], acc.device)
         latents = batch_latents(family, models, batch, acc.device, dtype, rng)
@@ -436,7 +439,8 @@ class _Loop:
         loss = weighted_batch_loss(family.per_sample_loss(pred, noisy, batch.get("masks")), batch["loss_weights"])
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"the loss became {loss.item()}")
-        acc.backward(loss / self.cfg.gradient_accumulation_steps)
+        if loss.requires_grad:  # not when the network is off for this batch (network_multiplier 0)
+            acc.backward(loss / self.cfg.gradient_accumulation_steps)
         if sync:
             if acc.num_processes > 1:
                 _average_gradients(self.params)
@@ -450,6 +454,12 @@ class _Loop:
         if acc.num_processes > 1:
             loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
+
+    def _set_multiplier(self, value: float) -> None:
+        """Datasets may train the network at another strength (kohya's network_multiplier)."""
+        if value != self.multiplier:
+            self.adapter.set_multiplier(value)
+            self.multiplier = value
 
     def _log(self, step: int, loss: float, average: float) -> None:
         if not (self.acc.is_main_process and self.cfg.trackers):
@@ -465,6 +475,7 @@ class _Loop:
         if not prompts or not self.acc.is_main_process:
             return
         torch_state, py_state = torch.get_rng_state(), random.getstate()
+        self._set_multiplier(1.0)  # samples show the network at full strength
         was_training = self.adapter.net.training
         self.adapter.net.eval()
         try:

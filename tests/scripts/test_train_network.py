@@ -527,3 +527,19 @@ def test_text_encoder_cache_tool_training_and_staleness(tiny_default, tmp_path):
     _user_error(run_script("train_network.py", *bad, "--shuffle_caption"), "needs fixed captions", "shuffle_caption")
     bad.remove("--network_train_unet_only")
     _user_error(run_script("train_network.py", *bad), "needs --network_train_unet_only")
+
+
+def test_network_multiplier_per_dataset(tiny_default, tmp_path):
+    cfg = tmp_path / "mult.toml"
+    cfg.write_text(f"""[[datasets]]
+resolution = 64
+network_multiplier = 0.0
+  [[datasets.subsets]]
+  image_dir = "{(tiny_default / 'train' / '10_sks shape').as_posix()}"
+  caption_extension = ".caption"
+""", encoding="utf-8")
+    run_script("train_network.py", *tiny_train_args(tiny_default, tmp_path, "--dataset_config", str(cfg),
+                                                    "--max_train_steps", "3"), check=True)
+    tensors, _ = _read(tmp_path / "last.safetensors")
+    # at strength 0 the network does not touch the output, so it receives no gradient at all
+    assert all(v.abs().sum() == 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
