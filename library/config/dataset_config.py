@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
     "face_crop_aug_range",
-    "cache_info", "custom_attributes",
+    "custom_attributes",
 
 }
 
@@ -99,7 +99,7 @@ SUBSET_KEYS = {
     "class_tokens": _typed(str), "keep_tokens_separator": _typed(str), "secondary_separator": _typed(str),
     "enable_wildcard": _typed(bool), "caption_dropout_every_n_epochs": _non_negative_int,
     "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
-    "token_warmup_step": _non_negative_number, "resize_interpolation": _interpolation,
+    "token_warmup_step": _non_negative_number, "resize_interpolation": _interpolation, "cache_info": _typed(bool),
 }
 SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool), "alpha_mask": _typed(bool),
                     "conditioning_data_dir": _typed(str), "metadata_file": _typed(str)}
@@ -114,6 +114,7 @@ class SubsetConfig:
     is_reg: bool = False
     metadata_file: str | None = None  # fine-tuning subsets: captions (and tags) from kohya's metadata JSON/JSONL
     resize_interpolation: str | None = None  # default: area when shrinking, lanczos when enlarging
+    cache_info: bool = False  # remember image sizes in <image_dir>/metadata_cache.json
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     num_repeats: int = 1

@@ -7,8 +7,10 @@ so a run can be resumed at any batch and data-loader workers need no shared stat
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -32,6 +34,7 @@ from library.data.images import (
 )
 from library.data.metadata import metadata_images
 from library.utils.errors import UserError
+from library.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +87,24 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side
     """List a subset's images, decode each once to be sure it is usable, and read its caption.
     Images with a side below ``min_side`` are skipped (they would have no bucket)."""
     items = []
+    info = ScanInfoCache(subset) if subset.cache_info else None
     for path, caption, problem in _candidates(subset, report, strict):
-        try:
-            image = load_image_rgb(str(path))
-        except Exception as exc:  # noqa: BLE001 - any decoder error means this file is unusable
-            _skip(report, str(path), f"cannot be read as an image ({type(exc).__name__}: {exc})", strict)
-            continue
+        size = info.size_of(path) if info else None
+        if size is None:
+            try:
+                image = load_image_rgb(str(path))
+            except Exception as exc:  # noqa: BLE001 - any decoder error means this file is unusable
+                _skip(report, str(path), f"cannot be read as an image ({type(exc).__name__}: {exc})", strict)
+                continue
+            size = (image.shape[1], image.shape[0])
         if problem:
             _skip(report, str(path), problem, strict)
             continue
+        if info:
+            info.remember(path, size)
         if caption is None:
             caption = subset.class_tokens or ""
             report.class_token_fallbacks += 1
-        size = (image.shape[1], image.shape[0])
         if min(size) < min_side:
             _skip(report, str(path), f"{size[0]}x{size[1]} is smaller than one bucket step ({min_side}) and "
                   "bucket_no_upscale never enlarges", strict)
@@ -106,6 +114,8 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side
             _skip(report, str(path), problem, strict)
             continue
         items.append(ImageItem(str(path), caption, subset, size, mask_path=mask_path))
+    if info:
+        info.save()
     if not items:
         where = subset.metadata_file or subset.image_dir
         if strict:
@@ -113,6 +123,41 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side
         logger.warning("%s gives no usable images (supported: .png .jpg .jpeg .webp .bmp)", where)
         report.empty_subsets.append(str(where))
     return items
+
+
+class ScanInfoCache:
+    """kohya's ``cache_info``: ``metadata_cache.json`` in the image folder remembers the size of every
+    image that decoded fine, keyed by its file size and modification time, so later runs skip
+    decoding unchanged images. Captions are always read fresh."""
+
+    NAME = "metadata_cache.json"
+
+    def __init__(self, subset: SubsetConfig):
+        self.path = Path(subset.image_dir or ".") / self.NAME
+        try:
+            self.entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+        self.fresh: dict[str, dict] = {}
+
+    @staticmethod
+    def _stamp(path) -> list[int]:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+
+    def size_of(self, path) -> tuple[int, int] | None:
+        entry = self.entries.get(Path(path).name)
+        if entry and entry.get("stamp") == self._stamp(path):
+            return tuple(entry["size"])
+        return None
+
+    def remember(self, path, size: tuple[int, int]) -> None:
+        self.fresh[Path(path).name] = {"stamp": self._stamp(path), "size": list(size)}
+
+    def save(self) -> None:
+        if self.fresh != self.entries:
+            with atomic_path(self.path) as tmp:
+                Path(tmp).write_text(json.dumps(self.fresh, indent=1), encoding="utf-8")
 
 
 def find_mask(image: Path, subset: SubsetConfig, size: tuple[int, int]) -> tuple[str | None, str | None]:

@@ -105,3 +105,24 @@ def test_family_size_multiple():
         check_size_multiple([DatasetConfig((520, 512))], 64, "sd")
     with pytest.raises(UserError, match="bucket_reso_steps 32: sd models need multiples of 64"):
         check_size_multiple([DatasetConfig((512, 512), enable_bucket=True, bucket_reso_steps=32)], 64, "sd")
+
+
+def test_cache_info_skips_decoding_unchanged_images(tmp_path, monkeypatch):
+    import os
+
+    from library.data import dataset as ds_mod
+
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 32)).save(tmp_path / f"{name}.png")
+    sub = SubsetConfig(str(tmp_path), cache_info=True)
+    first = scan_subset(sub, ScanReport(), False)
+    assert (tmp_path / "metadata_cache.json").is_file() and [it.size for it in first] == [(64, 32), (64, 32)]
+    decoded = []
+    real = ds_mod.load_image_rgb
+    monkeypatch.setattr(ds_mod, "load_image_rgb", lambda p: decoded.append(p) or real(p))
+    again = scan_subset(sub, ScanReport(), False)
+    assert decoded == [] and [it.size for it in again] == [(64, 32), (64, 32)]
+    st = os.stat(tmp_path / "b.png")
+    os.utime(tmp_path / "b.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    scan_subset(sub, ScanReport(), False)
+    assert [p.rsplit("/", 1)[-1] for p in decoded] == ["b.png"]  # only the changed image is decoded again
