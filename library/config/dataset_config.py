@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 # keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
 NOT_YET_SUPPORTED = {
-    "face_crop_aug_range",
     "custom_attributes",
 
 }
@@ -79,6 +78,13 @@ def _typed(kind):
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 
+def _face_range(v):
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v) or v[0] > v[1]):
+        raise vol.Invalid("expected [low, high] with 0 < low <= high")
+    return (float(v[0]), float(v[1]))
+
+
 def _interpolation(v):
     if v not in INTERPOLATIONS:
         raise vol.Invalid(f"expected one of {', '.join(INTERPOLATIONS)}")
@@ -100,6 +106,7 @@ SUBSET_KEYS = {
     "enable_wildcard": _typed(bool), "caption_dropout_every_n_epochs": _non_negative_int,
     "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
     "token_warmup_step": _non_negative_number, "resize_interpolation": _interpolation, "cache_info": _typed(bool),
+    "face_crop_aug_range": _face_range,
 }
 SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool), "alpha_mask": _typed(bool),
                     "conditioning_data_dir": _typed(str), "metadata_file": _typed(str)}
@@ -115,6 +122,7 @@ class SubsetConfig:
     metadata_file: str | None = None  # fine-tuning subsets: captions (and tags) from kohya's metadata JSON/JSONL
     resize_interpolation: str | None = None  # default: area when shrinking, lanczos when enlarging
     cache_info: bool = False  # remember image sizes in <image_dir>/metadata_cache.json
+    face_crop_aug_range: tuple[float, float] | None = None  # scale range of face crops (name_cx_cy_w_h files)
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     num_repeats: int = 1
@@ -239,6 +247,13 @@ def _build_dataset(ds_vals: dict, subsets: list[dict], general: dict, cli: dict,
 
 
 def _checked_buckets(ds: DatasetConfig, where: str) -> DatasetConfig:
+    if ds.enable_bucket and any(s.face_crop_aug_range for s in ds.subsets):
+        raise UserError(f"{where}: face_crop_aug_range works without buckets only (as in kohya); "
+                        "set enable_bucket = false")
+    return _rounded_buckets(ds, where)
+
+
+def _rounded_buckets(ds: DatasetConfig, where: str) -> DatasetConfig:
     """kohya's bucket rules: min/max_bucket_reso rounded to the step (with a warning); the
     resolution must lie between them and be a multiple of the step."""
     if not ds.enable_bucket or ds.bucket_no_upscale:

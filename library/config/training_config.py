@@ -200,7 +200,7 @@ def _check_cache_conflicts(args: argparse.Namespace, datasets: list[DatasetConfi
         return
     for i, ds in enumerate(datasets):
         for j, sub in enumerate(ds.subsets):
-            for key in ("color_aug", "random_crop"):
+            for key in ("color_aug", "random_crop", "face_crop_aug_range"):
                 if getattr(sub, key):
                     raise UserError(f"--cache_latents with {key} (datasets[{i}].subsets[{j}], {sub.image_dir}): a "
                                     f"cached latent fixes one crop and colour; remove --cache_latents or {key}")

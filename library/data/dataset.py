@@ -25,6 +25,8 @@ from library.data import buckets as bk
 from library.data.captions import CaptionError, process_caption, read_caption_file
 from library.data.images import (
     color_augment,
+    face_crop,
+    face_info,
     is_image_file,
     load_image_rgb,
     load_mask,
@@ -53,6 +55,7 @@ class ImageItem:
     latents_flipped: torch.Tensor | None = None
     mask_path: str | None = None  # a conditioning mask image, or the image itself for alpha masks
     text_outputs: object = None  # cached text-encoder outputs for the (fixed) caption
+    face: tuple[int, int, int, int] | None = None  # face centre and size from a name_cx_cy_w_h file name
 
 
 @dataclass
@@ -78,7 +81,12 @@ def _candidates(subset: SubsetConfig, report: ScanReport, strict: bool):
         raise UserError(f"image_dir not found: {folder}")
     for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)):
         try:
-            yield path, read_caption_file(str(path), subset.caption_extension, subset.caption.enable_wildcard), None
+            caption = read_caption_file(str(path), subset.caption_extension, subset.caption.enable_wildcard)
+            face = face_info(path.stem)
+            if caption is None and face:  # kohya also looks for the caption without the face suffix
+                caption = read_caption_file(str(path.with_name(face[1] + path.suffix)), subset.caption_extension,
+                                            subset.caption.enable_wildcard)
+            yield path, caption, None
         except CaptionError as exc:
             yield path, None, str(exc)
 
@@ -113,7 +121,9 @@ def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side
         if problem:
             _skip(report, str(path), problem, strict)
             continue
-        items.append(ImageItem(str(path), caption, subset, size, mask_path=mask_path))
+        face = face_info(Path(path).stem)
+        items.append(ImageItem(str(path), caption, subset, size, mask_path=mask_path,
+                               face=face[0] if face else None))
     if info:
         info.save()
     if not items:
@@ -298,9 +308,13 @@ class BucketBatchDataset(torch.utils.data.Dataset):
                     box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """The image resized to cover its bucket, cropped (centred, or at random with random_crop),
         colour-augmented with color_aug, optionally mirrored; (3, H, W) in [-1, 1]."""
-        image = resize_to(load_image_rgb(item.path), item.resized, item.subset.resize_interpolation)
-        left, top, right, bottom = box if box is not None else self.crop_box(item, rng)
-        image = image[top:bottom, left:right]
+        if rng is not None and item.face and item.subset.face_crop_aug_range:
+            image = face_crop(load_image_rgb(item.path), item.bucket, item.face, item.subset.face_crop_aug_range,
+                              item.subset.random_crop, rng)
+        else:
+            image = resize_to(load_image_rgb(item.path), item.resized, item.subset.resize_interpolation)
+            left, top, right, bottom = box if box is not None else self.crop_box(item, rng)
+            image = image[top:bottom, left:right]
         if rng is not None and item.subset.color_aug:
             image = color_augment(image, rng)
         if flip:

@@ -104,3 +104,44 @@ def color_augment(image: np.ndarray, rng) -> np.ndarray:
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     gamma = rng.uniform(0.95, 1.05)
     return np.clip(255.0 * (image / 255.0) ** gamma, 0, 255).astype(np.uint8)
+
+
+def face_crop(image: np.ndarray, target: tuple[int, int], face: tuple[int, int, int, int],
+              scale_range: tuple[float, float], random_crop: bool, rng) -> np.ndarray:
+    """kohya's face crop augmentation. ``face`` is (centre x, centre y, width, height) in the
+    original image. The image is scaled so the face's larger side is between 1/scale_range[1] and
+    1/scale_range[0] of the target's shorter side (never enlarged, always covering the target),
+    then a target-sized window is cut around the face: with random_crop the window wanders widely
+    (to show background), otherwise it moves by at most a twentieth of the face size."""
+    height, width = image.shape[:2]
+    tw, th = target
+    cx, cy, fw, fh = face
+    face_size, short = max(fw, fh), min(tw, th)
+    cover = max(th / height, tw / width)
+    lo = min(1.0, max(cover, short / (face_size * scale_range[1])))
+    hi = min(1.0, max(lo, short / (face_size * scale_range[0])))
+    scale = lo if lo >= hi else rng.uniform(lo, hi)
+    nw, nh = int(width * scale + 0.5), int(height * scale + 0.5)
+    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA) if (nw, nh) != (width, height) else image
+    cx, cy = int(cx * scale + 0.5), int(cy * scale + 0.5)
+    starts = []
+    for size, length, centre in ((th, nh, cy), (tw, nw, cx)):
+        start = centre - size // 2
+        if random_crop:
+            reach = max(length - centre, centre)
+            start += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif scale_range[0] != scale_range[1] and face_size > short // 10 and face_size >= 40:
+            start += rng.randint(-(face_size // 20), face_size // 20)
+        starts.append(max(0, min(start, length - size)))
+    top, left = starts
+    return image[top:top + th, left:left + tw]
+
+
+def face_info(stem: str) -> tuple[tuple[int, int, int, int], str] | None:
+    """kohya's face annotation in a file name: ``name_cx_cy_w_h`` -> ((cx, cy, w, h), name)."""
+    parts = stem.rsplit("_", 4)
+    if len(parts) == 5 and all(p.isdigit() for p in parts[1:]):
+        cx, cy, w, h = (int(p) for p in parts[1:])
+        if w > 0 and h > 0:
+            return (cx, cy, w, h), parts[0]
+    return None

@@ -97,3 +97,37 @@ def test_cache_conflicts_are_refused(key, tmp_path):
         "--resolution", "64", "--cache_latents", f"--{key}"])
     with pytest.raises(UserError, match=f"--cache_latents with {key}"):
         build_training_config(args)
+
+
+def test_face_info_from_file_names():
+    from library.data.images import face_info
+
+    assert face_info("portrait_120_80_40_50") == ((120, 80, 40, 50), "portrait")
+    assert face_info("no_face_here") is None and face_info("a_1_2_3_0") is None
+
+
+def test_face_crop_keeps_the_face_inside_and_scales_it():
+    from library.data.images import face_crop
+
+    img = np.zeros((400, 600, 3), dtype=np.uint8)
+    img[180:220, 430:470] = 255  # a 40x40 "face" centred at (450, 200)
+    for seed in range(10):
+        out = face_crop(img, (128, 128), (450, 200, 40, 40), (2.0, 4.0), False, random.Random(seed))
+        assert out.shape == (128, 128, 3)
+        ys, xs = np.nonzero(out[..., 0] > 128)
+        # the face's size is between 1/4 and 1/2 of the 128 crop, and it is near the centre
+        assert 128 / 4 - 2 <= xs.max() - xs.min() + 1 <= 128 / 2 + 2
+        assert abs((xs.max() + xs.min()) / 2 - 64) < 10 and abs((ys.max() + ys.min()) / 2 - 64) < 10
+
+
+def test_face_crop_needs_no_buckets():
+    from library.config.dataset_config import parse_dataset_config
+    from library.utils.errors import UserError
+
+    raw = {"datasets": [{"resolution": 512, "enable_bucket": True,
+                         "subsets": [{"image_dir": "x", "face_crop_aug_range": [2.0, 4.0]}]}]}
+    with pytest.raises(UserError, match="face_crop_aug_range works without buckets only"):
+        parse_dataset_config(raw, "c.toml", {})
+    raw["datasets"][0]["subsets"][0]["face_crop_aug_range"] = [4.0, 2.0]
+    with pytest.raises(UserError, match="face_crop_aug_range: expected \\[low, high\\]"):
+        parse_dataset_config(raw, "c.toml", {})
