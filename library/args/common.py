@@ -44,21 +44,6 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_bucket_reso", type=int, help="largest bucket side (default 1024)")
     g.add_argument("--bucket_reso_steps", type=int, help="bucket side granularity (default 64)")
     g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never enlarge images for buckets")
-    g.add_argument("--caption_extension", help="caption file extension (default .caption)")
-    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
-    g.add_argument("--keep_tokens", type=int, help="keep the first N tags in place when shuffling")
-    g.add_argument("--caption_dropout_rate", type=float, help="drop the whole caption with this probability")
-    g.add_argument("--caption_dropout_every_n_epochs", type=int, help="drop every caption in every N-th epoch")
-    g.add_argument("--caption_tag_dropout_rate", type=float, help="drop each (flexible) tag with this probability")
-    g.add_argument("--caption_separator", help="tag separator (default ',')")
-    g.add_argument("--keep_tokens_separator", help="marks the end of the fixed tags (e.g. '|||')")
-    g.add_argument("--secondary_separator", help="glues tags that move together; replaced by the separator")
-    g.add_argument("--caption_prefix", help="text put before every caption")
-    g.add_argument("--caption_suffix", help="text put after every caption")
-    g.add_argument("--enable_wildcard", action="store_true", default=None,
-                   help="{a|b} choices and one random line of multi-line captions")
-    g.add_argument("--token_warmup_min", type=int, help="tags kept at the start of token warm-up (default 1)")
-    g.add_argument("--token_warmup_step", type=float, help="warm-up length: steps, or a ratio < 1 of all steps")
     g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips")
     g.add_argument("--color_aug", action="store_true", default=None, help="random hue/gamma changes (not cacheable)")
     g.add_argument("--random_crop", action="store_true", default=None,
@@ -91,6 +76,25 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="print every batch as it will be trained (bucket, sizes, captions), then exit; no model "
                         "is loaded")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers between epochs")
+
+
+def add_caption_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("captions")
+    g.add_argument("--caption_extension", help="caption file extension (default .caption)")
+    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
+    g.add_argument("--keep_tokens", type=int, help="keep the first N tags in place when shuffling")
+    g.add_argument("--caption_dropout_rate", type=float, help="drop the whole caption with this probability")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, help="drop every caption in every N-th epoch")
+    g.add_argument("--caption_tag_dropout_rate", type=float, help="drop each (flexible) tag with this probability")
+    g.add_argument("--caption_separator", help="tag separator (default ',')")
+    g.add_argument("--keep_tokens_separator", help="marks the end of the fixed tags (e.g. '|||')")
+    g.add_argument("--secondary_separator", help="glues tags that move together; replaced by the separator")
+    g.add_argument("--caption_prefix", help="text put before every caption")
+    g.add_argument("--caption_suffix", help="text put after every caption")
+    g.add_argument("--enable_wildcard", action="store_true", default=None,
+                   help="{a|b} choices and one random line of multi-line captions")
+    g.add_argument("--token_warmup_min", type=int, help="tags kept at the start of token warm-up (default 1)")
+    g.add_argument("--token_warmup_step", type=float, help="warm-up length: steps, or a ratio < 1 of all steps")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -221,7 +225,7 @@ def add_config_file_args(p: argparse.ArgumentParser) -> None:
 def network_training_parser(description: str) -> argparse.ArgumentParser:
     """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
     p = argparse.ArgumentParser(description=description)
-    for add in (add_model_args, add_dataset_args, add_training_args, add_noise_loss_args, add_optimizer_args,
-                add_network_args, add_sample_args, add_logging_args, add_config_file_args):
+    for add in (add_model_args, add_dataset_args, add_caption_args, add_training_args, add_noise_loss_args,
+                add_optimizer_args, add_network_args, add_sample_args, add_logging_args, add_config_file_args):
         add(p)
     return p

@@ -76,72 +76,75 @@ def _datasets_info(group: DatasetGroup) -> list[dict]:
     return out
 
 
+def _training_metadata(cfg: TrainingConfig, num_batches_per_epoch: int, num_epochs: int,
+                       max_train_steps: int) -> dict[str, str]:
+    """How the run trains: schedule, optimizer, network, precision."""
+    net, opt = cfg.network, cfg.optimizer
+    optimizer = f"{opt.optimizer_type}({','.join(opt.optimizer_args)})" if opt.optimizer_args else opt.optimizer_type
+    return {
+        "ss_session_id": str(int(time.time() * 1000) % 2**31), "ss_training_started_at": str(time.time()),
+        "ss_output_name": cfg.save.output_name, "ss_learning_rate": str(opt.learning_rate),
+        "ss_text_encoder_lr": str(opt.text_encoder_lr), "ss_unet_lr": str(opt.unet_lr),
+        "ss_num_batches_per_epoch": str(num_batches_per_epoch), "ss_num_epochs": str(num_epochs),
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+        "ss_max_train_steps": str(max_train_steps), "ss_lr_warmup_steps": str(opt.lr_warmup),
+        "ss_lr_scheduler": opt.lr_scheduler, "ss_network_module": net.module,
+        "ss_network_dim": str(net.dim if net.dim is not None else 4),
+        "ss_network_alpha": str(net.alpha if net.alpha is not None else 1.0),
+        "ss_network_args": json.dumps(net.args), "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": str(cfg.full_half == "fp16"), "ss_fp8_base": str(cfg.fp8_base is not None),
+        "ss_fp8_base_unet": str(cfg.fp8_base == "unet"), "ss_seed": str(cfg.seed),
+        "ss_cache_latents": str(cfg.cache_latents), "ss_optimizer": optimizer,
+        "ss_max_grad_norm": str(opt.max_grad_norm), "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+        "ss_training_comment": str(cfg.save.training_comment),
+        "ss_sd_model_name": os.path.basename(cfg.model_path.rstrip("/")),
+        "ss_validate_every_n_steps": str(cfg.validate_every_n_steps),
+        "ss_validate_every_n_epochs": str(cfg.validate_every_n_epochs),
+        "ss_max_validation_steps": str(cfg.max_validation_steps),
+    }
+
+
+def _data_metadata(cfg: TrainingConfig, group: DatasetGroup) -> dict[str, str]:
+    """What the run trains on (the first dataset's settings where kohya records one value)."""
+    first = group.datasets[0].config
+    subsets = first.subsets
+    infos = _datasets_info(group)
+    return {
+        "ss_num_train_images": str(sum(d.num_train_images for d in group.datasets)),
+        "ss_num_reg_images": str(sum(d.num_reg_images for d in group.datasets)),
+        "ss_num_validation_images": str(len(group.validation.items) if group.validation else 0),
+        "ss_validation_split": str(first.validation_split), "ss_validation_seed": str(first.validation_seed),
+        "ss_resolution": f"({first.resolution[0]}, {first.resolution[1]})",
+        "ss_batch_size_per_device": str(first.batch_size),
+        "ss_total_batch_size": str(first.batch_size * cfg.gradient_accumulation_steps),
+        "ss_enable_bucket": str(first.enable_bucket), "ss_min_bucket_reso": str(first.min_bucket_reso),
+        "ss_max_bucket_reso": str(first.max_bucket_reso), "ss_bucket_no_upscale": str(first.bucket_no_upscale),
+        "ss_flip_aug": str(any(s.flip_aug for s in subsets)), "ss_color_aug": str(any(s.color_aug for s in subsets)),
+        "ss_random_crop": str(any(s.random_crop for s in subsets)),
+        "ss_face_crop_aug_range": str(next((s.face_crop_aug_range for s in subsets if s.face_crop_aug_range), None)),
+        "ss_shuffle_caption": str(any(s.caption.shuffle_caption for s in subsets)),
+        "ss_keep_tokens": str(subsets[0].caption.keep_tokens),
+        "ss_caption_dropout_rate": str(subsets[0].caption.caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": str(subsets[0].caption.caption_dropout_every_n_epochs),
+        "ss_caption_tag_dropout_rate": str(subsets[0].caption.caption_tag_dropout_rate),
+        "ss_resize_interpolation": str(subsets[0].resize_interpolation),
+        "ss_tag_frequency": json.dumps(_tag_frequency(group)),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(group, reg=False)),
+        "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(group, reg=True)),
+        "ss_bucket_info": json.dumps(infos[0]["bucket_info"]), "ss_datasets": json.dumps(infos),
+    }
+
+
 def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: DatasetGroup,
                   num_batches_per_epoch: int, num_epochs: int, max_train_steps: int) -> dict[str, str]:
     """The metadata fixed at the start of a run (steps and epoch are added at each save)."""
     first = group.datasets[0].config
-    net, opt = cfg.network, cfg.optimizer
-    meta = {
-        "ss_session_id": str(int(time.time() * 1000) % 2**31),
-        "ss_training_started_at": str(time.time()),
-        "ss_output_name": cfg.save.output_name,
-        "ss_learning_rate": str(opt.learning_rate),
-        "ss_text_encoder_lr": str(opt.text_encoder_lr),
-        "ss_unet_lr": str(opt.unet_lr),
-        "ss_num_train_images": str(sum(d.num_train_images for d in group.datasets)),
-        "ss_num_reg_images": str(sum(d.num_reg_images for d in group.datasets)),
-        "ss_num_validation_images": str(len(group.validation.items) if group.validation else 0),
-        "ss_validation_split": str(first.validation_split),
-        "ss_validation_seed": str(first.validation_seed),
-        "ss_validate_every_n_steps": str(cfg.validate_every_n_steps),
-        "ss_validate_every_n_epochs": str(cfg.validate_every_n_epochs),
-        "ss_max_validation_steps": str(cfg.max_validation_steps),
-        "ss_num_batches_per_epoch": str(num_batches_per_epoch),
-        "ss_num_epochs": str(num_epochs),
-        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_max_train_steps": str(max_train_steps),
-        "ss_lr_warmup_steps": str(opt.lr_warmup),
-        "ss_lr_scheduler": opt.lr_scheduler,
-        "ss_network_module": net.module,
-        "ss_network_dim": str(net.dim if net.dim is not None else 4),
-        "ss_network_alpha": str(net.alpha if net.alpha is not None else 1.0),
-        "ss_network_args": json.dumps(net.args),
-        "ss_mixed_precision": cfg.mixed_precision,
-        "ss_full_fp16": str(cfg.full_half == "fp16"),
-        "ss_fp8_base": str(cfg.fp8_base is not None),
-        "ss_fp8_base_unet": str(cfg.fp8_base == "unet"),
-        "ss_seed": str(cfg.seed),
-        "ss_cache_latents": str(cfg.cache_latents),
-        "ss_optimizer": f"{opt.optimizer_type}({','.join(opt.optimizer_args)})" if opt.optimizer_args
-        else opt.optimizer_type,
-        "ss_max_grad_norm": str(opt.max_grad_norm),
-        "ss_prior_loss_weight": str(cfg.prior_loss_weight),
-        "ss_training_comment": str(cfg.save.training_comment),
-        "ss_sd_model_name": os.path.basename(cfg.model_path.rstrip("/")),
-        "ss_resolution": f"({first.resolution[0]}, {first.resolution[1]})",
-        "ss_batch_size_per_device": str(first.batch_size),
-        "ss_total_batch_size": str(first.batch_size * cfg.gradient_accumulation_steps),
-        "ss_enable_bucket": str(first.enable_bucket),
-        "ss_min_bucket_reso": str(first.min_bucket_reso),
-        "ss_max_bucket_reso": str(first.max_bucket_reso),
-        "ss_bucket_no_upscale": str(first.bucket_no_upscale),
-        "ss_flip_aug": str(any(s.flip_aug for s in first.subsets)),
-        "ss_color_aug": "False",
-        "ss_random_crop": "False",
-        "ss_shuffle_caption": str(any(s.caption.shuffle_caption for s in first.subsets)),
-        "ss_keep_tokens": str(first.subsets[0].caption.keep_tokens),
-        "ss_caption_dropout_rate": str(first.subsets[0].caption.caption_dropout_rate),
-        "ss_tag_frequency": json.dumps(_tag_frequency(group)),
-        "ss_dataset_dirs": json.dumps(_dataset_dirs(group, reg=False)),
-        "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(group, reg=True)),
-        "ss_bucket_info": json.dumps(_datasets_info(group)[0]["bucket_info"]),
-        "ss_datasets": json.dumps(_datasets_info(group)),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.title": cfg.save.output_name,
-        "modelspec.resolution": f"{first.resolution[0]}x{first.resolution[1]}",
-        "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = {**_training_metadata(cfg, num_batches_per_epoch, num_epochs, max_train_steps),
+            **_data_metadata(cfg, group),
+            "modelspec.sai_model_spec": "1.0.1", "modelspec.title": cfg.save.output_name,
+            "modelspec.resolution": f"{first.resolution[0]}x{first.resolution[1]}",
+            "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if os.path.isfile(cfg.model_path):
         meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"] = file_hashes(cfg.model_path)
     meta.update(family_meta)
