@@ -124,6 +124,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8_base", action="store_true", help="store the base model's linear/conv weights in fp8")
     g.add_argument("--fp8_base_unet", action="store_true",
                    help="fp8 for the UNet only (text encoders keep their dtype)")
+    g.add_argument("--lowram", action="store_true",
+                   help="read the model's weights straight onto the GPU instead of into CPU memory first")
     attn = g.add_mutually_exclusive_group()
     attn.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     attn.add_argument("--xformers", action="store_true", help="xformers attention (CUDA GPU and pip install xformers)")

@@ -110,6 +110,7 @@ class TrainingConfig:
     logging_dir: str | None
     log_prefix: str
     cache_to_disk: bool = False
+    lowram: bool = False
     debug_dataset: bool = False
     cache_text: bool = False
     cache_text_to_disk: bool = False
@@ -301,7 +302,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
-        debug_dataset=args.debug_dataset, validate_every_n_steps=args.validate_every_n_steps,
+        debug_dataset=args.debug_dataset, lowram=args.lowram, validate_every_n_steps=args.validate_every_n_steps,
         cache_text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
         cache_text_to_disk=args.cache_text_encoder_outputs_to_disk,
         text_encoder_batch_size=args.text_encoder_batch_size,

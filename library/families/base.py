@@ -45,8 +45,10 @@ class ModelFamily(ABC):
     cache_suffix: str
 
     @abstractmethod
-    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:
-        """Load the model (raises UserError for a file of another family or a broken file)."""
+    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
+             device: torch.device | None = None) -> LoadedModels:
+        """Load the model (raises UserError for a file of another family or a broken file); with
+        ``device`` the weights are read straight onto it (``--lowram``) instead of into CPU memory."""
 
     @abstractmethod
     def encode_images(self, models: LoadedModels, images: torch.Tensor, rng=None) -> torch.Tensor:

@@ -43,8 +43,9 @@ class SDFamily(ModelFamily):
         ztsnr = options.ddpm.zero_terminal_snr
         self.alphas_cumprod = noise_fns.scaled_linear_alphas_cumprod(zero_terminal_snr=ztsnr)
 
-    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None) -> LoadedModels:
-        parts = load_sd_model(name_or_path, dtype, tokenizer_dir)
+    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
+             device: torch.device | None = None) -> LoadedModels:
+        parts = load_sd_model(name_or_path, dtype, tokenizer_dir, device)
         if self.options.v2 and not parts.v2:
             raise UserError(f"--v2 was given but {name_or_path} is an SD1.x model (its text encoder is CLIP-L); "
                             "remove --v2")

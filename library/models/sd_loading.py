@@ -34,7 +34,7 @@ class SDComponents:
     v2: bool
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) checkpoint.
 
     Pickles are opened with ``weights_only=True``: a file that needs arbitrary code to load is
@@ -47,11 +47,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         _check_safetensors_header(path)
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return load_file(str(path), device=str(device))
         except Exception as exc:  # noqa: BLE001 - any parse error means a broken file
             raise UserError(f"{path} is not a readable safetensors file ({exc})") from exc
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{path} could not be loaded safely as a checkpoint: {str(exc).splitlines()[0]}. "
                         "Only plain tensor checkpoints are accepted; convert it to .safetensors.") from exc
@@ -105,12 +105,12 @@ def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) 
 
 
 def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        tokenizer_dir: str | None = None) -> SDComponents:
+                        tokenizer_dir: str | None = None, device: torch.device | None = None) -> SDComponents:
     """Load an SD1.x single-file checkpoint (ldm key layout) into diffusers/transformers modules."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    state = read_state_dict(path)
+    state = read_state_dict(path, device or "cpu")
     layout = detect_layout(state)
     if layout == "sd2":
         raise UserError(f"{path} is an SD2.x single file; SD2 single files need the OpenCLIP converter, which "
@@ -167,15 +167,18 @@ def resolve_clip_tokenizer(ckpt: Path, tokenizer_dir: str | None, v2: bool):
                         f"or go online once so {hub_id} is cached.") from exc
 
 
-def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SDComponents:
+def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
+                      device: torch.device | None = None) -> SDComponents:
     """Load from a diffusers folder or hub id (the hub cache is used when offline)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    place = {"device_map": str(device)} if device is not None else {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", torch_dtype=dtype, **place)
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype, **place)
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype,
+                                                     **place)
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load a diffusers model from {name_or_path}: {str(exc).splitlines()[0]}") from exc
@@ -186,16 +189,16 @@ def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> 
 
 
 def load_sd_model(name_or_path: str, dtype: torch.dtype = torch.float32,
-                  tokenizer_dir: str | None = None) -> SDComponents:
+                  tokenizer_dir: str | None = None, device: torch.device | None = None) -> SDComponents:
     """Load an SD1.x/2.x model from a single file, a diffusers folder or a hub id."""
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
             raise UserError(f"{p} is a folder but not a diffusers model (no model_index.json or unet/)")
-        return load_sd_diffusers(str(p), dtype)
+        return load_sd_diffusers(str(p), dtype, device)
     if p.is_file() or p.suffix in CHECKPOINT_SUFFIXES:
-        return load_sd_single_file(p, dtype, tokenizer_dir)  # a missing file is reported there
-    return load_sd_diffusers(name_or_path, dtype)
+        return load_sd_single_file(p, dtype, tokenizer_dir, device)  # a missing file is reported there
+    return load_sd_diffusers(name_or_path, dtype, device)
 
 
 def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,

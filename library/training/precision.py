@@ -47,3 +47,16 @@ def set_attention(unet: torch.nn.Module, mode: str) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())
+
+
+def allow_fp16_gradients(scaler) -> None:
+    """``--full_fp16``: the network's own gradients are fp16, which GradScaler refuses to unscale by
+    default; let it (the scale keeps them in range, as kohya does)."""
+    if scaler is None:
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - the point is to ignore it
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale

@@ -94,7 +94,7 @@ def _training_metadata(cfg: TrainingConfig, num_batches_per_epoch: int, num_epoc
         "ss_network_alpha": str(net.alpha if net.alpha is not None else 1.0),
         "ss_network_args": json.dumps(net.args), "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": str(cfg.full_half == "fp16"), "ss_fp8_base": str(cfg.fp8_base is not None),
-        "ss_fp8_base_unet": str(cfg.fp8_base == "unet"), "ss_seed": str(cfg.seed),
+        "ss_fp8_base_unet": str(cfg.fp8_base == "unet"), "ss_seed": str(cfg.seed), "ss_lowram": str(cfg.lowram),
         "ss_cache_latents": str(cfg.cache_latents), "ss_optimizer": optimizer,
         "ss_max_grad_norm": str(opt.max_grad_norm), "ss_prior_loss_weight": str(cfg.prior_loss_weight),
         "ss_training_comment": str(cfg.save.training_comment),

@@ -191,7 +191,8 @@ class NetworkTrainer:
 
     def _load_models(self, acc, group: DatasetGroup) -> LoadedModels:
         cfg = self.cfg
-        models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir)
+        models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir,
+                                  acc.device if cfg.lowram else None)
         for m in [models.denoiser, models.vae, *models.text_encoders]:
             m.to(acc.device)
         precision.set_attention(models.denoiser, cfg.attention)
@@ -280,6 +281,8 @@ class NetworkTrainer:
         adapter.net.to(acc.device)
         if cfg.full_half:
             adapter.net.to(torch.float16 if cfg.full_half == "fp16" else torch.bfloat16)
+        if cfg.full_half == "fp16":
+            precision.allow_fp16_gradients(acc.scaler)
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, adapter)
         optimizer, scheduler, lr_names, schedule = self._optimization(adapter, len(group))

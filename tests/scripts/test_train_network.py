@@ -336,6 +336,7 @@ def test_loggable_args_drop_paths_and_secrets():
 def test_precision_options_and_modelspec_flags(tiny_default, tmp_path):
     run_script("train_network.py", *tiny_train_args(
         tiny_default, tmp_path, "--max_train_steps", "2", "--mixed_precision", "bf16", "--fp8_base", "--full_bf16",
+        "--lowram",
         "--mem_eff_attn", "--metadata_title", "Red circles", "--metadata_author", "me",
         "--metadata_trigger_phrase", "sks shape"), check=True)
     tensors, meta = _read(tmp_path / "last.safetensors")

@@ -137,3 +137,21 @@ def test_loraplus_groups(tiny_sd1):
     assert [g["lr"] for g in groups] == [1e-5, 1.6e-4, 1e-4, 1.6e-3]
     ups = {id(m.lora_up.weight) for m in net.unet_loras}
     assert {id(p) for p in groups[3]["params"]} == ups
+
+
+def test_full_fp16_gradients_can_be_unscaled():
+    from library.training.precision import allow_fp16_gradients
+
+    def fresh():
+        p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale((p.float() * 1.0).sum()).backward()  # fp16 gradients of 1024 (the scale)
+        return torch.optim.SGD([p], lr=0.1), scaler, p
+
+    opt, scaler, _ = fresh()
+    with pytest.raises(ValueError, match="FP16 gradients"):
+        scaler.unscale_(opt)
+    opt, scaler, p = fresh()
+    allow_fp16_gradients(scaler)
+    scaler.unscale_(opt)
+    assert p.grad.tolist() == [1.0] * 4
