@@ -22,13 +22,6 @@ from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# keys kohya accepts that this version does not implement yet: rejected clearly, never ignored
-NOT_YET_SUPPORTED = {
-    "custom_attributes",
-
-}
-
-
 def _positive_int(v):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise vol.Invalid("expected a positive int")
@@ -85,6 +78,12 @@ def _face_range(v):
     return (float(v[0]), float(v[1]))
 
 
+def _table(v):
+    if not isinstance(v, dict):
+        raise vol.Invalid("expected a table")
+    return v
+
+
 def _interpolation(v):
     if v not in INTERPOLATIONS:
         raise vol.Invalid(f"expected one of {', '.join(INTERPOLATIONS)}")
@@ -106,7 +105,7 @@ SUBSET_KEYS = {
     "enable_wildcard": _typed(bool), "caption_dropout_every_n_epochs": _non_negative_int,
     "caption_tag_dropout_rate": _rate, "token_warmup_min": _non_negative_int,
     "token_warmup_step": _non_negative_number, "resize_interpolation": _interpolation, "cache_info": _typed(bool),
-    "face_crop_aug_range": _face_range,
+    "face_crop_aug_range": _face_range, "custom_attributes": _table,
 }
 SUBSET_ONLY_KEYS = {"image_dir": _typed(str), "is_reg": _typed(bool), "alpha_mask": _typed(bool),
                     "conditioning_data_dir": _typed(str), "metadata_file": _typed(str)}
@@ -123,6 +122,7 @@ class SubsetConfig:
     resize_interpolation: str | None = None  # default: area when shrinking, lanczos when enlarging
     cache_info: bool = False  # remember image sizes in <image_dir>/metadata_cache.json
     face_crop_aug_range: tuple[float, float] | None = None  # scale range of face crops (name_cx_cy_w_h files)
+    custom_attributes: dict = field(default_factory=dict)  # per-sample attributes (diff_output_preservation)
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     num_repeats: int = 1
@@ -173,11 +173,8 @@ def _check_table(table: Any, allowed: dict, where: str, errors: list[str]) -> di
     for key, value in table.items():
         path = f"{where}.{key}" if where else key
         if key not in allowed:
-            if key in NOT_YET_SUPPORTED:
-                errors.append(f"{path}: this kohya key is not supported by this version yet; remove it")
-            else:
-                hint = difflib.get_close_matches(key, list(allowed) + list(NOT_YET_SUPPORTED), n=1)
-                errors.append(f"{path}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            hint = difflib.get_close_matches(key, list(allowed), n=1)
+            errors.append(f"{path}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
             continue
         try:
             out[key] = allowed[key](value)

@@ -340,6 +340,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
                "paths": [it.path for it in items],
                "original_sizes": [it.size for it in items],
                "network_multiplier": float(self.config.network_multiplier),
+               "custom_attributes": [it.subset.custom_attributes for it in items],
                "sample_keys": [(epoch, index, j) for j in positions]}
         boxes = [self.crop_box(it, r) for it, r in zip(items, rngs)]
         if all(it.latents is not None for it in items):

@@ -78,6 +78,12 @@ class ModelFamily(ABC):
     def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: Any) -> torch.Tensor:
         """Run the denoiser on a noisy batch."""
 
+    def target_from_prediction(self, prediction: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        """Turn a denoiser output into a training target (used by diff_output_preservation, whose
+        target is the base model's own output). Families whose loss compares something other than
+        the raw output override this."""
+        return prediction
+
     @abstractmethod
     def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch,
                         mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,17 @@ from networks.base import NetworkAdapter, import_network_module
 logger = logging.getLogger(__name__)
 
 
+KNOWN_ATTRIBUTES = {"diff_output_preservation"}
+
+
+def _warn_unused_attributes(group: DatasetGroup) -> None:
+    """custom_attributes are free-form; say which ones this trainer does not act on."""
+    unused = {k for it in group.items for k in it.subset.custom_attributes} - KNOWN_ATTRIBUTES
+    if unused:
+        logger.warning("custom_attributes %s are not used by this trainer (known: %s)", sorted(unused),
+                       sorted(KNOWN_ATTRIBUTES))
+
+
 def debug_dataset(group: DatasetGroup, epochs: int) -> None:
     """``--debug_dataset``: print each batch as training would see it, without loading any model."""
     for epoch in range(epochs):
@@ -274,6 +285,7 @@ class NetworkTrainer:
             return debug_dataset(group, cfg.max_train_epochs or 1)
         if cfg.cache_text:
             self._check_text_cache(group)
+        _warn_unused_attributes(group)
         models = self._load_models(acc, group)
         adapter = self._build_network(models)
         # the network is not wrapped in DDP (its forward is never called; gradients are averaged
@@ -437,6 +449,7 @@ class _Loop:
             with torch.set_grad_enabled(self.train_te), acc.autocast():
                 cond = family.encode_prompts(models, batch["captions"], acc.device)
         noisy = family.make_noisy_batch(latents, rng)
+        self._preserve_outputs(batch, noisy, cond)
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
         loss = weighted_batch_loss(family.per_sample_loss(pred, noisy, batch.get("masks")), batch["loss_weights"])
@@ -457,6 +470,21 @@ class _Loop:
         if acc.num_processes > 1:
             loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
+
+    def _preserve_outputs(self, batch: dict, noisy, cond) -> None:
+        """diff_output_preservation (a subset's custom_attributes): for those samples the target is
+        the base model's own output on the same input (network off), so the network learns to
+        leave that subject (usually the class) as the base model draws it."""
+        flags = [bool(a.get("diff_output_preservation")) for a in batch.get("custom_attributes", [])]
+        if not any(flags):
+            return
+        current = self.multiplier
+        self._set_multiplier(0.0)
+        with torch.no_grad(), self.acc.autocast():
+            prior = self.family.target_from_prediction(self.family.denoise(self.models, noisy, cond), noisy)
+        self._set_multiplier(current)
+        rows = torch.tensor(flags, device=noisy.target.device).view(-1, *([1] * (noisy.target.ndim - 1)))
+        noisy.target = torch.where(rows, prior.to(noisy.target.dtype), noisy.target)
 
     def _set_multiplier(self, value: float) -> None:
         """Datasets may train the network at another strength (kohya's network_multiplier)."""

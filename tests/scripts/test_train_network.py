@@ -544,3 +544,28 @@ network_multiplier = 0.0
     tensors, _ = _read(tmp_path / "last.safetensors")
     # at strength 0 the network does not touch the output, so it receives no gradient at all
     assert all(v.abs().sum() == 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_diff_output_preservation_targets_the_base_model(tiny_default, tmp_path):
+    cfg = tmp_path / "dop.toml"
+    cfg.write_text(f"""[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "{(tiny_default / 'reg' / '1_shape').as_posix()}"
+  class_tokens = "shape"
+  custom_attributes = {{ diff_output_preservation = true, note = "x" }}
+""", encoding="utf-8")
+    proc = run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path, "--dataset_config", str(cfg), "--max_train_steps", "3",
+        "--console_log_level", "INFO", "--logging_dir", str(tmp_path / "logs")), check=True)
+    assert "custom_attributes ['note'] are not used" in proc.stderr
+    tensors, _ = _read(tmp_path / "last.safetensors")
+    # every target is the base model's output, which the network (up = 0 at the start) already
+    # matches exactly: the loss is 0, so the up matrices never move
+    assert all(v.abs().sum() == 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (run_dir,) = list((tmp_path / "logs").glob("*/network_train"))
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("loss/current")] == [0.0, 0.0, 0.0]

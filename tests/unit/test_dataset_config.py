@@ -12,7 +12,7 @@ def test_all_errors_reported_with_paths():
     raw = {"general": {"shuffle_caption": "yes"},
            "datasets": [{"resolution": 512, "batch_sise": 2,
                          "subsets": [{"image_dir": "a"}, {"image_dir": "b", "num_repeats": "ten"},
-                                     {"num_repeats": 1, "custom_attributes": {"a": 1}}]}]}
+                                     {"num_repeats": 1, "flip_augment": True}]}]}
     with pytest.raises(UserError) as exc:
         parse_dataset_config(raw, "cfg.toml", CLI_NONE)
     msg = str(exc.value)
@@ -20,7 +20,7 @@ def test_all_errors_reported_with_paths():
     assert 'general.shuffle_caption: expected true or false, got "yes"' in msg
     assert "datasets[0].batch_sise: unknown key (did you mean 'batch_size'?)" in msg
     assert 'datasets[0].subsets[1].num_repeats: expected a positive int, got "ten"' in msg
-    assert "datasets[0].subsets[2].custom_attributes: this kohya key is not supported by this version yet" in msg
+    assert "datasets[0].subsets[2].flip_augment: unknown key (did you mean 'flip_aug'?)" in msg
     assert "datasets[0].subsets[2].image_dir: required key missing" in msg
 
 
