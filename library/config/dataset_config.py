@@ -165,22 +165,27 @@ def load_config_file(path: str) -> dict:
 
 
 def _check_table(table: Any, allowed: dict, where: str, errors: list[str]) -> dict:
-    """Validate one table's keys and values; append readable errors; return converted values."""
+    """Validate one table with a voluptuous schema (every key optional, no extra keys); append every
+    problem as a readable line (path, message, offending value, a "did you mean" for typos);
+    return the converted values of the valid keys."""
     if not isinstance(table, dict):
         errors.append(f"{where}: expected a table")
         return {}
-    out = {}
-    for key, value in table.items():
-        path = f"{where}.{key}" if where else key
-        if key not in allowed:
-            hint = difflib.get_close_matches(key, list(allowed), n=1)
-            errors.append(f"{path}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-            continue
-        try:
-            out[key] = allowed[key](value)
-        except vol.Invalid as exc:
-            errors.append(f"{path}: {exc.msg}, got {json.dumps(value)}")
-    return out
+    schema = vol.Schema({vol.Optional(k): check for k, check in allowed.items()}, extra=vol.PREVENT_EXTRA)
+    try:
+        return schema(table)
+    except vol.MultipleInvalid as exc:
+        bad = set()
+        for err in exc.errors:
+            key = err.path[0] if err.path else "?"
+            bad.add(key)
+            path = f"{where}.{key}" if where else str(key)
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+                errors.append(f"{path}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            else:
+                errors.append(f"{path}: {err.msg}, got {json.dumps(table.get(key))}")
+        return schema({k: v for k, v in table.items() if k not in bad})
 
 
 def parse_dataset_config(raw: dict, source: str, cli: dict) -> list[DatasetConfig]:

@@ -53,3 +53,20 @@ def test_legacy_folders(tmp_path):
     assert sub["num_repeats"] == 10 and sub["class_tokens"] == "sks dog" and sub["is_reg"] is False
     with pytest.raises(UserError, match="no sub-folder named"):
         folders_to_config(str(tmp_path / "notes"), None)
+
+
+def test_two_datasets_keep_their_own_resolution_and_batch_size(tmp_path):
+    from PIL import Image
+
+    from library.data.dataset import build_dataset_group
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (128, 128)).save(tmp_path / name / f"{i}.png")
+    raw = {"datasets": [{"resolution": 64, "batch_size": 2, "subsets": [{"image_dir": str(tmp_path / "a")}]},
+                        {"resolution": 128, "batch_size": 4, "subsets": [{"image_dir": str(tmp_path / "b")}]}]}
+    group, _ = build_dataset_group(parse_dataset_config(raw, "c.toml", {}), 0, 1.0, False)
+    assert len(group) == 2 + 1
+    shapes = sorted(tuple(group[(0, i)]["images"].shape) for i in range(len(group)))
+    assert shapes == [(2, 3, 64, 64), (2, 3, 64, 64), (4, 3, 128, 128)]
