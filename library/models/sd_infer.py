@@ -110,3 +110,25 @@ def shipped_config(name: str) -> dict:
     from pathlib import Path
 
     return json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def infer_open_clip_config(state: Mapping[str, torch.Tensor]) -> tuple[dict, int]:
+    """CLIPTextConfig kwargs for SD2's OpenCLIP text tower (keys with ``cond_stage_model.model.``
+    removed) and the number of layers SD2 uses (all but the last: it takes the penultimate output)."""
+    tok = state["token_embedding.weight"]
+    vocab, hidden = tok.shape
+    layers = len(_indices(state, r"transformer\.resblocks\.(\d+)\."))
+    used = max(1, layers - 1)
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": used,
+        "num_attention_heads": clip_heads(hidden),
+        "max_position_embeddings": state["positional_embedding"].shape[0],
+        "hidden_act": "gelu",
+        "projection_dim": state["text_projection"].shape[1] if "text_projection" in state else hidden,
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": 0,
+    }, used

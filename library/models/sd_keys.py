@@ -143,3 +143,75 @@ def _invert(m: Mapping[str, str]) -> dict[str, str]:
 def _prefixes(key: str):
     parts = key.split(".")
     return (".".join(parts[:cut]) for cut in range(len(parts) - 1, 0, -1))
+
+
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+_OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def open_clip_from_ldm(state: Mapping[str, torch.Tensor], keep_layers: int,
+                       flat: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SD2's OpenCLIP text tower (``cond_stage_model.model.*``, prefix removed) -> transformers
+    CLIPTextModel names for the first ``keep_layers`` layers (SD2 uses the penultimate layer, so the
+    last one is not part of the model). The fused attention ``in_proj`` is split into q, k, v.
+
+    Returns (converted, unused): ``unused`` holds the tensors the model does not use (the last
+    layer, ``text_projection``, ``logit_scale``) so a saved file can carry them unchanged."""
+    pre = "" if flat else "text_model."
+    out, unused = {}, {}
+    for key, value in state.items():
+        if key == "token_embedding.weight":
+            out[f"{pre}embeddings.token_embedding.weight"] = value
+        elif key == "positional_embedding":
+            out[f"{pre}embeddings.position_embedding.weight"] = value
+        elif key.startswith("ln_final."):
+            out[f"{pre}final_layer_norm.{key[len('ln_final.'):]}"] = value
+        elif key.startswith("transformer.resblocks."):
+            index, rest = key[len("transformer.resblocks."):].split(".", 1)
+            if int(index) >= keep_layers:
+                unused[key] = value
+                continue
+            layer = f"{pre}encoder.layers.{index}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest[len("attn.in_proj_"):]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{layer}self_attn.{name}.{kind}"] = part.clone()
+                continue
+            for src, dst in _OPEN_CLIP_LAYER.items():
+                if rest.startswith(src + "."):
+                    out[layer + dst + rest[len(src):]] = value
+                    break
+            else:
+                unused[key] = value
+        else:
+            unused[key] = value
+    return out, unused
+
+
+def open_clip_to_ldm(state: Mapping[str, torch.Tensor],
+                     unused: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`open_clip_from_ldm` (q, k, v fused again; the unused tensors put back)."""
+    flat = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in state.items()}
+    out = {OPEN_CLIP_PREFIX + k: v for k, v in unused.items()}
+    layer_map = {v: k for k, v in _OPEN_CLIP_LAYER.items()}
+    for key, value in flat.items():
+        if key == "embeddings.token_embedding.weight":
+            out[OPEN_CLIP_PREFIX + "token_embedding.weight"] = value
+        elif key == "embeddings.position_embedding.weight":
+            out[OPEN_CLIP_PREFIX + "positional_embedding"] = value
+        elif key.startswith("final_layer_norm."):
+            out[OPEN_CLIP_PREFIX + "ln_final." + key[len("final_layer_norm."):]] = value
+        elif key.startswith("encoder.layers."):
+            index, rest = key[len("encoder.layers."):].split(".", 1)
+            block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}."
+            if rest.startswith("self_attn.q_proj."):
+                kind = rest.rsplit(".", 1)[1]
+                qkv = [flat[f"encoder.layers.{index}.self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")]
+                out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
+                continue
+            for dst, src in layer_map.items():
+                if rest.startswith(dst + "."):
+                    out[block + src + rest[len(dst):]] = value
+                    break
+    return out

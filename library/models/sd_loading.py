@@ -6,7 +6,7 @@ import logging
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,9 @@ class SDComponents:
     text_encoder: torch.nn.Module
     tokenizer: object
     v2: bool
+    #: tensors of the single file the modules do not use (SD2's last text layer, its text
+    #: projection and logit scale), written back unchanged when the model is saved as a single file
+    unused: dict = field(default_factory=dict)
 
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -106,32 +109,45 @@ def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) 
 
 def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         tokenizer_dir: str | None = None, device: torch.device | None = None) -> SDComponents:
-    """Load an SD1.x single-file checkpoint (ldm key layout) into diffusers/transformers modules."""
+    """Load an SD1.x or SD2.x single-file checkpoint (original key layout) into diffusers/transformers
+    modules; the architecture comes from the tensor shapes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     state = read_state_dict(path, device or "cpu")
     layout = detect_layout(state)
-    if layout == "sd2":
-        raise UserError(f"{path} is an SD2.x single file; SD2 single files need the OpenCLIP converter, which "
-                        "is not in this version yet. Use the model's diffusers folder (or hub id) instead.")
-    if layout != "sd1":
+    if layout not in ("sd1", "sd2"):
         hint = {"sdxl": "use sdxl_train_network.py", "sd3": "use sd3_train_network.py"}.get(layout, "")
         raise UserError(f"{path} is not an SD1.x/2.x checkpoint (it looks like: {layout}){'; ' + hint if hint else ''}")
+    v2 = layout == "sd2"
     unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
-    unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=False)
+    unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=v2)
     unet = _build(UNet2DConditionModel, unet_cfg, sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg)), dtype, "UNet", path)
     vae_ldm = _strip(state, sd_keys.VAE_PREFIX)
     vae_cfg = sd_infer.infer_vae_config(vae_ldm)
     vae = _build(AutoencoderKL, vae_cfg, sd_keys.vae_from_ldm(vae_ldm, _Cfg(vae_cfg)), dtype, "VAE", path)
-    clip_ldm = _strip(state, sd_keys.CLIP_L_PREFIX)
-    clip_cfg = CLIPTextConfig(**sd_infer.infer_clip_l_config(clip_ldm))
-    with torch.device("meta"):
-        model_keys = list(CLIPTextModel(clip_cfg).state_dict())
-    text_encoder = _build(CLIPTextModel, clip_cfg, sd_keys.clip_from_ldm(clip_ldm, model_keys), dtype,
-                          "text encoder", path)
-    tokenizer = resolve_clip_tokenizer(Path(path), tokenizer_dir, v2=False)
-    return SDComponents(unet, vae, text_encoder, tokenizer, v2=False)
+    text_encoder, unused = _text_encoder_from_ldm(state, v2, dtype, path)
+    tokenizer = resolve_clip_tokenizer(Path(path), tokenizer_dir, v2=v2)
+    return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2, unused=unused)
+
+
+def _text_encoder_from_ldm(state: dict, v2: bool, dtype, path) -> tuple[torch.nn.Module, dict]:
+    """CLIP-L (SD1) or the OpenCLIP-H tower (SD2, converted and cut before its last layer)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if v2:
+        ldm = _strip(state, sd_keys.OPEN_CLIP_PREFIX)
+        cfg_kwargs, keep = sd_infer.infer_open_clip_config(ldm)
+        cfg = CLIPTextConfig(**cfg_kwargs)
+        with torch.device("meta"):
+            flat = not any(k.startswith("text_model.") for k in CLIPTextModel(cfg).state_dict())
+        converted, unused = sd_keys.open_clip_from_ldm(ldm, keep, flat)
+    else:
+        ldm = _strip(state, sd_keys.CLIP_L_PREFIX)
+        cfg = CLIPTextConfig(**sd_infer.infer_clip_l_config(ldm))
+        with torch.device("meta"):
+            model_keys = list(CLIPTextModel(cfg).state_dict())
+        converted, unused = sd_keys.clip_from_ldm(ldm, model_keys), {}
+    return _build(CLIPTextModel, cfg, converted, dtype, "text encoder", path), unused
 
 
 class _Cfg:
@@ -204,12 +220,16 @@ def load_sd_model(name_or_path: str, dtype: torch.dtype = torch.float32,
 def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,
                         metadata: dict[str, str] | None = None) -> None:
     """Write a single-file checkpoint in the original ldm key layout (what A1111/ComfyUI load)."""
-    if parts.v2:
-        raise UserError("saving SD2.x as a single file is not supported yet; save as a diffusers folder")
     state = {}
     state.update(sd_keys.unet_to_ldm(parts.unet.state_dict(), parts.unet.config))
     state.update(sd_keys.vae_to_ldm(parts.vae.state_dict(), parts.vae.config))
-    state.update(sd_keys.clip_to_ldm(parts.text_encoder.state_dict()))
+    if parts.v2:
+        if not parts.unused:
+            raise UserError("this SD2 model has no last text-encoder layer to write (it was not loaded from a "
+                            "single file); save it as a diffusers folder")
+        state.update(sd_keys.open_clip_to_ldm(parts.text_encoder.state_dict(), parts.unused))
+    else:
+        state.update(sd_keys.clip_to_ldm(parts.text_encoder.state_dict()))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if str(path).endswith(".safetensors"):

@@ -58,3 +58,45 @@ def make_tiny_sd1(seed: int = 0) -> SDComponents:
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
     return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, v2=False)
+
+
+TINY_SD2_UNET = {**TINY_SD1_UNET, "use_linear_projection": True, "cross_attention_dim": 64,
+                 "attention_head_dim": [1, 1]}  # SD2 heads are 64 wide: max(1, channels // 64)
+
+
+def make_tiny_sd2(seed: int = 0) -> SDComponents:
+    """A tiny SD2-architecture model: linear projections, an OpenCLIP-like text tower (gelu, pad
+    token "!"), plus the tensors a real SD2 file carries but the model does not use (its last text
+    layer, text projection and logit scale), so it can be written as a real-layout single file."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from library.models import sd_keys
+
+    torch.manual_seed(seed)
+    tiny = build_tiny_clip_tokenizer()
+    tokenizer = CLIPTokenizer(vocab=tiny.get_vocab(), merges=_merges_of(tiny), pad_token="!", model_max_length=77)
+    vocab = len(tokenizer)
+    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_attention_heads=clip_heads(64),
+               max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=vocab - 2,
+               eos_token_id=vocab - 1, pad_token_id=0)
+    full = CLIPTextModel(CLIPTextConfig(**cfg, num_hidden_layers=3))  # the file's tower: one layer more
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg, num_hidden_layers=2))
+    state = full.state_dict()
+    text_encoder.load_state_dict({k: v for k, v in state.items() if "layers.2." not in k}, strict=True)
+    ldm = sd_keys.open_clip_to_ldm(state, {"text_projection": torch.randn(64, 32), "logit_scale": torch.tensor(4.6)})
+    prefix = sd_keys.OPEN_CLIP_PREFIX
+    unused = {k[len(prefix):]: v for k, v in ldm.items()
+              if ".resblocks.2." in k or k.endswith(("text_projection", "logit_scale"))}
+    unet = UNet2DConditionModel(**TINY_SD2_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, v2=True, unused=unused)
+
+
+def _merges_of(tokenizer) -> list[tuple[str, str]]:
+    import json
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

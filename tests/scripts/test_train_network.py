@@ -569,3 +569,22 @@ batch_size = 2
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert [e.value for e in acc.Scalars("loss/current")] == [0.0, 0.0, 0.0]
+
+
+def test_sd2_single_file_with_v_prediction(tiny_default, tmp_path):
+    from library.models.sd_loading import save_sd_single_file
+    from library.models.tiny import make_tiny_sd2
+
+    parts = make_tiny_sd2()
+    model = tmp_path / "model" / "tiny-sd2.safetensors"
+    save_sd_single_file(model, parts)
+    parts.tokenizer.save_pretrained(str(model.parent / "tokenizer"))
+    run_script("train_network.py", *tiny_train_args(
+        tiny_default, tmp_path / "out", "--pretrained_model_name_or_path", str(model), "--v2",
+        "--v_parameterization", "--max_train_steps", "2", "--sample_prompts", str(tiny_default / "prompts.txt"),
+        "--sample_at_first"), check=True)
+    tensors, meta = _read(tmp_path / "out" / "last.safetensors")
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight" in tensors
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 2

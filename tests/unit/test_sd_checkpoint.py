@@ -137,3 +137,34 @@ def test_real_sd15_layout_matches_shipped_config():
     clip_ldm = sd_keys.clip_to_ldm(clip.state_dict())
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in clip_ldm
     assert len(clip_ldm) == 196
+
+
+def test_sd2_single_file_round_trip_and_diffusers_reference(tmp_path):
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModel
+
+    from library.models.tiny import make_tiny_sd2
+
+    parts = make_tiny_sd2(seed=3)
+    path = tmp_path / "sd2.safetensors"
+    save_sd_single_file(path, parts)
+    parts.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    original = load_file(str(path))
+    assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in original  # the unused layer
+    assert original["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 2  # linear projection
+    loaded = load_sd_model(str(path))
+    assert loaded.v2 and loaded.text_encoder.config.num_hidden_layers == 2
+    assert loaded.tokenizer.pad_token_id == 0
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(parts, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    save_sd_single_file(tmp_path / "again.safetensors", loaded)
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert set(again) == set(original) and all(torch.equal(again[k], original[k]) for k in original)
+    # diffusers' own OpenCLIP converter gives the same text-encoder weights
+    ref = convert_open_clip_checkpoint(CLIPTextModel(loaded.text_encoder.config), dict(original))
+    ref_state = ref if isinstance(ref, dict) else ref.state_dict()
+    ours = loaded.text_encoder.state_dict()
+    flat_ref = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in ref_state.items()}
+    for key, value in ours.items():
+        assert torch.equal(flat_ref[key], value), key
