@@ -81,7 +81,7 @@ def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = Fals
     from library.training import trainer as trainer_mod
 
     class InMemorySD(SDFamily):
-        def load(self, name_or_path, dtype, tokenizer_dir):
+        def load(self, name_or_path, dtype, tokenizer_dir, device=None):
             return LoadedModels(parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], source="random")
 
     ends: list[float] = []
