@@ -89,8 +89,10 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     return "unknown"
 
 
-def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Take the tensors under ``prefix`` out of ``state`` (popped, so that no second reference
+    keeps them alive once they are converted)."""
+    return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
 
 
 def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) -> torch.nn.Module:
@@ -99,8 +101,12 @@ def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) 
 
     with init_empty_weights(include_buffers=False):
         model = cls(config) if not isinstance(config, dict) else cls(**config)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    # convert one tensor at a time, dropping the source as we go: never two full copies in memory
+    converted = {}
+    for key in list(state):
+        value = state.pop(key)
+        converted[key] = value.to(dtype) if value.is_floating_point() else value
+    result = model.load_state_dict(converted, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"{path}: the {what} weights do not match the detected architecture "
                         f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
@@ -121,10 +127,14 @@ def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     v2 = layout == "sd2"
     unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
     unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=v2)
-    unet = _build(UNet2DConditionModel, unet_cfg, sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg)), dtype, "UNet", path)
+    unet_state = sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg))
+    del unet_ldm
+    unet = _build(UNet2DConditionModel, unet_cfg, unet_state, dtype, "UNet", path)
     vae_ldm = _strip(state, sd_keys.VAE_PREFIX)
     vae_cfg = sd_infer.infer_vae_config(vae_ldm)
-    vae = _build(AutoencoderKL, vae_cfg, sd_keys.vae_from_ldm(vae_ldm, _Cfg(vae_cfg)), dtype, "VAE", path)
+    vae_state = sd_keys.vae_from_ldm(vae_ldm, _Cfg(vae_cfg))
+    del vae_ldm
+    vae = _build(AutoencoderKL, vae_cfg, vae_state, dtype, "VAE", path)
     text_encoder, unused = _text_encoder_from_ldm(state, v2, dtype, path)
     tokenizer = resolve_clip_tokenizer(Path(path), tokenizer_dir, v2=v2)
     return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2, unused=unused)

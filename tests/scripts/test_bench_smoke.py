@@ -12,3 +12,9 @@ def test_bench_train_step_smoke():
     assert result["bare"]["steps"] == 2 and result["trainer"]["steps"] == 2
     assert result["bare"]["median_s"] > 0 and result["trainer"]["median_s"] > 0
     assert 0 < result["trainer"]["peak_rss_gib"] < 6.5
+
+
+def test_bench_load_smoke():
+    proc = run_script("bench/bench_load.py", "--tiny", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-2])
+    assert result["loaded_bytes"] == result["tensor_bytes"] and result["seconds"] > 0
