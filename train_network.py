@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     config = build_training_config(args)
     family = SDFamily(SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip,
                                 max_token_length=args.max_token_length or 75,
-                                weighted_captions=args.weighted_captions))
+                                weighted_captions=args.weighted_captions, vae=args.vae))
     NetworkTrainer(family, config).run()
 
 

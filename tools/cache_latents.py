@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     from library.config.training_config import build_datasets
     from library.data.dataset import build_dataset_group
     from library.data.latent_cache import cache_latents, module_fingerprint
-    from library.families.sd import SDFamily
+    from library.families.sd import SDFamily, SDOptions
     from library.utils.log import setup_logging
 
     parser = network_training_parser("Pre-compute latent cache files (SD1.x/2.x)")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.console_log_level)
     configs, _ = build_datasets(args)
     group, report = build_dataset_group(configs, args.seed or 0, args.prior_loss_weight, args.strict_dataset)
-    family = SDFamily()
+    family = SDFamily(SDOptions(vae=args.vae))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"

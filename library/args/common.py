@@ -20,6 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the base model is SD2.x (SD2 is detected; this flag is checked against it)")
     g.add_argument("--v_parameterization", action="store_true", help="train with v-prediction (SD2.x 768-v models)")
     g.add_argument("--tokenizer_cache_dir", help="folder with the tokenizer files, for offline single-file loading")
+    g.add_argument("--vae", help="a separate VAE: single file (original or diffusers layout) or diffusers folder")
     g.add_argument("--clip_skip", type=int, help="use the output of the n-th last text-encoder layer (2 = penultimate)")
     g.add_argument("--max_token_length", type=int, choices=[75, 150, 225],
                    help="caption length in tokens (default 75); longer captions are encoded in windows of 75")

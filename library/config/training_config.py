@@ -267,6 +267,8 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     model = Path(args.pretrained_model_name_or_path)
     if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
         raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
+    if args.vae and not Path(args.vae).exists():
+        raise UserError(f"--vae {args.vae}: file or folder not found")
     datasets, source = build_datasets(args)
     _check_cache_conflicts(args, datasets)
     _check_masks(args, datasets)

@@ -8,7 +8,7 @@ import torch
 
 from library.families import clip_text
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
-from library.models.sd_loading import load_sd_model
+from library.models.sd_loading import load_sd_model, load_vae
 from library.sampling.samplers import build_scheduler
 from library.training import noise as noise_fns
 from library.training.loss import apply_mask, elementwise_loss, per_sample_mean
@@ -25,6 +25,7 @@ class SDOptions:
     v2: bool = False  # --v2: the user says the model is SD2.x; checked against what is loaded
     clip_skip: int | None = None
     max_token_length: int = 75  # 75, 150 or 225: prompts are encoded in windows of 75 tokens
+    vae: str | None = None  # --vae: a separate VAE replaces the checkpoint's
     weighted_captions: bool = False  # (word:1.2) emphasis in captions
 
 
@@ -46,6 +47,8 @@ class SDFamily(ModelFamily):
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
              device: torch.device | None = None) -> LoadedModels:
         parts = load_sd_model(name_or_path, dtype, tokenizer_dir, device)
+        if self.options.vae:
+            parts.vae = load_vae(self.options.vae, dtype, self.latent_channels, device)
         if self.options.v2 and not parts.v2:
             raise UserError(f"--v2 was given but {name_or_path} is an SD1.x model (its text encoder is CLIP-L); "
                             "remove --v2")
@@ -147,6 +150,19 @@ class SDFamily(ModelFamily):
         o = self.options.ddpm
         return [int(o.min_timestep + (o.max_timestep - o.min_timestep) * k / 5) for k in range(1, 5)]
 
+    def _vae_metadata(self) -> dict[str, str]:
+        import os
+
+        from library.training.metadata import file_hashes
+
+        vae = self.options.vae
+        if not vae:
+            return {"ss_vae_name": "None"}
+        meta = {"ss_vae_name": os.path.basename(vae.rstrip("/"))}
+        if os.path.isfile(vae):
+            meta["ss_vae_hash"], meta["ss_new_vae_hash"] = file_hashes(vae)
+        return meta
+
     def metadata(self) -> dict[str, str]:
         v = self.options.ddpm.v_parameterization
         if self.v2:
@@ -161,6 +177,7 @@ class SDFamily(ModelFamily):
             "ss_v_parameterization": str(v),
             "ss_clip_skip": str(self.options.clip_skip) if self.options.clip_skip else "None",
             "ss_max_token_length": str(self.options.max_token_length),
+            **self._vae_metadata(),
             "ss_weighted_captions": str(self.options.weighted_captions),
             "modelspec.architecture": f"{arch}/lora",
             "modelspec.implementation": "diffusers",

@@ -214,6 +214,43 @@ def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
     return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2)
 
 
+def load_vae(path: str, dtype: torch.dtype = torch.float32, latent_channels: int = 4,
+             device: torch.device | None = None) -> torch.nn.Module:
+    """A separate VAE (``--vae``): a single file in the original layout (with or without the
+    ``first_stage_model.`` prefix) or in diffusers' layout, or a diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if p.is_dir():
+        sub = {"subfolder": "vae"} if (p / "vae").is_dir() else {}
+        try:
+            vae = AutoencoderKL.from_pretrained(str(p), torch_dtype=dtype, **sub)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--vae {p}: not a diffusers VAE folder ({str(exc).splitlines()[0]})") from exc
+    else:
+        state = read_state_dict(p, device or "cpu")
+        if any(k.startswith(sd_keys.VAE_PREFIX) for k in state):
+            state = _strip(state, sd_keys.VAE_PREFIX)
+        if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers names: to the original ones
+            state = _strip(sd_keys.vae_to_ldm(state, _Cfg(_diffusers_vae_shape(state))), sd_keys.VAE_PREFIX)
+        if "encoder.conv_in.weight" not in state or "quant_conv.weight" not in state:
+            raise UserError(f"--vae {p}: this file holds no VAE (no encoder.conv_in / quant_conv weights)")
+        cfg = sd_infer.infer_vae_config(state)
+        vae = _build(AutoencoderKL, cfg, sd_keys.vae_from_ldm(state, _Cfg(cfg)), dtype, "VAE", p)
+    if vae.config.latent_channels != latent_channels:
+        raise UserError(f"--vae {p}: it makes {vae.config.latent_channels}-channel latents, this model needs "
+                        f"{latent_channels} (is it an SD3/FLUX VAE?)")
+    return vae.eval().requires_grad_(False)
+
+
+def _diffusers_vae_shape(state: Mapping[str, torch.Tensor]) -> dict:
+    import re
+
+    levels = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))}
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
+    return {"block_out_channels": [0] * len(levels), "layers_per_block": len(layers)}
+
+
 def load_sd_model(name_or_path: str, dtype: torch.dtype = torch.float32,
                   tokenizer_dir: str | None = None, device: torch.device | None = None) -> SDComponents:
     """Load an SD1.x/2.x model from a single file, a diffusers folder or a hub id."""

@@ -588,3 +588,16 @@ def test_sd2_single_file_with_v_prediction(tiny_default, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight" in tensors
     assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 2
+
+
+def test_separate_vae_flag(tiny_default, tmp_path):
+    from library.models.tiny import make_tiny_sd1
+
+    other = make_tiny_sd1(seed=5).vae
+    other.save_pretrained(str(tmp_path / "my_vae"))
+    run_script("train_network.py", *tiny_train_args(tiny_default, tmp_path / "out", "--vae", str(tmp_path / "my_vae"),
+                                                    "--max_train_steps", "2", "--cache_latents"), check=True)
+    _, meta = _read(tmp_path / "out" / "last.safetensors")
+    assert meta["ss_vae_name"] == "my_vae"
+    args = tiny_train_args(tiny_default, tmp_path / "out2", "--vae", str(tmp_path / "missing.safetensors"))
+    _user_error(run_script("train_network.py", *args), "--vae", "not found")

@@ -168,3 +168,25 @@ def test_sd2_single_file_round_trip_and_diffusers_reference(tmp_path):
     flat_ref = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in ref_state.items()}
     for key, value in ours.items():
         assert torch.equal(flat_ref[key], value), key
+
+
+def test_separate_vae_in_every_layout(tmp_path, tiny_sd1):
+    from library.models.sd_loading import load_vae
+
+    vae = tiny_sd1.vae
+    ref = vae.state_dict()
+    ldm = sd_keys.vae_to_ldm(ref, vae.config)
+    save_file(dict(ldm), str(tmp_path / "prefixed.safetensors"))
+    save_file(_strip(ldm, sd_keys.VAE_PREFIX), str(tmp_path / "bare.safetensors"))  # like vae-ft-mse files
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "diffusers_keys.safetensors"))
+    vae.save_pretrained(str(tmp_path / "folder"))
+    for source in ("prefixed.safetensors", "bare.safetensors", "diffusers_keys.safetensors", "folder"):
+        got = load_vae(str(tmp_path / source)).state_dict()
+        assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), source
+    with pytest.raises(UserError, match="makes 16-channel latents, this model needs 4"):
+        AutoencoderKL(latent_channels=16, block_out_channels=(32,), norm_num_groups=32).save_pretrained(
+            str(tmp_path / "sd3ish"))
+        load_vae(str(tmp_path / "sd3ish"))
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "nothing.safetensors"))
+    with pytest.raises(UserError, match="holds no VAE"):
+        load_vae(str(tmp_path / "nothing.safetensors"))
