@@ -53,6 +53,8 @@ class SDFamily(ModelFamily):
             raise UserError(f"--v2 was given but {name_or_path} is an SD1.x model (its text encoder is CLIP-L); "
                             "remove --v2")
         self.v2 = parts.v2
+        if parts.prediction_type == "v_prediction" and not self.options.ddpm.v_parameterization:
+            raise UserError(f"{name_or_path} is a v-prediction model (its scheduler says so): add --v_parameterization")
         return LoadedModels(denoiser=parts.unet, vae=parts.vae, text_encoders=[parts.text_encoder],
                             tokenizers=[parts.tokenizer], source=name_or_path)
 

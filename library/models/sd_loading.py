@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -35,6 +36,8 @@ class SDComponents:
     #: tensors of the single file the modules do not use (SD2's last text layer, its text
     #: projection and logit scale), written back unchanged when the model is saved as a single file
     unused: dict = field(default_factory=dict)
+    #: what the model predicts, when its files say so ("epsilon" / "v_prediction"); single files do not
+    prediction_type: str | None = None
 
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -183,14 +186,19 @@ def resolve_clip_tokenizer(ckpt: Path, tokenizer_dir: str | None, v2: bool):
         if (cand / "tokenizer.json").is_file() or (cand / "vocab.json").is_file():
             return CLIPTokenizer.from_pretrained(str(cand))
     hub_id, sub = (SD2_HUB_ID, "tokenizer") if v2 else (CLIP_L_HUB_ID, None)
+    problem: Exception | None = None
     try:
-        kwargs = {"subfolder": sub} if sub else {}
-        return CLIPTokenizer.from_pretrained(hub_id, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"no CLIP tokenizer found for {ckpt}: looked in {', '.join(map(str, candidates))} and the "
-                        f"Hugging Face cache for {hub_id}. Put the tokenizer files (tokenizer.json or vocab.json + "
-                        "merges.txt) in a 'tokenizer' folder next to the checkpoint or pass --tokenizer_cache_dir, "
-                        f"or go online once so {hub_id} is cached.") from exc
+        tokenizer = CLIPTokenizer.from_pretrained(hub_id, **({"subfolder": sub} if sub else {}))
+        # transformers 5 returns an empty 2-token tokenizer, without an error, for a repository that
+        # is neither cached nor reachable: treat that as "not found"
+        if len(tokenizer) > 256:
+            return tokenizer
+    except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
+        problem = exc
+    raise UserError(f"no CLIP tokenizer found for {ckpt}: looked in {', '.join(map(str, candidates))} and the "
+                    f"Hugging Face cache for {hub_id}. Put the tokenizer files (tokenizer.json or vocab.json + "
+                    "merges.txt) in a 'tokenizer' folder next to the checkpoint or pass --tokenizer_cache_dir, "
+                    f"or go online once so {hub_id} is cached.") from problem
 
 
 def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
@@ -208,10 +216,22 @@ def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load a diffusers model from {name_or_path}: {str(exc).splitlines()[0]}") from exc
-    v2 = text_encoder.config.hidden_size == 1024
+    v2 = text_encoder.config.hidden_size == 1024 or text_encoder.config.hidden_act == "gelu"
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
-    return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2)
+    return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2,
+                        prediction_type=_scheduler_prediction_type(name_or_path))
+
+
+def _scheduler_prediction_type(name_or_path: str) -> str | None:
+    """What a diffusers folder's scheduler says the model predicts (None if it does not say)."""
+    path = Path(name_or_path) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("prediction_type")
+    except ValueError:
+        return None
 
 
 def load_vae(path: str, dtype: torch.dtype = torch.float32, latent_channels: int = 4,
@@ -262,6 +282,48 @@ def load_sd_model(name_or_path: str, dtype: torch.dtype = torch.float32,
     if p.is_file() or p.suffix in CHECKPOINT_SUFFIXES:
         return load_sd_single_file(p, dtype, tokenizer_dir, device)  # a missing file is reported there
     return load_sd_diffusers(name_or_path, dtype, device)
+
+
+def save_sd_diffusers(folder: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,
+                      prediction_type: str = "epsilon") -> None:
+    """Write a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json)
+    that ``StableDiffusionPipeline.from_pretrained`` and our loader read. Written to a temporary
+    folder and renamed into place."""
+    import shutil
+
+    from diffusers import DDIMScheduler
+
+    from library.sampling.samplers import SD_SCHEDULE
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for name, module in (("unet", parts.unet), ("vae", parts.vae), ("text_encoder", parts.text_encoder)):
+        module.save_pretrained(str(tmp / name))
+        if dtype is not None:
+            _recast_folder(tmp / name, dtype)
+    parts.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                  prediction_type=prediction_type).save_pretrained(str(tmp / "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _recast_folder(folder: Path, dtype: torch.dtype) -> None:
+    """Store a saved module's safetensors weights in ``dtype`` (floating tensors only)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+        save_file(state, str(f), metadata={"format": "pt"})
 
 
 def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,

@@ -190,3 +190,50 @@ def test_separate_vae_in_every_layout(tmp_path, tiny_sd1):
     save_file({"something.else": torch.zeros(2)}, str(tmp_path / "nothing.safetensors"))
     with pytest.raises(UserError, match="holds no VAE"):
         load_vae(str(tmp_path / "nothing.safetensors"))
+
+
+def test_diffusers_folder_save_and_load(tmp_path, tiny_sd1):
+    from diffusers import StableDiffusionPipeline
+
+    from library.families.sd import SDFamily, SDOptions
+    from library.models.sd_loading import save_sd_diffusers
+    from library.training.noise import DDPMOptions
+
+    folder = tmp_path / "pipe"
+    save_sd_diffusers(folder, tiny_sd1, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    loaded = load_sd_model(str(folder))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(tiny_sd1, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.prediction_type == "v_prediction" and not loaded.v2
+    with pytest.raises(UserError, match="v-prediction model .* add --v_parameterization"):
+        SDFamily().load(str(folder), torch.float32, None)
+    SDFamily(SDOptions(ddpm=DDPMOptions(v_parameterization=True))).load(str(folder), torch.float32, None)
+    save_sd_diffusers(tmp_path / "half", tiny_sd1, dtype=torch.float16)
+    half = load_file(str(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in half.values())
+
+
+def test_fp8_stored_weights_load_to_the_compute_dtype(tmp_path, tiny_sd1):
+    path = tmp_path / "m.safetensors"
+    save_sd_single_file(path, tiny_sd1, dtype=torch.float8_e4m3fn)
+    tiny_sd1.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    loaded = load_sd_model(str(path), torch.bfloat16)
+    ref = tiny_sd1.unet.state_dict()
+    for key, value in loaded.unet.state_dict().items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, ref[key].to(torch.float8_e4m3fn).to(torch.bfloat16)), key
+
+
+def test_missing_tokenizer_is_explained(tmp_path, tiny_sd1, monkeypatch):
+    from library.models import sd_loading
+
+    monkeypatch.setattr(sd_loading, "CLIP_L_HUB_ID", "no-such-org/no-such-tokenizer")  # not in any cache
+    path = tmp_path / "m.safetensors"
+    save_sd_single_file(path, tiny_sd1)
+    with pytest.raises(UserError, match="no CLIP tokenizer found .* --tokenizer_cache_dir"):
+        load_sd_model(str(path))
+    tiny_sd1.tokenizer.save_pretrained(str(tmp_path / "elsewhere"))
+    assert load_sd_model(str(path), tokenizer_dir=str(tmp_path / "elsewhere")).tokenizer is not None
