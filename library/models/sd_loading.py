@@ -216,6 +216,8 @@ def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load a diffusers model from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    if len(tokenizer) <= 256:  # transformers 5 gives an empty tokenizer instead of an error
+        raise UserError(f"{name_or_path}: no usable tokenizer (tokenizer/ is missing or empty)")
     v2 = text_encoder.config.hidden_size == 1024 or text_encoder.config.hidden_act == "gelu"
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
