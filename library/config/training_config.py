@@ -21,7 +21,6 @@ from library.config.dataset_config import (
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.training.noise import DDPMOptions, SNRWeighting
-from library.training.precision import check_precision_flags
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -257,25 +256,46 @@ def loggable_args(raw: dict) -> dict:
             and isinstance(v, (int, float, str, bool))}
 
 
+def _check_files(args: argparse.Namespace) -> None:
+    model = Path(args.pretrained_model_name_or_path)
+    if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
+        raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
+    if args.vae and not Path(args.vae).exists():
+        raise UserError(f"--vae {args.vae}: file or folder not found")
+    if args.network_weights and not Path(args.network_weights).is_file():
+        raise UserError(f"--network_weights {args.network_weights}: file not found")
+
+
+def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
+                           args.text_encoder_lr, args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles,
+                           args.lr_scheduler_power, args.max_grad_norm, args.lr_decay_steps,
+                           args.lr_scheduler_min_lr_ratio, args.lr_scheduler_type, tuple(args.lr_scheduler_args))
+
+
+def _save_config(args: argparse.Namespace) -> SaveConfig:
+    return SaveConfig(Path(args.output_dir), args.output_name, "." + args.save_model_as, _PRECISIONS[args.save_precision],
+                      args.save_every_n_epochs, args.save_every_n_steps, args.no_metadata, args.training_comment,
+                      save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
+                      last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
+                      last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
+                      last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
+                      modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
+                                 if k.startswith("metadata_") and v is not None})
+
+
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
     from library.training.optim import check_optimizer_name
     from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
-    check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)
-    model = Path(args.pretrained_model_name_or_path)
-    if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
-        raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
-    if args.vae and not Path(args.vae).exists():
-        raise UserError(f"--vae {args.vae}: file or folder not found")
+    _check_files(args)
     datasets, source = build_datasets(args)
     _check_cache_conflicts(args, datasets)
     _check_masks(args, datasets)
     import_network_module(args.network_module)
     check_optimizer_name(args.optimizer_type)
-    if args.network_weights and not Path(args.network_weights).is_file():
-        raise UserError(f"--network_weights {args.network_weights}: file not found")
     prompts = tuple(load_prompt_file(args.sample_prompts)) if args.sample_prompts else ()
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
@@ -283,20 +303,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
                               parse_network_args(args.network_args), args.network_weights,
                               train_unet=not args.network_train_text_encoder_only,
                               train_text_encoder=not args.network_train_unet_only),
-        optimizer=OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
-                                  args.text_encoder_lr, args.lr_scheduler, args.lr_warmup_steps,
-                                  args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm,
-                                  args.lr_decay_steps, args.lr_scheduler_min_lr_ratio, args.lr_scheduler_type,
-                                  tuple(args.lr_scheduler_args)),
-        save=SaveConfig(Path(args.output_dir), args.output_name, "." + args.save_model_as,
-                        _PRECISIONS[args.save_precision], args.save_every_n_epochs, args.save_every_n_steps,
-                        args.no_metadata, args.training_comment, save_state=args.save_state,
-                        save_state_on_train_end=args.save_state_on_train_end, last_n_epochs=args.save_last_n_epochs,
-                        last_n_steps=args.save_last_n_steps,
-                        last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
-                        last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
-                        modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
-                                   if k.startswith("metadata_") and v is not None}),
+        optimizer=_optimizer_config(args), save=_save_config(args),
         sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
                             args.sample_sampler),
         seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1),
