@@ -274,14 +274,15 @@ def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
 
 
 def _save_config(args: argparse.Namespace) -> SaveConfig:
-    return SaveConfig(Path(args.output_dir), args.output_name, "." + args.save_model_as,
-                      _PRECISIONS[args.save_precision], args.save_every_n_epochs, args.save_every_n_steps, args.no_metadata, args.training_comment,
-                      save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
-                      last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
-                      last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
-                      last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
-                      modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
-                                 if k.startswith("metadata_") and v is not None})
+    return SaveConfig(
+        Path(args.output_dir), args.output_name, "." + args.save_model_as, _PRECISIONS[args.save_precision],
+        args.save_every_n_epochs, args.save_every_n_steps, args.no_metadata, args.training_comment,
+        save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
+        last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
+        last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
+        last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
+        modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
+                   if k.startswith("metadata_") and v is not None})
 
 
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
