@@ -28,6 +28,14 @@ def tiny_sd1():
     return make_tiny_sd1(seed=0)
 
 
+@pytest.fixture
+def tiny_sd2():
+    """A fresh tiny SD2-architecture model (OpenCLIP-like text tower, linear projections)."""
+    from library.models.tiny import make_tiny_sd2
+
+    return make_tiny_sd2(seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_default(tmp_path_factory) -> Path:
     """The quickstart's tiny default (model file + tokenizer, dataset, TOML, prompts)."""

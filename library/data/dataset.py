@@ -251,6 +251,16 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         table = bk.make_bucket_resolutions(c.resolution, c.min_bucket_reso, c.max_bucket_reso, c.bucket_reso_steps)
         for it in self.items:
             it.bucket, it.resized = bk.select_bucket(it.size, table)
+        self._warn_enlarged()
+
+    def _warn_enlarged(self) -> None:
+        """Images far smaller than their bucket are used (as in kohya), but named: they train blurry."""
+        small = [(it.path, it.resized[0] / it.size[0]) for it in self.items if it.resized[0] >= 2 * it.size[0]]
+        for path, factor in small[:10]:
+            logger.warning("%s is enlarged %.1fx to fit its bucket (smaller than min_bucket_reso); it will be "
+                           "blurry - use a larger image or bucket_no_upscale", path, factor)
+        if len(small) > 10:
+            logger.warning("... and %d more enlarged images", len(small) - 10)
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         """Samples per bucket (repeats counted), for the table printed at start."""

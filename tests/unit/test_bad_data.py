@@ -67,6 +67,17 @@ def test_tiny_images_with_no_upscale_and_huge_images(corpus, tmp_path):
     assert item.size == (12000, 12000) and item.bucket == (512, 512)
 
 
+def test_tiny_images_are_named_when_enlarged(tmp_path, caplog):
+    import logging
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "small.png")
+    cfg = DatasetConfig((512, 512), enable_bucket=True, subsets=(SubsetConfig(str(tmp_path)),))
+    with caplog.at_level(logging.WARNING):
+        group, _ = build_dataset_group([cfg], 0, 1.0, False)
+    assert group.items[0].bucket == (512, 512)
+    assert any("small.png is enlarged 12.8x" in r.getMessage() for r in caplog.records)
+
+
 def test_empty_subsets_and_datasets(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "ok").mkdir()

@@ -139,13 +139,11 @@ def test_real_sd15_layout_matches_shipped_config():
     assert len(clip_ldm) == 196
 
 
-def test_sd2_single_file_round_trip_and_diffusers_reference(tmp_path):
+def test_sd2_single_file_round_trip_and_diffusers_reference(tmp_path, tiny_sd2):
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextModel
 
-    from library.models.tiny import make_tiny_sd2
-
-    parts = make_tiny_sd2(seed=3)
+    parts = tiny_sd2
     path = tmp_path / "sd2.safetensors"
     save_sd_single_file(path, parts)
     parts.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
