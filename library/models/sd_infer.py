@@ -19,8 +19,12 @@ def _indices(state: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := rx.match(k))})
 
 
-def infer_unet_config(state: Mapping[str, torch.Tensor], v2: bool) -> dict:
-    """UNet2DConditionModel config from ldm UNet keys (``model.diffusion_model.`` removed)."""
+def infer_unet_config(state: Mapping[str, torch.Tensor], v2: bool, pooled_dim: int | None = None) -> dict:
+    """UNet2DConditionModel config from ldm UNet keys (``model.diffusion_model.`` removed).
+
+    ``v2`` selects 64-wide attention heads (SD2 and SDXL; SD1 uses 8 heads). An SDXL UNet (with
+    ``label_emb``) also needs the pooled text width, ``pooled_dim``, to split its size-embedding
+    input into the pooled text and the six size/crop values."""
     model_channels = state["input_blocks.0.0.weight"].shape[0]
     in_channels = state["input_blocks.0.0.weight"].shape[1]
     n_input = len(_indices(state, r"input_blocks\.(\d+)\."))
@@ -43,8 +47,16 @@ def infer_unet_config(state: Mapping[str, torch.Tensor], v2: bool) -> dict:
         heads = [max(1, c // 64) for c in channels]
     else:  # SD1: 8 heads everywhere
         heads = 8
+    extra = {}
+    if "label_emb.0.0.weight" in state:  # SDXL: size and crop conditioning plus the pooled text
+        embed_in = state["label_emb.0.0.weight"].shape[1]
+        if pooled_dim is None:
+            raise ValueError("an SDXL UNet needs pooled_dim to infer its config")
+        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": (embed_in - pooled_dim) // 6,
+                 "projection_class_embeddings_input_dim": embed_in}
     return {
-        "sample_size": 96 if v2 else 64,
+        **extra,
+        "sample_size": 128 if extra else (96 if v2 else 64),
         "in_channels": in_channels,
         "out_channels": state["out.2.weight"].shape[0],
         "block_out_channels": channels,

@@ -23,14 +23,19 @@ _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def unet_block_map(block_out_channels, layers_per_block: int, up_block_types) -> dict[str, str]:
-    """Map diffusers UNet block prefixes to ldm prefixes (``down_blocks.0.resnets.0`` -> ``input_blocks.1.0``)."""
+def unet_block_map(block_out_channels, layers_per_block: int, up_block_types,
+                   size_conditioning: bool = False) -> dict[str, str]:
+    """Map diffusers UNet block prefixes to ldm prefixes (``down_blocks.0.resnets.0`` -> ``input_blocks.1.0``).
+    ``size_conditioning`` adds SDXL's size/pooled-text embedding (``add_embedding`` <-> ``label_emb.0``)."""
     per_level = layers_per_block + 1
     levels = len(block_out_channels)
     m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
          "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
          "mid_block.resnets.1": "middle_block.2"}
+    if size_conditioning:
+        m["add_embedding.linear_1"] = "label_emb.0.0"
+        m["add_embedding.linear_2"] = "label_emb.0.2"
     for i in range(levels):
         for j in range(layers_per_block):
             m[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{per_level * i + j + 1}.0"
@@ -81,16 +86,21 @@ def _rename(key: str, block_map: Mapping[str, str], inner_maps: Mapping[str, Map
     return key
 
 
+def _unet_map(config) -> dict[str, str]:
+    return unet_block_map(config.block_out_channels, config.layers_per_block, config.up_block_types,
+                          getattr(config, "addition_embed_type", None) == "text_time")
+
+
 def unet_to_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel state dict -> ldm ``model.diffusion_model.*`` keys."""
-    block_map = unet_block_map(config.block_out_channels, config.layers_per_block, config.up_block_types)
+    block_map = _unet_map(config)
     inner = {"resnets": _UNET_RESNET}
     return {UNET_PREFIX + _rename(k, block_map, inner): v for k, v in state.items()}
 
 
 def unet_from_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """ldm UNet keys (prefix already removed) -> diffusers names (inverse of :func:`unet_to_ldm`)."""
-    block_map = unet_block_map(config.block_out_channels, config.layers_per_block, config.up_block_types)
+    block_map = _unet_map(config)
     inner = {"resnets": _invert(_UNET_RESNET)}
     return {_rename(k, _invert(block_map), inner): v for k, v in state.items()}
 

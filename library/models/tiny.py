@@ -100,3 +100,35 @@ def _merges_of(tokenizer) -> list[tuple[str, str]]:
 
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
+TINY_SDXL_UNET = {
+    "sample_size": 8, "block_out_channels": (32, 64, 64), "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": [1, 1, 2], "cross_attention_dim": 32 + 64, "attention_head_dim": [1, 1, 1],
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8, "norm_num_groups": 32,
+}
+
+
+def make_tiny_sdxl(seed: int = 0):
+    """A tiny SDXL-architecture model (3 levels with SDXL's block pattern, size conditioning, CLIP-L
+    plus an OpenCLIP-G-like tower with projection) with random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.models.sdxl_loading import SDXLComponents
+
+    torch.manual_seed(seed)
+    vocab = len(build_tiny_clip_tokenizer())
+    te1 = CLIPTextModel(tiny_clip_config(vocab, hidden=32))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=clip_heads(64), max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=0))
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+    vae = AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.13025})
+    for m in (unet, vae, te1, te2):
+        m.eval().requires_grad_(False)
+    return SDXLComponents(unet, vae, te1, te2, {"logit_scale": torch.tensor(4.6)})

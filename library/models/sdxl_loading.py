@@ -1,0 +1,97 @@
+"""Load and save SDXL single files (original SGM key layout).
+
+Layout: ``model.diffusion_model.*`` (UNet with ``label_emb`` size conditioning),
+``first_stage_model.*`` (VAE), ``conditioner.embedders.0.transformer.*`` (CLIP-L) and
+``conditioner.embedders.1.model.*`` (OpenCLIP bigG, all layers plus its text projection).
+The architecture is read from tensor shapes; real and tiny test files load through the same code.
+Not wired to a training script yet (sdxl_train_network.py is its own issue).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.models import sd_infer, sd_keys
+from library.models.sd_loading import _build, _Cfg, _strip, detect_layout, read_state_dict
+from library.utils.errors import UserError
+from library.utils.files import save_safetensors
+
+TE1_PREFIX = "conditioner.embedders.0.transformer."
+TE2_PREFIX = "conditioner.embedders.1.model."
+
+
+@dataclass
+class SDXLComponents:
+    """The parts of an SDXL model."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder_1: torch.nn.Module  # CLIP-L (CLIPTextModel)
+    text_encoder_2: torch.nn.Module  # OpenCLIP bigG (CLIPTextModelWithProjection)
+    unused: dict = field(default_factory=dict)  # e.g. TE2's logit_scale, written back on save
+
+
+def _text_encoder_2(state: dict, dtype, path) -> tuple[torch.nn.Module, dict]:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    ldm = _strip(state, TE2_PREFIX)
+    cfg_kwargs, _ = sd_infer.infer_open_clip_config(ldm)
+    layers = len({k.split(".")[2] for k in ldm if k.startswith("transformer.resblocks.")})
+    cfg = CLIPTextConfig(**{**cfg_kwargs, "num_hidden_layers": layers})  # SDXL keeps every layer
+    converted, unused = sd_keys.open_clip_from_ldm(ldm, layers, flat=False)
+    projection = unused.pop("text_projection", None)
+    if projection is None:
+        raise UserError(f"{path}: the second text encoder has no text_projection")
+    converted["text_projection.weight"] = projection.T.contiguous()
+    return _build(CLIPTextModelWithProjection, cfg, converted, dtype, "second text encoder", path), unused
+
+
+def load_sdxl_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                          device: torch.device | None = None) -> SDXLComponents:
+    """Load an SDXL single file into diffusers/transformers modules."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = read_state_dict(path, device or "cpu")
+    layout = detect_layout(state)
+    if layout != "sdxl":
+        raise UserError(f"{path} is not an SDXL checkpoint (it looks like: {layout})")
+    te2, unused = _text_encoder_2(state, dtype, path)
+    te1_ldm = _strip(state, TE1_PREFIX)
+    te1_cfg = CLIPTextConfig(**sd_infer.infer_clip_l_config(te1_ldm))
+    with torch.device("meta"):
+        te1_keys = list(CLIPTextModel(te1_cfg).state_dict())
+    te1 = _build(CLIPTextModel, te1_cfg, sd_keys.clip_from_ldm(te1_ldm, te1_keys), dtype, "first text encoder", path)
+    unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
+    unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=True, pooled_dim=te2.config.projection_dim)
+    unet_cfg.update(cross_attention_dim=te1.config.hidden_size + te2.config.hidden_size)
+    unet_state = sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg))
+    del unet_ldm
+    unet = _build(UNet2DConditionModel, unet_cfg, unet_state, dtype, "UNet", path)
+    vae_ldm = _strip(state, sd_keys.VAE_PREFIX)
+    vae_cfg = sd_infer.infer_vae_config(vae_ldm)
+    vae_cfg["scaling_factor"] = 0.13025
+    vae = _build(AutoencoderKL, vae_cfg, sd_keys.vae_from_ldm(vae_ldm, _Cfg(vae_cfg)), dtype, "VAE", path)
+    return SDXLComponents(unet, vae, te1, te2, unused)
+
+
+def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype: torch.dtype | None = None,
+                          metadata: dict[str, str] | None = None) -> None:
+    """Write an SDXL single file in the original SGM layout."""
+    state = {}
+    state.update(sd_keys.unet_to_ldm(parts.unet.state_dict(), parts.unet.config))
+    state.update(sd_keys.vae_to_ldm(parts.vae.state_dict(), parts.vae.config))
+    state.update(sd_keys.clip_to_ldm(parts.text_encoder_1.state_dict(), TE1_PREFIX))
+    te2 = dict(parts.text_encoder_2.state_dict())
+    projection = te2.pop("text_projection.weight").T.contiguous()
+    te2_ldm = sd_keys.open_clip_to_ldm(te2, {**parts.unused, "text_projection": projection})
+    state.update({TE2_PREFIX + k[len(sd_keys.OPEN_CLIP_PREFIX):]: v for k, v in te2_ldm.items()})
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if Path(path).suffix != ".safetensors":
+        raise UserError(f"{path}: SDXL files are written as .safetensors")
+    save_safetensors(state, path, metadata=metadata)
