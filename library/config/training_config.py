@@ -21,6 +21,7 @@ from library.config.dataset_config import (
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.training.noise import DDPMOptions, SNRWeighting
+from library.training.precision import check_precision_flags
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
+    check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)
     _check_files(args)
     datasets, source = build_datasets(args)
     _check_cache_conflicts(args, datasets)
