@@ -22,7 +22,8 @@ def test_no_family_checks_in_shared_code():
     pattern = re.compile(r"\bif\b.*\b(is_sdxl|is_sd3|sdxl|sd3)\b")
     offenders = []
     for path in (ROOT / "library").rglob("*.py"):
-        if "families" in path.parts:
+        # families/ is where families differ; models/ holds one loader per checkpoint layout by design
+        if "families" in path.parts or "models" in path.parts:
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if pattern.search(line) and not line.lstrip().startswith("#"):
