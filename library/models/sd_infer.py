@@ -76,10 +76,13 @@ def infer_vae_config(state: Mapping[str, torch.Tensor]) -> dict:
     levels = _indices(state, r"encoder\.down\.(\d+)\.")
     layers = len(_indices(state, r"encoder\.down\.0\.block\.(\d+)\."))
     channels = [state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels]
+    quant = "quant_conv.weight" in state  # SD3/FLUX VAEs have no quant convs
     return {
+        "use_quant_conv": quant,
+        "use_post_quant_conv": "post_quant_conv.weight" in state,
         "in_channels": state["encoder.conv_in.weight"].shape[1],
         "out_channels": state["decoder.conv_out.weight"].shape[0],
-        "latent_channels": state["quant_conv.weight"].shape[0] // 2,
+        "latent_channels": state["encoder.conv_out.weight"].shape[0] // 2,
         "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),

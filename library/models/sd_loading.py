@@ -255,8 +255,8 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32, latent_channels: int
             state = _strip(state, sd_keys.VAE_PREFIX)
         if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers names: to the original ones
             state = _strip(sd_keys.vae_to_ldm(state, _Cfg(_diffusers_vae_shape(state))), sd_keys.VAE_PREFIX)
-        if "encoder.conv_in.weight" not in state or "quant_conv.weight" not in state:
-            raise UserError(f"--vae {p}: this file holds no VAE (no encoder.conv_in / quant_conv weights)")
+        if "encoder.conv_in.weight" not in state or "encoder.conv_out.weight" not in state:
+            raise UserError(f"--vae {p}: this file holds no VAE (no encoder.conv_in / conv_out weights)")
         cfg = sd_infer.infer_vae_config(state)
         vae = _build(AutoencoderKL, cfg, sd_keys.vae_from_ldm(state, _Cfg(cfg)), dtype, "VAE", p)
     if vae.config.latent_channels != latent_channels:

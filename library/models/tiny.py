@@ -132,3 +132,34 @@ def make_tiny_sdxl(seed: int = 0):
     for m in (unet, vae, te1, te2):
         m.eval().requires_grad_(False)
     return SDXLComponents(unet, vae, te1, te2, {"logit_scale": torch.tensor(4.6)})
+
+
+TINY_SD3_MMDIT = {"sample_size": 16, "patch_size": 2, "in_channels": 16, "num_layers": 3, "attention_head_dim": 8,
+                  "num_attention_heads": 4, "joint_attention_dim": 128, "caption_projection_dim": 32,
+                  "pooled_projection_dim": 64, "out_channels": 16, "pos_embed_max_size": 32}
+
+
+def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
+    """A tiny SD3-architecture model: MMDiT (SD3.5-Medium style with qk norm and dual attention when
+    asked), a 16-channel VAE without quant convs, CLIP-L and CLIP-G with projections, and T5."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, SD3Components
+
+    torch.manual_seed(seed)
+    vocab = len(build_tiny_clip_tokenizer())
+    extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)} if sd35_medium else {}
+    transformer = SD3Transformer2DModel(**TINY_SD3_MMDIT, **extra)
+    vae = AutoencoderKL(**{**TINY_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+                           "scaling_factor": SD3_VAE_SCALE, "shift_factor": SD3_VAE_SHIFT})
+    clip_l = CLIPTextModelWithProjection(tiny_clip_config(vocab, hidden=32))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=clip_heads(64),
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1, pad_token_id=0))
+    t5 = T5EncoderModel(T5Config(vocab_size=200, d_model=128, d_kv=16, d_ff=64, num_layers=2, num_heads=8,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    for m in (transformer, vae, clip_l, clip_g, t5):
+        m.eval().requires_grad_(False)
+    return SD3Components(transformer, vae, clip_l, clip_g, t5)

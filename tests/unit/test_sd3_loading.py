@@ -1,0 +1,62 @@
+"""SD3/SD3.5 single files, with bundled or separate text encoders: load from shapes, save bit for bit."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from library.models.sd3_loading import TE_PREFIXES, load_sd3_single_file, save_sd3_single_file
+from library.models.tiny import make_tiny_sd3
+from library.utils.errors import UserError
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("sd35", [False, True])
+def test_bundled_round_trip(tmp_path, sd35):
+    parts = make_tiny_sd3(seed=1, sd35_medium=sd35)
+    path = tmp_path / "sd3.safetensors"
+    save_sd3_single_file(path, parts)
+    original = load_file(str(path))
+    assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" \
+        in original
+    assert "first_stage_model.quant_conv.weight" not in original
+    loaded = load_sd3_single_file(path)
+    for name in ("transformer", "vae", "clip_l", "clip_g", "t5xxl"):
+        assert _same(getattr(parts, name), getattr(loaded, name)), name
+    assert loaded.vae.config.latent_channels == 16 and loaded.vae.config.shift_factor == pytest.approx(0.0609)
+    assert loaded.clip_l.config.hidden_act == "quick_gelu" and loaded.clip_g.config.hidden_act == "gelu"
+    assert bool(loaded.transformer.config.qk_norm) == sd35
+    save_sd3_single_file(tmp_path / "again.safetensors", loaded)
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert set(again) == set(original) and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_separate_encoders_and_missing_ones(tmp_path):
+    parts = make_tiny_sd3(seed=2)
+    bare = tmp_path / "bare.safetensors"
+    save_sd3_single_file(bare, parts, bundle_text_encoders=False)
+    with pytest.raises(UserError, match="no bundled clip_l and clip_g: pass --clip_l <file> --clip_g <file>"):
+        load_sd3_single_file(bare)
+    for name in ("clip_l", "clip_g", "t5xxl"):
+        state = {k: v for k, v in getattr(parts, name).state_dict().items() if k != "shared.weight"}  # tied to T5's
+        if name == "clip_g":  # one file with the bundled prefix, the others bare
+            state = {TE_PREFIXES[name] + k: v for k, v in state.items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
+    files = {name: str(tmp_path / f"{name}.safetensors") for name in ("clip_l", "clip_g", "t5xxl")}
+    loaded = load_sd3_single_file(bare, **files)
+    for name in ("clip_l", "clip_g", "t5xxl", "transformer"):
+        assert _same(getattr(parts, name), getattr(loaded, name)), name
+    no_t5 = load_sd3_single_file(bare, clip_l=str(tmp_path / "clip_l.safetensors"),
+                                 clip_g=str(tmp_path / "clip_g.safetensors"))
+    assert no_t5.t5xxl is None  # T5 is optional (SD3 trains with zeros in its place)
+
+
+def test_other_families_are_refused(tmp_path, tiny_sd1):
+    from library.models.sd_loading import save_sd_single_file
+
+    save_sd_single_file(tmp_path / "sd1.safetensors", tiny_sd1)
+    with pytest.raises(UserError, match="not an SD3 checkpoint .*looks like: sd1"):
+        load_sd3_single_file(tmp_path / "sd1.safetensors")
