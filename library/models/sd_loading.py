@@ -18,8 +18,6 @@ from library.utils.files import save_safetensors, save_torch
 
 logger = logging.getLogger(__name__)
 
-CLIP_L_HUB_ID = "openai/clip-vit-large-patch14"
-SD2_HUB_ID = "stabilityai/stable-diffusion-2"
 _MAX_HEADER = 100 * 1024 * 1024
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -171,34 +169,10 @@ class _Cfg:
 
 
 def resolve_clip_tokenizer(ckpt: Path, tokenizer_dir: str | None, v2: bool):
-    """Find the CLIP tokenizer for a single-file checkpoint without network access if possible.
+    """The CLIP tokenizer of an SD1.x/2.x single file (see :mod:`library.models.tokenizers`)."""
+    from library.models.tokenizers import resolve_tokenizer
 
-    Order: ``--tokenizer_cache_dir`` (the folder itself or its ``tokenizer`` sub-folder), a
-    ``tokenizer`` folder next to the checkpoint, then the Hugging Face cache/hub.
-    """
-    from transformers import CLIPTokenizer
-
-    candidates = []
-    if tokenizer_dir:
-        candidates += [Path(tokenizer_dir), Path(tokenizer_dir) / "tokenizer"]
-    candidates.append(ckpt.parent / "tokenizer")
-    for cand in candidates:
-        if (cand / "tokenizer.json").is_file() or (cand / "vocab.json").is_file():
-            return CLIPTokenizer.from_pretrained(str(cand))
-    hub_id, sub = (SD2_HUB_ID, "tokenizer") if v2 else (CLIP_L_HUB_ID, None)
-    problem: Exception | None = None
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(hub_id, **({"subfolder": sub} if sub else {}))
-        # transformers 5 returns an empty 2-token tokenizer, without an error, for a repository that
-        # is neither cached nor reachable: treat that as "not found"
-        if len(tokenizer) > 256:
-            return tokenizer
-    except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
-        problem = exc
-    raise UserError(f"no CLIP tokenizer found for {ckpt}: looked in {', '.join(map(str, candidates))} and the "
-                    f"Hugging Face cache for {hub_id}. Put the tokenizer files (tokenizer.json or vocab.json + "
-                    "merges.txt) in a 'tokenizer' folder next to the checkpoint or pass --tokenizer_cache_dir, "
-                    f"or go online once so {hub_id} is cached.") from problem
+    return resolve_tokenizer("sd2" if v2 else "clip_l", ckpt, tokenizer_dir)
 
 
 def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,

@@ -226,12 +226,15 @@ def test_fp8_stored_weights_load_to_the_compute_dtype(tmp_path, tiny_sd1):
 
 
 def test_missing_tokenizer_is_explained(tmp_path, tiny_sd1, monkeypatch):
-    from library.models import sd_loading
+    from dataclasses import replace
 
-    monkeypatch.setattr(sd_loading, "CLIP_L_HUB_ID", "no-such-org/no-such-tokenizer")  # not in any cache
+    from library.models import tokenizers
+
+    # a hub id that is in no cache
+    monkeypatch.setitem(tokenizers.SPECS, "clip_l", replace(tokenizers.SPECS["clip_l"], hub_id="no-such-org/no-such"))
     path = tmp_path / "m.safetensors"
     save_sd_single_file(path, tiny_sd1)
-    with pytest.raises(UserError, match="no CLIP tokenizer found .* --tokenizer_cache_dir"):
+    with pytest.raises(UserError, match="no clip_l tokenizer found .* --tokenizer_cache_dir"):
         load_sd_model(str(path))
     tiny_sd1.tokenizer.save_pretrained(str(tmp_path / "elsewhere"))
     assert load_sd_model(str(path), tokenizer_dir=str(tmp_path / "elsewhere")).tokenizer is not None
