@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from library.models import sd3_keys, sd_infer, sd_keys
-from library.models.sd_loading import _build, _Cfg, _strip, detect_layout, read_state_dict
+from library.models.sd_loading import _build, _Cfg, _strip, read_state_dict, require_layout
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
 
@@ -89,8 +89,7 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     state = read_state_dict(path)
-    if detect_layout(state) != "sd3":
-        raise UserError(f"{path} is not an SD3 checkpoint (it looks like: {detect_layout(state)})")
+    require_layout(state, ("sd3",), path)
     encoders = {name: _text_encoder(name, state, sep, dtype, path)
                 for name, sep in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl))}
     missing = [name for name in ("clip_l", "clip_g") if encoders[name] is None]

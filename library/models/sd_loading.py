@@ -90,6 +90,23 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     return "unknown"
 
 
+_LAYOUT_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3"}
+_LAYOUT_SCRIPTS = {"sd1": "train_network.py", "sd2": "train_network.py", "sdxl": "sdxl_train_network.py",
+                   "sd3": "sd3_train_network.py"}
+
+
+def require_layout(state: Mapping[str, torch.Tensor], accepted: tuple[str, ...], path) -> str:
+    """The file's layout if it is one of ``accepted``; otherwise one message saying what the file
+    looks like and which script reads it. Every loader checks its input through this."""
+    layout = detect_layout(state)
+    if layout in accepted:
+        return layout
+    wanted = "/".join(_LAYOUT_NAMES[a] for a in accepted)
+    script = _LAYOUT_SCRIPTS.get(layout)
+    hint = f"; use {script}" if script else ""
+    raise UserError(f"{path} is not an {wanted} checkpoint (it looks like: {layout}){hint}")
+
+
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Take the tensors under ``prefix`` out of ``state`` (popped, so that no second reference
     keeps them alive once they are converted)."""
@@ -121,11 +138,7 @@ def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     state = read_state_dict(path, device or "cpu")
-    layout = detect_layout(state)
-    if layout not in ("sd1", "sd2"):
-        hint = {"sdxl": "use sdxl_train_network.py", "sd3": "use sd3_train_network.py"}.get(layout, "")
-        raise UserError(f"{path} is not an SD1.x/2.x checkpoint (it looks like: {layout}){'; ' + hint if hint else ''}")
-    v2 = layout == "sd2"
+    v2 = require_layout(state, ("sd1", "sd2"), path) == "sd2"
     unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
     unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=v2)
     unet_state = sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from library.models import sd_infer, sd_keys
-from library.models.sd_loading import _build, _Cfg, _strip, detect_layout, read_state_dict
+from library.models.sd_loading import _build, _Cfg, _strip, read_state_dict, require_layout
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
 
@@ -57,9 +57,7 @@ def load_sdxl_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     from transformers import CLIPTextConfig, CLIPTextModel
 
     state = read_state_dict(path, device or "cpu")
-    layout = detect_layout(state)
-    if layout != "sdxl":
-        raise UserError(f"{path} is not an SDXL checkpoint (it looks like: {layout})")
+    require_layout(state, ("sdxl",), path)
     te2, unused = _text_encoder_2(state, dtype, path)
     te1_ldm = _strip(state, TE1_PREFIX)
     te1_cfg = CLIPTextConfig(**sd_infer.infer_clip_l_config(te1_ldm))

@@ -14,6 +14,22 @@ from safetensors import safe_open
 from tests.conftest import run_script, tiny_train_args
 
 
+def _train(tiny_default: Path) -> str:
+    return str(tiny_default / "train" / "10_sks shape")
+
+
+def _reg(tiny_default: Path) -> str:
+    return str(tiny_default / "reg" / "1_shape")
+
+
+def _dataset_toml(path: Path, subsets: list[dict], **dataset) -> Path:
+    """Write a one-dataset config (resolution 64 unless given) and return its path."""
+    import toml
+
+    path.write_text(toml.dumps({"datasets": [{"resolution": 64, **dataset, "subsets": subsets}]}), encoding="utf-8")
+    return path
+
+
 def _read(path: Path) -> tuple[dict, dict]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -401,19 +417,9 @@ def test_masked_loss_training(tiny_default, tmp_path):
         m = np.zeros((64, 64, 3), dtype=np.uint8)
         m[16:48, 16:48, 0] = 255
         Image.fromarray(m).save(masks / img.name)
-    cfg = tmp_path / "masked.toml"
-    cfg.write_text(f"""[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = "{(tiny_default / 'train' / '10_sks shape').as_posix()}"
-  conditioning_data_dir = "{masks.as_posix()}"
-  caption_extension = ".caption"
-  [[datasets.subsets]]
-  image_dir = "{(tiny_default / 'reg' / '1_shape').as_posix()}"
-  alpha_mask = true
-  class_tokens = "shape"
-""", encoding="utf-8")
+    cfg = _dataset_toml(tmp_path / "masked.toml", [
+        {"image_dir": _train(tiny_default), "conditioning_data_dir": str(masks), "caption_extension": ".caption"},
+        {"image_dir": _reg(tiny_default), "alpha_mask": True, "class_tokens": "shape"}], batch_size=2)
     args = tiny_train_args(tiny_default, tmp_path / "out", "--dataset_config", str(cfg), "--max_train_steps", "3")
     _user_error(run_script("train_network.py", *args), "conditioning_data_dir: add --masked_loss")
     run_script("train_network.py", *args, "--masked_loss", "--cache_latents", check=True)
@@ -434,20 +440,9 @@ def test_debug_dataset_prints_batches_without_loading(tiny_default, tmp_path):
 def test_validation_split_and_logging(tiny_default, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = tmp_path / "val.toml"
-    cfg.write_text(f"""[[datasets]]
-resolution = 64
-batch_size = 2
-validation_split = 0.25
-validation_seed = 3
-  [[datasets.subsets]]
-  image_dir = "{(tiny_default / 'train' / '10_sks shape').as_posix()}"
-  caption_extension = ".caption"
-  num_repeats = 2
-  [[datasets.subsets]]
-  image_dir = "{(tiny_default / 'reg' / '1_shape').as_posix()}"
-  is_reg = true
-""", encoding="utf-8")
+    cfg = _dataset_toml(tmp_path / "val.toml", [
+        {"image_dir": _train(tiny_default), "caption_extension": ".caption", "num_repeats": 2},
+        {"image_dir": _reg(tiny_default), "is_reg": True}], batch_size=2, validation_split=0.25, validation_seed=3)
     out = tmp_path / "out"
     run_script("train_network.py", *tiny_train_args(
         tiny_default, out, "--dataset_config", str(cfg), "--max_train_epochs", "2", "--validate_every_n_steps", "4",
@@ -531,14 +526,8 @@ def test_text_encoder_cache_tool_training_and_staleness(tiny_default, tmp_path):
 
 
 def test_network_multiplier_per_dataset(tiny_default, tmp_path):
-    cfg = tmp_path / "mult.toml"
-    cfg.write_text(f"""[[datasets]]
-resolution = 64
-network_multiplier = 0.0
-  [[datasets.subsets]]
-  image_dir = "{(tiny_default / 'train' / '10_sks shape').as_posix()}"
-  caption_extension = ".caption"
-""", encoding="utf-8")
+    cfg = _dataset_toml(tmp_path / "mult.toml", [{"image_dir": _train(tiny_default), "caption_extension": ".caption"}],
+                        network_multiplier=0.0)
     run_script("train_network.py", *tiny_train_args(tiny_default, tmp_path, "--dataset_config", str(cfg),
                                                     "--max_train_steps", "3"), check=True)
     tensors, _ = _read(tmp_path / "last.safetensors")
@@ -547,15 +536,9 @@ network_multiplier = 0.0
 
 
 def test_diff_output_preservation_targets_the_base_model(tiny_default, tmp_path):
-    cfg = tmp_path / "dop.toml"
-    cfg.write_text(f"""[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = "{(tiny_default / 'reg' / '1_shape').as_posix()}"
-  class_tokens = "shape"
-  custom_attributes = {{ diff_output_preservation = true, note = "x" }}
-""", encoding="utf-8")
+    cfg = _dataset_toml(tmp_path / "dop.toml", [
+        {"image_dir": _reg(tiny_default), "class_tokens": "shape",
+         "custom_attributes": {"diff_output_preservation": True, "note": "x"}}], batch_size=2)
     proc = run_script("train_network.py", *tiny_train_args(
         tiny_default, tmp_path, "--dataset_config", str(cfg), "--max_train_steps", "3",
         "--console_log_level", "INFO", "--logging_dir", str(tmp_path / "logs")), check=True)
