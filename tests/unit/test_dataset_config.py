@@ -70,3 +70,18 @@ def test_two_datasets_keep_their_own_resolution_and_batch_size(tmp_path):
     assert len(group) == 2 + 1
     shapes = sorted(tuple(group[(0, i)]["images"].shape) for i in range(len(group)))
     assert shapes == [(2, 3, 64, 64), (2, 3, 64, 64), (4, 3, 128, 128)]
+
+
+def test_json_config_files_read_like_toml(tmp_path):
+    import json
+
+    from library.config.dataset_config import load_config_file
+
+    raw = {"general": {"shuffle_caption": True}, "datasets": [{"resolution": [640, 512],
+                                                               "subsets": [{"image_dir": "a", "num_repeats": 3}]}]}
+    (tmp_path / "d.json").write_text(json.dumps(raw), encoding="utf-8")
+    (ds,) = parse_dataset_config(load_config_file(str(tmp_path / "d.json")), "d.json", {})
+    assert ds.resolution == (640, 512) and ds.subsets[0].num_repeats == 3 and ds.subsets[0].caption.shuffle_caption
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="bad.json: cannot parse"):
+        load_config_file(str(tmp_path / "bad.json"))
