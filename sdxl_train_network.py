@@ -1,19 +1,48 @@
-"""sdxl_train_network.py: not available in this version yet.
+"""Train a LoRA (or another network plug-in) on an SDXL model.
 
-This script keeps kohya-ss/sd-scripts' name so command lines find it; it is tracked in issue #6
-of this project. Running it stops with a clear message instead of doing something half-way.
+    accelerate launch sdxl_train_network.py --pretrained_model_name_or_path sd_xl_base_1.0.safetensors \
+        --dataset_config dataset.toml --output_dir out --output_name my_lora --network_module networks.lora
+
+The shared trainer with the SDXL family (two text encoders, size conditioning); LoRA files use
+kohya's SDXL names (``lora_unet_input_blocks_...``, ``lora_te1_``, ``lora_te2_``).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+
+from library.args.common import network_training_parser
+from library.args.config_file import parse_args_with_config
+from library.utils.errors import run_cli
+
+
+def add_sdxl_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SDXL")
+    g.add_argument("--text_encoder_lr1", type=float, help="learning rate of the first text encoder (CLIP-L)")
+    g.add_argument("--text_encoder_lr2", type=float, help="learning rate of the second text encoder (OpenCLIP bigG)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    print("error: sdxl_train_network.py is not implemented in this version yet (tracked in issue #6); "
-          "train_network.py (SD1.x/2.x LoRA) is available", file=sys.stderr)
-    sys.exit(2)
+    parser = network_training_parser("LoRA training for SDXL")
+    add_sdxl_args(parser)
+    args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path", "output_dir"))
+    from library.utils.log import setup_logging
+
+    setup_logging(args.console_log_level)
+    from library.config.training_config import build_ddpm_options, build_training_config
+    from library.families.sdxl import SDXLFamily, SDXLOptions, check_sdxl_resolution
+    from library.training.trainer import NetworkTrainer
+    from library.utils.errors import UserError
+
+    if args.v2:
+        raise UserError("--v2 is for SD2.x models; SDXL is trained without it")
+    config = build_training_config(args)
+    for i, ds in enumerate(config.datasets):
+        check_sdxl_resolution(*ds.resolution, where=f"datasets[{i}].resolution")
+    family = SDXLFamily(SDXLOptions(ddpm=build_ddpm_options(args), max_token_length=args.max_token_length or 75,
+                                    vae=args.vae, weighted_captions=args.weighted_captions, clip_skip=args.clip_skip))
+    NetworkTrainer(family, config).run()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

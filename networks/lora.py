@@ -4,8 +4,9 @@ Each target Linear/Conv2d keeps its weights W; its forward becomes
 ``W x + up(down(x)) * multiplier * alpha / dim`` with ``up`` initialised to zero, so training starts
 from the base model exactly. Saved keys follow kohya's format, which AUTOMATIC1111, Forge, ComfyUI
 and diffusers' ``load_lora_weights`` read:
-``lora_unet_<diffusers path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and
-``lora_te_text_model_encoder_layers_<i>_<self_attn|mlp>_<proj>.*``.
+``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (SD1/2 in
+diffusers' layout, SDXL in SGM's: see :mod:`networks.lora_names`) and
+``lora_te[1|2]_text_model_encoder_layers_<i>_<self_attn|mlp>_<proj>.*``.
 
 network_args: ``conv_dim``/``conv_alpha`` (LoRA on 3x3 convs of resnets and samplers as well);
 ``loraplus_lr_ratio`` / ``loraplus_unet_lr_ratio`` / ``loraplus_text_encoder_lr_ratio`` (LoRA+, Hayou et
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 
 import torch
 from torch import nn
@@ -24,12 +24,9 @@ from torch import nn
 from library.training.metadata import add_model_hashes
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
+from networks.lora_names import find_targets, te_lora_name, to_kohya_names
 
-UNET_TARGET_BLOCKS = ("Transformer2DModel",)
-UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-# text-encoder layers: the attention and MLP linears of every encoder layer, found by path so a
-# renamed attention class in transformers cannot silently drop modules
-TE_TARGET = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+__all__ = ["LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights", "te_lora_name"]
 
 
 class LoRAModule(nn.Module):
@@ -84,36 +81,6 @@ class LoRAModule(nn.Module):
         return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
 
-def te_lora_name(prefix: str, path: str) -> str:
-    """kohya name of a text-encoder module; transformers 5 dropped ``text_model.``, the file keeps it."""
-    if not path.startswith("text_model."):
-        path = "text_model." + path
-    return f"{prefix}_{path.replace('.', '_')}"
-
-
-def _unet_targets(unet: nn.Module, conv_dim: int) -> list[tuple[str, nn.Module, bool]]:
-    """(path, module, is_3x3_conv) for every UNet module LoRA attaches to."""
-    found, seen = [], set()
-    for block_path, block in unet.named_modules():
-        kind = type(block).__name__
-        if kind not in UNET_TARGET_BLOCKS and not (conv_dim and kind in UNET_CONV_BLOCKS):
-            continue
-        for child_path, child in block.named_modules():
-            path = f"{block_path}.{child_path}" if child_path else block_path
-            if path in seen:
-                continue
-            is_linear = isinstance(child, nn.Linear)
-            is_conv = isinstance(child, nn.Conv2d)
-            is_1x1 = is_conv and child.kernel_size == (1, 1)
-            if is_linear or is_1x1:
-                found.append((path, child, False))
-                seen.add(path)
-            elif is_conv and conv_dim:
-                found.append((path, child, True))
-                seen.add(path)
-    return found
-
-
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, with the trainer-facing methods of the plug-in contract."""
 
@@ -125,23 +92,17 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.multiplier = multiplier
         self.loraplus: dict[str, float | None] = {}
-        te_prefixes = ["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))]
+        self.targets = find_targets(text_encoders, unet, bool(conv_dim) or module_dims is not None)
         # modules are registered under their kohya names, so state_dict() keys are the file's keys
         self.text_encoder_loras: list[LoRAModule] = []
-        for prefix, te in zip(te_prefixes, text_encoders):
-            for path, module in te.named_modules():
-                if isinstance(module, nn.Linear) and TE_TARGET.search(path):
-                    name = te_lora_name(prefix, path)
-                    if module_dims is None or name in module_dims:
-                        d, a = _rank(name, dim, alpha, module_dims, module_alphas)
-                        self.text_encoder_loras.append(LoRAModule(name, module, multiplier, d, a))
         self.unet_loras: list[LoRAModule] = []
-        for path, module, is_conv3 in _unet_targets(unet, conv_dim or module_dims is not None):
-            name = "lora_unet_" + path.replace(".", "_")
-            if module_dims is None or name in module_dims:
-                d, a = (conv_dim, conv_alpha) if is_conv3 else (dim, alpha)
-                d, a = _rank(name, d, a, module_dims, module_alphas)
-                self.unet_loras.append(LoRAModule(name, module, multiplier, d, a))
+        for t in self.targets:
+            if module_dims is not None and t.name not in module_dims:
+                continue
+            d, a = (conv_dim, conv_alpha) if t.is_conv3 else (dim, alpha)
+            d, a = _rank(t.name, d, a, module_dims, module_alphas)
+            (self.text_encoder_loras if t.part == "te" else self.unet_loras).append(
+                LoRAModule(t.name, t.module, multiplier, d, a))
         for lora in self.all_loras():
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicate LoRA module name {lora.lora_name}")
@@ -170,7 +131,7 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, file: str) -> str:
         """Load a kohya-format file (non-strict: keys of parts not trained are ignored)."""
-        state = _read_lora_file(file)
+        state = to_kohya_names(_read_lora_file(file), self.targets)
         info = self.load_state_dict(state, strict=False)
         ours = set(self.state_dict())
         if not ours & set(state):
@@ -183,13 +144,11 @@ class LoRANetwork(nn.Module):
         self.loraplus = {"unet": unet_ratio, "textencoder": text_encoder_ratio}
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
-        """One group per part (two with LoRA+: ``<part>`` and ``<part> plus``); returns (groups, names)."""
+        """One group per part (two with LoRA+: ``<part>`` and ``<part> plus``); returns (groups, names).
+        ``text_encoder_lr`` may be a list with one rate per text encoder (SDXL's te1 and te2)."""
         groups, names = [], []
-        ratios = self.loraplus
-        for loras, lr, name in ((self.text_encoder_loras, text_encoder_lr, "textencoder"),
-                                (self.unet_loras, unet_lr, "unet")):
-            lr = lr if lr is not None else default_lr
-            ratio = ratios.get(name)
+        for loras, lr, name in self._parts(text_encoder_lr, unet_lr, default_lr):
+            ratio = self.loraplus.get("unet" if name == "unet" else "textencoder")
             if ratio:
                 base = [p for m in loras for n, p in m.named_parameters() if not n.startswith("lora_up")]
                 plus = [p for m in loras for n, p in m.named_parameters() if n.startswith("lora_up")]
@@ -201,6 +160,20 @@ class LoRANetwork(nn.Module):
                     groups.append({"params": params, "lr": group_lr})
                     names.append(group_name)
         return groups, names
+
+    def _parts(self, text_encoder_lr, unet_lr, default_lr) -> list[tuple[list[LoRAModule], float, str]]:
+        """(modules, learning rate, log name) per trained part."""
+        unet = (self.unet_loras, unet_lr if unet_lr is not None else default_lr, "unet")
+        rates = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        rates = [r if r is not None else default_lr for r in rates]
+        if len(rates) == 1:
+            return [(self.text_encoder_loras, rates[0], "textencoder"), unet]
+        parts = []
+        for i, rate in enumerate(rates):
+            prefix = f"lora_te{i + 1}_"
+            parts.append(([m for m in self.text_encoder_loras if m.lora_name.startswith(prefix)], rate,
+                          f"textencoder{i + 1}"))
+        return parts + [unet]
 
     def enable_gradient_checkpointing(self) -> None:
         """LoRA needs nothing here: checkpointing of the base model covers the hooked forwards."""
@@ -275,6 +248,7 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
                                 for_inference: bool = False, **kwargs):
     """Build a network whose ranks and alphas are read from a LoRA file (or state dict)."""
     state = weights_sd if weights_sd is not None else _read_lora_file(file)
+    state = to_kohya_names(state, find_targets(_as_list(text_encoder), unet, with_conv=True))
     dims, alphas = {}, {}
     for key, value in state.items():
         name = key.split(".")[0]

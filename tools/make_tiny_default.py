@@ -70,24 +70,47 @@ batch_size = 2
         f"a photo of shape --w {size} --h {size} --d 2 --s 10\n", encoding="utf-8")
 
 
+def write_sd1(model_dir: Path, seed: int) -> str:
+    """A tiny SD1 single file with its tokenizer folder next to it; returns the file name."""
+    from library.models.sd_loading import save_sd_single_file
+    from library.models.tiny import make_tiny_sd1
+
+    parts = make_tiny_sd1(seed)
+    save_sd_single_file(model_dir / "tiny-sd15.safetensors", parts)
+    parts.tokenizer.save_pretrained(str(model_dir / "tokenizer"))
+    return "tiny-sd15.safetensors"
+
+
+def write_sdxl(model_dir: Path, seed: int) -> str:
+    """A tiny SDXL single file with both tokenizer folders next to it."""
+    from library.models.sdxl_loading import save_sdxl_single_file
+    from library.models.tiny import make_tiny_sdxl
+
+    parts = make_tiny_sdxl(seed)
+    save_sdxl_single_file(model_dir / "tiny-sdxl.safetensors", parts)
+    parts.tokenizer_1.save_pretrained(str(model_dir / "tokenizer"))
+    parts.tokenizer_2.save_pretrained(str(model_dir / "tokenizer_2"))
+    return "tiny-sdxl.safetensors"
+
+
+WRITERS = {"sd1": write_sd1, "sdxl": write_sdxl}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tiny_default", help="output folder")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=sorted(WRITERS), default="sd1",
+                        help="tiny model family: sd1 (train_network.py) or sdxl (sdxl_train_network.py)")
     args = parser.parse_args(argv)
-    from library.models.sd_loading import save_sd_single_file
-    from library.models.tiny import make_tiny_sd1
-
     root = Path(args.out).resolve()
     model_dir = root / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    parts = make_tiny_sd1(args.seed)
-    save_sd_single_file(model_dir / "tiny-sd15.safetensors", parts)
-    parts.tokenizer.save_pretrained(str(model_dir / "tokenizer"))
+    name = WRITERS[args.family](model_dir, args.seed)
     make_dataset(root, args.size, seed=args.seed)
     write_configs(root, args.size)
-    print(f"tiny default written to {root}: model/tiny-sd15.safetensors, dataset.toml, prompts.txt")
+    print(f"tiny default written to {root}: model/{name}, dataset.toml, prompts.txt")
 
 
 if __name__ == "__main__":

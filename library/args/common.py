@@ -133,6 +133,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     attn.add_argument("--mem_eff_attn", action="store_true", help="sliced attention: less memory, slower")
     g.add_argument("--seed", type=int, help="random seed (random if not given)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="apply Adafactor to each tensor during the backward pass (less memory; clipping per tensor)")
+    g.add_argument("--no_half_vae", action="store_true",
+                   help="keep the VAE in float32 under fp16/bf16 mixed precision (SDXL's VAE overflows in fp16)")
     g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata in saved LoRAs")
     g.add_argument("--training_comment", help="stored as ss_training_comment")
     for key in ("title", "author", "description", "license", "tags", "usage_hint", "trigger_phrase", "merged_from",
@@ -172,7 +176,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer_args", nargs="*", default=[], help="key=value optimizer arguments")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--unet_lr", type=float)
-    g.add_argument("--text_encoder_lr", type=float)
+    g.add_argument("--text_encoder_lr", type=float, nargs="+",
+                   help="text-encoder learning rate; two values for SDXL's two encoders (te1 te2)")
     g.add_argument("--lr_scheduler", default="constant", choices=SCHEDULERS)
     g.add_argument("--lr_warmup_steps", default="0", help="warm-up steps: a count, a ratio < 1 of all steps, or N%%")
     g.add_argument("--lr_decay_steps", default="0", help="decay steps of warmup_stable_decay (count, ratio or N%%)")

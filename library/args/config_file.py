@@ -34,7 +34,7 @@ def _check_value(action: argparse.Action, value, path: str) -> str | None:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return None if isinstance(value, bool) else f"{flag}: expected true or false, got {value!r}"
     if action.nargs in ("*", "+"):
-        return None if isinstance(value, list) else f"{flag}: expected a list, got {value!r}"
+        return None if isinstance(value, (list, str, int, float)) else f"{flag}: expected a list, got {value!r}"
     if action.type in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                         or (action.type is int and not isinstance(value, int))):
         return f"{flag}: expected {action.type.__name__}, got {value!r}"
@@ -62,6 +62,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
             problems.append(f"{p}: unknown key {key}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         elif (problem := _check_value(actions[key], value, str(p))) is not None:
             problems.append(problem)
+        elif actions[key].nargs in ("*", "+") and not isinstance(value, list):
+            values[key] = [value]  # kohya configs give one-value lists as a plain value
     if problems:
         raise UserError("; ".join(problems))
     return values

@@ -44,7 +44,7 @@ class OptimizerConfig:
     optimizer_args: tuple[str, ...]
     learning_rate: float
     unet_lr: float | None
-    text_encoder_lr: float | None
+    text_encoder_lr: float | tuple[float | None, ...] | None  # a tuple: one rate per text encoder
     lr_scheduler: str
     lr_warmup: str
     num_cycles: int
@@ -121,6 +121,8 @@ class TrainingConfig:
     full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
     fp8_base: str | None = None  # "all" or "unet"
     attention: str = "sdpa"
+    no_half_vae: bool = False
+    fused_backward: bool = False
     trackers: tuple[str, ...] = ()
     tracker_name: str = "network_train"
     tracker_init: dict = field(default_factory=dict)
@@ -269,9 +271,23 @@ def _check_files(args: argparse.Namespace) -> None:
 
 def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
     return OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
-                           args.text_encoder_lr, args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles,
-                           args.lr_scheduler_power, args.max_grad_norm, args.lr_decay_steps,
+                           _text_encoder_lr(args), args.lr_scheduler, args.lr_warmup_steps,
+                           args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm,
+                           args.lr_decay_steps,
                            args.lr_scheduler_min_lr_ratio, args.lr_scheduler_type, tuple(args.lr_scheduler_args))
+
+
+def _text_encoder_lr(args: argparse.Namespace) -> float | tuple[float | None, ...] | None:
+    """``--text_encoder_lr`` (one value, or one per encoder), with SDXL's ``--text_encoder_lr1/2``
+    overriding the rate of one encoder."""
+    rates = list(args.text_encoder_lr or [])
+    if len(rates) > 2:
+        raise UserError(f"--text_encoder_lr: at most one value per text encoder (2), got {len(rates)}")
+    per_encoder = [getattr(args, "text_encoder_lr1", None), getattr(args, "text_encoder_lr2", None)]
+    if len(rates) < 2 and not any(r is not None for r in per_encoder):
+        return rates[0] if rates else None
+    base = rates + [rates[0] if rates else None] * (2 - len(rates))
+    return tuple(own if own is not None else b for own, b in zip(per_encoder, base))
 
 
 def _save_config(args: argparse.Namespace) -> SaveConfig:
@@ -288,7 +304,7 @@ def _save_config(args: argparse.Namespace) -> SaveConfig:
 
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
-    from library.training.optim import check_optimizer_name
+    from library.training.optim import check_fused_backward, check_optimizer_name
     from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
@@ -299,6 +315,8 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     _check_masks(args, datasets)
     import_network_module(args.network_module)
     check_optimizer_name(args.optimizer_type)
+    if args.fused_backward_pass:
+        check_fused_backward(args.optimizer_type, args.gradient_accumulation_steps)
     prompts = tuple(load_prompt_file(args.sample_prompts)) if args.sample_prompts else ()
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
@@ -325,6 +343,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         full_half="fp16" if args.full_fp16 else ("bf16" if args.full_bf16 else None),
         fp8_base="unet" if args.fp8_base_unet else ("all" if args.fp8_base else None),
         attention="xformers" if args.xformers else ("mem_eff" if args.mem_eff_attn else "sdpa"),
+        no_half_vae=args.no_half_vae, fused_backward=args.fused_backward_pass,
         logging_dir=args.logging_dir, log_prefix=args.log_prefix, trackers=_trackers(args),
         tracker_name=args.log_tracker_name, tracker_init=_tracker_init(args), log_config=args.log_config,
         resume=args.resume, dataset_source=source,

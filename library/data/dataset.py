@@ -353,6 +353,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
                "custom_attributes": [it.subset.custom_attributes for it in items],
                "sample_keys": [(epoch, index, j) for j in positions]}
         boxes = [self.crop_box(it, r) for it, r in zip(items, rngs)]
+        out["size_conditioning"] = torch.tensor([size_conditioning(it, b, f) for it, b, f in zip(items, boxes, flips)])
         if all(it.latents is not None for it in items):
             out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(items, flips)])
         else:
@@ -363,6 +364,17 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         if any(it.mask_path for it in items):
             out["masks"] = torch.stack([self.load_mask(it, f, b) for it, f, b in zip(items, flips, boxes)])
         return out
+
+
+def size_conditioning(item: ImageItem, box: tuple[int, int, int, int], flipped: bool) -> list[int]:
+    """SDXL's size conditioning of one sample: (original height, original width, crop top, crop
+    left, target height, target width). The crop is the window actually cut from the resized
+    image (mirrored along with a flipped image), in resized-image pixels as kohya records it."""
+    left, top, right, _ = box
+    if flipped:
+        left = item.resized[0] - right
+    width, height = item.size
+    return [height, width, top, left, item.bucket[1], item.bucket[0]]
 
 
 class DatasetGroup(torch.utils.data.Dataset):

@@ -32,6 +32,8 @@ class NoisyBatch:
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
+    #: (B, 6) original h, w, crop top, left, target h, w of each sample (SDXL conditions on them)
+    size_conditioning: torch.Tensor | None = None
 
 
 class ModelFamily(ABC):

@@ -98,6 +98,12 @@ def unet_to_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Te
     return {UNET_PREFIX + _rename(k, block_map, inner): v for k, v in state.items()}
 
 
+def unet_module_to_ldm(path: str, config) -> str:
+    """A diffusers UNet module path -> its ldm/SGM path (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in``); used for kohya's SDXL LoRA names."""
+    return _rename(path + ".weight", _unet_map(config), {"resnets": _UNET_RESNET})[: -len(".weight")]
+
+
 def unet_from_ldm(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """ldm UNet keys (prefix already removed) -> diffusers names (inverse of :func:`unet_to_ldm`)."""
     block_map = _unet_map(config)

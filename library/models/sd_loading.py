@@ -276,8 +276,17 @@ def load_sd_model(name_or_path: str, dtype: torch.dtype = torch.float32,
 def save_sd_diffusers(folder: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,
                       prediction_type: str = "epsilon") -> None:
     """Write a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json)
-    that ``StableDiffusionPipeline.from_pretrained`` and our loader read. Written to a temporary
-    folder and renamed into place."""
+    that ``StableDiffusionPipeline.from_pretrained`` and our loader read."""
+    write_diffusers_folder(folder, "StableDiffusionPipeline",
+                           {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder},
+                           {"tokenizer": parts.tokenizer}, dtype, prediction_type)
+
+
+def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modules: dict, tokenizers: dict,
+                           dtype: torch.dtype | None = None, prediction_type: str = "epsilon") -> None:
+    """Write ``modules`` and ``tokenizers`` (keyed by their diffusers folder names), a DDIM scheduler
+    and model_index.json as a diffusers pipeline folder. Written to a temporary folder and renamed
+    into place, so an interrupted save never leaves a half folder under the real name."""
     import shutil
 
     from diffusers import DDIMScheduler
@@ -288,18 +297,22 @@ def save_sd_diffusers(folder: str | os.PathLike, parts: SDComponents, dtype: tor
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    for name, module in (("unet", parts.unet), ("vae", parts.vae), ("text_encoder", parts.text_encoder)):
+    index: dict = {"_class_name": pipeline_class}
+    for name, module in modules.items():
         module.save_pretrained(str(tmp / name))
         if dtype is not None:
             _recast_folder(tmp / name, dtype)
-    parts.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        library = "diffusers" if type(module).__module__.startswith("diffusers") else "transformers"
+        index[name] = [library, type(module).__name__]
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(str(tmp / name))
+        index[name] = ["transformers", "CLIPTokenizer" if "CLIP" in type(tokenizer).__name__ else
+                       type(tokenizer).__name__]
     DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
                   prediction_type=prediction_type).save_pretrained(str(tmp / "scheduler"))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    if pipeline_class == "StableDiffusionPipeline":
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     if folder.exists():
         shutil.rmtree(folder)

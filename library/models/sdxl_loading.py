@@ -4,7 +4,7 @@ Layout: ``model.diffusion_model.*`` (UNet with ``label_emb`` size conditioning),
 ``first_stage_model.*`` (VAE), ``conditioner.embedders.0.transformer.*`` (CLIP-L) and
 ``conditioner.embedders.1.model.*`` (OpenCLIP bigG, all layers plus its text projection).
 The architecture is read from tensor shapes; real and tiny test files load through the same code.
-Not wired to a training script yet (sdxl_train_network.py is its own issue).
+Diffusers folders (``StableDiffusionXLPipeline`` layout) and hub ids load and save too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from library.models import sd_infer, sd_keys
 from library.models.sd_loading import _build, _Cfg, _strip, read_state_dict, require_layout
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors
+from library.utils.files import save_safetensors, save_torch
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -33,6 +33,8 @@ class SDXLComponents:
     text_encoder_1: torch.nn.Module  # CLIP-L (CLIPTextModel)
     text_encoder_2: torch.nn.Module  # OpenCLIP bigG (CLIPTextModelWithProjection)
     unused: dict = field(default_factory=dict)  # e.g. TE2's logit_scale, written back on save
+    tokenizer_1: object = None  # CLIP-L's
+    tokenizer_2: object = None  # OpenCLIP-G's (same vocabulary, pads with "!")
 
 
 def _text_encoder_2(state: dict, dtype, path) -> tuple[torch.nn.Module, dict]:
@@ -90,6 +92,64 @@ def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype:
     state.update({TE2_PREFIX + k[len(sd_keys.OPEN_CLIP_PREFIX):]: v for k, v in te2_ldm.items()})
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if Path(path).suffix != ".safetensors":
-        raise UserError(f"{path}: SDXL files are written as .safetensors")
-    save_safetensors(state, path, metadata=metadata)
+    if Path(path).suffix == ".safetensors":
+        save_safetensors(state, path, metadata=metadata)
+    else:
+        save_torch({"state_dict": state}, path)
+
+
+def load_sdxl_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
+                        device: torch.device | None = None) -> SDXLComponents:
+    """An SDXL diffusers folder or hub id (the hub cache is used when offline)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    place = {"device_map": str(device)} if device is not None else {}
+    try:
+        if not (Path(name_or_path) / "text_encoder_2").is_dir() and Path(name_or_path).is_dir():
+            raise UserError(f"{name_or_path} is not an SDXL diffusers folder (no text_encoder_2/); an SD1/SD2 "
+                            "folder is trained with train_network.py")
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", torch_dtype=dtype, **place)
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype, **place)
+        te1 = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype, **place)
+        te2 = CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2",
+                                                          torch_dtype=dtype, **place)
+        tok1 = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        tok2 = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", pad_token="!")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load an SDXL diffusers model from {name_or_path}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+    if min(len(tok1), len(tok2)) <= 256:  # transformers 5 gives an empty tokenizer instead of an error
+        raise UserError(f"{name_or_path}: no usable tokenizer (tokenizer/ or tokenizer_2/ is missing or empty)")
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        raise UserError(f"{name_or_path}: its UNet has no SDXL size conditioning; it is not an SDXL model")
+    for m in (unet, vae, te1, te2):
+        m.eval().requires_grad_(False)
+    return SDXLComponents(unet, vae, te1, te2, tokenizer_1=tok1, tokenizer_2=tok2)
+
+
+def load_sdxl_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer_dir: str | None = None,
+                    device: torch.device | None = None) -> SDXLComponents:
+    """An SDXL model from a single file (tokenizers looked up offline-first), a diffusers folder or a hub id."""
+    from library.models.sd_loading import CHECKPOINT_SUFFIXES
+    from library.models.tokenizers import resolve_tokenizer
+
+    p = Path(name_or_path)
+    if p.is_dir() or not (p.is_file() or p.suffix in CHECKPOINT_SUFFIXES):
+        return load_sdxl_diffusers(name_or_path, dtype, device)
+    parts = load_sdxl_single_file(p, dtype, device)
+    parts.tokenizer_1 = resolve_tokenizer("clip_l", p, tokenizer_dir)
+    parts.tokenizer_2 = resolve_tokenizer("clip_g", p, tokenizer_dir)
+    return parts
+
+
+def save_sdxl_diffusers(folder: str | os.PathLike, parts: SDXLComponents, dtype: torch.dtype | None = None) -> None:
+    """Write a ``StableDiffusionXLPipeline`` folder (needs the tokenizers: load the model with them)."""
+    from library.models.sd_loading import write_diffusers_folder
+
+    if parts.tokenizer_1 is None or parts.tokenizer_2 is None:
+        raise UserError("an SDXL diffusers folder needs both tokenizers; load the model with load_sdxl_model")
+    write_diffusers_folder(folder, "StableDiffusionXLPipeline",
+                           {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder_1,
+                            "text_encoder_2": parts.text_encoder_2},
+                           {"tokenizer": parts.tokenizer_1, "tokenizer_2": parts.tokenizer_2}, dtype)

@@ -121,7 +121,8 @@ def make_tiny_sdxl(seed: int = 0):
     from library.models.sdxl_loading import SDXLComponents
 
     torch.manual_seed(seed)
-    vocab = len(build_tiny_clip_tokenizer())
+    tok1, tok2 = tiny_clip_tokenizer_pair()
+    vocab = len(tok1)
     te1 = CLIPTextModel(tiny_clip_config(vocab, hidden=32))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -131,7 +132,15 @@ def make_tiny_sdxl(seed: int = 0):
     vae = AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.13025})
     for m in (unet, vae, te1, te2):
         m.eval().requires_grad_(False)
-    return SDXLComponents(unet, vae, te1, te2, {"logit_scale": torch.tensor(4.6)})
+    return SDXLComponents(unet, vae, te1, te2, {"logit_scale": torch.tensor(4.6)}, tok1, tok2)
+
+
+def tiny_clip_tokenizer_pair():
+    """The tiny CLIP tokenizer twice: as CLIP-L's (pads with EOS) and as OpenCLIP-G's (pads with "!")."""
+    from transformers import CLIPTokenizer
+
+    tiny = build_tiny_clip_tokenizer()
+    return tiny, CLIPTokenizer(vocab=tiny.get_vocab(), merges=_merges_of(tiny), pad_token="!", model_max_length=77)
 
 
 TINY_SD3_MMDIT = {"sample_size": 16, "patch_size": 2, "in_channels": 16, "num_layers": 3, "attention_head_dim": 8,

@@ -208,3 +208,49 @@ def build_lr_scheduler(spec: SchedulerSpec, optimizer, initial_lr: float | None 
 def is_adafactor_relative(optimizer) -> bool:
     inner = getattr(optimizer, "optimizer", optimizer)
     return type(inner).__name__ == "Adafactor" and bool(inner.defaults.get("relative_step"))
+
+
+FUSED_OPTIMIZERS = ("adafactor", "transformers.optimization.adafactor")
+
+
+def check_fused_backward(optimizer_type: str, gradient_accumulation_steps: int) -> None:
+    """``--fused_backward_pass`` steps each tensor during the backward pass: Adafactor only (its
+    state is per tensor), and no accumulation (the gradient is gone once it is applied)."""
+    if optimizer_type.lower() not in FUSED_OPTIMIZERS:
+        raise UserError(f"--fused_backward_pass works with --optimizer_type Adafactor only (got {optimizer_type})")
+    if gradient_accumulation_steps != 1:
+        raise UserError("--fused_backward_pass cannot accumulate gradients: use --gradient_accumulation_steps 1")
+
+
+class FusedBackwardPass:
+    """Apply the optimizer to each parameter as soon as its gradient is complete, then free that
+    gradient, so the gradients of the whole network are never held at once (kohya's
+    ``--fused_backward_pass``). Clipping is per tensor (``max_norm``), as in kohya: the global norm
+    is not known until every gradient exists. Only parameters with a gradient are touched by a
+    step, and every other gradient is None at that moment, so ``optimizer.step()`` updates exactly
+    the tensor whose hook fired."""
+
+    def __init__(self, optimizer, params: list[torch.Tensor], max_norm: float):
+        self.optimizer, self.max_norm = optimizer, max_norm
+        self.non_finite: list[int] = []
+        self.handles = [p.register_post_accumulate_grad_hook(self._apply) for p in params]
+        self.index = {id(p): i for i, p in enumerate(params)}
+
+    def _apply(self, param: torch.Tensor) -> None:
+        if not torch.isfinite(param.grad).all():
+            self.non_finite.append(self.index[id(param)])
+            param.grad = None
+            return
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], self.max_norm)
+        self.optimizer.step()
+        param.grad = None
+
+    def take_non_finite(self) -> list[int]:
+        """Indices of the tensors whose gradient was not finite since the last call (not applied)."""
+        found, self.non_finite = self.non_finite, []
+        return found
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -84,7 +84,8 @@ def _training_metadata(cfg: TrainingConfig, num_batches_per_epoch: int, num_epoc
     return {
         "ss_session_id": str(int(time.time() * 1000) % 2**31), "ss_training_started_at": str(time.time()),
         "ss_output_name": cfg.save.output_name, "ss_learning_rate": str(opt.learning_rate),
-        "ss_text_encoder_lr": str(opt.text_encoder_lr), "ss_unet_lr": str(opt.unet_lr),
+        "ss_text_encoder_lr": str(list(opt.text_encoder_lr) if isinstance(opt.text_encoder_lr, tuple)
+                                  else opt.text_encoder_lr), "ss_unet_lr": str(opt.unet_lr),
         "ss_num_batches_per_epoch": str(num_batches_per_epoch), "ss_num_epochs": str(num_epochs),
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),

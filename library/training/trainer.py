@@ -29,7 +29,7 @@ from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.loss import weighted_batch_loss
 from library.training.rng import SampleRNG
-from library.training.validation import Validator, batch_latents
+from library.training.validation import Validator, batch_latents, make_noisy_batch
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
 
@@ -206,6 +206,8 @@ class NetworkTrainer:
                                   acc.device if cfg.lowram else None)
         for m in [models.denoiser, models.vae, *models.text_encoders]:
             m.to(acc.device)
+        if cfg.no_half_vae:
+            models.vae.to(torch.float32)
         precision.set_attention(models.denoiser, cfg.attention)
         if cfg.cache_latents:
             for g in [group] + ([group.validation] if group.validation else []):
@@ -301,6 +303,11 @@ class NetworkTrainer:
         group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
         optimizer = acc.prepare(optimizer)
         adapter.prepare_grad_etc(models.text_encoders, models.denoiser)
+        fused = None
+        if cfg.fused_backward:
+            if acc.num_processes > 1:
+                raise UserError("--fused_backward_pass runs on one process only in this version")
+            fused = optim.FusedBackwardPass(optimizer, adapter.trainable_params(), cfg.optimizer.max_grad_norm)
         progress = self._restore(adapter.net, optimizer, scheduler, len(group))
         meta = saving.base_metadata(cfg, self.family.metadata(), group, len(group), schedule.num_epochs,
                                     schedule.max_steps)
@@ -323,7 +330,7 @@ class NetworkTrainer:
                                   self._weight_dtype())
             logger.info("validation: %d held-out image(s), %d batch(es) per pass",
                         len(group.validation.items), validator.batches)
-        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer, validator)
+        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer, validator, fused)
         return loop.train(loader, schedule, progress)
 
 
@@ -331,8 +338,10 @@ class _Loop:
     """The epoch/step loop with its saving, sampling and logging side effects."""
 
     def __init__(self, trainer: NetworkTrainer, acc, models, adapter, optimizer, scheduler, lr_names,
-                 checkpointer: Checkpointer, validator: Validator | None = None):
+                 checkpointer: Checkpointer, validator: Validator | None = None,
+                 fused: optim.FusedBackwardPass | None = None):
         self.t, self.acc, self.models, self.adapter = trainer, acc, models, adapter
+        self.fused = fused
         self.validator = validator
         self.optimizer, self.scheduler, self.lr_names = optimizer, scheduler, lr_names
         self.checkpointer = checkpointer
@@ -448,7 +457,7 @@ class _Loop:
         else:
             with torch.set_grad_enabled(self.train_te), acc.autocast():
                 cond = family.encode_prompts(models, batch["captions"], acc.device)
-        noisy = family.make_noisy_batch(latents, rng)
+        noisy = make_noisy_batch(family, batch, latents, rng)
         self._preserve_outputs(batch, noisy, cond)
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
@@ -457,7 +466,12 @@ class _Loop:
             raise NonFiniteError(step, f"the loss became {loss.item()}")
         if loss.requires_grad:  # not when the network is off for this batch (network_multiplier 0)
             acc.backward(loss / self.cfg.gradient_accumulation_steps)
-        if sync:
+        if sync and self.fused:  # the optimizer already ran inside backward, tensor by tensor
+            if bad := self.fused.take_non_finite():
+                raise NonFiniteError(step, f"{len(bad)} gradient tensor(s) became non-finite (those were not "
+                                           "applied; the others of this step were)")
+            self.scheduler.step()
+        elif sync:
             if acc.num_processes > 1:
                 _average_gradients(self.params)
             max_norm = self.cfg.optimizer.max_grad_norm
@@ -521,7 +535,9 @@ class _Loop:
     def _sample_one(self, index: int, prompt, epoch: int | None, step: int) -> None:
         seed = prompt.seed if prompt.seed is not None else random.randint(0, 2**31 - 1)
         prompt = prompt.__class__(**{**prompt.__dict__, "seed": seed})
-        image = self.family.generate(self.models, prompt, prompt.sampler or self.cfg.sample.sampler, self.acc.device)
+        with self.acc.autocast():  # modules may be in different dtypes (--no_half_vae)
+            image = self.family.generate(self.models, prompt, prompt.sampler or self.cfg.sample.sampler,
+                                         self.acc.device)
         path = saving.sample_file_name(self.cfg.save.output_dir, self.cfg.save.output_name, epoch, step, index, seed)
         _save_png(image, path, prompt)
         if self.cfg.trackers:

@@ -24,6 +24,15 @@ def batch_latents(family: ModelFamily, models: LoadedModels, batch: dict, device
         return family.encode_images(models, batch["images"].to(device), rng).to(dtype)
 
 
+def make_noisy_batch(family: ModelFamily, batch: dict, latents: torch.Tensor, rng: SampleRNG,
+                     timestep: int | None = None):
+    """The family's noisy batch for a data batch, carrying the batch's size conditioning."""
+    noisy = family.make_noisy_batch(latents, rng, timestep)
+    if "size_conditioning" in batch:
+        noisy.size_conditioning = batch["size_conditioning"].to(latents.device)
+    return noisy
+
+
 class Validator:
     """Computes the mean validation loss over (at most ``max_batches``) held-out batches."""
 
@@ -48,7 +57,7 @@ class Validator:
                     with self.acc.autocast():
                         cond = to_device(batch["conditioning"], self.acc.device, self.dtype) if "conditioning" in \
                             batch else self.family.encode_prompts(self.models, batch["captions"], self.acc.device)
-                        noisy = self.family.make_noisy_batch(latents, rng, timestep=t)
+                        noisy = make_noisy_batch(self.family, batch, latents, rng, timestep=t)
                         pred = self.family.denoise(self.models, noisy, cond)
                     per = self.family.per_sample_loss(pred, noisy, batch.get("masks"))
                     total += weighted_batch_loss(per, batch["loss_weights"]).item()

@@ -1,0 +1,149 @@
+"""SDXL: the SD family's DDPM maths with two CLIP text encoders, pooled text and size conditioning.
+
+What differs from SD1/SD2 (everything else is inherited from :class:`SDFamily`):
+
+* prompts go through CLIP-L and OpenCLIP bigG; each gives its penultimate layer's hidden states
+  (no final layer norm), concatenated to 768 + 1280 features, and bigG's projected pooled output
+  of the first 75-token window (kohya and SGM pool the first window only);
+* the UNet is also conditioned on each image's original size, crop and target size (the crop
+  actually cut from the resized image, see :func:`library.data.dataset.size_conditioning`) and on
+  the pooled text;
+* latents are scaled by 0.13025, sizes are multiples of 32 (three UNet levels).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from library.families import clip_text
+from library.families.base import LoadedModels, NoisyBatch
+from library.families.sd import SDFamily
+from library.models.sd_loading import load_vae
+from library.models.sdxl_loading import load_sdxl_model
+from library.sampling.samplers import build_scheduler
+from library.training.noise import DDPMOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SDXLOptions:
+    """Options of the SDXL family that change the maths."""
+
+    ddpm: DDPMOptions = DDPMOptions()
+    max_token_length: int = 75
+    vae: str | None = None
+    weighted_captions: bool = False
+    # SDXL has no clip_skip (kohya warns and ignores it); kept so the metadata says it was not used
+    clip_skip: int | None = None
+
+
+class SDXLFamily(SDFamily):
+    """SDXL base (and models fine-tuned from it, epsilon or v-prediction)."""
+
+    name = "sdxl"
+    cache_suffix = "sdxl"
+    size_multiple = 32
+    scaling_factor = 0.13025
+
+    def __init__(self, options: SDXLOptions = SDXLOptions()):
+        super().__init__(options)  # the DDPM schedule and loss maths are SD's
+        if options.clip_skip:
+            logger.warning("--clip_skip %d has no effect on SDXL: it always uses the penultimate layer of both "
+                           "text encoders", options.clip_skip)
+
+    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
+             device: torch.device | None = None) -> LoadedModels:
+        parts = load_sdxl_model(name_or_path, dtype, tokenizer_dir, device)
+        if self.options.vae:
+            parts.vae = load_vae(self.options.vae, dtype, self.latent_channels, device)
+        # a separate VAE's config may carry SD1's factor; samples decode with the config's value
+        parts.vae.register_to_config(scaling_factor=self.scaling_factor)
+        return LoadedModels(denoiser=parts.unet, vae=parts.vae,
+                            text_encoders=[parts.text_encoder_1, parts.text_encoder_2],
+                            tokenizers=[parts.tokenizer_1, parts.tokenizer_2], source=name_or_path)
+
+    def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> dict:
+        """``{"hidden": (B, 75k + 2, 768 + 1280), "pooled": (B, 1280)}`` (widths of the real model)."""
+        (tok1, tok2), (te1, te2) = models.tokenizers, models.text_encoders
+        o = self.options
+        hidden1 = clip_text.encode_prompts(
+            tok1, lambda ids: te1(ids, output_hidden_states=True).hidden_states[-2], captions, o.max_token_length,
+            o.weighted_captions, device)
+        pooled: list[torch.Tensor] = []
+
+        def te2_window(ids: torch.Tensor) -> torch.Tensor:
+            out = te2(ids, output_hidden_states=True)
+            if not pooled:  # windows are encoded in order: the first one gives the pooled output
+                pooled.append(out.text_embeds)
+            return out.hidden_states[-2]
+
+        hidden2 = clip_text.encode_prompts(tok2, te2_window, captions, o.max_token_length, o.weighted_captions,
+                                           device)
+        return {"hidden": torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), "pooled": pooled[0]}
+
+    def text_encoder_settings(self, models: LoadedModels) -> dict:
+        from library.data.latent_cache import module_fingerprint
+
+        o = self.options
+        return {"family": self.name, "encoders": [module_fingerprint(te) for te in models.text_encoders],
+                "max_token_length": o.max_token_length, "weighted": o.weighted_captions}
+
+    def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: dict) -> torch.Tensor:
+        unet = models.denoiser
+        sizes = batch.size_conditioning
+        if sizes is None:  # no data batch behind it: the latents' own size, uncropped
+            h, w = batch.noisy_latents.shape[-2] * 8, batch.noisy_latents.shape[-1] * 8
+            sizes = torch.tensor([[h, w, 0, 0, h, w]] * batch.noisy_latents.shape[0])
+        pooled = conditioning["pooled"]
+        added = {"text_embeds": pooled, "time_ids": sizes.to(pooled.device, pooled.dtype)}
+        return unet(batch.noisy_latents, batch.timesteps, conditioning["hidden"], added_cond_kwargs=added).sample
+
+    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
+        from diffusers import StableDiffusionXLPipeline
+
+        (tok1, tok2), (te1, te2) = models.tokenizers, models.text_encoders
+        pipe = StableDiffusionXLPipeline(
+            vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+            unet=models.denoiser,
+            scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr))
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
+        with torch.no_grad():
+            # our own encoding, so samples see long prompts and (word:1.2) weights as training does
+            positive, negative = (self.encode_prompts(models, [text], device) for text in
+                                  (prompt.prompt, prompt.negative_prompt or ""))
+            size = (prompt.height, prompt.width)
+            return pipe(prompt_embeds=positive["hidden"], pooled_prompt_embeds=positive["pooled"],
+                        negative_prompt_embeds=negative["hidden"], negative_pooled_prompt_embeds=negative["pooled"],
+                        width=prompt.width, height=prompt.height, original_size=size, target_size=size,
+                        num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
+                        generator=generator).images[0]
+
+    def metadata(self) -> dict[str, str]:
+        v = self.options.ddpm.v_parameterization
+        return {
+            **self.options.ddpm.metadata(),
+            "ss_v2": "False",
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_v_parameterization": str(v),
+            "ss_clip_skip": "None",
+            "ss_max_token_length": str(self.options.max_token_length),
+            **self._vae_metadata(),
+            "ss_weighted_captions": str(self.options.weighted_captions),
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.prediction_type": "v" if v else "epsilon",
+        }
+
+
+def check_sdxl_resolution(width: int, height: int, where: str) -> None:
+    """SDXL was trained at about 1024x1024; much smaller training images give poor results."""
+    if width * height < 512 * 512:
+        logger.warning("%s: %dx%d is below 512x512; SDXL learns poorly at small sizes (it was trained at "
+                       "1024x1024)", where, width, height)
+
