@@ -29,18 +29,15 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
-    from library.config.training_config import build_ddpm_options, build_training_config
-    from library.families.sdxl import SDXLFamily, SDXLOptions, check_sdxl_resolution
+    from library.config.training_config import build_training_config
+    from library.families import family_from_args
+    from library.families.sdxl import check_sdxl_resolution
     from library.training.trainer import NetworkTrainer
-    from library.utils.errors import UserError
 
-    if args.v2:
-        raise UserError("--v2 is for SD2.x models; SDXL is trained without it")
+    family = family_from_args("sdxl", args)
     config = build_training_config(args)
     for i, ds in enumerate(config.datasets):
         check_sdxl_resolution(*ds.resolution, where=f"datasets[{i}].resolution")
-    family = SDXLFamily(SDXLOptions(ddpm=build_ddpm_options(args), max_token_length=args.max_token_length or 75,
-                                    vae=args.vae, weighted_captions=args.weighted_captions, clip_skip=args.clip_skip))
     NetworkTrainer(family, config).run()
 
 

@@ -17,15 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
-    from library.config.training_config import build_ddpm_options, build_training_config
-    from library.families.sd import SDFamily, SDOptions
+    from library.config.training_config import build_training_config
+    from library.families import family_from_args
     from library.training.trainer import NetworkTrainer
 
     config = build_training_config(args)
-    family = SDFamily(SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip,
-                                max_token_length=args.max_token_length or 75,
-                                weighted_captions=args.weighted_captions, vae=args.vae))
-    NetworkTrainer(family, config).run()
+    NetworkTrainer(family_from_args("sd", args), config).run()
 
 
 if __name__ == "__main__":

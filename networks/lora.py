@@ -10,7 +10,9 @@ diffusers' layout, SDXL in SGM's: see :mod:`networks.lora_names`) and
 
 network_args: ``conv_dim``/``conv_alpha`` (LoRA on 3x3 convs of resnets and samplers as well);
 ``loraplus_lr_ratio`` / ``loraplus_unet_lr_ratio`` / ``loraplus_text_encoder_lr_ratio`` (LoRA+, Hayou et
-al. 2024: the ``lora_up`` matrices learn at ``ratio`` times the learning rate).
+al. 2024: the ``lora_up`` matrices learn at ``ratio`` times the learning rate); ``down_lr_weight`` /
+``mid_lr_weight`` / ``up_lr_weight`` / ``block_lr_zero_threshold`` (block-wise UNet learning rates,
+see :mod:`networks.block_lr`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import nn
 from library.training.metadata import add_model_hashes
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
-from networks.lora_names import find_targets, te_lora_name, to_kohya_names
+from networks.block_lr import block_index, block_lr_weights
+from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses_sgm_names
 
 __all__ = ["LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights", "te_lora_name"]
 
@@ -86,18 +89,24 @@ class LoRANetwork(nn.Module):
 
     def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, multiplier: float, dim: int,
                  alpha: float | None, conv_dim: int = 0, conv_alpha: float | None = None,
-                 module_dims: dict[str, int] | None = None, module_alphas: dict[str, float] | None = None):
+                 module_dims: dict[str, int] | None = None, module_alphas: dict[str, float] | None = None,
+                 block_lr: list[float] | None = None):
         """``module_dims``/``module_alphas`` (from a file) override the ranks per module and limit
-        the network to the modules they name."""
+        the network to the modules they name; ``block_lr`` (see :mod:`networks.block_lr`) scales
+        the UNet learning rate per block, and blocks weighted 0 get no LoRA."""
         super().__init__()
         self.multiplier = multiplier
         self.loraplus: dict[str, float | None] = {}
+        self.sgm = uses_sgm_names(unet)
+        self.block_lr = block_lr
         self.targets = find_targets(text_encoders, unet, bool(conv_dim) or module_dims is not None)
         # modules are registered under their kohya names, so state_dict() keys are the file's keys
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         for t in self.targets:
             if module_dims is not None and t.name not in module_dims:
+                continue
+            if t.part == "unet" and self._block_weight(t.name) == 0:
                 continue
             d, a = (conv_dim, conv_alpha) if t.is_conv3 else (dim, alpha)
             d, a = _rank(t.name, d, a, module_dims, module_alphas)
@@ -107,6 +116,12 @@ class LoRANetwork(nn.Module):
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicate LoRA module name {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
+
+    def _block_weight(self, lora_name: str) -> float:
+        if self.block_lr is None:
+            return 1.0
+        index = block_index(lora_name, self.sgm)
+        return self.block_lr[index] if 0 <= index < len(self.block_lr) else 1.0
 
     def all_loras(self) -> list[LoRAModule]:
         return list(self.text_encoder_loras) + list(self.unet_loras)
@@ -148,7 +163,7 @@ class LoRANetwork(nn.Module):
         ``text_encoder_lr`` may be a list with one rate per text encoder (SDXL's te1 and te2)."""
         groups, names = [], []
         for loras, lr, name in self._parts(text_encoder_lr, unet_lr, default_lr):
-            ratio = self.loraplus.get("unet" if name == "unet" else "textencoder")
+            ratio = self.loraplus.get("unet" if name.startswith("unet") else "textencoder")
             if ratio:
                 base = [p for m in loras for n, p in m.named_parameters() if not n.startswith("lora_up")]
                 plus = [p for m in loras for n, p in m.named_parameters() if n.startswith("lora_up")]
@@ -162,18 +177,25 @@ class LoRANetwork(nn.Module):
         return groups, names
 
     def _parts(self, text_encoder_lr, unet_lr, default_lr) -> list[tuple[list[LoRAModule], float, str]]:
-        """(modules, learning rate, log name) per trained part."""
-        unet = (self.unet_loras, unet_lr if unet_lr is not None else default_lr, "unet")
+        """(modules, learning rate, log name) per trained part (per UNet block with block weights)."""
+        unet_rate = unet_lr if unet_lr is not None else default_lr
+        unet = [(self.unet_loras, unet_rate, "unet")]
+        if self.block_lr is not None:
+            blocks: dict[int, list[LoRAModule]] = {}
+            for m in self.unet_loras:
+                blocks.setdefault(block_index(m.lora_name, self.sgm), []).append(m)
+            unet = [(mods, unet_rate * self._block_weight(mods[0].lora_name), f"unet block{i:02d}")
+                    for i, mods in sorted(blocks.items())]
         rates = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         rates = [r if r is not None else default_lr for r in rates]
         if len(rates) == 1:
-            return [(self.text_encoder_loras, rates[0], "textencoder"), unet]
+            return [(self.text_encoder_loras, rates[0], "textencoder"), *unet]
         parts = []
         for i, rate in enumerate(rates):
             prefix = f"lora_te{i + 1}_"
             parts.append(([m for m in self.text_encoder_loras if m.lora_name.startswith(prefix)], rate,
                           f"textencoder{i + 1}"))
-        return parts + [unet]
+        return parts + unet
 
     def enable_gradient_checkpointing(self) -> None:
         """LoRA needs nothing here: checkpointing of the base model covers the hooked forwards."""
@@ -226,7 +248,8 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     """The plug-in entry point. ``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya."""
     if neuron_dropout:
         raise UserError("--network_dropout is not supported by networks.lora in this version")
-    known = {"conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+    known = {"conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+             "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora (known: {sorted(known)})")
@@ -237,7 +260,8 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     except ValueError as exc:
         raise UserError(f"--network_args: conv_dim must be an int, conv_alpha and loraplus_* numbers ({exc})") from exc
     network = LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4,
-                          network_alpha if network_alpha is not None else 1.0, conv_dim, conv_alpha)
+                          network_alpha if network_alpha is not None else 1.0, conv_dim, conv_alpha,
+                          block_lr=block_lr_weights(kwargs, uses_sgm_names(unet)))
     shared = plus.get("loraplus_lr_ratio")
     network.set_loraplus_ratios(plus.get("loraplus_unet_lr_ratio", shared),
                                 plus.get("loraplus_text_encoder_lr_ratio", shared))

@@ -3,8 +3,8 @@
     python tools/cache_latents.py --pretrained_model_name_or_path model.safetensors \
         --dataset_config dataset.toml [--vae_batch_size 4]
 
-Writes ``<image stem>_<WWWW>x<HHHH>_sd.npz`` next to each image; files that are still valid for the
-current settings are kept, stale or broken ones are rebuilt. Training with
+Writes ``<image stem>_<WWWW>x<HHHH>_sd.npz`` (``_sdxl.npz`` with ``--sdxl``) next to each image; files
+that are still valid for the current settings are kept, stale or broken ones are rebuilt. Training with
 ``--cache_latents_to_disk`` then starts without encoding.
 """
 
@@ -26,19 +26,22 @@ def main(argv: list[str] | None = None) -> None:
     from library.config.training_config import build_datasets
     from library.data.dataset import build_dataset_group
     from library.data.latent_cache import cache_latents, module_fingerprint
-    from library.families.sd import SDFamily, SDOptions
+    from library.families import family_from_args
     from library.utils.log import setup_logging
 
-    parser = network_training_parser("Pre-compute latent cache files (SD1.x/2.x)")
+    parser = network_training_parser("Pre-compute latent cache files (SD1.x/2.x, or SDXL with --sdxl)")
+    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (files end in _sdxl*.npz)")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path",))
     setup_logging(args.console_log_level)
     configs, _ = build_datasets(args)
     group, report = build_dataset_group(configs, args.seed or 0, args.prior_loss_weight, args.strict_dataset)
-    family = SDFamily(SDOptions(vae=args.vae))
+    family = family_from_args("sdxl" if args.sdxl else "sd", args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models.vae.to(device)
+    if args.no_half_vae:
+        models.vae.to(torch.float32)
     counts = cache_latents(group, lambda px: family.encode_images(models, px), args.vae_batch_size,
                            family.latent_channels, family.cache_suffix, module_fingerprint(models.vae))
     print(f"latent cache: {counts['loaded']} valid file(s) kept, {counts['encoded']} written; "

@@ -3,8 +3,9 @@
     python tools/cache_text_encoder_outputs.py --pretrained_model_name_or_path model.safetensors \
         --dataset_config dataset.toml [--clip_skip 2] [--max_token_length 225]
 
-Writes ``<image stem>_sd_te.npz`` next to each image (kept while caption and encoder settings are
-unchanged). Train with ``--cache_text_encoder_outputs_to_disk --network_train_unet_only``.
+Writes ``<image stem>_sd_te.npz`` (``_sdxl_te.npz`` with ``--sdxl``) next to each image (kept while
+caption and encoder settings are unchanged). Train with ``--cache_text_encoder_outputs_to_disk
+--network_train_unet_only``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     from library.config.training_config import build_datasets
     from library.data.dataset import build_dataset_group
     from library.data.text_cache import cache_text_outputs, random_caption_options
-    from library.families.sd import SDFamily, SDOptions
+    from library.families import family_from_args
     from library.utils.log import setup_logging
 
-    parser = network_training_parser("Pre-compute text-encoder output cache files (SD1.x/2.x)")
+    parser = network_training_parser("Pre-compute text-encoder output cache files (SD1.x/2.x, or SDXL with --sdxl)")
+    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (files end in _sdxl*.npz)")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path",))
     setup_logging(args.console_log_level)
     group, report = build_dataset_group(build_datasets(args)[0], args.seed or 0, args.prior_loss_weight,
@@ -37,12 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     randomised = random_caption_options([it for g in groups for it in g.items])
     if randomised:
         raise UserError(f"captions change between steps ({', '.join(randomised)}); they cannot be cached")
-    family = SDFamily(SDOptions(clip_skip=args.clip_skip, max_token_length=args.max_token_length or 75,
-                                weighted_captions=args.weighted_captions))
+    family = family_from_args("sdxl" if args.sdxl else "sd", args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models.text_encoders[0].to(device)
+    for encoder in models.text_encoders:
+        encoder.to(device)
     counts = cache_text_outputs(groups, lambda caps: family.encode_prompts(models, caps, device),
                                 family.text_encoder_settings(models), args.text_encoder_batch_size,
                                 family.cache_suffix)

@@ -45,6 +45,8 @@ class ModelFamily(ABC):
     size_multiple: int
     #: latent cache files are named ``<stem>_<WWWW>x<HHHH>_<cache_suffix>.npz`` (kohya's names)
     cache_suffix: str
+    #: single-file layouts (see :func:`library.models.sd_loading.detect_layout`) this family loads
+    checkpoint_layouts: tuple[str, ...] = ()
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

@@ -35,6 +35,7 @@ class SDFamily(ModelFamily):
     name = "sd"
     latent_channels = 4
     cache_suffix = "sd"
+    checkpoint_layouts = ("sd1", "sd2")
     size_multiple = 64
     scaling_factor = 0.18215
 

@@ -46,6 +46,7 @@ class SDXLFamily(SDFamily):
 
     name = "sdxl"
     cache_suffix = "sdxl"
+    checkpoint_layouts = ("sdxl",)
     size_multiple = 32
     scaling_factor = 0.13025
 

@@ -107,6 +107,24 @@ def require_layout(state: Mapping[str, torch.Tensor], accepted: tuple[str, ...],
     raise UserError(f"{path} is not an {wanted} checkpoint (it looks like: {layout}){hint}")
 
 
+def check_file_layout(path: str, accepted: tuple[str, ...]) -> None:
+    """Refuse a single ``.safetensors`` file of another family from its header alone (no tensor is
+    read), so a wrong model stops the run before the dataset is scanned or anything is loaded.
+    Folders, hub ids and pickles are checked when they are loaded."""
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return
+    _check_safetensors_header(p)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            keys = dict.fromkeys(f.keys())
+    except Exception as exc:  # noqa: BLE001 - any parse error means a broken file
+        raise UserError(f"{p} is not a readable safetensors file ({exc})") from exc
+    require_layout(keys, accepted, p)
+
+
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Take the tensors under ``prefix`` out of ``state`` (popped, so that no second reference
     keeps them alive once they are converted)."""

@@ -24,6 +24,7 @@ from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group
 from library.data.latent_cache import cache_latents, module_fingerprint
 from library.data.text_cache import cache_text_outputs, random_caption_options
 from library.families.base import LoadedModels, ModelFamily
+from library.models.sd_loading import check_file_layout
 from library.training import optim, precision, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
@@ -276,6 +277,7 @@ class NetworkTrainer:
     def run(self) -> Path:
         """Train; return the path of the final network file."""
         cfg = self.cfg
+        check_file_layout(cfg.model_path, self.family.checkpoint_layouts)  # a wrong file stops before any work
         self._read_resume()
         acc = self._make_accelerator()
         self.seed = _same_on_all_processes(acc, self.seed)

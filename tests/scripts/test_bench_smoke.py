@@ -18,3 +18,10 @@ def test_bench_load_smoke():
     proc = run_script("bench/bench_load.py", "--tiny", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-2])
     assert result["loaded_bytes"] == result["tensor_bytes"] and result["seconds"] > 0
+
+
+def test_bench_sdxl_train_step_smoke():
+    proc = run_script("bench/bench_sdxl_train_step.py", "--tiny", "--size", "64", "--steps", "2", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bare"]["steps"] == 2 and result["trainer"]["steps"] == 2
+    assert result["bare"]["median_s"] > 0 and result["trainer"]["median_s"] > 0

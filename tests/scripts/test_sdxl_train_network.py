@@ -97,21 +97,29 @@ def test_lora_loads_back(xl_run, tiny_xl, tmp_path):
                               "--network_weights", str(xl_run[0] / "xl.safetensors")), check=True)
 
 
-def test_cached_text_encoder_outputs(tiny_xl, tmp_path):
+def test_cache_tools_and_cached_training(tiny_xl, tmp_path):
+    """tools/cache_*.py --sdxl write the files sdxl_train_network.py then reads without encoding."""
     import shutil
+
+    import numpy as np
 
     data = tmp_path / "data"
     shutil.copytree(tiny_xl / "train", data)
-    args = ["--pretrained_model_name_or_path", str(tiny_xl / "model" / "tiny-sdxl.safetensors"),
-            "--train_data_dir", str(data), "--resolution", "64", "--caption_extension", ".caption",
-            "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--network_train_unet_only",
-            "--cache_text_encoder_outputs_to_disk", "--cache_latents_to_disk", "--console_log_level", "WARNING"]
-    run_script(SCRIPT, *args, check=True)
-    caches = sorted((data / "10_sks shape").glob("*_sdxl_te.npz"))
-    assert len(caches) == 8 and len(list((data / "10_sks shape").glob("*_sdxl.npz"))) == 8
-    import numpy as np
+    common = ["--pretrained_model_name_or_path", str(tiny_xl / "model" / "tiny-sdxl.safetensors"),
+              "--train_data_dir", str(data), "--resolution", "64", "--caption_extension", ".caption",
+              "--console_log_level", "INFO"]
+    assert "8 written" in run_script("tools/cache_text_encoder_outputs.py", *common, "--sdxl", check=True).stdout
+    assert "8 written" in run_script("tools/cache_latents.py", *common, "--sdxl", check=True).stdout
+    folder = data / "10_sks shape"
+    caches = sorted(folder.glob("*_sdxl_te.npz"))
+    assert len(caches) == 8 and len(list(folder.glob("*_sdxl.npz"))) == 8
     with np.load(caches[0]) as npz:
         assert npz["out_hidden"].shape == (77, 96) and npz["out_pooled"].shape == (32,)
+    proc = run_script(SCRIPT, *common, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
+                      "--network_train_unet_only", "--cache_text_encoder_outputs_to_disk", "--cache_latents_to_disk",
+                      check=True)
+    assert "text-encoder cache: 8 loaded from disk, 0 encoded" in proc.stderr
+    assert "latent cache: 8 loaded from disk, 0 encoded" in proc.stderr
     state = load_file(str(tmp_path / "out" / "last.safetensors"))
     assert state and all(k.startswith("lora_unet_") for k in state)
 

@@ -85,6 +85,26 @@ def test_random_crop_moves_the_window(tmp_path):
     assert centre.shape == (3, 64, 64)
 
 
+def test_size_conditioning_follows_the_crop_and_flip(tmp_path):
+    """SDXL's (original h, w, crop top, left, target h, w): the window actually cut, mirrored with a flip."""
+    from library.config.dataset_config import DatasetConfig, SubsetConfig
+    from library.data.dataset import BucketBatchDataset, ImageItem, size_conditioning
+
+    Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")
+    sub = SubsetConfig(str(tmp_path), random_crop=True, flip_aug=True)
+    ds = BucketBatchDataset(DatasetConfig((64, 64)), [ImageItem(str(tmp_path / "wide.png"), "", sub, (96, 64))], [])
+    item = ds.items[0]
+    assert size_conditioning(item, (16, 0, 80, 64), False) == [64, 96, 0, 16, 64, 64]
+    assert size_conditioning(item, (10, 0, 74, 64), True) == [64, 96, 0, 22, 64, 64]  # 96 - 74
+    rows = set()
+    for epoch in range(6):
+        batch = ds.make_batch([item], (0, epoch, 0), rank=0)
+        row = batch["size_conditioning"][0].tolist()
+        assert row[:2] == [64, 96] and row[4:] == [64, 64] and row[2] == 0 and 0 <= row[3] <= 32
+        rows.add(row[3])
+    assert len(rows) > 1  # random crops show up as different crop offsets
+
+
 @pytest.mark.parametrize("key", ["color_aug", "random_crop"])
 def test_cache_conflicts_are_refused(key, tmp_path):
     from library.args.common import network_training_parser

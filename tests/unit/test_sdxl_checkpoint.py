@@ -73,3 +73,56 @@ def test_sd1_file_is_refused(tmp_path, tiny_sd1):
     save_sd_single_file(tmp_path / "sd1.safetensors", tiny_sd1)
     with pytest.raises(UserError, match="not an SDXL checkpoint .*looks like: sd1"):
         load_sdxl_single_file(tmp_path / "sd1.safetensors")
+
+
+def test_diffusers_folder_and_ckpt_round_trip(tmp_path):
+    """save_sdxl_diffusers writes a folder StableDiffusionXLPipeline opens and our loader reads back
+    bit for bit; a .ckpt single file holds the same tensors as the .safetensors one."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from library.models.sdxl_loading import load_sdxl_model, save_sdxl_diffusers
+
+    parts = make_tiny_sdxl(seed=3)
+    save_sdxl_diffusers(tmp_path / "xl", parts)
+    loaded = load_sdxl_model(str(tmp_path / "xl"))
+    for name in ("unet", "vae", "text_encoder_1", "text_encoder_2"):
+        a, b = getattr(parts, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.tokenizer_2.pad_token == "!" and loaded.tokenizer_1("a b").input_ids == \
+        parts.tokenizer_1("a b").input_ids
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "xl"))
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], parts.unet.state_dict()["conv_in.weight"])
+    save_sdxl_diffusers(tmp_path / "xl16", parts, dtype=torch.float16)
+    assert load_sdxl_model(str(tmp_path / "xl16"), torch.float32).unet.conv_in.weight.dtype == torch.float32
+
+    save_sdxl_single_file(tmp_path / "xl.safetensors", parts)
+    save_sdxl_single_file(tmp_path / "xl.ckpt", parts)
+    a = load_file(str(tmp_path / "xl.safetensors"))
+    b = torch.load(str(tmp_path / "xl.ckpt"), weights_only=True)["state_dict"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from_ckpt = load_sdxl_single_file(tmp_path / "xl.ckpt")
+    assert torch.equal(from_ckpt.unet.conv_in.weight, parts.unet.conv_in.weight)
+
+
+def test_sd1_folder_is_refused_by_the_sdxl_loader(tmp_path, tiny_sd1):
+    from library.models.sd_loading import save_sd_diffusers
+    from library.models.sdxl_loading import load_sdxl_model
+
+    save_sd_diffusers(tmp_path / "sd1", tiny_sd1)
+    with pytest.raises(UserError, match="not an SDXL diffusers folder .*train_network.py"):
+        load_sdxl_model(str(tmp_path / "sd1"))
+
+
+def test_diffusers_from_single_file_reads_our_sdxl_file(tmp_path):
+    from diffusers import AutoencoderKL
+
+    parts = make_tiny_sdxl(seed=4)
+    path = tmp_path / "xl.safetensors"
+    save_sdxl_single_file(path, parts)
+    parts.unet.save_config(str(tmp_path / "unet_cfg"))
+    parts.vae.save_config(str(tmp_path / "vae_cfg"))
+    unet = UNet2DConditionModel.from_single_file(str(path), config=str(tmp_path / "unet_cfg"))
+    vae = AutoencoderKL.from_single_file(str(path), config=str(tmp_path / "vae_cfg"))
+    for theirs, ours in ((unet, parts.unet), (vae, parts.vae)):
+        state = ours.state_dict()
+        assert all(torch.equal(theirs.state_dict()[k], state[k]) for k in state)
