@@ -17,7 +17,6 @@ see :mod:`networks.block_lr`).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -27,61 +26,11 @@ from library.training.metadata import add_model_hashes
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
 from networks.block_lr import block_index, block_lr_weights
+from networks.lora_modules import FusedLoRAModule, LoRAModule
 from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses_sgm_names
 
-__all__ = ["LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights", "te_lora_name"]
-
-
-class LoRAModule(nn.Module):
-    """The low-rank update of one Linear or Conv2d, hooked into that module's forward."""
-
-    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float, dim: int, alpha: float | None):
-        super().__init__()
-        self.lora_name = lora_name
-        if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org_module.in_channels, dim, org_module.kernel_size, org_module.stride,
-                                       org_module.padding, bias=False)
-            self.lora_up = nn.Conv2d(dim, org_module.out_channels, 1, 1, bias=False)
-        else:
-            self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
-            self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = dim if not alpha else alpha
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.scale = float(alpha) / dim
-        self.multiplier = multiplier
-        self.enabled = True
-        self._org = [org_module]  # a list, so the base module is not registered as a child
-        self._org_forward = None
-
-    def apply_to(self) -> None:
-        """Route the base module's forward through this LoRA."""
-        org = self._org[0]
-        self._org_forward = org.forward
-        org.forward = self.forward
-
-    def remove(self) -> None:
-        """Restore the base module's own forward."""
-        if self._org_forward is not None:
-            self._org[0].forward = self._org_forward
-            self._org_forward = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._org_forward(x)
-        if not self.enabled or self.multiplier == 0:
-            return out
-        lx = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
-        return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The merged weight update ``scale * up @ down`` in the base module's weight shape."""
-        up, down = self.lora_up.weight, self.lora_down.weight
-        if up.ndim == 2:
-            return self.scale * (up @ down)
-        if down.shape[2:] == (1, 1):
-            return self.scale * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
-        return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+__all__ = ["FusedLoRAModule", "LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights",
+           "te_lora_name"]
 
 
 class LoRANetwork(nn.Module):
@@ -90,16 +39,19 @@ class LoRANetwork(nn.Module):
     def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, multiplier: float, dim: int,
                  alpha: float | None, conv_dim: int = 0, conv_alpha: float | None = None,
                  module_dims: dict[str, int] | None = None, module_alphas: dict[str, float] | None = None,
-                 block_lr: list[float] | None = None):
+                 block_lr: list[float] | None = None, targets: list | None = None):
         """``module_dims``/``module_alphas`` (from a file) override the ranks per module and limit
         the network to the modules they name; ``block_lr`` (see :mod:`networks.block_lr`) scales
-        the UNet learning rate per block, and blocks weighted 0 get no LoRA."""
+        the UNet learning rate per block, and blocks weighted 0 get no LoRA. ``targets`` (from
+        another family's target finder, e.g. :mod:`networks.lora_sd3`) replace SD's."""
         super().__init__()
         self.multiplier = multiplier
         self.loraplus: dict[str, float | None] = {}
         self.sgm = uses_sgm_names(unet)
         self.block_lr = block_lr
-        self.targets = find_targets(text_encoders, unet, bool(conv_dim) or module_dims is not None)
+        if targets is None:
+            targets = find_targets(text_encoders, unet, bool(conv_dim) or module_dims is not None)
+        self.targets = targets
         # modules are registered under their kohya names, so state_dict() keys are the file's keys
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
@@ -108,10 +60,13 @@ class LoRANetwork(nn.Module):
                 continue
             if t.part == "unet" and self._block_weight(t.name) == 0:
                 continue
-            d, a = (conv_dim, conv_alpha) if t.is_conv3 else (dim, alpha)
+            d, a = (conv_dim, conv_alpha) if t.is_conv3 else (t.dim if t.dim is not None else dim, alpha)
             d, a = _rank(t.name, d, a, module_dims, module_alphas)
-            (self.text_encoder_loras if t.part == "te" else self.unet_loras).append(
-                LoRAModule(t.name, t.module, multiplier, d, a))
+            if not d:  # a rank of 0 means no LoRA on that module
+                continue
+            module = FusedLoRAModule(t.name, list(t.fused), multiplier, d, a) if t.fused else \
+                LoRAModule(t.name, t.module, multiplier, d, a, swap_out_halves=t.swap_out_halves)
+            (self.text_encoder_loras if t.part == "te" else self.unet_loras).append(module)
         for lora in self.all_loras():
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicate LoRA module name {lora.lora_name}")

@@ -35,10 +35,13 @@ class Target:
     """One module LoRA can attach to: its kohya name, the module, and the other names files use for it."""
 
     name: str
-    module: nn.Module
+    module: nn.Module | None
     part: str  # "te" or "unet"
     is_conv3: bool = False
     aliases: list[str] = field(default_factory=list)
+    dim: int | None = None  # this module's rank when it differs from --network_dim (0: no LoRA)
+    fused: tuple[nn.Module, ...] = ()  # Linear layers stored as one matrix in the file (SD3's q/k/v)
+    swap_out_halves: bool = False  # the file's output rows are (b, a) where the module has (a, b)
 
 
 def uses_sgm_names(unet: nn.Module | None) -> bool:

@@ -93,7 +93,19 @@ def write_sdxl(model_dir: Path, seed: int) -> str:
     return "tiny-sdxl.safetensors"
 
 
-WRITERS = {"sd1": write_sd1, "sdxl": write_sdxl}
+def write_sd3(model_dir: Path, seed: int) -> str:
+    """A tiny SD3 single file with CLIP-L, CLIP-G and T5 bundled, and the three tokenizer folders."""
+    from library.models.sd3_loading import save_sd3_single_file
+    from library.models.tiny import make_tiny_sd3
+
+    parts = make_tiny_sd3(seed)
+    save_sd3_single_file(model_dir / "tiny-sd3.safetensors", parts)
+    for folder, key in (("tokenizer", "clip_l"), ("tokenizer_2", "clip_g"), ("tokenizer_3", "t5xxl")):
+        parts.tokenizers[key].save_pretrained(str(model_dir / folder))
+    return "tiny-sd3.safetensors"
+
+
+WRITERS = {"sd1": write_sd1, "sdxl": write_sdxl, "sd3": write_sd3}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=sorted(WRITERS), default="sd1",
-                        help="tiny model family: sd1 (train_network.py) or sdxl (sdxl_train_network.py)")
+                        help="tiny model family: sd1, sdxl or sd3 (for train_network.py, sdxl_/sd3_train_network.py)")
     args = parser.parse_args(argv)
     root = Path(args.out).resolve()
     model_dir = root / "model"

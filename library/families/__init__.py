@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import torch
+
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
 
 
@@ -28,8 +30,47 @@ def _sdxl(args: argparse.Namespace) -> ModelFamily:
                                   vae=args.vae, weighted_captions=args.weighted_captions, clip_skip=args.clip_skip))
 
 
+# flags of the DDPM families that mean nothing to flow matching: refused rather than ignored
+_DDPM_ONLY = ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "zero_terminal_snr",
+              "min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss",
+              "v_parameterization", "v2", "clip_skip", "weighted_captions", "noise_offset_random_strength")
+
+
+def _sd3(args: argparse.Namespace) -> ModelFamily:
+    from library.families.sd3 import SD3Family, SD3Options, check_options
+    from library.models.sd3_pos_embed import patched_side
+    from library.training.flow import FlowOptions
+    from library.utils.errors import UserError
+
+    given = [f"--{name}" for name in _DDPM_ONLY if getattr(args, name, None)]
+    if given:
+        raise UserError(f"{', '.join(given)}: not used by SD3 (flow matching); remove them (SD3 has "
+                        "--weighting_scheme, --training_shift, --ip_noise_gamma instead)")
+    if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":
+        raise UserError(f"--loss_type {args.loss_type} on SD3 uses a constant c: add --huber_schedule constant")
+    flow = FlowOptions(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.training_shift,
+                       args.min_timestep, args.max_timestep, args.loss_type, args.huber_c)
+    sizes = ()
+    if args.enable_scaled_pos_embed:
+        from library.config.training_config import build_datasets
+
+        sizes = tuple(patched_side(*ds.resolution) for ds in build_datasets(args)[0])
+    dtypes = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    options = SD3Options(
+        flow=flow, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
+        t5xxl_max_token_length=args.t5xxl_max_token_length, apply_lg_attn_mask=args.apply_lg_attn_mask,
+        apply_t5_attn_mask=args.apply_t5_attn_mask, clip_l_dropout_rate=args.clip_l_dropout_rate,
+        clip_g_dropout_rate=args.clip_g_dropout_rate, t5_dropout_rate=args.t5_dropout_rate,
+        pos_emb_random_crop_rate=args.pos_emb_random_crop_rate, scaled_pos_embed_sizes=sizes,
+        blocks_to_swap=args.blocks_to_swap or 0, t5xxl_device=args.t5xxl_device,
+        t5xxl_dtype=dtypes[args.t5xxl_dtype], ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
+    check_options(options)
+    return SD3Family(options)
+
+
 #: family name -> builder from the parsed flags of the shared training parser
-BUILDERS: dict[str, Callable[[argparse.Namespace], ModelFamily]] = {"sd": _sd, "sdxl": _sdxl}
+BUILDERS: dict[str, Callable[[argparse.Namespace], ModelFamily]] = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3}
 
 
 def family_from_args(name: str, args: argparse.Namespace) -> ModelFamily:

@@ -54,6 +54,12 @@ class ModelFamily(ABC):
         """Load the model (raises UserError for a file of another family or a broken file); with
         ``device`` the weights are read straight onto it (``--lowram``) instead of into CPU memory."""
 
+    def place(self, models: LoadedModels, device: torch.device) -> None:
+        """Move the models to the training device. Families that keep some weights elsewhere (block
+        swap, a text encoder on the CPU) override this."""
+        for m in [models.denoiser, models.vae, *models.text_encoders]:
+            m.to(device)
+
     @abstractmethod
     def encode_images(self, models: LoadedModels, images: torch.Tensor, rng=None) -> torch.Tensor:
         """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents the denoiser trains on (sampled from the
@@ -67,6 +73,11 @@ class ModelFamily(ABC):
     def text_encoder_settings(self, models: LoadedModels) -> dict:
         """What the prompt encoding depends on besides the caption (encoder weights' fingerprint and
         options); recorded in text-encoder caches so a changed setting is never served stale."""
+
+    def drop_conditioning(self, conditioning: Any, rng) -> Any:
+        """Training-time dropout of (possibly cached) text conditioning, drawn from ``rng``'s
+        per-sample generators. Default: none (SD1/SDXL drop whole captions in the dataset)."""
+        return conditioning
 
     @abstractmethod
     def make_noisy_batch(self, latents: torch.Tensor, rng, timestep: int | None = None) -> NoisyBatch:

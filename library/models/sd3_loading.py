@@ -5,14 +5,15 @@ Layout: ``model.diffusion_model.*`` (MMDiT, see :mod:`library.models.sd3_keys`),
 ``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*`` (transformers CLIP
 layout with projection) and ``text_encoders.t5xxl.transformer.*`` (transformers T5 encoder layout).
 Encoders missing from the file come from separate files (``--clip_l``, ``--clip_g``, ``--t5xxl``).
-Not wired to a training script yet (sd3_train_network.py is its own issue).
+Diffusers folders (``StableDiffusion3Pipeline`` layout) and hub ids load too.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,14 @@ class SD3Components:
     clip_l: torch.nn.Module | None
     clip_g: torch.nn.Module | None
     t5xxl: torch.nn.Module | None
+    tokenizers: dict = field(default_factory=dict)  # "clip_l", "clip_g", "t5xxl"
+
+    def model_type(self) -> str:
+        """kohya's name of the MMDiT variant: ``medium`` (SD3), ``5-medium`` or ``5-large`` (SD3.5)."""
+        cfg = self.transformer.config
+        if not cfg.qk_norm:
+            return "medium"
+        return "5-medium" if cfg.dual_attention_layers else "5-large"
 
 
 def _clip_with_projection(state: dict, act: str, dtype, what: str, path) -> torch.nn.Module:
@@ -121,3 +130,66 @@ def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: t
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     save_safetensors(state, path)
+
+
+def load_sd3_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SD3Components:
+    """A ``StableDiffusion3Pipeline`` folder or hub id (T5 may be absent, as in the pipeline)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    root = Path(name_or_path)
+    if root.is_dir() and not (root / "transformer").is_dir():
+        raise UserError(f"{name_or_path} is not an SD3 diffusers folder (no transformer/); SD1/SD2 folders are "
+                        "trained with train_network.py, SDXL ones with sdxl_train_network.py")
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(name_or_path, subfolder="transformer", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype)
+        clip_l = CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype)
+        clip_g = CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2",
+                                                             torch_dtype=dtype)
+        tokenizers = {"clip_l": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer"),
+                      "clip_g": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", pad_token="!")}
+        t5 = None
+        if not root.is_dir() or (root / "text_encoder_3").is_dir():
+            t5 = T5EncoderModel.from_pretrained(name_or_path, subfolder="text_encoder_3", torch_dtype=dtype)
+            tokenizers["t5xxl"] = T5TokenizerFast.from_pretrained(name_or_path, subfolder="tokenizer_3")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load an SD3 diffusers model from {name_or_path}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+    for m in (transformer, vae, clip_l, clip_g, t5):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return SD3Components(transformer, vae, clip_l, clip_g, t5, tokenizers)
+
+
+def load_sd3_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer_dir: str | None = None,
+                   clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None) -> SD3Components:
+    """An SD3/SD3.5 model from a single file (encoders bundled or separate; tokenizers looked up
+    offline-first), a diffusers folder or a hub id."""
+    from library.models.sd_loading import CHECKPOINT_SUFFIXES
+    from library.models.tokenizers import resolve_tokenizer
+
+    p = Path(name_or_path)
+    if p.is_dir() or not (p.is_file() or p.suffix in CHECKPOINT_SUFFIXES):
+        return load_sd3_diffusers(name_or_path, dtype)
+    parts = load_sd3_single_file(p, dtype, clip_l, clip_g, t5xxl)
+    parts.tokenizers = {"clip_l": resolve_tokenizer("clip_l", p, tokenizer_dir),
+                        "clip_g": resolve_tokenizer("clip_g", p, tokenizer_dir)}
+    if parts.t5xxl is not None:
+        parts.tokenizers["t5xxl"] = resolve_tokenizer("t5xxl", p, tokenizer_dir)
+    return parts
+
+
+def save_sd3_diffusers(folder: str | os.PathLike, parts: SD3Components, dtype: torch.dtype | None = None) -> None:
+    """Write a ``StableDiffusion3Pipeline`` folder with a FlowMatchEulerDiscreteScheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from library.models.sd_loading import write_diffusers_folder
+
+    write_diffusers_folder(
+        folder, "StableDiffusion3Pipeline",
+        {"transformer": parts.transformer, "vae": parts.vae, "text_encoder": parts.clip_l,
+         "text_encoder_2": parts.clip_g, "text_encoder_3": parts.t5xxl},
+        {"tokenizer": parts.tokenizers.get("clip_l"), "tokenizer_2": parts.tokenizers.get("clip_g"),
+         "tokenizer_3": parts.tokenizers.get("t5xxl")},
+        dtype, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))

@@ -301,10 +301,12 @@ def save_sd_diffusers(folder: str | os.PathLike, parts: SDComponents, dtype: tor
 
 
 def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modules: dict, tokenizers: dict,
-                           dtype: torch.dtype | None = None, prediction_type: str = "epsilon") -> None:
-    """Write ``modules`` and ``tokenizers`` (keyed by their diffusers folder names), a DDIM scheduler
-    and model_index.json as a diffusers pipeline folder. Written to a temporary folder and renamed
-    into place, so an interrupted save never leaves a half folder under the real name."""
+                           dtype: torch.dtype | None = None, prediction_type: str = "epsilon",
+                           scheduler=None) -> None:
+    """Write ``modules`` and ``tokenizers`` (keyed by their diffusers folder names; None for an
+    absent part), the scheduler (DDIM with the SD schedule unless given) and model_index.json as a
+    diffusers pipeline folder. Written to a temporary folder and renamed into place, so an
+    interrupted save never leaves a half folder under the real name."""
     import shutil
 
     from diffusers import DDIMScheduler
@@ -316,19 +318,20 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
     if tmp.exists():
         shutil.rmtree(tmp)
     index: dict = {"_class_name": pipeline_class}
-    for name, module in modules.items():
-        module.save_pretrained(str(tmp / name))
-        if dtype is not None:
+    for name, part in {**modules, **tokenizers}.items():
+        if part is None:
+            index[name] = [None, None]
+            continue
+        part.save_pretrained(str(tmp / name))
+        if dtype is not None and name in modules:
             _recast_folder(tmp / name, dtype)
-        library = "diffusers" if type(module).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(module).__name__]
-    for name, tokenizer in tokenizers.items():
-        tokenizer.save_pretrained(str(tmp / name))
-        index[name] = ["transformers", "CLIPTokenizer" if "CLIP" in type(tokenizer).__name__ else
-                       type(tokenizer).__name__]
-    DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
-                  prediction_type=prediction_type).save_pretrained(str(tmp / "scheduler"))
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
+        index[name] = [library, type(part).__name__]
+    if scheduler is None:
+        scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                                  prediction_type=prediction_type)
+    scheduler.save_pretrained(str(tmp / "scheduler"))
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
     if pipeline_class == "StableDiffusionPipeline":
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")

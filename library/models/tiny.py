@@ -157,7 +157,8 @@ def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
     from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, SD3Components
 
     torch.manual_seed(seed)
-    vocab = len(build_tiny_clip_tokenizer())
+    tok_l, tok_g = tiny_clip_tokenizer_pair()
+    vocab = len(tok_l)
     extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)} if sd35_medium else {}
     transformer = SD3Transformer2DModel(**TINY_SD3_MMDIT, **extra)
     vae = AutoencoderKL(**{**TINY_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
@@ -171,4 +172,7 @@ def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False))
     for m in (transformer, vae, clip_l, clip_g, t5):
         m.eval().requires_grad_(False)
-    return SD3Components(transformer, vae, clip_l, clip_g, t5)
+    from library.models.tiny_tokenizer import build_tiny_t5_tokenizer
+
+    return SD3Components(transformer, vae, clip_l, clip_g, t5,
+                         {"clip_l": tok_l, "clip_g": tok_g, "t5xxl": build_tiny_t5_tokenizer()})

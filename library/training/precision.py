@@ -42,11 +42,11 @@ def set_attention(unet: torch.nn.Module, mode: str) -> None:
             raise UserError(f"--xformers: {exc}. xformers needs a CUDA GPU and `pip install xformers`; "
                             "use --sdpa (the default) otherwise") from exc
     elif mode == "mem_eff":
+        if not callable(getattr(unet, "set_attention_slice", None)):
+            raise UserError("--mem_eff_attn (sliced attention) is for UNets; remove it for this model")
         unet.set_attention_slice("auto")
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+    # sdpa: diffusers' default processors already use PyTorch SDPA (AttnProcessor2_0 for UNets,
+    # JointAttnProcessor2_0 for SD3); replacing them would break models with joint attention
 
 
 def allow_fp16_gradients(scaler) -> None:

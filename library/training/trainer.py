@@ -205,8 +205,7 @@ class NetworkTrainer:
         cfg = self.cfg
         models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir,
                                   acc.device if cfg.lowram else None)
-        for m in [models.denoiser, models.vae, *models.text_encoders]:
-            m.to(acc.device)
+        self.family.place(models, acc.device)
         if cfg.no_half_vae:
             models.vae.to(torch.float32)
         precision.set_attention(models.denoiser, cfg.attention)
@@ -459,6 +458,7 @@ class _Loop:
         else:
             with torch.set_grad_enabled(self.train_te), acc.autocast():
                 cond = family.encode_prompts(models, batch["captions"], acc.device)
+        cond = family.drop_conditioning(cond, rng)
         noisy = make_noisy_batch(family, batch, latents, rng)
         self._preserve_outputs(batch, noisy, cond)
         with acc.autocast():

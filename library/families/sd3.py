@@ -1,0 +1,289 @@
+"""SD3 / SD3.5: an MMDiT trained by flow matching, three text encoders, a 16-channel VAE.
+
+* Prompts: CLIP-L and CLIP-G give their penultimate hidden states (77 tokens each, concatenated to
+  768 + 1280 features and zero-padded to T5's width) and their projected pooled outputs
+  (concatenated: the MMDiT's pooled input); T5-XXL gives up to ``--t5xxl_max_token_length``
+  states appended along the sequence (zeros when no T5 is loaded). The parts are kept separate in
+  the conditioning so per-encoder caption dropout can zero one of them after caching.
+* Training maths: :mod:`library.training.flow`.
+* Latents: (x - 0.0609) * 1.5305.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from library.families.base import LoadedModels, ModelFamily, NoisyBatch
+from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, load_sd3_model
+from library.training import flow
+from library.training.flow import FlowOptions
+from library.training.loss import apply_mask, elementwise_loss, per_sample_mean
+from library.training.rng import SampleRNG
+from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CLIP_TOKENS = 77
+PARTS = ("clip_l", "clip_g", "t5")
+
+
+@dataclass(frozen=True)
+class SD3Options:
+    """Options of the SD3 family that change what is computed."""
+
+    flow: FlowOptions = FlowOptions()
+    clip_l: str | None = None
+    clip_g: str | None = None
+    t5xxl: str | None = None
+    vae: str | None = None
+    t5xxl_max_token_length: int = 256
+    apply_lg_attn_mask: bool = False
+    apply_t5_attn_mask: bool = False
+    clip_l_dropout_rate: float = 0.0
+    clip_g_dropout_rate: float = 0.0
+    t5_dropout_rate: float = 0.0
+    sample_shift: float = 3.0  # the flow scheduler's shift for sample images (SD3's default)
+    pos_emb_random_crop_rate: float = 0.0
+    # --enable_scaled_pos_embed: the patched sides of the training resolutions
+    scaled_pos_embed_sizes: tuple[int, ...] = ()
+    blocks_to_swap: int = 0
+    t5xxl_device: str | None = None  # e.g. "cpu": T5 stays there (its outputs are moved)
+    t5xxl_dtype: torch.dtype | None = None
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+
+
+@dataclass
+class SD3NoisyBatch(NoisyBatch):
+    """A noisy batch plus where this step's positional-embedding window sits (None: centred)."""
+
+    pos_crop: tuple[float, float] | None = None
+
+
+class SD3Family(ModelFamily):
+    """SD3 Medium, SD3.5 Medium and SD3.5 Large."""
+
+    name = "sd3"
+    latent_channels = 16
+    size_multiple = 16  # VAE 8 x patch 2
+    cache_suffix = "sd3"
+    checkpoint_layouts = ("sd3",)
+
+    def __init__(self, options: SD3Options = SD3Options()):
+        self.options = options
+        self.model_type = "medium"
+        self.pos_embed = None  # PosEmbedOptions when a positional-embedding option is on
+        self.block_swap = None
+        self._told_sampler = False
+
+    # ----------------------------------------------------------------- models
+    def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
+             device: torch.device | None = None) -> LoadedModels:
+        o = self.options
+        parts = load_sd3_model(name_or_path, dtype, tokenizer_dir, o.clip_l, o.clip_g, o.t5xxl)
+        if o.vae:
+            from library.models.sd_loading import load_vae
+
+            parts.vae = load_vae(o.vae, dtype, self.latent_channels, device)
+            parts.vae.register_to_config(scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT)
+        if parts.t5xxl is None:
+            logger.warning("no T5-XXL in %s and no --t5xxl: training without T5 (its states are zeros)", name_or_path)
+        self.model_type = parts.model_type()
+        if o.pos_emb_random_crop_rate or o.scaled_pos_embed_sizes:
+            from library.models.sd3_pos_embed import PosEmbedOptions
+
+            self.pos_embed = PosEmbedOptions(parts.transformer.pos_embed, o.scaled_pos_embed_sizes)
+        encoders = [parts.clip_l, parts.clip_g] + ([parts.t5xxl] if parts.t5xxl is not None else [])
+        tokenizers = [parts.tokenizers["clip_l"], parts.tokenizers["clip_g"]] + (
+            [parts.tokenizers["t5xxl"]] if parts.t5xxl is not None else [])
+        return LoadedModels(denoiser=parts.transformer, vae=parts.vae, text_encoders=encoders,
+                            tokenizers=tokenizers, source=name_or_path)
+
+    def place(self, models: LoadedModels, device: torch.device) -> None:
+        """Everything to ``device``, except the swapped blocks (``--blocks_to_swap``) and T5 when
+        ``--t5xxl_device``/``--t5xxl_dtype`` say otherwise."""
+        o = self.options
+        transformer = models.denoiser
+        for name, child in transformer.named_children():
+            if name != "transformer_blocks" or not o.blocks_to_swap:
+                child.to(device)
+        if o.blocks_to_swap:
+            from library.training.block_swap import install_block_swap
+
+            self.block_swap = install_block_swap(transformer, transformer.transformer_blocks, o.blocks_to_swap,
+                                                 device)
+        models.vae.to(device)
+        for i, encoder in enumerate(models.text_encoders):
+            if i == 2 and (o.t5xxl_device or o.t5xxl_dtype):
+                encoder.to(torch.device(o.t5xxl_device) if o.t5xxl_device else device, o.t5xxl_dtype)
+            else:
+                encoder.to(device)
+
+    def encode_images(self, models: LoadedModels, images: torch.Tensor, rng: SampleRNG | None = None) -> torch.Tensor:
+        vae = models.vae
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        latents = dist.sample() if rng is None else dist.mean + dist.std * rng.randn(*dist.mean.shape[1:]).to(
+            dist.mean)
+        return (latents - SD3_VAE_SHIFT) * SD3_VAE_SCALE
+
+    # ----------------------------------------------------------------- text
+    def _clip(self, tokenizer, encoder, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(captions, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                           return_tensors="pt")
+        mask = tokens.attention_mask.to(device) if self.options.apply_lg_attn_mask else None
+        out = encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> dict:
+        """``{"clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5"}``; the MMDiT's inputs are
+        assembled from them in :meth:`denoise`."""
+        encoders, tokenizers = models.text_encoders, models.tokenizers
+        out = {}
+        for i, part in enumerate(("clip_l", "clip_g")):
+            out[part], out[f"{part}_pooled"] = self._clip(tokenizers[i], encoders[i], captions, device)
+        if len(encoders) > 2:
+            tokens = tokenizers[2](captions, padding="max_length", max_length=self.options.t5xxl_max_token_length,
+                                   truncation=True, return_tensors="pt")
+            t5 = encoders[2]
+            where = t5.device  # T5 may live elsewhere (--t5xxl_device); its output comes back here
+            mask = tokens.attention_mask.to(where) if self.options.apply_t5_attn_mask else None
+            hidden = t5(tokens.input_ids.to(where), attention_mask=mask).last_hidden_state
+            out["t5"] = hidden.to(device, out["clip_l"].dtype)
+        return out
+
+    def text_encoder_settings(self, models: LoadedModels) -> dict:
+        from library.data.latent_cache import module_fingerprint
+
+        o = self.options
+        return {"family": self.name, "encoders": [module_fingerprint(te) for te in models.text_encoders],
+                "t5_tokens": o.t5xxl_max_token_length, "lg_mask": o.apply_lg_attn_mask,
+                "t5_mask": o.apply_t5_attn_mask}
+
+    def drop_conditioning(self, conditioning: dict, rng: SampleRNG) -> dict:
+        """Per-encoder caption dropout: with each encoder's rate, a sample's output of that encoder
+        (states and pooled part) is zeroed. Drawn from the samples' own generators."""
+        o = self.options
+        rates = {"clip_l": o.clip_l_dropout_rate, "clip_g": o.clip_g_dropout_rate, "t5": o.t5_dropout_rate}
+        if not any(rates.values()):
+            return conditioning
+        out = dict(conditioning)
+        for part, rate in rates.items():
+            keep = (rng.rand() >= rate).to(next(iter(conditioning.values())).dtype)
+            for key in (part, f"{part}_pooled"):
+                if rate and key in out:
+                    out[key] = out[key] * keep.view(-1, *([1] * (out[key].ndim - 1))).to(out[key].device)
+        return out
+
+    def _mmdit_inputs(self, models: LoadedModels, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder_hidden_states, pooled_projections) as SD3 expects them."""
+        width = models.denoiser.config.joint_attention_dim
+        lg = torch.cat([cond["clip_l"], cond["clip_g"]], dim=-1)
+        lg = torch.nn.functional.pad(lg, (0, width - lg.shape[-1]))
+        t5 = cond.get("t5")
+        if t5 is None:  # no T5: zeros in its place, as kohya does
+            t5 = lg.new_zeros(lg.shape[0], CLIP_TOKENS, width)
+        return torch.cat([lg, t5.to(lg.dtype)], dim=1), torch.cat([cond["clip_l_pooled"], cond["clip_g_pooled"]], -1)
+
+    # ----------------------------------------------------------------- training maths
+    def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG, timestep: int | None = None) -> NoisyBatch:
+        o, opts = self.options.flow, self.options
+        noise = rng.randn(*latents.shape[1:]).to(latents.dtype)
+        crop = None
+        if timestep is None:
+            u = flow.density_sample(o.weighting_scheme, rng.rand(), rng.randn(), o.logit_mean, o.logit_std,
+                                    o.mode_scale)
+            timesteps = flow.timesteps_from_u(flow.shift_u(u, o.training_shift), o.min_timestep, o.max_timestep)
+            if opts.pos_emb_random_crop_rate and rng.batch_uniform() < opts.pos_emb_random_crop_rate:
+                crop = (rng.batch_uniform(), rng.batch_uniform())  # one window for the whole batch
+        else:
+            timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
+        sigmas = flow.sigmas_from_timesteps(timesteps).to(latents.device)
+        noisy, velocity = flow.noisy_and_velocity(latents, noise, sigmas)
+        if opts.ip_noise_gamma:  # input perturbation: the input gets extra noise, the target does not
+            gamma = opts.ip_noise_gamma * (rng.batch_uniform() if opts.ip_noise_gamma_random_strength else 1.0)
+            s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+            noisy = noisy + s * gamma * rng.randn(*latents.shape[1:]).to(latents.dtype)
+        return SD3NoisyBatch(noisy, timesteps.to(latents.device), velocity, pos_crop=crop)
+
+    def validation_timesteps(self) -> list[int]:
+        o = self.options.flow
+        return [int(o.min_timestep + (o.max_timestep - o.min_timestep) * k / 5) for k in range(1, 5)]
+
+    def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: dict) -> torch.Tensor:
+        context, pooled = self._mmdit_inputs(models, conditioning)
+        if self.pos_embed is not None:
+            self.pos_embed.crop = getattr(batch, "pos_crop", None)
+        try:
+            return models.denoiser(hidden_states=batch.noisy_latents, encoder_hidden_states=context,
+                                   pooled_projections=pooled, timestep=batch.timesteps.float()).sample
+        finally:
+            if self.pos_embed is not None:
+                self.pos_embed.crop = None
+
+    def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        o = self.options.flow
+        sigmas = flow.sigmas_from_timesteps(batch.timesteps).to(prediction.device)
+        s = sigmas.view(-1, *([1] * (prediction.ndim - 1)))
+        # kohya's x0 preconditioning: |x_t - sigma v_pred - x0| = |sigma (v - v_pred)|
+        c = torch.full_like(sigmas, o.huber_c)
+        loss = elementwise_loss(s * prediction.float(), s * batch.target.float(), o.loss_type, c)
+        return per_sample_mean(apply_mask(loss, mask)) * flow.loss_weighting(o.weighting_scheme, sigmas)
+
+    # ----------------------------------------------------------------- sampling and metadata
+    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        if sampler and sampler.lower() not in ("euler", "k_euler") and not self._told_sampler:
+            logger.info("SD3 samples use the flow-matching Euler sampler (sampler %s is for SD1/SDXL)", sampler)
+            self._told_sampler = True
+        encoders, tokenizers = models.text_encoders, models.tokenizers
+        pipe = StableDiffusion3Pipeline(
+            transformer=models.denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=self.options.sample_shift),
+            vae=models.vae, text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
+            tokenizer_2=tokenizers[1], text_encoder_3=encoders[2] if len(encoders) > 2 else None,
+            tokenizer_3=tokenizers[2] if len(tokenizers) > 2 else None)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
+        with torch.no_grad():
+            (pos, pos_pooled), (neg, neg_pooled) = (
+                self._mmdit_inputs(models, self.encode_prompts(models, [text], device))
+                for text in (prompt.prompt, prompt.negative_prompt or ""))
+            return pipe(prompt_embeds=pos, pooled_prompt_embeds=pos_pooled, negative_prompt_embeds=neg,
+                        negative_pooled_prompt_embeds=neg_pooled, width=prompt.width, height=prompt.height,
+                        num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
+                        generator=generator).images[0]
+
+    def metadata(self) -> dict[str, str]:
+        o = self.options
+        return {
+            **o.flow.metadata(),
+            "ss_base_model_version": f"sd3_{self.model_type}",
+            "ss_t5xxl_max_token_length": str(o.t5xxl_max_token_length),
+            "ss_apply_lg_attn_mask": str(o.apply_lg_attn_mask), "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask),
+            "ss_clip_l_dropout_rate": str(o.clip_l_dropout_rate), "ss_clip_g_dropout_rate": str(o.clip_g_dropout_rate),
+            "ss_t5_dropout_rate": str(o.t5_dropout_rate),
+            "modelspec.architecture": f"stable-diffusion-3-{self.model_type}/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/sd3.5",
+            "modelspec.prediction_type": "flow",
+        }
+
+
+def check_options(options: SD3Options) -> None:
+    """Contradictions in the SD3 flags, before anything is loaded."""
+    problems = options.flow.problems()
+    if not 0 <= options.pos_emb_random_crop_rate <= 1:
+        problems.append(f"--pos_emb_random_crop_rate {options.pos_emb_random_crop_rate}: must be between 0 and 1")
+    if options.blocks_to_swap < 0:
+        problems.append("--blocks_to_swap must be 0 or more")
+    for name in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate"):
+        if not 0 <= getattr(options, name) <= 1:
+            problems.append(f"--{name} {getattr(options, name)}: must be between 0 and 1")
+    if options.t5xxl_max_token_length < 1:
+        problems.append("--t5xxl_max_token_length must be positive")
+    if problems:
+        raise UserError("; ".join(problems))

@@ -1,0 +1,121 @@
+"""LoRA modules: the low-rank update of one Linear/Conv2d, and of several Linear layers that the
+original checkpoint layout stores as one fused matrix (SD3's q/k/v)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+class LoRAModule(nn.Module):
+    """The low-rank update of one Linear or Conv2d, hooked into that module's forward."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float, dim: int, alpha: float | None,
+                 swap_out_halves: bool = False):
+        """``swap_out_halves``: the file stores the update's output rows as (b, a) where the module
+        has (a, b) (SD3's final adaLN modulations, (shift, scale) vs diffusers' (scale, shift))."""
+        super().__init__()
+        self.swap_out_halves = swap_out_halves
+        self.lora_name = lora_name
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org_module.in_channels, dim, org_module.kernel_size, org_module.stride,
+                                       org_module.padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, org_module.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = dim if not alpha else alpha
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.scale = float(alpha) / dim
+        self.multiplier = multiplier
+        self.enabled = True
+        self._org = [org_module]  # a list, so the base module is not registered as a child
+        self._org_forward = None
+
+    def apply_to(self) -> None:
+        """Route the base module's forward through this LoRA."""
+        org = self._org[0]
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def remove(self) -> None:
+        """Restore the base module's own forward."""
+        if self._org_forward is not None:
+            self._org[0].forward = self._org_forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forward(x)
+        if not self.enabled or self.multiplier == 0:
+            return out
+        down = self.lora_down(x.to(self.lora_down.weight.dtype))
+        lx = torch.nn.functional.linear(down, _swap_halves(self.lora_up.weight)) if self.swap_out_halves else \
+            self.lora_up(down)
+        return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged weight update ``scale * up @ down`` in the base module's weight shape."""
+        up, down = self.lora_up.weight, self.lora_down.weight
+        if up.ndim == 2:
+            return self.scale * ((_swap_halves(up) if self.swap_out_halves else up) @ down)
+        if down.shape[2:] == (1, 1):
+            return self.scale * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
+        return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+class FusedLoRAModule(nn.Module):
+    """One LoRA over several Linear layers that read the same input and that the original layout
+    stores as one matrix (SD3's fused q/k/v): a shared ``lora_down`` (r, in) and one ``lora_up``
+    (sum of the layers' outputs, r) whose row blocks belong to the layers in order, exactly the
+    shapes kohya writes for ``..._attn_qkv``."""
+
+    def __init__(self, lora_name: str, org_modules: list[nn.Module], multiplier: float, dim: int,
+                 alpha: float | None):
+        super().__init__()
+        self.lora_name = lora_name
+        self.splits = [m.out_features for m in org_modules]
+        self.lora_down = nn.Linear(org_modules[0].in_features, dim, bias=False)
+        self.lora_up = nn.Linear(dim, sum(self.splits), bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = dim if not alpha else alpha
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.scale = float(alpha) / dim
+        self.multiplier = multiplier
+        self.enabled = True
+        self._orgs = list(org_modules)  # a plain list: the base modules are not children
+        self._org_forwards: list = []
+
+    def apply_to(self) -> None:
+        starts = [sum(self.splits[:i]) for i in range(len(self.splits))]
+        self._org_forwards = [m.forward for m in self._orgs]
+        for i, m in enumerate(self._orgs):
+            m.forward = self._hook(i, starts[i])
+
+    def _hook(self, i: int, start: int):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = self._org_forwards[i](x)
+            if not self.enabled or self.multiplier == 0:
+                return out
+            up = self.lora_up.weight[start:start + self.splits[i]]
+            lx = torch.nn.functional.linear(self.lora_down(x.to(up.dtype)), up)
+            return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
+        return forward
+
+    def remove(self) -> None:
+        for m, f in zip(self._orgs, self._org_forwards):
+            m.forward = f
+        self._org_forwards = []
+
+    def delta_weight(self) -> torch.Tensor:
+        """The fused update ``scale * up @ down`` (rows of all layers, in order)."""
+        return self.scale * (self.lora_up.weight @ self.lora_down.weight)
