@@ -42,6 +42,7 @@ class Target:
     dim: int | None = None  # this module's rank when it differs from --network_dim (0: no LoRA)
     fused: tuple[nn.Module, ...] = ()  # Linear layers stored as one matrix in the file (SD3's q/k/v)
     swap_out_halves: bool = False  # the file's output rows are (b, a) where the module has (a, b)
+    peft: tuple[str, ...] = ()  # diffusers/PEFT names ("<component>.<module path>"), one per fused layer
 
 
 def uses_sgm_names(unet: nn.Module | None) -> bool:
@@ -90,7 +91,7 @@ def find_targets(text_encoders: list[nn.Module], unet: nn.Module | None, with_co
         for path, module in te.named_modules():
             if isinstance(module, nn.Linear) and TE_TARGET.search(path):
                 flat = path[len("text_model."):] if path.startswith("text_model.") else path
-                targets.append(Target(te_lora_name(prefix, path), module, "te",
+                targets.append(Target(te_lora_name(prefix, path), module, "te", peft=(f"{peft}.{path}",),
                                       aliases=[f"{peft}.{flat}", f"{peft}.text_model.{flat}"]))
     if unet is None:
         return targets
@@ -101,7 +102,7 @@ def find_targets(text_encoders: list[nn.Module], unet: nn.Module | None, with_co
         diffusers_name = "lora_unet_" + path.replace(".", "_")
         name = "lora_unet_" + unet_module_to_ldm(path, unet.config).replace(".", "_") if sgm else diffusers_name
         aliases = [f"unet.{path}"] + ([diffusers_name] if sgm else [])
-        targets.append(Target(name, module, "unet", is_conv3, aliases))
+        targets.append(Target(name, module, "unet", is_conv3, aliases, peft=(f"unet.{path}",)))
     return targets
 
 

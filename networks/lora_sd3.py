@@ -98,21 +98,24 @@ def mmdit_targets(transformer: nn.Module, dims: dict[str, int | None], emb_dims:
     for i in range(transformer.config.num_layers):
         prefix = f"transformer_blocks.{i}."
         for original, parts in sd3_keys._FUSED.items():
-            fused = tuple(modules[prefix + p] for p in parts if prefix + p in modules)
-            if fused:
-                targets.append(Target(_name(f"joint_blocks.{i}.{original}"), None, "unet", fused=fused,
-                                      dim=dims[_kind(original)] if i in blocks else 0))
+            present = [p for p in parts if prefix + p in modules]
+            if present:
+                targets.append(Target(_name(f"joint_blocks.{i}.{original}"), None, "unet",
+                                      fused=tuple(modules[prefix + p] for p in present),
+                                      dim=dims[_kind(original)] if i in blocks else 0,
+                                      peft=tuple(f"transformer.{prefix}{p}" for p in present)))
         for inner, original in sd3_keys._BLOCK.items():
             module = modules.get(prefix + inner)
             if isinstance(module, nn.Linear):
                 targets.append(Target(_name(f"joint_blocks.{i}.{original}"), module, "unet",
                                       dim=dims[_kind(original)] if i in blocks else 0,
                                       swap_out_halves=sd3_keys._swapped(prefix + inner, last),
-                                      aliases=[f"transformer.{prefix}{inner}"]))
+                                      aliases=[f"transformer.{prefix}{inner}"], peft=(f"transformer.{prefix}{inner}",)))
     for group, dim in zip(EMB_NAMES, emb_dims):
         for path, original in _EMB_MODULES[group]:
             targets.append(Target(_name(original), modules[path], "unet", dim=dim,
-                                  swap_out_halves=sd3_keys._swapped(path, last), aliases=[f"transformer.{path}"]))
+                                  swap_out_halves=sd3_keys._swapped(path, last), aliases=[f"transformer.{path}"],
+                                  peft=(f"transformer.{path}",)))
     return targets
 
 
@@ -121,8 +124,8 @@ def _name(original: str) -> str:
 
 
 def t5_targets(t5: nn.Module, prefix: str = "lora_te3") -> list[Target]:
-    return [Target(f"{prefix}_{path.replace('.', '_')}", m, "te") for path, m in t5.named_modules()
-            if isinstance(m, nn.Linear) and T5_TARGET.search(path)]
+    return [Target(f"{prefix}_{path.replace('.', '_')}", m, "te", peft=(f"text_encoder_3.{path}",))
+            for path, m in t5.named_modules() if isinstance(m, nn.Linear) and T5_TARGET.search(path)]
 
 
 def _targets(text_encoders: list[nn.Module], transformer: nn.Module, dims, emb_dims, blocks,

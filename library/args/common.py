@@ -104,6 +104,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_name", default="last", help="base name of saved files")
     g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"])
     g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="dtype of saved weights")
+    g.add_argument("--save_lora_format", choices=["kohya", "diffusers"], default="kohya",
+                   help="diffusers: the final LoRA is also written as <name>-diffusers/ (pytorch_lora_weights."
+                        "safetensors for load_lora_weights, adapter_config.json + adapter_model.safetensors for PEFT)")
     g.add_argument("--save_every_n_epochs", type=int, help="save every N epochs (name-000001.safetensors)")
     g.add_argument("--save_every_n_steps", type=int, help="save every N steps (name-step00000100.safetensors)")
     g.add_argument("--save_last_n_epochs", type=int, help="keep only the newest N epoch saves")

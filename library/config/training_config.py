@@ -73,6 +73,7 @@ class SaveConfig:
     last_n_steps: int | None = None
     last_n_epochs_state: int | None = None
     last_n_steps_state: int | None = None
+    lora_format: str = "kohya"  # "diffusers": the final file is also written in the diffusers/PEFT form
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def _save_config(args: argparse.Namespace) -> SaveConfig:
         last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
         last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
         last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
+        lora_format=args.save_lora_format,
         modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
                    if k.startswith("metadata_") and v is not None})
 

@@ -92,6 +92,13 @@ class Checkpointer:
 
     def on_train_end(self, progress: Progress) -> Path:
         path = self.save_network(self._stem(), progress)
+        if self.cfg.lora_format == "diffusers" and self.is_main:
+            from networks.lora_export import write_diffusers_lora
+
+            with optimizer_eval_mode(self.optimizer):
+                folder = write_diffusers_lora(self.adapter.net, self.cfg.output_dir / f"{self._stem()}-diffusers",
+                                              self.cfg.precision)
+            logger.info("saved the diffusers/PEFT form in %s", folder)
         if self.cfg.save_state or self.cfg.save_state_on_train_end:
             self.save_state(self._stem(), progress)
         return path

@@ -176,6 +176,9 @@ class NetworkTrainer:
         if network is None:
             raise UserError(f"--network_module {net_cfg.module}: create_network returned nothing")
         adapter = NetworkAdapter(network)
+        if self.cfg.save.lora_format == "diffusers" and not getattr(network, "targets", None):
+            raise UserError(f"--save_lora_format diffusers: {net_cfg.module} networks cannot be written in the "
+                            "diffusers form; use networks.lora / networks.lora_sd3 or the kohya format")
         network.apply_to(te, models.denoiser, net_cfg.train_text_encoder, net_cfg.train_unet)
         if net_cfg.weights:
             logger.info("network weights: %s", adapter.load_weights(net_cfg.weights))

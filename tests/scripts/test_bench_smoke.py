@@ -25,3 +25,11 @@ def test_bench_sdxl_train_step_smoke():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bare"]["steps"] == 2 and result["trainer"]["steps"] == 2
     assert result["bare"]["median_s"] > 0 and result["trainer"]["median_s"] > 0
+
+
+def test_bench_sd3_train_step_smoke():
+    proc = run_script("bench/bench_sd3_train_step.py", "--tiny", "--size", "64", "--steps", "2", "--blocks_to_swap",
+                      "1", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["plain"]["max_blocks_resident"] == 3 and result["swap"]["max_blocks_resident"] == 2
+    assert result["swap"]["median_s"] > 0

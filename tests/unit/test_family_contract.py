@@ -38,7 +38,24 @@ def _write_sdxl(folder: Path) -> Path:
     return folder / "sdxl.safetensors"
 
 
-FAMILIES = {"sd": (SDFamily, _write_sd1), "sdxl": (SDXLFamily, _write_sdxl)}
+def _write_sd3(folder: Path) -> Path:
+    from library.models.sd3_loading import save_sd3_single_file
+    from library.models.tiny import make_tiny_sd3
+
+    parts = make_tiny_sd3(seed=0)
+    save_sd3_single_file(folder / "sd3.safetensors", parts)
+    for name, key in (("tokenizer", "clip_l"), ("tokenizer_2", "clip_g"), ("tokenizer_3", "t5xxl")):
+        parts.tokenizers[key].save_pretrained(str(folder / name))
+    return folder / "sd3.safetensors"
+
+
+def _sd3_family():
+    from library.families.sd3 import SD3Family, SD3Options
+
+    return SD3Family(SD3Options(t5xxl_max_token_length=16))
+
+
+FAMILIES = {"sd": (SDFamily, _write_sd1), "sdxl": (SDXLFamily, _write_sdxl), "sd3": (_sd3_family, _write_sd3)}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -98,7 +115,7 @@ def test_generate_and_metadata(loaded):
     assert isinstance(first, Image.Image) and first.size == (64, 96)
     assert (torch.tensor(list(first.getdata())) == torch.tensor(list(again.getdata()))).all()  # seeded
     meta = family.metadata()
-    assert meta["ss_base_model_version"] in ("sd_v1", "sdxl_base_v1-0")
+    assert meta["ss_base_model_version"] in ("sd_v1", "sdxl_base_v1-0", "sd3_medium")
     assert meta["modelspec.architecture"].endswith("/lora")
 
 
@@ -139,3 +156,39 @@ def test_sdxl_size_conditioning_reaches_the_unet(tmp_path):
 def test_sdxl_scaling_factor_and_size_multiple():
     assert SDXLFamily.scaling_factor == 0.13025 and SDXLFamily.size_multiple == 32
     assert SDXLFamily.cache_suffix == "sdxl" and SDXLFamily.latent_channels == 4
+
+
+def test_sd3_prompt_embeddings_match_diffusers_pipeline(tmp_path):
+    """Our SD3 conditioning (CLIP-L/G penultimate states padded to T5's width, then T5's states;
+    pooled CLIP-L + CLIP-G projections) equals StableDiffusion3Pipeline.encode_prompt."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    family = _sd3_family()
+    models = family.load(str(_write_sd3(tmp_path)), torch.float32, None)
+    te, tok = models.text_encoders, models.tokenizers
+    pipe = StableDiffusion3Pipeline(transformer=models.denoiser, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=models.vae, text_encoder=te[0], tokenizer=tok[0], text_encoder_2=te[1],
+                                    tokenizer_2=tok[1], text_encoder_3=te[2], tokenizer_3=tok[2])
+    captions = ["sks shape, red circle", "a photo of a blue square"]
+    with torch.no_grad():
+        context, pooled = family._mmdit_inputs(models, family.encode_prompts(models, captions, CPU))
+        embeds, _, ref_pooled, _ = pipe.encode_prompt(captions, captions, captions, device=CPU,
+                                                      do_classifier_free_guidance=False, max_sequence_length=16)
+    assert context.shape == embeds.shape and torch.allclose(context, embeds, atol=1e-6)
+    assert torch.allclose(pooled, ref_pooled, atol=1e-6)
+
+
+def test_sd3_dropout_zeroes_one_encoder_per_sample():
+    from library.families.sd3 import SD3Family, SD3Options
+
+    family = SD3Family(SD3Options(clip_l_dropout_rate=1.0, t5_dropout_rate=0.5))
+    cond = {k: torch.ones(64, 3, 4) for k in ("clip_l", "clip_g", "t5")}
+    cond.update({f"{k}_pooled": torch.ones(64, 4) for k in ("clip_l", "clip_g")})
+    keys = [(0, 0, j) for j in range(64)]
+    dropped = family.drop_conditioning(cond, SampleRNG(1, keys, CPU))
+    assert dropped["clip_l"].abs().sum() == 0 and dropped["clip_l_pooled"].abs().sum() == 0
+    assert torch.equal(dropped["clip_g"], cond["clip_g"])
+    kept_t5 = dropped["t5"].flatten(1).sum(1) > 0
+    assert 10 < kept_t5.sum() < 54  # about half
+    again = family.drop_conditioning(cond, SampleRNG(1, keys, CPU))
+    assert torch.equal(again["t5"], dropped["t5"])  # keyed per sample: reproducible
