@@ -77,6 +77,34 @@ def _t5(state: dict, dtype, path) -> torch.nn.Module:
     return _build(T5EncoderModel, T5Config(**infer_t5_config(state)), state, dtype, "T5-XXL", path)
 
 
+# prefixes separate encoder files carry when cut out of SD1/SD2/SDXL single files
+_ORIGINAL_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.",
+                      "cond_stage_model.transformer.", "cond_stage_model.model.")
+
+
+def clip_to_transformers_layout(state: dict, what: str, path) -> dict:
+    """A separate CLIP file in any layout users have -> transformers ``CLIPTextModelWithProjection``
+    names: the transformers layout itself, the original SD/SDXL single-file prefixes, or OpenCLIP's
+    own layout (``transformer.resblocks.*`` with fused q/k/v and ``text_projection``, as SDXL's
+    bigG is stored)."""
+    for prefix in _ORIGINAL_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = _strip(dict(state), prefix)
+            break
+    if "transformer.resblocks.0.attn.in_proj_weight" in state:
+        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        converted, unused = sd_keys.open_clip_from_ldm(state, layers, flat=False)
+        if "text_projection" not in unused:
+            raise UserError(f"{path}: this OpenCLIP {what} has no text_projection; SD3 needs the encoder with its "
+                            "projection")
+        converted["text_projection.weight"] = unused["text_projection"].T.contiguous()
+        return converted
+    if "text_projection.weight" not in state:
+        raise UserError(f"{path}: this {what} has no text_projection (an SD1 text encoder?); SD3 needs the CLIP "
+                        "with projection (the clip_l / clip_g files made for SD3)")
+    return state
+
+
 def _text_encoder(name: str, state: dict, separate: str | None, dtype, path) -> torch.nn.Module | None:
     """A bundled encoder, or one from its separate file; None when neither is there."""
     bundled = _strip(state, TE_PREFIXES[name])
@@ -84,6 +112,8 @@ def _text_encoder(name: str, state: dict, separate: str | None, dtype, path) -> 
     if not bundled and separate:
         bundled, source = read_state_dict(separate), separate
         bundled = _strip(bundled, TE_PREFIXES[name]) or bundled
+        if name != "t5xxl":
+            bundled = clip_to_transformers_layout(bundled, name, separate)
     if not bundled:
         return None
     if name == "t5xxl":

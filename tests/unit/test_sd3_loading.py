@@ -60,3 +60,30 @@ def test_other_families_are_refused(tmp_path, tiny_sd1):
     save_sd_single_file(tmp_path / "sd1.safetensors", tiny_sd1)
     with pytest.raises(UserError, match="not an SD3 checkpoint .*looks like: sd1"):
         load_sd3_single_file(tmp_path / "sd1.safetensors")
+
+
+def test_separate_encoders_in_original_layouts(tmp_path, tiny_sd1):
+    """--clip_g in OpenCLIP's own layout (fused q/k/v, text_projection, SDXL's prefix) and --clip_l
+    with the SD single-file prefix load to the same weights; an encoder without projection (SD1's
+    CLIP-L) is refused with the reason."""
+    from library.models import sd_keys
+    from library.models.sd_loading import save_sd_single_file
+
+    parts = make_tiny_sd3(seed=3)
+    bare = tmp_path / "bare.safetensors"
+    save_sd3_single_file(bare, parts, bundle_text_encoders=False)
+    g = dict(parts.clip_g.state_dict())
+    projection = g.pop("text_projection.weight").T.contiguous()
+    open_clip = sd_keys.open_clip_to_ldm(g, {"text_projection": projection})
+    open_clip = {"conditioner.embedders.1.model." + k[len(sd_keys.OPEN_CLIP_PREFIX):]: v for k, v in open_clip.items()}
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in open_clip
+    save_file({k: v.contiguous() for k, v in open_clip.items()}, str(tmp_path / "clip_g_openclip.safetensors"))
+    clip_l = {"cond_stage_model.transformer." + k: v.contiguous() for k, v in parts.clip_l.state_dict().items()}
+    save_file(clip_l, str(tmp_path / "clip_l_ldm.safetensors"))
+    loaded = load_sd3_single_file(bare, clip_l=str(tmp_path / "clip_l_ldm.safetensors"),
+                                  clip_g=str(tmp_path / "clip_g_openclip.safetensors"))
+    assert _same(parts.clip_g, loaded.clip_g) and _same(parts.clip_l, loaded.clip_l)
+    save_sd_single_file(tmp_path / "sd1.safetensors", tiny_sd1)
+    with pytest.raises(UserError, match="sd1.safetensors: this clip_l has no text_projection"):
+        load_sd3_single_file(bare, clip_l=str(tmp_path / "sd1.safetensors"),
+                             clip_g=str(tmp_path / "clip_g_openclip.safetensors"))

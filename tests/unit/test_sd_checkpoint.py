@@ -238,3 +238,33 @@ def test_missing_tokenizer_is_explained(tmp_path, tiny_sd1, monkeypatch):
         load_sd_model(str(path))
     tiny_sd1.tokenizer.save_pretrained(str(tmp_path / "elsewhere"))
     assert load_sd_model(str(path), tokenizer_dir=str(tmp_path / "elsewhere")).tokenizer is not None
+
+
+def test_hub_id_loads_from_the_offline_cache(tmp_path, tiny_sd1):
+    """A hub id resolves from the Hugging Face cache with HF_HUB_OFFLINE=1 (the layout
+    huggingface_hub writes: models--org--name/refs/main + snapshots/<commit>/...)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from library.models.sd_loading import save_sd_diffusers
+    from tests.conftest import ROOT
+
+    save_sd_diffusers(tmp_path / "pipe", tiny_sd1)
+    repo = tmp_path / "cache" / "models--someone--tiny-sd15"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tmp_path / "pipe", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("import torch; from library.models.sd_loading import load_sd_model; "
+            "p = load_sd_model('someone/tiny-sd15'); print(p.unet.conv_in.weight.sum().item(), len(p.tokenizer))")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    total, vocab = proc.stdout.split()
+    assert float(total) == pytest.approx(tiny_sd1.unet.conv_in.weight.sum().item(), rel=1e-6)
+    assert int(vocab) == len(tiny_sd1.tokenizer)
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert missing.returncode != 0 and "could not load a diffusers model from someone/tiny-sd15" in missing.stderr
