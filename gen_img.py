@@ -1,19 +1,98 @@
-"""gen_img.py: not available in this version yet.
+"""Generate images from prompts with SD1.x/2.x, SDXL or SD3/SD3.5 models and LoRAs.
 
-This script keeps kohya-ss/sd-scripts' name so command lines find it; it is tracked in issue #8
-of this project. Running it stops with a clear message instead of doing something half-way.
+    python gen_img.py --ckpt model.safetensors --from_file prompts.txt --outdir out \
+        --network_weights my_lora.safetensors --network_mul 0.8 --steps 30 --sampler euler_a
+
+Prompt lines take kohya's options (``--n`` negative, ``--w``/``--h`` size, ``--d`` seeds, ``--l`` CFG
+scale, ``--s`` steps, ``--ss`` sampler, ``--t`` img2img strength, ``--am`` LoRA strengths, ``--f``
+file name, ...) or the ``positive|||negative`` form. A bad line is reported and skipped; the others
+generate (the exit status is then 1).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+from library.utils.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images with SD1/SD2, SDXL or SD3 models and LoRAs")
+    m = p.add_argument_group("model")
+    m.add_argument("--ckpt", required=True, help="single file (.safetensors/.ckpt), diffusers folder or hub id")
+    family = m.add_mutually_exclusive_group()
+    family.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from files anyway)")
+    family.add_argument("--sd3", action="store_true", help="the model is SD3/SD3.5 (detected from files anyway)")
+    m.add_argument("--v1", action="store_true", help="accepted for kohya compatibility (SD1 is detected)")
+    m.add_argument("--v2", action="store_true", help="the model is SD2.x (checked against the file)")
+    m.add_argument("--v_parameterization", action="store_true")
+    m.add_argument("--zero_terminal_snr", action="store_true")
+    m.add_argument("--vae", help="a separate VAE")
+    m.add_argument("--clip_l")
+    m.add_argument("--clip_g")
+    m.add_argument("--t5xxl")
+    m.add_argument("--t5xxl_max_token_length", type=int, default=256)
+    m.add_argument("--tokenizer_cache_dir")
+    precision = m.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="fp16 weights (CUDA)")
+    precision.add_argument("--bf16", action="store_true", help="bf16 weights")
+    m.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
+    attn = m.add_mutually_exclusive_group()
+    attn.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the default)")
+    attn.add_argument("--xformers", action="store_true", help="xformers attention (CUDA, pip install xformers)")
+    m.add_argument("--vae_slices", type=int, help="decode the batch's images one at a time (any value > 0)")
+    m.add_argument("--vae_tiling", action="store_true", help="decode large images in tiles")
+    g = p.add_argument_group("prompts and sampling")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (may carry line options)")
+    source.add_argument("--from_file", help="one prompt per line, # comments; 'positive|||negative' lines too")
+    g.add_argument("--images_per_prompt", type=int, default=1)
+    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list")
+    g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (same settings only)")
+    g.add_argument("--seed", type=int, help="seed of the first image; the next images count up")
+    g.add_argument("--iter_same_seed", action="store_true", help="all prompts of an iteration share a seed")
+    g.add_argument("--W", type=int, help="width (512; 1024 for SDXL and SD3)")
+    g.add_argument("--H", type=int, help="height (512; 1024 for SDXL and SD3)")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--scale", type=float, default=7.5, help="CFG scale")
+    g.add_argument("--negative_scale", type=float, help="(kohya's separate negative CFG: not available)")
+    g.add_argument("--sampler", default="ddim", help="kohya sampler name (SD3 always uses flow-matching Euler)")
+    g.add_argument("--negative_prompt", default="", help="negative prompt of lines without --n")
+    g.add_argument("--clip_skip", type=int, help="SD1/SD2: use the n-th last text-encoder layer")
+    g.add_argument("--max_embeddings_multiples", type=int, default=1,
+                   help="SD1/SDXL: prompts up to 75 x N tokens (1, 2 or 3)")
+    n = p.add_argument_group("LoRA")
+    n.add_argument("--network_module", nargs="*", default=[], help="one per weights file (default per family)")
+    n.add_argument("--network_weights", nargs="*", default=[], help="LoRA files (kohya or diffusers/PEFT form)")
+    n.add_argument("--network_mul", nargs="*", type=float, default=[], help="strength of each LoRA (default 1)")
+    n.add_argument("--network_merge", action="store_true", help="merge the LoRAs into the weights (faster)")
+    i = p.add_argument_group("img2img, inpainting, highres fix")
+    i.add_argument("--image_path", help="init image, or a folder of them (assigned to prompts in turn)")
+    i.add_argument("--mask_path", help="inpainting mask (white = repaint), or a folder of them")
+    i.add_argument("--strength", type=float, default=0.8, help="img2img strength")
+    i.add_argument("--highres_fix_scale", type=float, help="first pass at this fraction of the size, e.g. 0.5")
+    i.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the second (img2img) pass")
+    i.add_argument("--highres_fix_strength", type=float, default=0.7, help="strength of the second pass")
+    o = p.add_argument_group("output")
+    o.add_argument("--outdir", required=True)
+    o.add_argument("--sequential_file_name", action="store_true", help="im_000001.png, im_000002.png, ...")
+    o.add_argument("--console_log_level", default="INFO")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    print("error: gen_img.py is not implemented in this version yet (tracked in issue #8); "
-          "train_network.py (SD1.x/2.x LoRA) is available", file=sys.stderr)
-    sys.exit(2)
+    args = build_parser().parse_args(argv)
+    from library.utils.log import setup_logging
+
+    setup_logging(args.console_log_level)
+    from library.sampling.gen_main import generate_all
+
+    failures = generate_all(args)
+    if failures:
+        print("\n".join(f"error: {msg}" for msg in failures), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

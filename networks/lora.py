@@ -94,6 +94,22 @@ class LoRANetwork(nn.Module):
         for lora in self.all_loras():
             lora.apply_to()
 
+    @torch.no_grad()
+    def merge_to(self, multiplier: float | None = None) -> None:
+        """Add ``multiplier * scale * up @ down`` into the base weights (``--network_merge``): the
+        model then runs at full speed without the hooks; the network is spent afterwards."""
+        mult = self.multiplier if multiplier is None else multiplier
+        for lora in self.all_loras():
+            delta = lora.delta_weight().float() * mult
+            if isinstance(lora, FusedLoRAModule):
+                for org, part in zip(lora._orgs, delta.split(lora.splits)):
+                    org.weight += part.to(org.weight.dtype)
+                lora.remove()
+                continue
+            org = lora._org[0]
+            org.weight += delta.reshape(org.weight.shape).to(org.weight.dtype)
+            lora.remove()
+
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
         for lora in self.all_loras():
@@ -239,4 +255,8 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
         raise UserError(f"{file}: no LoRA keys (lora_down.weight) found")
     network = LoRANetwork(_as_list(text_encoder), unet, multiplier, max(dims.values()), None,
                           module_dims=dims, module_alphas=alphas)
+    unknown = sorted(set(dims) - {m.lora_name for m in network.all_loras()})
+    if unknown:
+        raise UserError(f"{file}: {len(unknown)} of its {len(dims)} LoRA modules do not exist in this model, e.g. "
+                        f"{unknown[:2]} (is it a LoRA for another model family?)")
     return network, state

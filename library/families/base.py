@@ -106,8 +106,24 @@ class ModelFamily(ABC):
         and the family's loss weighting applied."""
 
     @abstractmethod
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+        """A diffusers pipeline over ``models`` for ``kind`` (``txt2img``, ``img2img``, ``inpaint``)
+        with the scheduler of the kohya sampler name ``sampler``."""
+
+    @abstractmethod
+    def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:
+        """The pipeline-call arguments of a :class:`~library.sampling.generate.GenBatch` that depend on
+        the family: our own prompt embeddings (so generation sees long prompts, weights and
+        clip_skip as training does) and, for SDXL, the size conditioning."""
+
     def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
-        """Generate one PIL image for a :class:`~library.sampling.prompts.SamplePrompt`."""
+        """One PIL image for a :class:`~library.sampling.prompts.SamplePrompt` (training samples)."""
+        from library.sampling.generate import GenBatch, run_batch
+
+        seed = prompt.seed if prompt.seed is not None else torch.seed() % 2**32
+        batch = GenBatch([prompt.prompt], [prompt.negative_prompt or ""], [seed], prompt.width, prompt.height,
+                         prompt.steps, prompt.scale, sampler)
+        return run_batch(self, models, batch, device)[0]
 
     @abstractmethod
     def metadata(self) -> dict[str, str]:

@@ -125,24 +125,21 @@ class SDFamily(ModelFamily):
         unet = models.denoiser
         return unet(batch.noisy_latents, batch.timesteps, conditioning).sample
 
-    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
-        from diffusers import StableDiffusionPipeline
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+        import diffusers
 
-        pipe = StableDiffusionPipeline(
-            vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
-            unet=models.denoiser,
-            scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
-        with torch.no_grad():
-            # our own encoding, so samples see clip_skip, long prompts and (word:1.2) weights as training does
-            positive, negative = (self.encode_prompts(models, [text], device) for text in
-                                  (prompt.prompt, prompt.negative_prompt or ""))
-            return pipe(prompt_embeds=positive, negative_prompt_embeds=negative, width=prompt.width,
-                        height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
-                        generator=generator).images[0]
+        cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+        return cls(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
+                   unet=models.denoiser,
+                   scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr),
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:
+        # prompts and negatives are encoded together so long prompts get the same window count
+        both = self.encode_prompts(models, list(batch.prompts) + list(batch.negatives), device)
+        n = len(batch.prompts)
+        return {"prompt_embeds": both[:n], "negative_prompt_embeds": both[n:]}
 
     @property
     def prediction_type(self) -> str:

@@ -234,29 +234,27 @@ class SD3Family(ModelFamily):
         return per_sample_mean(apply_mask(loss, mask)) * flow.loss_weighting(o.weighting_scheme, sigmas)
 
     # ----------------------------------------------------------------- sampling and metadata
-    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+        import diffusers
 
         if sampler and sampler.lower() not in ("euler", "k_euler") and not self._told_sampler:
-            logger.info("SD3 samples use the flow-matching Euler sampler (sampler %s is for SD1/SDXL)", sampler)
+            logger.info("SD3 uses the flow-matching Euler sampler (sampler %s is for SD1/SDXL)", sampler)
             self._told_sampler = True
+        cls = {"txt2img": diffusers.StableDiffusion3Pipeline, "img2img": diffusers.StableDiffusion3Img2ImgPipeline,
+               "inpaint": diffusers.StableDiffusion3InpaintPipeline}[kind]
         encoders, tokenizers = models.text_encoders, models.tokenizers
-        pipe = StableDiffusion3Pipeline(
-            transformer=models.denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=self.options.sample_shift),
-            vae=models.vae, text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
-            tokenizer_2=tokenizers[1], text_encoder_3=encoders[2] if len(encoders) > 2 else None,
-            tokenizer_3=tokenizers[2] if len(tokenizers) > 2 else None)
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
-        with torch.no_grad():
-            (pos, pos_pooled), (neg, neg_pooled) = (
-                self._mmdit_inputs(models, self.encode_prompts(models, [text], device))
-                for text in (prompt.prompt, prompt.negative_prompt or ""))
-            return pipe(prompt_embeds=pos, pooled_prompt_embeds=pos_pooled, negative_prompt_embeds=neg,
-                        negative_pooled_prompt_embeds=neg_pooled, width=prompt.width, height=prompt.height,
-                        num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
-                        generator=generator).images[0]
+        return cls(transformer=models.denoiser,
+                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=self.options.sample_shift),
+                   vae=models.vae, text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
+                   tokenizer_2=tokenizers[1], text_encoder_3=encoders[2] if len(encoders) > 2 else None,
+                   tokenizer_3=tokenizers[2] if len(tokenizers) > 2 else None)
+
+    def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:
+        context, pooled = self._mmdit_inputs(
+            models, self.encode_prompts(models, list(batch.prompts) + list(batch.negatives), device))
+        n = len(batch.prompts)
+        return {"prompt_embeds": context[:n], "pooled_prompt_embeds": pooled[:n],
+                "negative_prompt_embeds": context[n:], "negative_pooled_prompt_embeds": pooled[n:]}
 
     def metadata(self) -> dict[str, str]:
         o = self.options

@@ -103,27 +103,24 @@ class SDXLFamily(SDFamily):
         added = {"text_embeds": pooled, "time_ids": sizes.to(pooled.device, pooled.dtype)}
         return unet(batch.noisy_latents, batch.timesteps, conditioning["hidden"], added_cond_kwargs=added).sample
 
-    def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
-        from diffusers import StableDiffusionXLPipeline
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+        import diffusers
 
+        cls = {"txt2img": diffusers.StableDiffusionXLPipeline, "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[kind]
         (tok1, tok2), (te1, te2) = models.tokenizers, models.text_encoders
-        pipe = StableDiffusionXLPipeline(
-            vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-            unet=models.denoiser,
-            scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr))
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed() % 2**32)
-        with torch.no_grad():
-            # our own encoding, so samples see long prompts and (word:1.2) weights as training does
-            positive, negative = (self.encode_prompts(models, [text], device) for text in
-                                  (prompt.prompt, prompt.negative_prompt or ""))
-            size = (prompt.height, prompt.width)
-            return pipe(prompt_embeds=positive["hidden"], pooled_prompt_embeds=positive["pooled"],
-                        negative_prompt_embeds=negative["hidden"], negative_pooled_prompt_embeds=negative["pooled"],
-                        width=prompt.width, height=prompt.height, original_size=size, target_size=size,
-                        num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
-                        generator=generator).images[0]
+        return cls(vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                   unet=models.denoiser,
+                   scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr))
+
+    def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:
+        both = self.encode_prompts(models, list(batch.prompts) + list(batch.negatives), device)
+        n = len(batch.prompts)
+        target = (batch.height, batch.width)
+        return {"prompt_embeds": both["hidden"][:n], "pooled_prompt_embeds": both["pooled"][:n],
+                "negative_prompt_embeds": both["hidden"][n:], "negative_pooled_prompt_embeds": both["pooled"][n:],
+                "original_size": batch.original_size or target, "target_size": target,
+                "crops_coords_top_left": batch.crop}
 
     def metadata(self) -> dict[str, str]:
         v = self.options.ddpm.v_parameterization

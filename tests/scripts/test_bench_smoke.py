@@ -33,3 +33,9 @@ def test_bench_sd3_train_step_smoke():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["plain"]["max_blocks_resident"] == 3 and result["swap"]["max_blocks_resident"] == 2
     assert result["swap"]["median_s"] > 0
+
+
+def test_bench_gen_img_smoke():
+    proc = run_script("bench/bench_gen_img.py", "--tiny", "--size", "64", "--steps", "2", "--images", "1", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ours"]["images_per_s"] > 0 and result["diffusers"]["images_per_s"] > 0

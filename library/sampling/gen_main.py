@@ -1,0 +1,252 @@
+"""gen_img.py's main work: check the inputs, load the model and LoRAs once, make every image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from library.sampling import gen_run
+from library.sampling.gen_prompts import parse_gen_line, read_prompt_file
+from library.sampling.generate import GenBatch, run_batch
+from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODULE = {"sd": "networks.lora", "sdxl": "networks.lora", "sd3": "networks.lora_sd3"}
+
+
+def detect_family(args: argparse.Namespace) -> str:
+    """sd / sdxl / sd3 from the flags, else from the file's keys or the diffusers folder's index."""
+    if args.sdxl:
+        return "sdxl"
+    if args.sd3:
+        return "sd3"
+    path = Path(args.ckpt)
+    if path.is_dir():
+        index = path / "model_index.json"
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+        return "sd3" if "StableDiffusion3" in name else ("sdxl" if "XL" in name else "sd")
+    if path.is_file():
+        from library.models.sd_loading import detect_layout, read_state_dict
+
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                layout = detect_layout(dict.fromkeys(f.keys()))
+        else:
+            layout = detect_layout(read_state_dict(path))
+        if layout == "unknown":
+            raise UserError(f"--ckpt {path}: not a Stable Diffusion checkpoint this script knows (SD1/SD2, SDXL, SD3)")
+        return {"sd1": "sd", "sd2": "sd"}.get(layout, layout)
+    return "sd"  # a hub id: SD1/SD2 unless --sdxl / --sd3 says otherwise
+
+
+def build_family(name: str, args: argparse.Namespace):
+    from library.training.noise import DDPMOptions
+
+    ddpm = DDPMOptions(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr)
+    tokens = 75 * max(1, min(3, args.max_embeddings_multiples))
+    if name == "sd3":
+        from library.families.sd3 import SD3Family, SD3Options
+
+        return SD3Family(SD3Options(clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
+                                    t5xxl_max_token_length=args.t5xxl_max_token_length))
+    if name == "sdxl":
+        from library.families.sdxl import SDXLFamily, SDXLOptions
+
+        return SDXLFamily(SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True))
+    from library.families.sd import SDFamily, SDOptions
+
+    return SDFamily(SDOptions(ddpm=ddpm, v2=args.v2, clip_skip=args.clip_skip, max_token_length=tokens, vae=args.vae,
+                              weighted_captions=True))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model is loaded."""
+    if args.negative_scale is not None:
+        raise UserError("--negative_scale (kohya's separate negative guidance) is not available; use --scale")
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA GPU; on CPU use --bf16 or full precision")
+    for flag in ("W", "H"):
+        value = getattr(args, flag)
+        if value is not None and (value < 64 or value % 8):
+            raise UserError(f"--{flag} {value}: image sizes must be multiples of 8, at least 64")
+    for f in args.network_weights:
+        if not Path(f).is_file():
+            raise UserError(f"--network_weights {f}: file not found")
+    if len(args.network_mul) > len(args.network_weights) or len(args.network_module) > len(args.network_weights):
+        raise UserError("--network_mul / --network_module: at most one value per --network_weights file")
+    if args.highres_fix_scale is not None and not 0 < args.highres_fix_scale < 1:
+        raise UserError("--highres_fix_scale: the first pass's fraction of the size, between 0 and 1 (e.g. 0.5)")
+    if args.mask_path and not args.image_path:
+        raise UserError("--mask_path needs --image_path (the image to inpaint)")
+
+
+class DiffusersLoRA:
+    """A LoRA in the diffusers/PEFT form, loaded by diffusers' own ``load_lora_weights`` into the
+    shared modules (any family, including SD3 files with separate q/k/v LoRAs)."""
+
+    def __init__(self, family, models, path: str, name: str, multiplier: float):
+        self.pipe = family.pipeline(models, "euler", "txt2img")
+        self.name = name
+        try:
+            self.pipe.load_lora_weights(path, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"--network_weights {path}: diffusers could not load this LoRA into this model "
+                            f"({str(exc).splitlines()[0]}; is it for another model family?)") from exc
+        self.set_multiplier(multiplier)
+
+    active: dict[str, float] = {}  # every loaded adapter's strength (they live in shared modules)
+
+    def set_multiplier(self, value: float) -> None:
+        DiffusersLoRA.active[self.name] = value
+        self.pipe.set_adapters(list(self.active), adapter_weights=list(self.active.values()))
+
+    def merge_to(self, multiplier: float) -> None:
+        self.pipe.fuse_lora(lora_scale=multiplier, adapter_names=[self.name])
+        self.pipe.delete_adapters(self.name)
+        DiffusersLoRA.active.pop(self.name, None)
+
+
+def _is_diffusers_form(path: str) -> bool:
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        return False
+    with safe_open(path, "pt") as f:
+        return any(".lora_A." in k or ".lora_B." in k for k in f.keys())
+
+
+def load_networks(args, family_name: str, family, models, device) -> list[tuple[str, float, object]]:
+    """(file name, strength, network) for each ``--network_weights`` file, applied or merged."""
+    from networks.base import import_network_module
+
+    te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+    loaded = []
+    for i, path in enumerate(args.network_weights):
+        if family_name == "sd3" and _is_diffusers_form(path) and i >= len(args.network_module):
+            mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
+            network = DiffusersLoRA(family, models, path, f"lora{i}", mul)
+            if args.network_merge:
+                network.merge_to(mul)
+            loaded.append((Path(path).stem, mul, network))
+            continue
+        module = import_network_module(args.network_module[i] if i < len(args.network_module)
+                                       else DEFAULT_MODULE[family_name])
+        mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
+        network, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
+                                                        for_inference=True)
+        network.apply_to(te, models.denoiser, True, True)
+        logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
+        network.to(device, models.denoiser.dtype)
+        if args.network_merge:
+            network.merge_to(mul)
+        loaded.append((Path(path).stem, mul, network))
+    return loaded
+
+
+def _set_strengths(networks, muls, merged: bool, source: str) -> list[tuple[str, float]]:
+    """A line's ``--am`` strengths (the last value repeats); merged LoRAs cannot change."""
+    used = []
+    for i, (name, mul, net) in enumerate(networks):
+        value = muls[min(i, len(muls) - 1)] if muls else mul
+        if merged and value != mul:
+            raise UserError(f"{source}: --am cannot change the strength of merged LoRAs (drop --network_merge)")
+        if not merged:
+            net.set_multiplier(value)
+        used.append((name, value))
+    return used
+
+
+def generate_all(args: argparse.Namespace) -> list[str]:
+    """Make every image; returns the problems (bad lines, failed batches) for the exit status."""
+    check_args(args)
+    if args.from_file:
+        prompts, problems = read_prompt_file(args.from_file)
+    else:
+        prompts, problems = [parse_gen_line(args.prompt, "--prompt")], []
+    init_images = gen_run.read_images(args.image_path, "image_path")
+    masks = gen_run.read_images(args.mask_path, "mask_path")
+    family_name = detect_family(args)
+    large = family_name in ("sdxl", "sd3")
+    settings = gen_run.Settings(args.W or (1024 if large else 512), args.H or (1024 if large else 512), args.steps,
+                                args.scale, args.sampler, args.strength, args.negative_prompt, args.images_per_prompt,
+                                args.n_iter, args.seed, args.iter_same_seed)
+    jobs = gen_run.make_jobs(prompts, settings)
+    if not jobs:
+        return problems or ["no prompts to generate"]
+
+    family = build_family(family_name, args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
+    models = family.load(args.ckpt, dtype, args.tokenizer_cache_dir)
+    family.place(models, device)
+    if args.no_half_vae:
+        models.vae.to(torch.float32)
+    if args.vae_slices:
+        models.vae.enable_slicing()
+    if args.vae_tiling:
+        models.vae.enable_tiling()
+    if args.xformers:
+        from library.training.precision import set_attention
+
+        set_attention(models.denoiser, "xformers")
+    networks = load_networks(args, family_name, family, models, device)
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    model_name = Path(args.ckpt.rstrip("/")).stem
+    stamp = gen_run.timestamp()
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else _Nothing()
+    bar = tqdm(total=len(jobs), desc="images")
+    done = written = 0
+    for group in gen_run.group(jobs, max(1, args.batch_size)):
+        sources = ", ".join(sorted({j.prompt.source for j in group}))
+        try:
+            used = _set_strengths(networks, group[0].prompt.network_muls, args.network_merge, sources)
+            pick = [done + k for k in range(len(group))]
+            inits = [init_images[k % len(init_images)] for k in pick] if init_images else None
+            batch_masks = [masks[k % len(masks)] for k in pick] if masks else None
+            with autocast:
+                images = _run(family, models, gen_run.to_batch(group, inits, batch_masks), args, device)
+        except (UserError, ValueError, RuntimeError) as exc:
+            problems.append(f"{sources}: {exc}")
+            bar.update(len(group))
+            done += len(group)
+            continue
+        kind = "txt2img" if init_images is None else ("inpaint" if masks else "img2img")
+        for k, (job, image) in enumerate(zip(group, images)):
+            name = gen_run.file_name(job, done + k, stamp, args.sequential_file_name)
+            gen_run.save_image(image, outdir, name, gen_run.png_info(job, model_name, used, kind),
+                               args.sequential_file_name)
+            written += 1
+        done += len(group)
+        bar.update(len(group))
+    bar.close()
+    logger.info("%d image(s) written to %s", written, outdir)
+    return problems
+
+
+def _run(family, models, batch: GenBatch, args, device) -> list:
+    """One batch, with the highres fix's two passes when asked (text-to-image only)."""
+    if not args.highres_fix_scale or batch.kind != "txt2img":
+        return run_batch(family, models, batch, device)
+    from dataclasses import replace
+
+    first = run_batch(family, models, gen_run.highres_first_pass(batch, args.highres_fix_scale), device)
+    upscaled = [im.resize((batch.width, batch.height)) for im in first]
+    second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps, strength=args.highres_fix_strength)
+    return run_batch(family, models, second, device)
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,117 @@
+"""gen_img.py's prompt lines: kohya's per-line options and the seeds' ``positive|||negative`` files.
+
+A line is ``text --n negative --w 512 --h 768 --d 1,2 --l 7 --s 30 --ss euler_a --t 0.6 --nl 2
+--am 0.8,1 --f name`` (options case-insensitive, in any order), or ``positive|||negative``. ``--d``
+gives one seed per image of that line. Each line is parsed on its own, so one bad line is reported
+with its file and line number and the others still generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from library.sampling.samplers import canonical_sampler
+from library.utils.errors import UserError
+
+OPTIONS = ("n", "w", "h", "d", "l", "s", "ss", "t", "nl", "am", "f", "ow", "oh", "nw", "nh", "ct", "cl", "c")
+
+
+@dataclass(frozen=True)
+class GenPrompt:
+    """One prompt line with everything it sets; ``None`` fields fall back to the command line."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seeds: tuple[int, ...] = ()
+    scale: float | None = None
+    negative_scale: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    strength: float | None = None
+    network_muls: tuple[float, ...] | None = None
+    file_name: str | None = None
+    original_size: tuple[int | None, int | None] = (None, None)  # SDXL (width, height)
+    crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
+    clip_prompt: str | None = None  # kohya's --c: recorded in the PNG, not used by the pipelines
+    source: str = ""  # "file:line" for messages
+    split_style: bool = False  # came from a positive|||negative line (the seeds' file naming)
+    index: int = 0  # place in the prompt list
+    extra: dict = field(default_factory=dict)
+
+
+def _size(value: str) -> int:
+    size = int(value)
+    if size < 64 or size % 8:
+        raise ValueError(f"{size} is not a multiple of 8 of at least 64")
+    return size
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.split(","))
+
+
+def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
+    simple = {"n": ("negative_prompt", str), "w": ("width", _size), "h": ("height", _size),
+              "l": ("scale", float), "s": ("steps", int), "ss": ("sampler", canonical_sampler),
+              "t": ("strength", float), "f": ("file_name", str), "c": ("clip_prompt", str)}
+    if opt in simple:
+        name, convert = simple[opt]
+        return replace(p, **{name: convert(value)})
+    if opt == "d":
+        return replace(p, seeds=tuple(int(v) for v in value.split(",")))
+    if opt == "nl":
+        return replace(p, negative_scale=None if value.lower() == "none" else float(value))
+    if opt == "am":
+        return replace(p, network_muls=_floats(value))
+    if opt in ("ow", "oh"):
+        w, h = p.original_size
+        return replace(p, original_size=(int(value), h) if opt == "ow" else (w, int(value)))
+    if opt in ("ct", "cl"):
+        top, left = p.crop
+        return replace(p, crop=(int(value), left) if opt == "ct" else (top, int(value)))
+    if opt in ("nw", "nh"):  # negative original size: recorded only (diffusers takes one)
+        return replace(p, extra={**p.extra, opt: int(value)})
+    raise KeyError(opt)
+
+
+def parse_gen_line(line: str, source: str = "", index: int = 0) -> GenPrompt:
+    """Parse one line; raises UserError naming ``source`` for an unknown option or a bad value."""
+    if "|||" in line:
+        positive, _, negative = line.partition("|||")
+        return GenPrompt(positive.strip(), negative.strip(), source=source, split_style=True, index=index)
+    parts = line.split(" --")
+    prompt = GenPrompt(parts[0].strip(), source=source, index=index)
+    for part in parts[1:]:
+        opt, _, value = part.strip().partition(" ")
+        opt, value = opt.lower(), value.strip()
+        if opt not in OPTIONS:
+            raise UserError(f"{source}: unknown option --{opt} (known: {', '.join('--' + o for o in OPTIONS)})")
+        if not value:
+            raise UserError(f"{source}: option --{opt} has no value")
+        try:
+            prompt = _apply(prompt, opt, value)
+        except (ValueError, UserError) as exc:
+            raise UserError(f"{source}: bad value for --{opt}: {exc}") from exc
+    if not prompt.prompt:
+        raise UserError(f"{source}: the line has options but no prompt")
+    return prompt
+
+
+def read_prompt_file(path: str) -> tuple[list[GenPrompt], list[str]]:
+    """(prompts, problems): every line that parses, and one message per line that does not."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--from_file {p}: file not found")
+    prompts, problems = [], []
+    for n, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            prompts.append(parse_gen_line(line, f"{p}:{n}", len(prompts)))
+        except UserError as exc:
+            problems.append(str(exc))
+    return prompts, problems

@@ -1,0 +1,183 @@
+"""gen_img.py's run: prompt lines -> images (seeds, batching, LoRAs, file names, PNG metadata).
+
+Every image is a :class:`Job` with its own seed; consecutive jobs that agree on everything but
+prompt and seed share one pipeline call (``--batch_size``). A job's image depends only on the job,
+never on its batch, so the same prompt file and seed give the same files every time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from library.sampling.gen_prompts import GenPrompt
+from library.sampling.generate import GenBatch
+from library.utils.errors import UserError
+from library.utils.files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line's defaults for what a prompt line may override."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    scale: float = 7.5
+    sampler: str = "ddim"
+    strength: float = 0.8
+    negative_prompt: str = ""
+    images_per_prompt: int = 1
+    n_iter: int = 1
+    seed: int | None = None
+    iter_same_seed: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    prompt: GenPrompt
+    seed: int
+    copy: int  # which image of its prompt line (0, 1, ...)
+    width: int
+    height: int
+    steps: int
+    scale: float
+    sampler: str
+    strength: float
+    negative: str
+
+    def batch_key(self) -> tuple:
+        p = self.prompt
+        return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, p.network_muls,
+                p.original_size, p.crop)
+
+
+def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
+    """Every image of the run in order: for each iteration, each prompt's images. A line's ``--d``
+    seeds come first; otherwise seeds count up from ``--seed`` (random when not given); with
+    ``--iter_same_seed`` every prompt of an iteration uses that iteration's seed."""
+    base = s.seed if s.seed is not None else random.randint(0, 2**31 - 1)
+    jobs, counter = [], 0
+    copies = {id(p): 0 for p in prompts}
+    for iteration in range(s.n_iter):
+        for p in prompts:
+            for _ in range(s.images_per_prompt):
+                copy = copies[id(p)]
+                copies[id(p)] += 1
+                if copy < len(p.seeds):
+                    seed = p.seeds[copy]
+                elif s.iter_same_seed:
+                    seed = base + iteration
+                else:
+                    seed = base + counter
+                counter += 1
+                jobs.append(Job(p, seed, copy, p.width or s.width, p.height or s.height, p.steps or s.steps,
+                                p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
+                                p.strength if p.strength is not None else s.strength,
+                                p.negative_prompt if p.negative_prompt is not None else s.negative_prompt))
+    return jobs
+
+
+def group(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs with the same settings, at most ``batch_size`` per group."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].batch_key() == job.batch_key():
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def to_batch(jobs: list[Job], init_images=None, masks=None) -> GenBatch:
+    first = jobs[0]
+    ow, oh = first.prompt.original_size
+    original = (oh or first.height, ow or first.width) if (ow or oh) else None
+    return GenBatch([j.prompt.prompt for j in jobs], [j.negative for j in jobs], [j.seed for j in jobs],
+                    first.width, first.height, first.steps, first.scale, first.sampler, init_images, masks,
+                    first.strength, original, first.prompt.crop)
+
+
+def file_name(job: Job, index: int, stamp: str, sequential: bool) -> str:
+    """kohya's names (``im_<time>_<index>_<seed>.png``, or ``im_<NNNNNN>.png`` with
+    ``--sequential_file_name``); ``--f name`` lines and the seeds' ``positive|||negative`` files name
+    images by their line (``prompt000_pos.png``, then ``prompt000_pos_1.png``, ...)."""
+    suffix = f"_{job.copy}" if job.copy else ""
+    if job.prompt.file_name:
+        return f"{Path(job.prompt.file_name).stem}{suffix}.png"
+    if job.prompt.split_style:
+        return f"prompt{job.prompt.index:03d}_pos{suffix}.png"
+    if sequential:
+        return f"im_{index + 1:06d}.png"
+    return f"im_{stamp}_{index:03d}_{job.seed}.png"
+
+
+def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind: str) -> PngImagePlugin.PngInfo:
+    """AUTOMATIC1111's ``parameters`` text (so any image can be reproduced and read by image
+    browsers) plus kohya's separate chunks."""
+    params = (f"{job.prompt.prompt}\nNegative prompt: {job.negative}\nSteps: {job.steps}, Sampler: {job.sampler}, "
+              f"CFG scale: {job.scale}, Seed: {job.seed}, Size: {job.width}x{job.height}, Model: {model_name}")
+    if kind != "txt2img":
+        params += f", Denoising strength: {job.strength}"
+    if networks:
+        params += ", Lora: " + ", ".join(f"{name}:{mul}" for name, mul in networks)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", params)
+    for key, value in (("prompt", job.prompt.prompt), ("negative-prompt", job.negative), ("seed", job.seed),
+                       ("steps", job.steps), ("scale", job.scale), ("sampler", job.sampler)):
+        info.add_text(key, str(value))
+    if job.prompt.clip_prompt:
+        info.add_text("clip-prompt", job.prompt.clip_prompt)
+    return info
+
+
+def save_image(image: Image.Image, folder: Path, name: str, info: PngImagePlugin.PngInfo,
+               sequential: bool) -> Path:
+    """Write ``name`` in ``folder``; a sequential name that exists moves on to the next free number."""
+    path = folder / name
+    if sequential and name.startswith("im_") and path.exists():
+        number = int(path.stem[3:])
+        while path.exists():
+            number += 1
+            path = folder / f"im_{number:06d}.png"
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def read_images(path: str | None, what: str) -> list[Image.Image] | None:
+    """``--image_path`` / ``--mask_path``: one image, or every image of a folder (sorted by name)."""
+    if not path:
+        return None
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) \
+        if p.is_dir() else [p]
+    if not files or not files[0].is_file():
+        raise UserError(f"--{what} {path}: no image found")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                out.append(im.copy())
+        except OSError as exc:
+            raise UserError(f"--{what} {f}: not a readable image ({exc})") from exc
+    return out
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime())
+
+
+def highres_first_pass(batch: GenBatch, scale: float) -> GenBatch:
+    """The first stage of the highres fix: the same batch at ``scale`` times the size (multiple of 8)."""
+    w, h = max(64, int(batch.width * scale) // 8 * 8), max(64, int(batch.height * scale) // 8 * 8)
+    return replace(batch, width=w, height=h)
