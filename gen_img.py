@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clip_g")
     m.add_argument("--t5xxl")
     m.add_argument("--t5xxl_max_token_length", type=int, default=256)
+    m.add_argument("--flow_shift", type=float, default=3.0, help="SD3: shift of the flow-matching Euler sampler")
     m.add_argument("--tokenizer_cache_dir")
     precision = m.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights (CUDA)")

@@ -56,7 +56,8 @@ def build_family(name: str, args: argparse.Namespace):
         from library.families.sd3 import SD3Family, SD3Options
 
         return SD3Family(SD3Options(clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
-                                    t5xxl_max_token_length=args.t5xxl_max_token_length))
+                                    t5xxl_max_token_length=args.t5xxl_max_token_length,
+                                    sample_shift=args.flow_shift))
     if name == "sdxl":
         from library.families.sdxl import SDXLFamily, SDXLOptions
 
@@ -179,6 +180,10 @@ def generate_all(args: argparse.Namespace) -> list[str]:
                                 args.scale, args.sampler, args.strength, args.negative_prompt, args.images_per_prompt,
                                 args.n_iter, args.seed, args.iter_same_seed)
     jobs = gen_run.make_jobs(prompts, settings)
+    sized = [p.source for p in prompts if p.original_size != (None, None) or p.crop != (0, 0)]
+    if sized and family_name != "sdxl":
+        problems += [f"{src}: --ow/--oh/--ct/--cl are SDXL's size conditioning; this {family_name} model has none "
+                     "(the line was generated without them)" for src in sized]
     if not jobs:
         return problems or ["no prompts to generate"]
 

@@ -8,7 +8,7 @@ with its file and line number and the others still generate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from library.sampling.samplers import canonical_sampler
@@ -27,7 +27,6 @@ class GenPrompt:
     height: int | None = None
     seeds: tuple[int, ...] = ()
     scale: float | None = None
-    negative_scale: float | None = None
     steps: int | None = None
     sampler: str | None = None
     strength: float | None = None
@@ -39,7 +38,6 @@ class GenPrompt:
     source: str = ""  # "file:line" for messages
     split_style: bool = False  # came from a positive|||negative line (the seeds' file naming)
     index: int = 0  # place in the prompt list
-    extra: dict = field(default_factory=dict)
 
 
 def _size(value: str) -> int:
@@ -63,7 +61,7 @@ def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
     if opt == "d":
         return replace(p, seeds=tuple(int(v) for v in value.split(",")))
     if opt == "nl":
-        return replace(p, negative_scale=None if value.lower() == "none" else float(value))
+        raise UserError("--nl (kohya's separate negative CFG scale) is not available; use --l")
     if opt == "am":
         return replace(p, network_muls=_floats(value))
     if opt in ("ow", "oh"):
@@ -72,8 +70,8 @@ def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
     if opt in ("ct", "cl"):
         top, left = p.crop
         return replace(p, crop=(int(value), left) if opt == "ct" else (top, int(value)))
-    if opt in ("nw", "nh"):  # negative original size: recorded only (diffusers takes one)
-        return replace(p, extra={**p.extra, opt: int(value)})
+    if opt in ("nw", "nh"):
+        raise UserError(f"--{opt} (SDXL's negative original size) is not available; --ow/--oh set the size")
     raise KeyError(opt)
 
 

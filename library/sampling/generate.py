@@ -53,8 +53,12 @@ def run_batch(family, models, batch: GenBatch, device: torch.device) -> list:
     if batch.kind == "txt2img":
         kwargs.update(width=batch.width, height=batch.height)
     else:
+        import inspect
+
         images = [im.convert("RGB").resize((batch.width, batch.height)) for im in batch.init_images]
         kwargs.update(image=images, strength=batch.strength)
+        if "height" in inspect.signature(pipe.__call__).parameters:  # SD3's img2img would pick its own size
+            kwargs.update(width=batch.width, height=batch.height)
         if batch.kind == "inpaint":
             masks = [m.convert("L").resize((batch.width, batch.height)) for m in batch.masks]
             kwargs.update(mask_image=masks, width=batch.width, height=batch.height)

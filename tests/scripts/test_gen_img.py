@@ -218,3 +218,17 @@ def test_sdxl_and_sd3_with_their_loras(tiny_family_models, sd1_lora, tmp_path):
     proc = run_script("gen_img.py", "--ckpt", str(tiny_family_models["sd3"]), "--prompt", "x", "--W", "64", "--H", "64",
                       "--outdir", str(tmp_path / "wrong"), "--network_weights", sd1_lora[0])
     assert proc.returncode == 2 and "another model" in proc.stderr
+
+
+def test_img2img_and_inpaint_for_sdxl_and_sd3(tiny_family_models, tmp_path):
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(tmp_path / "init.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    for family in ("sdxl", "sd3"):
+        for kind, extra in (("i2i", ()), ("inpaint", ("--mask_path", str(tmp_path / "mask.png")))):
+            out = tmp_path / f"{family}-{kind}"
+            assert _gen("--ckpt", str(tiny_family_models[family]), "--prompt", "red circle --t 0.6", "--W", "64",
+                        "--H", "64", "--steps", "4", "--seed", "1", "--t5xxl_max_token_length", "16",
+                        "--image_path", str(tmp_path / "init.png"), *extra, "--outdir", str(out),
+                        "--sequential_file_name") == 0, (family, kind)
+            image = Image.open(out / "im_000001.png")
+            assert image.size == (64, 64) and "Denoising strength: 0.6" in image.text["parameters"]
