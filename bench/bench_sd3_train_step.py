@@ -22,19 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_train_step import make_dataset  # noqa: E402
+from bench.bench_train_step import print_result, run_children, train_timed  # noqa: E402
 
 SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
                "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
@@ -82,11 +77,8 @@ def build_models(tiny: bool):
 
 def run(parts, size: int, steps: int, warmup: int, swap: int) -> tuple[list[float], int]:
     """The real trainer; per-step times after warm-up and the most blocks resident at once."""
-    from library.args.common import network_training_parser
-    from library.config.training_config import build_training_config
     from library.families.base import LoadedModels
     from library.families.sd3 import SD3Family, SD3Options
-    from library.training import trainer as trainer_mod
 
     class InMemorySD3(SD3Family):
         def load(self, name_or_path, dtype, tokenizer_dir, device=None):
@@ -94,28 +86,11 @@ def run(parts, size: int, steps: int, warmup: int, swap: int) -> tuple[list[floa
             return LoadedModels(parts.transformer, parts.vae, [parts.clip_l, parts.clip_g, parts.t5xxl],
                                 [parts.tokenizers[k] for k in ("clip_l", "clip_g", "t5xxl")], source="random")
 
-    ends: list[float] = []
-    original = trainer_mod._Loop._step
-
-    def timed(self, *args):
-        loss = original(self, *args)
-        ends.append(time.perf_counter())
-        return loss
-
-    trainer_mod._Loop._step = timed
     family = InMemorySD3(SD3Options(blocks_to_swap=swap, t5xxl_max_token_length=256))
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp) / "data", size, 4)
-        args = network_training_parser("bench").parse_args([
-            "--pretrained_model_name_or_path", "random-sd35m", "--train_data_dir", str(data),
-            "--resolution", str(size), "--output_dir", str(Path(tmp) / "out"), "--network_module",
-            "networks.lora_sd3", "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only",
-            "--optimizer_type", "AdamW", "--mixed_precision", "bf16", "--cache_latents",
-            "--cache_text_encoder_outputs", "--max_train_steps", str(steps + warmup), "--seed", "0",
-            "--console_log_level", "WARNING"])
-        trainer_mod.NetworkTrainer(family, build_training_config(args)).run()
+    times = train_timed(family, size, steps, warmup, ["--network_module", "networks.lora_sd3", "--mixed_precision",
+                                                      "bf16", "--cache_latents", "--cache_text_encoder_outputs"])
     resident = family.block_swap.max_resident if family.block_swap else parts.transformer.config.num_layers
-    return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:], resident
+    return times, resident
 
 
 def child(tiny: bool, size: int, steps: int, warmup: int, swap: int) -> None:
@@ -123,9 +98,7 @@ def child(tiny: bool, size: int, steps: int, warmup: int, swap: int) -> None:
 
     torch.set_num_threads(os.cpu_count() or 2)
     times, resident = run(build_models(tiny), size, steps, warmup, swap)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"blocks_to_swap": swap, "median_s": statistics.median(times), "steps": len(times),
-                      "peak_rss_gib": round(peak_gib, 3), "max_blocks_resident": resident}))
+    print_result(times, blocks_to_swap=swap, max_blocks_resident=resident)
 
 
 def main() -> None:
@@ -140,14 +113,9 @@ def main() -> None:
     if a.child is not None:
         child(a.tiny, a.size, a.steps, a.warmup, a.child)
         return
-    results = {}
-    for swap in (0, a.blocks_to_swap):
-        cmd = [sys.executable, __file__, "--child", str(swap), "--size", str(a.size), "--steps", str(a.steps),
-               "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"blocks_to_swap {swap} run failed:\n{out.stderr[-3000:]}")
-        results["swap" if swap else "plain"] = json.loads(out.stdout.strip().splitlines()[-1])
+    child_args = ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    runs = run_children(__file__, ["0", str(a.blocks_to_swap)], child_args + (["--tiny"] if a.tiny else []))
+    results = {"plain": runs["0"], "swap": runs[str(a.blocks_to_swap)]}
     print(f"model: {'tiny SD3.5M-layout' if a.tiny else 'SD3.5-Medium-size'} MMDiT (bf16 weights), {a.size}px, "
           "batch 1, LoRA dim 16 on the MMDiT, AdamW, bf16 mixed precision, cached latents and text outputs")
     for name, r in results.items():

@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_train_step import make_dataset  # noqa: E402
+from bench.bench_train_step import print_result, run_children, train_timed  # noqa: E402
 
 # SDXL base 1.0's architecture (the UNet of sd_xl_base_1.0, CLIP-L and OpenCLIP bigG with projection)
 SDXL_UNET = {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
@@ -73,36 +69,16 @@ def build_models(tiny: bool):
 
 def run_trainer(parts, size: int, steps: int, warmup: int) -> list[float]:
     """The real trainer with the SDXL family; per-step wall times after warm-up."""
-    from library.args.common import network_training_parser
-    from library.config.training_config import build_training_config
     from library.families.base import LoadedModels
     from library.families.sdxl import SDXLFamily
-    from library.training import trainer as trainer_mod
 
     class InMemorySDXL(SDXLFamily):
         def load(self, name_or_path, dtype, tokenizer_dir, device=None):
             return LoadedModels(parts.unet, parts.vae, [parts.text_encoder_1, parts.text_encoder_2],
                                 [parts.tokenizer_1, parts.tokenizer_2], source="random")
 
-    ends: list[float] = []
-    original = trainer_mod._Loop._step
-
-    def timed(self, *args):
-        loss = original(self, *args)
-        ends.append(time.perf_counter())
-        return loss
-
-    trainer_mod._Loop._step = timed
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp) / "data", size, 4)
-        args = network_training_parser("bench").parse_args([
-            "--pretrained_model_name_or_path", "random-sdxl", "--train_data_dir", str(data),
-            "--resolution", str(size), "--output_dir", str(Path(tmp) / "out"), "--network_dim", "16",
-            "--network_alpha", "16", "--network_train_unet_only", "--optimizer_type", "AdamW",
-            "--mixed_precision", "bf16", "--cache_latents", "--cache_text_encoder_outputs",
-            "--max_train_steps", str(steps + warmup), "--seed", "0", "--console_log_level", "WARNING"])
-        trainer_mod.NetworkTrainer(InMemorySDXL(), build_training_config(args)).run()
-    return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
+    return train_timed(InMemorySDXL(), size, steps, warmup,
+                       ["--mixed_precision", "bf16", "--cache_latents", "--cache_text_encoder_outputs"])
 
 
 def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
@@ -149,10 +125,7 @@ def child(mode: str, tiny: bool, size: int, steps: int, warmup: int) -> None:
 
     torch.set_num_threads(os.cpu_count() or 2)
     parts = build_models(tiny)
-    times = (run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"mode": mode, "median_s": statistics.median(times), "steps": len(times),
-                      "peak_rss_gib": round(peak_gib, 3)}))
+    print_result((run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup), mode=mode)
 
 
 def main() -> None:
@@ -166,14 +139,8 @@ def main() -> None:
     if a.child:
         child(a.child, a.tiny, a.size, a.steps, a.warmup)
         return
-    results = {}
-    for mode in ("bare", "trainer"):
-        cmd = [sys.executable, __file__, "--child", mode, "--size", str(a.size), "--steps", str(a.steps),
-               "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_children(__file__, ["bare", "trainer"], ["--size", str(a.size), "--steps", str(a.steps),
+                                                          "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else []))
     bare, tr = results["bare"], results["trainer"]
     overhead = tr["median_s"] / bare["median_s"] - 1
     print(f"model: {'tiny' if a.tiny else 'SDXL-base-size'} UNet (bf16 weights), {a.size}px, batch 1, LoRA dim 16 "

@@ -69,20 +69,13 @@ def make_dataset(root: Path, size: int, count: int) -> Path:
     return root
 
 
-def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = False) -> list[float]:
-    """The real trainer; returns per-step wall times (from the step after warm-up).
-
-    A step's time is the time between the ends of consecutive steps, so data loading, logging and
-    the progress bar count too."""
+def train_timed(family, size: int, steps: int, warmup: int, flags: list[str]) -> list[float]:
+    """Run the real trainer with ``family`` on a small generated dataset; per-step wall times after
+    warm-up. A step's time is the time between the ends of consecutive steps, so data loading,
+    logging and the progress bar count too. Shared by the SD1.5, SDXL and SD3 benchmarks."""
     from library.args.common import network_training_parser
     from library.config.training_config import build_training_config
-    from library.families.base import LoadedModels
-    from library.families.sd import SDFamily
     from library.training import trainer as trainer_mod
-
-    class InMemorySD(SDFamily):
-        def load(self, name_or_path, dtype, tokenizer_dir, device=None):
-            return LoadedModels(parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], source="random")
 
     ends: list[float] = []
     original = trainer_mod._Loop._step
@@ -93,17 +86,32 @@ def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = Fals
         return loss
 
     trainer_mod._Loop._step = timed
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp) / "data", size, 4)
-        args = network_training_parser("bench").parse_args([
-            "--pretrained_model_name_or_path", "random-sd15", "--train_data_dir", str(data),
-            "--resolution", str(size), "--output_dir", str(Path(tmp) / "out"), "--network_dim", "16",
-            "--network_alpha", "16", "--network_train_unet_only", "--optimizer_type", "AdamW",
-            "--max_train_steps", str(steps + warmup), "--seed", "0", "--console_log_level", "WARNING"]
-            + (["--max_data_loader_n_workers", "4", "--persistent_data_loader_workers"] if uncached
-               else ["--cache_latents"]))
-        trainer_mod.NetworkTrainer(InMemorySD(), build_training_config(args)).run()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = make_dataset(Path(tmp) / "data", size, 4)
+            args = network_training_parser("bench").parse_args([
+                "--pretrained_model_name_or_path", "random", "--train_data_dir", str(data), "--resolution", str(size),
+                "--output_dir", str(Path(tmp) / "out"), "--network_dim", "16", "--network_alpha", "16",
+                "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(steps + warmup),
+                "--seed", "0", "--console_log_level", "WARNING", *flags])
+            trainer_mod.NetworkTrainer(family, build_training_config(args)).run()
+    finally:
+        trainer_mod._Loop._step = original
     return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
+
+
+def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = False) -> list[float]:
+    """The real trainer on the SD1.5 modules."""
+    from library.families.base import LoadedModels
+    from library.families.sd import SDFamily
+
+    class InMemorySD(SDFamily):
+        def load(self, name_or_path, dtype, tokenizer_dir, device=None):
+            return LoadedModels(parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], source="random")
+
+    workers = ["--max_data_loader_n_workers", "4", "--persistent_data_loader_workers"]
+    flags = workers if uncached else ["--cache_latents"]
+    return train_timed(InMemorySD(), size, steps, warmup, flags)
 
 
 def run_bare(parts, size: int, steps: int, warmup: int, uncached: bool = False) -> list[float]:
@@ -141,15 +149,31 @@ def run_bare(parts, size: int, steps: int, warmup: int, uncached: bool = False) 
     return times
 
 
+def print_result(times: list[float], **fields) -> None:
+    """A child process's result line: median step time, step count, peak RSS, and ``fields``."""
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    print(json.dumps({**fields, "median_s": statistics.median(times), "steps": len(times),
+                      "peak_rss_gib": round(peak_gib, 3)}))
+
+
+def run_children(script: str, modes: list[str], args: list[str]) -> dict[str, dict]:
+    """Run ``script --child <mode> args`` for each mode in its own process (so peak RSS is its own)."""
+    results = {}
+    for mode in modes:
+        out = subprocess.run([sys.executable, script, "--child", mode, *args], capture_output=True, text=True,
+                             check=False)
+        if out.returncode != 0:
+            sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
 def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, uncached: bool) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 2)
     parts = build_models(tiny)
-    times = (run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup, uncached)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"mode": mode, "median_s": statistics.median(times), "steps": len(times),
-                      "peak_rss_gib": round(peak_gib, 3)}))
+    print_result((run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup, uncached), mode=mode)
 
 
 def main() -> None:
@@ -164,14 +188,9 @@ def main() -> None:
     if a.child:
         child(a.child, a.tiny, a.size, a.steps, a.warmup, a.uncached)
         return
-    results = {}
-    for mode in ("bare", "trainer"):
-        cmd = [sys.executable, __file__, "--child", mode, "--size", str(a.size), "--steps", str(a.steps),
-               "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else []) + (["--uncached"] if a.uncached else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_children(__file__, ["bare", "trainer"],
+                           ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                           + (["--tiny"] if a.tiny else []) + (["--uncached"] if a.uncached else []))
     bare, tr = results["bare"], results["trainer"]
     overhead = tr["median_s"] / bare["median_s"] - 1
     print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet, {a.size}px, batch 1, LoRA dim 16 UNet only, AdamW, fp32, "

@@ -239,11 +239,8 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     return network
 
 
-def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None,
-                                for_inference: bool = False, **kwargs):
-    """Build a network whose ranks and alphas are read from a LoRA file (or state dict)."""
-    state = weights_sd if weights_sd is not None else _read_lora_file(file)
-    state = to_kohya_names(state, find_targets(_as_list(text_encoder), unet, with_conv=True))
+def ranks_from_state(state: dict[str, torch.Tensor], file) -> tuple[dict[str, int], dict[str, float]]:
+    """Each module's rank (from ``lora_down``) and alpha in a kohya-format state dict."""
     dims, alphas = {}, {}
     for key, value in state.items():
         name = key.split(".")[0]
@@ -253,6 +250,15 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
             alphas[name] = float(value)
     if not dims:
         raise UserError(f"{file}: no LoRA keys (lora_down.weight) found")
+    return dims, alphas
+
+
+def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None,
+                                for_inference: bool = False, **kwargs):
+    """Build a network whose ranks and alphas are read from a LoRA file (or state dict)."""
+    state = weights_sd if weights_sd is not None else _read_lora_file(file)
+    state = to_kohya_names(state, find_targets(_as_list(text_encoder), unet, with_conv=True))
+    dims, alphas = ranks_from_state(state, file)
     network = LoRANetwork(_as_list(text_encoder), unet, multiplier, max(dims.values()), None,
                           module_dims=dims, module_alphas=alphas)
     unknown = sorted(set(dims) - {m.lora_name for m in network.all_loras()})

@@ -14,6 +14,18 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def _init_lora(module: nn.Module, dim: int, alpha: float | None, multiplier: float) -> None:
+    """kohya's start: ``lora_down`` Kaiming-uniform, ``lora_up`` zero (so training starts from the
+    base model), alpha stored as a buffer (alpha 0/None means alpha = rank: scale 1)."""
+    nn.init.kaiming_uniform_(module.lora_down.weight, a=math.sqrt(5))
+    nn.init.zeros_(module.lora_up.weight)
+    alpha = dim if not alpha else alpha
+    module.register_buffer("alpha", torch.tensor(float(alpha)))
+    module.scale = float(alpha) / dim
+    module.multiplier = multiplier
+    module.enabled = True
+
+
 class LoRAModule(nn.Module):
     """The low-rank update of one Linear or Conv2d, hooked into that module's forward."""
 
@@ -31,13 +43,7 @@ class LoRAModule(nn.Module):
         else:
             self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
             self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = dim if not alpha else alpha
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.scale = float(alpha) / dim
-        self.multiplier = multiplier
-        self.enabled = True
+        _init_lora(self, dim, alpha, multiplier)
         self._org = [org_module]  # a list, so the base module is not registered as a child
         self._org_forward = None
 
@@ -85,13 +91,7 @@ class FusedLoRAModule(nn.Module):
         self.splits = [m.out_features for m in org_modules]
         self.lora_down = nn.Linear(org_modules[0].in_features, dim, bias=False)
         self.lora_up = nn.Linear(dim, sum(self.splits), bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = dim if not alpha else alpha
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.scale = float(alpha) / dim
-        self.multiplier = multiplier
-        self.enabled = True
+        _init_lora(self, dim, alpha, multiplier)
         self._orgs = list(org_modules)  # a plain list: the base modules are not children
         self._org_forwards: list = []
 

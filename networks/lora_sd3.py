@@ -24,7 +24,7 @@ from torch import nn
 
 from library.models import sd3_keys
 from library.utils.errors import UserError
-from networks.lora import LoRANetwork, _as_list, _read_lora_file
+from networks.lora import LoRANetwork, _as_list, _read_lora_file, ranks_from_state
 from networks.lora_names import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -171,15 +171,7 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
                                 weights_sd=None, for_inference: bool = False, **kwargs):
     """A network shaped like the LoRA file (ranks and alphas per module)."""
     state = weights_sd if weights_sd is not None else _read_lora_file(file)
-    dims, alphas = {}, {}
-    for key, value in state.items():
-        name = key.split(".")[0]
-        if key.endswith("lora_down.weight"):
-            dims[name] = value.shape[0]
-        elif key.endswith(".alpha"):
-            alphas[name] = float(value)
-    if not dims:
-        raise UserError(f"{file}: no LoRA keys (lora_down.weight) found")
+    dims, alphas = ranks_from_state(state, file)
     everything = {k: 1 for k in LAYER_KINDS}
     targets = _targets(_as_list(text_encoder), transformer, everything, [1] * 6,
                        set(range(transformer.config.num_layers)), train_t5=True)

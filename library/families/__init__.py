@@ -73,9 +73,38 @@ def _sd3(args: argparse.Namespace) -> ModelFamily:
 BUILDERS: dict[str, Callable[[argparse.Namespace], ModelFamily]] = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3}
 
 
+# single-file layouts and diffusers pipeline classes -> family name
+LAYOUT_FAMILY = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
+PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                   "StableDiffusion3Pipeline": "sd3"}
+
+
+def generation_family(name: str, args: argparse.Namespace) -> ModelFamily:
+    """A family configured from gen_img.py's flags (prompt weighting always on for the CLIP families)."""
+    from library.training.noise import DDPMOptions
+
+    ddpm = DDPMOptions(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr)
+    tokens = 75 * max(1, min(3, args.max_embeddings_multiples))
+    if name == "sd3":
+        from library.families.sd3 import SD3Family, SD3Options
+
+        return SD3Family(SD3Options(clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
+                                    t5xxl_max_token_length=args.t5xxl_max_token_length,
+                                    sample_shift=args.flow_shift))
+    if name == "sdxl":
+        from library.families.sdxl import SDXLFamily, SDXLOptions
+
+        return SDXLFamily(SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True))
+    from library.families.sd import SDFamily, SDOptions
+
+    return SDFamily(SDOptions(ddpm=ddpm, v2=args.v2, clip_skip=args.clip_skip, max_token_length=tokens, vae=args.vae,
+                              weighted_captions=True))
+
+
 def family_from_args(name: str, args: argparse.Namespace) -> ModelFamily:
     """The family ``name`` configured from the training flags."""
     return BUILDERS[name](args)
 
 
-__all__ = ["BUILDERS", "LoadedModels", "ModelFamily", "NoisyBatch", "family_from_args"]
+__all__ = ["BUILDERS", "LAYOUT_FAMILY", "LoadedModels", "ModelFamily", "NoisyBatch", "PIPELINE_FAMILY",
+           "family_from_args", "generation_family"]

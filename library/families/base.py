@@ -47,6 +47,12 @@ class ModelFamily(ABC):
     cache_suffix: str
     #: single-file layouts (see :func:`library.models.sd_loading.detect_layout`) this family loads
     checkpoint_layouts: tuple[str, ...] = ()
+    #: what generation uses when not told otherwise
+    default_network_module: str = "networks.lora"
+    default_image_size: int = 512
+    #: whether the denoiser takes original size / crop conditioning (gen_img's --ow/--oh/--ct/--cl)
+    size_conditioning: bool = False
+    diffusers_lora_via_pipeline: bool = False
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

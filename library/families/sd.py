@@ -36,6 +36,11 @@ class SDFamily(ModelFamily):
     latent_channels = 4
     cache_suffix = "sd"
     checkpoint_layouts = ("sd1", "sd2")
+    default_network_module = "networks.lora"
+    default_image_size = 512
+    size_conditioning = False
+    #: diffusers-form LoRA files our loader cannot map go through diffusers' own loader instead
+    diffusers_lora_via_pipeline = False
     size_multiple = 64
     scaling_factor = 0.18215
 

@@ -71,6 +71,10 @@ class SD3Family(ModelFamily):
     size_multiple = 16  # VAE 8 x patch 2
     cache_suffix = "sd3"
     checkpoint_layouts = ("sd3",)
+    default_network_module = "networks.lora_sd3"
+    default_image_size = 1024
+    size_conditioning = False
+    diffusers_lora_via_pipeline = True  # diffusers' SD3 LoRAs have separate q/k/v, ours are fused
 
     def __init__(self, options: SD3Options = SD3Options()):
         self.options = options

@@ -47,6 +47,8 @@ class SDXLFamily(SDFamily):
     name = "sdxl"
     cache_suffix = "sdxl"
     checkpoint_layouts = ("sdxl",)
+    default_image_size = 1024
+    size_conditioning = True
     size_multiple = 32
     scaling_factor = 0.13025
 

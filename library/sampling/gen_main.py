@@ -17,55 +17,30 @@ from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODULE = {"sd": "networks.lora", "sdxl": "networks.lora", "sd3": "networks.lora_sd3"}
-
-
 def detect_family(args: argparse.Namespace) -> str:
-    """sd / sdxl / sd3 from the flags, else from the file's keys or the diffusers folder's index."""
-    if args.sdxl:
-        return "sdxl"
-    if args.sd3:
-        return "sd3"
+    """The family name from ``--sdxl``/``--sd3``, else from the file's keys or the diffusers folder's
+    index (a hub id is taken as SD1/SD2 unless a flag says otherwise)."""
+    from library.families import LAYOUT_FAMILY, PIPELINE_FAMILY
+
+    forced = [name for name in ("sdxl", "sd3") if getattr(args, name)]
     path = Path(args.ckpt)
-    if path.is_dir():
-        index = path / "model_index.json"
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
-        return "sd3" if "StableDiffusion3" in name else ("sdxl" if "XL" in name else "sd")
-    if path.is_file():
-        from library.models.sd_loading import detect_layout, read_state_dict
+    index = path / "model_index.json"
+    if forced or not (path.is_file() or index.is_file()):
+        return forced[0] if forced else "sd"
+    if index.is_file():
+        return PIPELINE_FAMILY.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""), "sd")
+    from library.models.sd_loading import detect_layout, read_state_dict
 
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
-                layout = detect_layout(dict.fromkeys(f.keys()))
-        else:
-            layout = detect_layout(read_state_dict(path))
-        if layout == "unknown":
-            raise UserError(f"--ckpt {path}: not a Stable Diffusion checkpoint this script knows (SD1/SD2, SDXL, SD3)")
-        return {"sd1": "sd", "sd2": "sd"}.get(layout, layout)
-    return "sd"  # a hub id: SD1/SD2 unless --sdxl / --sd3 says otherwise
-
-
-def build_family(name: str, args: argparse.Namespace):
-    from library.training.noise import DDPMOptions
-
-    ddpm = DDPMOptions(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr)
-    tokens = 75 * max(1, min(3, args.max_embeddings_multiples))
-    if name == "sd3":
-        from library.families.sd3 import SD3Family, SD3Options
-
-        return SD3Family(SD3Options(clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
-                                    t5xxl_max_token_length=args.t5xxl_max_token_length,
-                                    sample_shift=args.flow_shift))
-    if name == "sdxl":
-        from library.families.sdxl import SDXLFamily, SDXLOptions
-
-        return SDXLFamily(SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True))
-    from library.families.sd import SDFamily, SDOptions
-
-    return SDFamily(SDOptions(ddpm=ddpm, v2=args.v2, clip_skip=args.clip_skip, max_token_length=tokens, vae=args.vae,
-                              weighted_captions=True))
+        with safe_open(str(path), "pt") as f:
+            layout = detect_layout(dict.fromkeys(f.keys()))
+    else:
+        layout = detect_layout(read_state_dict(path))
+    if layout not in LAYOUT_FAMILY:
+        raise UserError(f"--ckpt {path}: not a Stable Diffusion checkpoint this script knows (SD1/SD2, SDXL, SD3)")
+    return LAYOUT_FAMILY[layout]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -124,14 +99,14 @@ def _is_diffusers_form(path: str) -> bool:
         return any(".lora_A." in k or ".lora_B." in k for k in f.keys())
 
 
-def load_networks(args, family_name: str, family, models, device) -> list[tuple[str, float, object]]:
+def load_networks(args, family, models, device) -> list[tuple[str, float, object]]:
     """(file name, strength, network) for each ``--network_weights`` file, applied or merged."""
     from networks.base import import_network_module
 
     te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
     loaded = []
     for i, path in enumerate(args.network_weights):
-        if family_name == "sd3" and _is_diffusers_form(path) and i >= len(args.network_module):
+        if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(args.network_module):
             mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
             network = DiffusersLoRA(family, models, path, f"lora{i}", mul)
             if args.network_merge:
@@ -139,7 +114,7 @@ def load_networks(args, family_name: str, family, models, device) -> list[tuple[
             loaded.append((Path(path).stem, mul, network))
             continue
         module = import_network_module(args.network_module[i] if i < len(args.network_module)
-                                       else DEFAULT_MODULE[family_name])
+                                       else family.default_network_module)
         mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
         network, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
                                                         for_inference=True)
@@ -174,20 +149,22 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         prompts, problems = [parse_gen_line(args.prompt, "--prompt")], []
     init_images = gen_run.read_images(args.image_path, "image_path")
     masks = gen_run.read_images(args.mask_path, "mask_path")
+    from library.families import generation_family
+
     family_name = detect_family(args)
-    large = family_name in ("sdxl", "sd3")
-    settings = gen_run.Settings(args.W or (1024 if large else 512), args.H or (1024 if large else 512), args.steps,
+    family = generation_family(family_name, args)
+    size = family.default_image_size
+    settings = gen_run.Settings(args.W or size, args.H or size, args.steps,
                                 args.scale, args.sampler, args.strength, args.negative_prompt, args.images_per_prompt,
                                 args.n_iter, args.seed, args.iter_same_seed)
     jobs = gen_run.make_jobs(prompts, settings)
     sized = [p.source for p in prompts if p.original_size != (None, None) or p.crop != (0, 0)]
-    if sized and family_name != "sdxl":
+    if sized and not family.size_conditioning:
         problems += [f"{src}: --ow/--oh/--ct/--cl are SDXL's size conditioning; this {family_name} model has none "
                      "(the line was generated without them)" for src in sized]
     if not jobs:
         return problems or ["no prompts to generate"]
 
-    family = build_family(family_name, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
     models = family.load(args.ckpt, dtype, args.tokenizer_cache_dir)
@@ -202,7 +179,7 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         from library.training.precision import set_attention
 
         set_attention(models.denoiser, "xformers")
-    networks = load_networks(args, family_name, family, models, device)
+    networks = load_networks(args, family, models, device)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     model_name = Path(args.ckpt.rstrip("/")).stem

@@ -45,8 +45,16 @@ def set_attention(unet: torch.nn.Module, mode: str) -> None:
         if not callable(getattr(unet, "set_attention_slice", None)):
             raise UserError("--mem_eff_attn (sliced attention) is for UNets; remove it for this model")
         unet.set_attention_slice("auto")
-    # sdpa: diffusers' default processors already use PyTorch SDPA (AttnProcessor2_0 for UNets,
-    # JointAttnProcessor2_0 for SD3); replacing them would break models with joint attention
+    else:
+        # diffusers' default processors already use PyTorch SDPA (AttnProcessor2_0 for UNets,
+        # JointAttnProcessor2_0 for SD3); only a UNet switched to sliced or xformers attention is
+        # put back (replacing joint-attention processors would break SD3)
+        kinds = {type(p).__name__ for p in unet.attn_processors.values()}
+        if any(k.startswith(("Sliced", "XFormers")) for k in kinds) and callable(getattr(unet, "set_attention_slice",
+                                                                                         None)):
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            unet.set_attn_processor(AttnProcessor2_0())
 
 
 def allow_fp16_gradients(scaler) -> None:

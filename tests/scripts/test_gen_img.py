@@ -232,3 +232,12 @@ def test_img2img_and_inpaint_for_sdxl_and_sd3(tiny_family_models, tmp_path):
                         "--sequential_file_name") == 0, (family, kind)
             image = Image.open(out / "im_000001.png")
             assert image.size == (64, 64) and "Denoising strength: 0.6" in image.text["parameters"]
+
+
+def test_bf16_with_fp32_vae_slicing_and_tiling(sd1, tmp_path):
+    for out in ("a", "b"):
+        assert _gen("--ckpt", sd1, "--prompt", "red circle", "--W", "64", "--H", "64", "--steps", "3", "--seed", "4",
+                    "--bf16", "--no_half_vae", "--vae_slices", "1", "--vae_tiling", "--batch_size", "2",
+                    "--images_per_prompt", "2", "--outdir", str(tmp_path / out), "--sequential_file_name") == 0
+    for name in ("im_000001.png", "im_000002.png"):
+        assert np.array_equal(_pixels(tmp_path / "a" / name), _pixels(tmp_path / "b" / name))

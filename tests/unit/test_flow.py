@@ -69,3 +69,25 @@ def test_option_problems():
     assert flow.FlowOptions(min_timestep=500, max_timestep=100).problems()
     assert not flow.FlowOptions().problems()
     assert math.isclose(flow.shift_u(torch.tensor(1.0), 7.0).item(), 1.0)
+
+
+def test_positional_embedding_windows():
+    """Centred windows equal diffusers' own crop; the scaled table's centred window is the base-size
+    sin-cos grid; a crop moves the window."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from library.models.sd3_pos_embed import PosEmbedOptions, scaled_sincos_table, window
+    from library.models.tiny import make_tiny_sd3
+
+    pe = make_tiny_sd3(seed=0).transformer.pos_embed
+    reference = pe.cropped_pos_embed(16, 12)
+    options = PosEmbedOptions(pe)
+    assert torch.equal(pe.cropped_pos_embed(16, 12), reference)  # installed, no crop: diffusers' centred window
+    options.crop = (0.0, 0.0)
+    corner = pe.cropped_pos_embed(16, 12)
+    table = pe.pos_embed.reshape(1, 32, 32, -1)
+    assert torch.equal(corner, table[:, :8, :6].reshape(1, 48, -1)) and not torch.equal(corner, reference)
+    scaled = scaled_sincos_table(32, 24, 16)
+    centre = window(scaled, 24, 16, 16, None)
+    expected = get_2d_sincos_pos_embed(32, 16, base_size=16, output_type="pt").float()
+    assert torch.allclose(centre[0], expected, atol=1e-5)
