@@ -17,6 +17,7 @@ see :mod:`networks.block_lr`).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -28,6 +29,8 @@ from library.utils.files import save_safetensors
 from networks.block_lr import block_index, block_lr_weights
 from networks.lora_modules import FusedLoRAModule, LoRAModule
 from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses_sgm_names
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["FusedLoRAModule", "LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights",
            "te_lora_name"]
@@ -118,11 +121,20 @@ class LoRANetwork(nn.Module):
     def load_weights(self, file: str) -> str:
         """Load a kohya-format file (non-strict: keys of parts not trained are ignored)."""
         state = to_kohya_names(_read_lora_file(file), self.targets)
-        info = self.load_state_dict(state, strict=False)
         ours = set(self.state_dict())
         if not ours & set(state):
             raise UserError(f"--network_weights {file}: none of its keys match this network "
                             "(is it a LoRA for another model family?)")
+        try:
+            info = self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a rank or shape that differs
+            raise UserError(f"--network_weights {file}: its tensors do not fit this network "
+                            f"({str(exc).splitlines()[-1].strip()}); build the network from the file's ranks "
+                            "(same --network_dim / network_args) or start without it") from exc
+        unused = sorted(set(state) - ours)
+        if unused:
+            logger.warning("%s: %d of its tensors are not used (parts not trained, or modules this network does "
+                           "not have), e.g. %s", file, len(unused), unused[:2])
         return f"loaded {len(ours & set(state))} tensors ({len(info.missing_keys)} of ours not in the file)"
 
     def set_loraplus_ratios(self, unet_ratio: float | None, text_encoder_ratio: float | None) -> None:

@@ -158,3 +158,11 @@ def test_apply_to_parts(tiny_sd1):
     assert te_only.state_dict() and all(k.startswith("lora_te_") for k in te_only.state_dict())
     groups, names = te_only.prepare_optimizer_params(5e-5, 1e-4, 1e-3)
     assert names == ["textencoder"] and groups[0]["lr"] == 5e-5
+
+
+def test_weights_of_another_rank_are_refused_with_the_reason(tmp_path, tiny_sd1):
+    wide = lora.create_network(1.0, 8, 1, None, tiny_sd1.text_encoder, tiny_sd1.unet)
+    wide.save_weights(str(tmp_path / "rank8.safetensors"), torch.float32, {})
+    narrow = lora.create_network(1.0, 4, 1, None, tiny_sd1.text_encoder, tiny_sd1.unet)
+    with pytest.raises(UserError, match="rank8.safetensors: its tensors do not fit this network"):
+        narrow.load_weights(str(tmp_path / "rank8.safetensors"))
