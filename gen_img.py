@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--H", type=int, help="height (512; 1024 for SDXL and SD3)")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--scale", type=float, default=7.5, help="CFG scale")
-    g.add_argument("--negative_scale", type=float, help="(kohya's separate negative CFG: not available)")
+    g.add_argument("--negative_scale", type=float,
+                   help="SD1/SDXL: kohya's separate strength of the negative prompt (an extra empty-prompt "
+                        "prediction per step; needs --scale above 1)")
     g.add_argument("--sampler", default="ddim", help="kohya sampler name (SD3 always uses flow-matching Euler)")
     g.add_argument("--negative_prompt", default="", help="negative prompt of lines without --n")
     g.add_argument("--clip_skip", type=int, help="SD1/SD2: use the n-th last text-encoder layer")

@@ -53,6 +53,8 @@ class ModelFamily(ABC):
     #: whether the denoiser takes original size / crop conditioning (gen_img's --ow/--oh/--ct/--cl)
     size_conditioning: bool = False
     diffusers_lora_via_pipeline: bool = False
+    #: kohya's --negative_scale (a third, empty-prompt prediction per step) works with this family
+    negative_scale_supported: bool = False
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

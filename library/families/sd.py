@@ -41,6 +41,7 @@ class SDFamily(ModelFamily):
     size_conditioning = False
     #: diffusers-form LoRA files our loader cannot map go through diffusers' own loader instead
     diffusers_lora_via_pipeline = False
+    negative_scale_supported = True  # SDXL inherits it
     size_multiple = 64
     scaling_factor = 0.18215
 

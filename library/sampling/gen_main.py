@@ -45,8 +45,6 @@ def detect_family(args: argparse.Namespace) -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model is loaded."""
-    if args.negative_scale is not None:
-        raise UserError("--negative_scale (kohya's separate negative guidance) is not available; use --scale")
     if args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA GPU; on CPU use --bf16 or full precision")
     for flag in ("W", "H"):
@@ -156,7 +154,7 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     size = family.default_image_size
     settings = gen_run.Settings(args.W or size, args.H or size, args.steps,
                                 args.scale, args.sampler, args.strength, args.negative_prompt, args.images_per_prompt,
-                                args.n_iter, args.seed, args.iter_same_seed)
+                                args.n_iter, args.seed, args.iter_same_seed, args.negative_scale)
     jobs = gen_run.make_jobs(prompts, settings)
     sized = [p.source for p in prompts if p.original_size != (None, None) or p.crop != (0, 0)]
     if sized and not family.size_conditioning:

@@ -14,6 +14,7 @@ from pathlib import Path
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
 
+NO_NEGATIVE_SCALE = -1.0
 OPTIONS = ("n", "w", "h", "d", "l", "s", "ss", "t", "nl", "am", "f", "ow", "oh", "nw", "nh", "ct", "cl", "c")
 
 
@@ -27,6 +28,7 @@ class GenPrompt:
     height: int | None = None
     seeds: tuple[int, ...] = ()
     scale: float | None = None
+    negative_scale: float | None = None  # NO_NEGATIVE_SCALE: "--nl none", the command line's is not used
     steps: int | None = None
     sampler: str | None = None
     strength: float | None = None
@@ -61,7 +63,7 @@ def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
     if opt == "d":
         return replace(p, seeds=tuple(int(v) for v in value.split(",")))
     if opt == "nl":
-        raise UserError("--nl (kohya's separate negative CFG scale) is not available; use --l")
+        return replace(p, negative_scale=NO_NEGATIVE_SCALE if value.lower() == "none" else float(value))
     if opt == "am":
         return replace(p, network_muls=_floats(value))
     if opt in ("ow", "oh"):

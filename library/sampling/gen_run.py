@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from library.sampling.gen_prompts import GenPrompt
+from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt
 from library.sampling.generate import GenBatch
 from library.utils.errors import UserError
 from library.utils.files import atomic_path
@@ -38,6 +38,7 @@ class Settings:
     n_iter: int = 1
     seed: int | None = None
     iter_same_seed: bool = False
+    negative_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,12 @@ class Job:
     sampler: str
     strength: float
     negative: str
+    negative_scale: float | None = None
 
     def batch_key(self) -> tuple:
         p = self.prompt
         return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, p.network_muls,
-                p.original_size, p.crop)
+                p.original_size, p.crop, self.negative_scale)
 
 
 def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
@@ -83,8 +85,15 @@ def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
                 jobs.append(Job(p, seed, copy, p.width or s.width, p.height or s.height, p.steps or s.steps,
                                 p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
                                 p.strength if p.strength is not None else s.strength,
-                                p.negative_prompt if p.negative_prompt is not None else s.negative_prompt))
+                                p.negative_prompt if p.negative_prompt is not None else s.negative_prompt,
+                                _negative_scale(p, s)))
     return jobs
+
+
+def _negative_scale(p: GenPrompt, s: Settings) -> float | None:
+    if p.negative_scale is None:
+        return s.negative_scale
+    return None if p.negative_scale == NO_NEGATIVE_SCALE else p.negative_scale
 
 
 def group(jobs: list[Job], batch_size: int) -> list[list[Job]]:
@@ -104,7 +113,7 @@ def to_batch(jobs: list[Job], init_images=None, masks=None) -> GenBatch:
     original = (oh or first.height, ow or first.width) if (ow or oh) else None
     return GenBatch([j.prompt.prompt for j in jobs], [j.negative for j in jobs], [j.seed for j in jobs],
                     first.width, first.height, first.steps, first.scale, first.sampler, init_images, masks,
-                    first.strength, original, first.prompt.crop)
+                    first.strength, original, first.prompt.crop, first.negative_scale)
 
 
 def file_name(job: Job, index: int, stamp: str, sequential: bool) -> str:
@@ -128,6 +137,8 @@ def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind:
               f"CFG scale: {job.scale}, Seed: {job.seed}, Size: {job.width}x{job.height}, Model: {model_name}")
     if kind != "txt2img":
         params += f", Denoising strength: {job.strength}"
+    if job.negative_scale is not None:
+        params += f", Negative scale: {job.negative_scale}"
     if networks:
         params += ", Lora: " + ", ".join(f"{name}:{mul}" for name, mul in networks)
     info = PngImagePlugin.PngInfo()
@@ -137,6 +148,8 @@ def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind:
         info.add_text(key, str(value))
     if job.prompt.clip_prompt:
         info.add_text("clip-prompt", job.prompt.clip_prompt)
+    if job.negative_scale is not None:
+        info.add_text("negative-scale", str(job.negative_scale))
     return info
 
 

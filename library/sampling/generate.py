@@ -33,6 +33,7 @@ class GenBatch:
     strength: float = 0.8
     original_size: tuple[int, int] | None = None  # SDXL (height, width); default: the image size
     crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
+    negative_scale: float | None = None  # kohya's separate negative-prompt strength (UNet families)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -49,6 +50,8 @@ def run_batch(family, models, batch: GenBatch, device: torch.device) -> list:
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in batch.seeds]
     with torch.no_grad():
         kwargs = family.call_kwargs(models, batch, device)
+        if batch.negative_scale is not None:
+            _use_negative_scale(family, models, pipe, batch, device)
     kwargs.update(num_inference_steps=batch.steps, guidance_scale=batch.scale, generator=generators)
     if batch.kind == "txt2img":
         kwargs.update(width=batch.width, height=batch.height)
@@ -64,3 +67,15 @@ def run_batch(family, models, batch: GenBatch, device: torch.device) -> list:
             kwargs.update(mask_image=masks, width=batch.width, height=batch.height)
     with torch.no_grad():
         return pipe(**kwargs).images
+
+
+def _use_negative_scale(family, models, pipe, batch: GenBatch, device) -> None:
+    """Swap the pipeline's UNet for kohya's three-prediction guidance (see negative_scale.py)."""
+    from library.sampling.negative_scale import NegativeScaleUNet
+    from library.utils.errors import UserError
+
+    if not family.negative_scale_supported:
+        raise UserError(f"--negative_scale / --nl are not available for {family.name} models")
+    empty = family.call_kwargs(models, GenBatch([""], [""], [0], batch.width, batch.height), device)
+    keep = {k: empty[k] for k in ("prompt_embeds", "pooled_prompt_embeds") if k in empty}
+    pipe.unet = NegativeScaleUNet(models.denoiser, keep, batch.scale, batch.negative_scale)
