@@ -278,6 +278,10 @@ def test_negative_scale_lines(sd1, tiny_family_models, tmp_path):
     assert np.array_equal(ns[1], plain)  # --nl none: plain CFG for that line
     assert Image.open(tmp_path / "ns" / "im_000001.png").text["negative-scale"] == "2.0"
     assert np.abs(ns[2] - ns[0]).max() > 0  # --nl 1 on the third line
+    assert _gen("--ckpt", str(tiny_family_models["sdxl"]), "--prompt", "red circle --n blue", "--W", "64", "--H", "64",
+                "--steps", "2", "--scale", "5", "--negative_scale", "2", "--batch_size", "2", "--images_per_prompt",
+                "2", "--outdir", str(tmp_path / "xl"), "--sequential_file_name") == 0  # pooled text, time ids
+    assert len(list((tmp_path / "xl").glob("*.png"))) == 2
     code = _gen("--ckpt", str(tiny_family_models["sd3"]), "--prompt", "x --nl 2", "--W", "64", "--H", "64",
                 "--steps", "2", "--t5xxl_max_token_length", "16", "--outdir", str(tmp_path / "sd3"))
     assert code == 1 and not list((tmp_path / "sd3").glob("*.png"))
