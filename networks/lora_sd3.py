@@ -10,7 +10,9 @@ with ``train_t5xxl=True``).
 network_args (kohya's): ``context_attn_dim``, ``context_mlp_dim``, ``context_mod_dim``,
 ``x_attn_dim``, ``x_mlp_dim``, ``x_mod_dim`` (rank per kind of layer; 0 = no LoRA there; default
 ``--network_dim``); ``emb_dims=[a,b,c,d,e,f]`` (context_embedder, t_embedder, x_embedder, y_embedder,
-final_layer adaLN modulation, final_layer linear; default none); ``train_block_indices``
+final_layer adaLN modulation, final_layer linear; default: the final layer at ``--network_dim``,
+no embedders, as the project's spec asks (kohya's default leaves the final layer out: pass
+``emb_dims=[0,0,0,0,0,0]`` for that)); ``train_block_indices``
 (``all``, ``none``, ``0,1,4-5,7``); ``train_t5xxl=True``; ``verbose=True``; plus networks.lora's
 LoRA+ ratios.
 """
@@ -75,9 +77,11 @@ def parse_block_indices(text: str | None, num_blocks: int) -> set[int]:
     return out
 
 
-def parse_emb_dims(text: str | None) -> list[int]:
+def parse_emb_dims(text: str | None, default_dim: int = 0) -> list[int]:
+    """``[a,b,c,d,e,f]`` -> six ranks. Without the arg: the final layer (its adaLN modulation and
+    linear) at ``default_dim`` and no embedders."""
     if text is None:
-        return [0] * 6
+        return [0, 0, 0, 0, default_dim, default_dim]
     values = [v for v in re.split(r"[\s,\[\]]+", text) if v]
     try:
         dims = [int(v) for v in values]
@@ -153,7 +157,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     except ValueError as exc:
         raise UserError(f"--network_args: {', '.join(LAYER_KINDS)} must be integers ({exc})") from exc
     blocks = parse_block_indices(kwargs.get("train_block_indices"), transformer.config.num_layers)
-    targets = _targets(_as_list(text_encoder), transformer, dims, parse_emb_dims(kwargs.get("emb_dims")), blocks,
+    targets = _targets(_as_list(text_encoder), transformer, dims, parse_emb_dims(kwargs.get("emb_dims"), dim), blocks,
                        str(kwargs.get("train_t5xxl", "False")) == "True")
     network = LoRANetwork(_as_list(text_encoder), transformer, multiplier, dim,
                           network_alpha if network_alpha is not None else 1.0, targets=targets)

@@ -122,7 +122,9 @@ class SDXLFamily(SDFamily):
         return {"prompt_embeds": both["hidden"][:n], "pooled_prompt_embeds": both["pooled"][:n],
                 "negative_prompt_embeds": both["hidden"][n:], "negative_pooled_prompt_embeds": both["pooled"][n:],
                 "original_size": batch.original_size or target, "target_size": target,
-                "crops_coords_top_left": batch.crop}
+                "crops_coords_top_left": batch.crop,
+                "negative_original_size": batch.negative_original_size or batch.original_size or target,
+                "negative_target_size": target}
 
     def metadata(self) -> dict[str, str]:
         v = self.options.ddpm.v_parameterization

@@ -156,9 +156,11 @@ def generate_all(args: argparse.Namespace) -> list[str]:
                                 args.scale, args.sampler, args.strength, args.negative_prompt, args.images_per_prompt,
                                 args.n_iter, args.seed, args.iter_same_seed, args.negative_scale)
     jobs = gen_run.make_jobs(prompts, settings)
-    sized = [p.source for p in prompts if p.original_size != (None, None) or p.crop != (0, 0)]
+    sized = [p.source for p in prompts
+             if p.original_size != (None, None) or p.negative_original_size != (None, None) or p.crop != (0, 0)]
     if sized and not family.size_conditioning:
-        problems += [f"{src}: --ow/--oh/--ct/--cl are SDXL's size conditioning; this {family_name} model has none "
+        problems += [f"{src}: --ow/--oh/--nw/--nh/--ct/--cl are SDXL's size conditioning; this {family_name} model "
+                     "has none "
                      "(the line was generated without them)" for src in sized]
     if not jobs:
         return problems or ["no prompts to generate"]

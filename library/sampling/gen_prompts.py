@@ -35,6 +35,7 @@ class GenPrompt:
     network_muls: tuple[float, ...] | None = None
     file_name: str | None = None
     original_size: tuple[int | None, int | None] = (None, None)  # SDXL (width, height)
+    negative_original_size: tuple[int | None, int | None] = (None, None)  # SDXL --nw/--nh
     crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
     clip_prompt: str | None = None  # kohya's --c: recorded in the PNG, not used by the pipelines
     source: str = ""  # "file:line" for messages
@@ -73,7 +74,8 @@ def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
         top, left = p.crop
         return replace(p, crop=(int(value), left) if opt == "ct" else (top, int(value)))
     if opt in ("nw", "nh"):
-        raise UserError(f"--{opt} (SDXL's negative original size) is not available; --ow/--oh set the size")
+        w, h = p.negative_original_size
+        return replace(p, negative_original_size=(int(value), h) if opt == "nw" else (w, int(value)))
     raise KeyError(opt)
 
 

@@ -60,7 +60,7 @@ class Job:
     def batch_key(self) -> tuple:
         p = self.prompt
         return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, p.network_muls,
-                p.original_size, p.crop, self.negative_scale)
+                p.original_size, p.negative_original_size, p.crop, self.negative_scale)
 
 
 def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
@@ -107,13 +107,18 @@ def group(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return groups
 
 
+def _height_width(job: Job, size: tuple[int | None, int | None]) -> tuple[int, int] | None:
+    """A line's (width, height) option pair as SDXL's (height, width); None when not given."""
+    w, h = size
+    return (h or job.height, w or job.width) if (w or h) else None
+
+
 def to_batch(jobs: list[Job], init_images=None, masks=None) -> GenBatch:
     first = jobs[0]
-    ow, oh = first.prompt.original_size
-    original = (oh or first.height, ow or first.width) if (ow or oh) else None
     return GenBatch([j.prompt.prompt for j in jobs], [j.negative for j in jobs], [j.seed for j in jobs],
                     first.width, first.height, first.steps, first.scale, first.sampler, init_images, masks,
-                    first.strength, original, first.prompt.crop, first.negative_scale)
+                    first.strength, _height_width(first, first.prompt.original_size), first.prompt.crop,
+                    first.negative_scale, _height_width(first, first.prompt.negative_original_size))
 
 
 def file_name(job: Job, index: int, stamp: str, sequential: bool) -> str:

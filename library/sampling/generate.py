@@ -34,6 +34,7 @@ class GenBatch:
     original_size: tuple[int, int] | None = None  # SDXL (height, width); default: the image size
     crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
     negative_scale: float | None = None  # kohya's separate negative-prompt strength (UNet families)
+    negative_original_size: tuple[int, int] | None = None  # SDXL, of the negative prediction
     extra: dict = field(default_factory=dict)
 
     @property

@@ -38,7 +38,11 @@ def test_default_modules_names_and_shapes(medium35):
     assert "lora_unet_joint_blocks_2_context_block_attn_proj" not in last  # the last block is context-pre-only
     assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" in last
     assert ("lora_unet_joint_blocks_1_x_block_attn2_qkv" in names) == medium35
-    assert not any("embedder" in n or "final_layer" in n for n in names)  # emb_dims default: none
+    assert not any("embedder" in n for n in names)  # emb_dims default: the final layer only
+    assert names["lora_unet_final_layer_linear"].lora_down.weight.shape[0] == 4
+    assert "lora_unet_final_layer_adaLN_modulation_1" in names
+    kohya_default = _net(parts, emb_dims="[0,0,0,0,0,0]")
+    assert not any("final_layer" in m.lora_name for m in kohya_default.unet_loras)
     te = {m.lora_name for m in net.text_encoder_loras}
     assert any(n.startswith("lora_te1_text_model_encoder_layers_0_") for n in te)
     assert any(n.startswith("lora_te2_text_model_encoder_layers_1_") for n in te)
@@ -60,7 +64,8 @@ def test_layer_dims_emb_dims_and_blocks():
         "lora_unet_final_layer_adaLN_modulation_1": 5, "lora_unet_final_layer_linear": 6}
     te = [m.lora_name for m in net.text_encoder_loras]
     assert any(n.startswith("lora_te3_encoder_block_0_layer_0_SelfAttention_q") for n in te)
-    assert {m.lora_name for m in _net(parts, train_block_indices="none").unet_loras} == set()
+    none = _net(parts, train_block_indices="none", emb_dims="[0,0,0,0,0,0]")
+    assert {m.lora_name for m in none.unet_loras} == set()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -285,3 +285,18 @@ def test_negative_scale_lines(sd1, tiny_family_models, tmp_path):
     code = _gen("--ckpt", str(tiny_family_models["sd3"]), "--prompt", "x --nl 2", "--W", "64", "--H", "64",
                 "--steps", "2", "--t5xxl_max_token_length", "16", "--outdir", str(tmp_path / "sd3"))
     assert code == 1 and not list((tmp_path / "sd3").glob("*.png"))
+
+
+def test_sdxl_size_options_reach_the_pipeline(tiny_family_models):
+    """--ow/--oh/--nw/--nh/--ct/--cl become SDXL's (original, negative original, crop) conditioning."""
+    from library.families.sdxl import SDXLFamily
+    from library.sampling import gen_run
+    from library.sampling.gen_prompts import parse_gen_line
+
+    line = parse_gen_line("red circle --w 64 --h 64 --ow 128 --oh 96 --nw 32 --nh 48 --ct 8 --cl 4", "test:1")
+    job = gen_run.make_jobs([line], gen_run.Settings(seed=1))[0]
+    family = SDXLFamily()
+    models = family.load(str(tiny_family_models["sdxl"]), torch.float32, None)
+    kwargs = family.call_kwargs(models, gen_run.to_batch([job]), torch.device("cpu"))
+    assert kwargs["original_size"] == (96, 128) and kwargs["negative_original_size"] == (48, 32)
+    assert kwargs["crops_coords_top_left"] == (8, 4) and kwargs["target_size"] == (64, 64)
