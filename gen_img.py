@@ -17,8 +17,9 @@ import sys
 from library.utils.errors import run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images with SD1/SD2, SDXL or SD3 models and LoRAs")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from library.args.common import add_attention_args
+
     m = p.add_argument_group("model")
     m.add_argument("--ckpt", required=True, help="single file (.safetensors/.ckpt), diffusers folder or hub id")
     family = m.add_mutually_exclusive_group()
@@ -39,11 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="fp16 weights (CUDA)")
     precision.add_argument("--bf16", action="store_true", help="bf16 weights")
     m.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
-    attn = m.add_mutually_exclusive_group()
-    attn.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the default)")
-    attn.add_argument("--xformers", action="store_true", help="xformers attention (CUDA, pip install xformers)")
+    add_attention_args(m, sliced=False)
     m.add_argument("--vae_slices", type=int, help="decode the batch's images one at a time (any value > 0)")
     m.add_argument("--vae_tiling", action="store_true", help="decode large images in tiles")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompts and sampling")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (may carry line options)")
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_skip", type=int, help="SD1/SD2: use the n-th last text-encoder layer")
     g.add_argument("--max_embeddings_multiples", type=int, default=1,
                    help="SD1/SDXL: prompts up to 75 x N tokens (1, 2 or 3)")
+
+
+def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     n = p.add_argument_group("LoRA")
     n.add_argument("--network_module", nargs="*", default=[], help="one per weights file (default per family)")
     n.add_argument("--network_weights", nargs="*", default=[], help="LoRA files (kohya or diffusers/PEFT form)")
@@ -77,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--highres_fix_scale", type=float, help="first pass at this fraction of the size, e.g. 0.5")
     i.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the second (img2img) pass")
     i.add_argument("--highres_fix_strength", type=float, default=0.7, help="strength of the second pass")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images with SD1/SD2, SDXL or SD3 models and LoRAs")
+    add_model_args(p)
+    add_prompt_args(p)
+    add_lora_and_image_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--outdir", required=True)
     o.add_argument("--sequential_file_name", action="store_true", help="im_000001.png, im_000002.png, ...")

@@ -130,10 +130,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="fp8 for the UNet only (text encoders keep their dtype)")
     g.add_argument("--lowram", action="store_true",
                    help="read the model's weights straight onto the GPU instead of into CPU memory first")
-    attn = g.add_mutually_exclusive_group()
-    attn.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
-    attn.add_argument("--xformers", action="store_true", help="xformers attention (CUDA GPU and pip install xformers)")
-    attn.add_argument("--mem_eff_attn", action="store_true", help="sliced attention: less memory, slower")
+    add_attention_args(g, sliced=True)
     g.add_argument("--seed", type=int, help="random seed (random if not given)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--fused_backward_pass", action="store_true",
@@ -145,6 +142,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     for key in ("title", "author", "description", "license", "tags", "usage_hint", "trigger_phrase", "merged_from",
                 "preprocessor"):
         g.add_argument(f"--metadata_{key}", help=f"modelspec.{key} in the saved file")
+
+
+def add_attention_args(group, sliced: bool) -> None:
+    """``--sdpa`` (the default) / ``--xformers`` (and ``--mem_eff_attn`` where sliced attention applies)."""
+    attn = group.add_mutually_exclusive_group()
+    attn.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    attn.add_argument("--xformers", action="store_true", help="xformers attention (CUDA GPU and pip install xformers)")
+    if sliced:
+        attn.add_argument("--mem_eff_attn", action="store_true", help="sliced attention: less memory, slower")
 
 
 def add_noise_loss_args(p: argparse.ArgumentParser) -> None:

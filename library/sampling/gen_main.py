@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -138,35 +139,26 @@ def _set_strengths(networks, muls, merged: bool, source: str) -> list[tuple[str,
     return used
 
 
-def generate_all(args: argparse.Namespace) -> list[str]:
-    """Make every image; returns the problems (bad lines, failed batches) for the exit status."""
-    check_args(args)
+def plan(args: argparse.Namespace, family, family_name: str) -> tuple[list, list[str]]:
+    """The run's jobs (every image with its settings and seed) and the problems found in the prompts."""
     if args.from_file:
         prompts, problems = read_prompt_file(args.from_file)
     else:
         prompts, problems = [parse_gen_line(args.prompt, "--prompt")], []
-    init_images = gen_run.read_images(args.image_path, "image_path")
-    masks = gen_run.read_images(args.mask_path, "mask_path")
-    from library.families import generation_family
-
-    family_name = detect_family(args)
-    family = generation_family(family_name, args)
     size = family.default_image_size
-    settings = gen_run.Settings(args.W or size, args.H or size, args.steps,
-                                args.scale, args.sampler, args.strength, args.negative_prompt, args.images_per_prompt,
-                                args.n_iter, args.seed, args.iter_same_seed, args.negative_scale)
-    jobs = gen_run.make_jobs(prompts, settings)
+    settings = gen_run.Settings(args.W or size, args.H or size, args.steps, args.scale, args.sampler, args.strength,
+                                args.negative_prompt, args.images_per_prompt, args.n_iter, args.seed,
+                                args.iter_same_seed, args.negative_scale)
     sized = [p.source for p in prompts
              if p.original_size != (None, None) or p.negative_original_size != (None, None) or p.crop != (0, 0)]
     if sized and not family.size_conditioning:
         problems += [f"{src}: --ow/--oh/--nw/--nh/--ct/--cl are SDXL's size conditioning; this {family_name} model "
-                     "has none "
-                     "(the line was generated without them)" for src in sized]
-    if not jobs:
-        return problems or ["no prompts to generate"]
+                     "has none (the line was generated without them)" for src in sized]
+    return gen_run.make_jobs(prompts, settings), problems
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
+
+def load_for_generation(args: argparse.Namespace, family, device: torch.device, dtype: torch.dtype):
+    """The model, placed and set up for generation (precision, VAE slicing/tiling, attention)."""
     models = family.load(args.ckpt, dtype, args.tokenizer_cache_dir)
     family.place(models, device)
     if args.no_half_vae:
@@ -179,39 +171,63 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         from library.training.precision import set_attention
 
         set_attention(models.denoiser, "xformers")
+    return models
+
+
+def generate_all(args: argparse.Namespace) -> list[str]:
+    """Make every image; returns the problems (bad lines, failed batches) for the exit status."""
+    from library.families import generation_family
+
+    check_args(args)
+    init_images = gen_run.read_images(args.image_path, "image_path")
+    masks = gen_run.read_images(args.mask_path, "mask_path")
+    family_name = detect_family(args)
+    family = generation_family(family_name, args)
+    jobs, problems = plan(args, family, family_name)
+    if not jobs:
+        return problems or ["no prompts to generate"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
+    models = load_for_generation(args, family, device, dtype)
     networks = load_networks(args, family, models, device)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    model_name = Path(args.ckpt.rstrip("/")).stem
-    stamp = gen_run.timestamp()
-    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else _Nothing()
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    written = _generate_groups(args, family, models, networks, jobs, (init_images, masks), outdir, device, autocast,
+                               problems)
+    logger.info("%d image(s) written to %s", written, outdir)
+    return problems
+
+
+def _generate_groups(args, family, models, networks, jobs, images_in, outdir: Path, device, autocast,
+                     problems: list[str]) -> int:
+    """Run the jobs batch by batch, saving each image; a failing batch is recorded in ``problems``."""
+    init_images, masks = images_in
+    kind = "txt2img" if init_images is None else ("inpaint" if masks else "img2img")
+    model_name, stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
     bar = tqdm(total=len(jobs), desc="images")
     done = written = 0
     for group in gen_run.group(jobs, max(1, args.batch_size)):
         sources = ", ".join(sorted({j.prompt.source for j in group}))
+        pick = [done + k for k in range(len(group))]
         try:
             used = _set_strengths(networks, group[0].prompt.network_muls, args.network_merge, sources)
-            pick = [done + k for k in range(len(group))]
             inits = [init_images[k % len(init_images)] for k in pick] if init_images else None
             batch_masks = [masks[k % len(masks)] for k in pick] if masks else None
             with autocast:
                 images = _run(family, models, gen_run.to_batch(group, inits, batch_masks), args, device)
         except (UserError, ValueError, RuntimeError) as exc:
             problems.append(f"{sources}: {exc}")
-            bar.update(len(group))
-            done += len(group)
-            continue
-        kind = "txt2img" if init_images is None else ("inpaint" if masks else "img2img")
-        for k, (job, image) in enumerate(zip(group, images)):
-            name = gen_run.file_name(job, done + k, stamp, args.sequential_file_name)
+            images = []
+        for k, (job, image) in zip(pick, zip(group, images)):
+            name = gen_run.file_name(job, k, stamp, args.sequential_file_name)
             gen_run.save_image(image, outdir, name, gen_run.png_info(job, model_name, used, kind),
                                args.sequential_file_name)
             written += 1
         done += len(group)
         bar.update(len(group))
     bar.close()
-    logger.info("%d image(s) written to %s", written, outdir)
-    return problems
+    return written
 
 
 def _run(family, models, batch: GenBatch, args, device) -> list:
@@ -224,11 +240,3 @@ def _run(family, models, batch: GenBatch, args, device) -> list:
     upscaled = [im.resize((batch.width, batch.height)) for im in first]
     second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps, strength=args.highres_fix_strength)
     return run_batch(family, models, second, device)
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

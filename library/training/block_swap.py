@@ -23,6 +23,7 @@ attention, the last block's reduced context half) are moved to the device once a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -103,7 +104,7 @@ class BlockSwap:
         leaving, coming = self.blocks[out], self.blocks[into]
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # ``out`` has finished with it
-        with torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext():
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             incoming = dict(coming.named_parameters())
             for name, p_out in leaving.named_parameters():
                 p_in = incoming.pop(name, None)
@@ -132,14 +133,6 @@ class BlockSwap:
         self.resident.add(into)
         self.max_resident = max(self.max_resident, len(self.resident))
         self.events.append(("swap", out * 1000 + into))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def install_block_swap(transformer: nn.Module, blocks: nn.ModuleList, n: int, device: torch.device) -> BlockSwap:
