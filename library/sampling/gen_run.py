@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt
+from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt, expand_dynamic
 from library.sampling.generate import GenBatch
 from library.utils.errors import UserError
 from library.utils.files import atomic_path
@@ -56,6 +56,11 @@ class Job:
     strength: float
     negative: str
     negative_scale: float | None = None
+    text: str = ""  # the prompt with its dynamic choices drawn for this image
+
+    @property
+    def prompt_text(self) -> str:
+        return self.text or self.prompt.prompt
 
     def batch_key(self) -> tuple:
         p = self.prompt
@@ -86,7 +91,7 @@ def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
                                 p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
                                 p.strength if p.strength is not None else s.strength,
                                 p.negative_prompt if p.negative_prompt is not None else s.negative_prompt,
-                                _negative_scale(p, s)))
+                                _negative_scale(p, s), expand_dynamic(p.prompt, random.Random(seed))))
     return jobs
 
 
@@ -115,7 +120,7 @@ def _height_width(job: Job, size: tuple[int | None, int | None]) -> tuple[int, i
 
 def to_batch(jobs: list[Job], init_images=None, masks=None) -> GenBatch:
     first = jobs[0]
-    return GenBatch([j.prompt.prompt for j in jobs], [j.negative for j in jobs], [j.seed for j in jobs],
+    return GenBatch([j.prompt_text for j in jobs], [j.negative for j in jobs], [j.seed for j in jobs],
                     first.width, first.height, first.steps, first.scale, first.sampler, init_images, masks,
                     first.strength, _height_width(first, first.prompt.original_size), first.prompt.crop,
                     first.negative_scale, _height_width(first, first.prompt.negative_original_size))
@@ -138,7 +143,7 @@ def file_name(job: Job, index: int, stamp: str, sequential: bool) -> str:
 def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind: str) -> PngImagePlugin.PngInfo:
     """AUTOMATIC1111's ``parameters`` text (so any image can be reproduced and read by image
     browsers) plus kohya's separate chunks."""
-    params = (f"{job.prompt.prompt}\nNegative prompt: {job.negative}\nSteps: {job.steps}, Sampler: {job.sampler}, "
+    params = (f"{job.prompt_text}\nNegative prompt: {job.negative}\nSteps: {job.steps}, Sampler: {job.sampler}, "
               f"CFG scale: {job.scale}, Seed: {job.seed}, Size: {job.width}x{job.height}, Model: {model_name}")
     if kind != "txt2img":
         params += f", Denoising strength: {job.strength}"
@@ -148,7 +153,8 @@ def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind:
         params += ", Lora: " + ", ".join(f"{name}:{mul}" for name, mul in networks)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", params)
-    for key, value in (("prompt", job.prompt.prompt), ("negative-prompt", job.negative), ("seed", job.seed),
+    for key, value in (("prompt", job.prompt_text), ("raw-prompt", job.prompt.prompt),
+                       ("negative-prompt", job.negative), ("seed", job.seed),
                        ("steps", job.steps), ("scale", job.scale), ("sampler", job.sampler)):
         info.add_text(key, str(value))
     if job.prompt.clip_prompt:

@@ -300,3 +300,21 @@ def test_sdxl_size_options_reach_the_pipeline(tiny_family_models):
     kwargs = family.call_kwargs(models, gen_run.to_batch([job]), torch.device("cpu"))
     assert kwargs["original_size"] == (96, 128) and kwargs["negative_original_size"] == (48, 32)
     assert kwargs["crops_coords_top_left"] == (8, 4) and kwargs["target_size"] == (64, 64)
+
+
+def test_dynamic_prompts_are_drawn_per_image_seed(sd1, tmp_path):
+    import random
+
+    from library.sampling.gen_prompts import expand_dynamic
+
+    drawn = {expand_dynamic(r"a {red|blue} {circle|{square|star}} \{x\}", random.Random(s)) for s in range(40)}
+    assert drawn == {f"a {c} {s} {{x}}" for c in ("red", "blue") for s in ("circle", "square", "star")}
+    for out in ("a", "b"):
+        assert _gen("--ckpt", sd1, "--prompt", "a {red|blue} shape", "--W", "64", "--H", "64", "--steps", "2",
+                    "--seed", "7", "--images_per_prompt", "4", "--outdir", str(tmp_path / out),
+                    "--sequential_file_name") == 0
+    texts = [Image.open(tmp_path / "a" / f"im_00000{i}.png").text for i in range(1, 5)]
+    assert all(t["raw-prompt"] == "a {red|blue} shape" for t in texts)
+    assert {t["prompt"] for t in texts} <= {"a red shape", "a blue shape"}
+    again = [Image.open(tmp_path / "b" / f"im_00000{i}.png").text["prompt"] for i in range(1, 5)]
+    assert [t["prompt"] for t in texts] == again  # the choice follows the image's seed
