@@ -82,6 +82,33 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--highres_fix_scale", type=float, help="first pass at this fraction of the size, e.g. 0.5")
     i.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the second (img2img) pass")
     i.add_argument("--highres_fix_strength", type=float, default=0.7, help="strength of the second pass")
+    i.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first pass (<name>_1st.png)")
+    i.add_argument("--highres_fix_latents_upscaling", action="store_true",
+                   help="enlarge the first pass's latents (bilinear) instead of its decoded image")
+
+
+def add_shrink_and_noise_args(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("Deep Shrink (SD1/SD2/SDXL; per line --dsd1 --dst1 --dsd2 --dst2 --dsr)")
+    d.add_argument("--ds_depth_1", type=int, help="shrink the UNet's hidden states entering this input block "
+                                                  "(kohya's depth; 3 is usual) while t >= --ds_timesteps_1")
+    d.add_argument("--ds_timesteps_1", type=int, default=650)
+    d.add_argument("--ds_depth_2", type=int, help="a second depth, for --ds_timesteps_2 <= t < --ds_timesteps_1")
+    d.add_argument("--ds_timesteps_2", type=int, default=650)
+    d.add_argument("--ds_ratio", type=float, default=0.5, help="the shrink factor")
+    g = p.add_argument_group("Gradual Latent (SD1/SD2/SDXL, euler_a; per line --glt --glr --gle --gls --glsn --glus)")
+    g.add_argument("--gradual_latent_timesteps", type=float,
+                   help="start from a smaller latent and grow it once t is below this (try 750)")
+    g.add_argument("--gradual_latent_ratio", type=float, default=0.5, help="the first size, as a fraction")
+    g.add_argument("--gradual_latent_ratio_step", type=float, default=0.125, help="growth per enlargement")
+    g.add_argument("--gradual_latent_every_n_steps", type=int, default=3, help="steps between enlargements")
+    g.add_argument("--gradual_latent_s_noise", type=float, default=1.0, help="scale of the noise added when growing")
+    g.add_argument("--gradual_latent_unsharp_params",
+                   help="unsharp mask after growing: ksize,sigma,strength[,target_x]")
+    n = p.add_argument_group("start-noise tricks (text-to-image)")
+    n.add_argument("--pyramid_noise_prob", type=float, help="chance that an image starts from pyramid noise")
+    n.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, default=[0.3, 0.8], metavar=("MIN", "MAX"))
+    n.add_argument("--noise_offset_prob", type=float, help="chance that an image's start noise gets an offset")
+    n.add_argument("--noise_offset_range", type=float, nargs=2, default=[-0.1, 0.1], metavar=("MIN", "MAX"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_prompt_args(p)
     add_lora_and_image_args(p)
+    add_shrink_and_noise_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--outdir", required=True)
     o.add_argument("--sequential_file_name", action="store_true", help="im_000001.png, im_000002.png, ...")

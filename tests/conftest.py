@@ -44,6 +44,17 @@ def tiny_default(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SDXL and SD3 single files, as the quickstart tool writes them."""
+    out = {}
+    for family in ("sdxl", "sd3"):
+        folder = tmp_path_factory.mktemp(f"gen_{family}")
+        run_script("tools/make_tiny_default.py", "--out", str(folder), "--family", family, check=True)
+        out[family] = next((folder / "model").glob("*.safetensors"))
+    return out
+
+
 def run_script(script: str, *args: str, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a project script in a fresh interpreter, offline; returns the completed process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")

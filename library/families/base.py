@@ -55,6 +55,8 @@ class ModelFamily(ABC):
     diffusers_lora_via_pipeline: bool = False
     #: kohya's --negative_scale (a third, empty-prompt prediction per step) works with this family
     negative_scale_supported: bool = False
+    #: the denoiser is a diffusers UNet on a DDPM schedule (Deep Shrink, Gradual Latent)
+    unet_denoiser: bool = False
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

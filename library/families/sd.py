@@ -42,6 +42,7 @@ class SDFamily(ModelFamily):
     #: diffusers-form LoRA files our loader cannot map go through diffusers' own loader instead
     diffusers_lora_via_pipeline = False
     negative_scale_supported = True  # SDXL inherits it
+    unet_denoiser = True
     size_multiple = 64
     scaling_factor = 0.18215
 

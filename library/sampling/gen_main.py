@@ -61,6 +61,56 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--highres_fix_scale: the first pass's fraction of the size, between 0 and 1 (e.g. 0.5)")
     if args.mask_path and not args.image_path:
         raise UserError("--mask_path needs --image_path (the image to inpaint)")
+    _check_shrink_and_noise_args(args)
+
+
+def _check_shrink_and_noise_args(args: argparse.Namespace) -> None:
+    from library.sampling.samplers import canonical_sampler
+
+    if args.ds_depth_1 is not None and args.ds_depth_1 < 1 or args.ds_depth_2 is not None and args.ds_depth_2 < 1:
+        raise UserError("--ds_depth_1/--ds_depth_2: input block depths start at 1 (3 is usual)")
+    if not 0 < args.ds_ratio < 1:
+        raise UserError(f"--ds_ratio {args.ds_ratio}: the shrink factor is between 0 and 1 (e.g. 0.5)")
+    gradual_latent_settings(args).check()
+    if args.gradual_latent_timesteps is not None:
+        if canonical_sampler(args.sampler) != "euler_a":
+            raise UserError(f"--gradual_latent_timesteps needs --sampler euler_a (not {args.sampler})")
+        if args.image_path:
+            raise UserError("--gradual_latent_timesteps is for text-to-image; it cannot be used with --image_path")
+    ranges = {"pyramid_noise": args.pyramid_noise_discount_range, "noise_offset": args.noise_offset_range}
+    for name, (low, high) in ranges.items():
+        prob = getattr(args, f"{name}_prob")
+        if prob is not None and not 0 <= prob <= 1:
+            raise UserError(f"--{name}_prob {prob}: a probability between 0 and 1")
+        if low > high:
+            raise UserError(f"--{name} range {low} {high}: give the smaller value first")
+        if prob and args.image_path:
+            raise UserError(f"--{name}_prob changes the start noise of text-to-image; "
+                            "it cannot be used with --image_path")
+
+
+def gradual_latent_settings(args: argparse.Namespace):
+    """The command line's Gradual Latent values (the start defaults to 650 for lines that turn it on)."""
+    from library.sampling.gradual_latent import GradualLatent, Unsharp
+
+    unsharp = None
+    if args.gradual_latent_unsharp_params:
+        try:
+            unsharp = Unsharp.parse(args.gradual_latent_unsharp_params)
+        except ValueError as exc:
+            raise UserError(f"--gradual_latent_unsharp_params {exc}") from exc
+    start = args.gradual_latent_timesteps if args.gradual_latent_timesteps is not None else 650
+    return GradualLatent(start, args.gradual_latent_ratio, args.gradual_latent_ratio_step,
+                         args.gradual_latent_every_n_steps, args.gradual_latent_s_noise, unsharp)
+
+
+def noise_tricks(args: argparse.Namespace):
+    from library.sampling.start_noise import NoiseTricks
+
+    if not (args.pyramid_noise_prob or args.noise_offset_prob):
+        return None
+    return NoiseTricks(args.pyramid_noise_prob or 0.0, tuple(args.pyramid_noise_discount_range),
+                       args.noise_offset_prob or 0.0, tuple(args.noise_offset_range))
 
 
 class DiffusersLoRA:
@@ -145,10 +195,15 @@ def plan(args: argparse.Namespace, family, family_name: str) -> tuple[list, list
         prompts, problems = read_prompt_file(args.from_file)
     else:
         prompts, problems = [parse_gen_line(args.prompt, "--prompt")], []
+    from library.sampling.deep_shrink import DeepShrink
+
     size = family.default_image_size
+    deep_shrink = DeepShrink(args.ds_depth_1 or 3, args.ds_timesteps_1, args.ds_depth_2, args.ds_timesteps_2,
+                             args.ds_ratio)
     settings = gen_run.Settings(args.W or size, args.H or size, args.steps, args.scale, args.sampler, args.strength,
                                 args.negative_prompt, args.images_per_prompt, args.n_iter, args.seed,
-                                args.iter_same_seed, args.negative_scale)
+                                args.iter_same_seed, args.negative_scale, deep_shrink, args.ds_depth_1 is not None,
+                                gradual_latent_settings(args), args.gradual_latent_timesteps is not None)
     sized = [p.source for p in prompts
              if p.original_size != (None, None) or p.negative_original_size != (None, None) or p.crop != (0, 0)]
     if sized and not family.size_conditioning:
@@ -183,6 +238,9 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     masks = gen_run.read_images(args.mask_path, "mask_path")
     family_name = detect_family(args)
     family = generation_family(family_name, args)
+    if (args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None) and not family.unet_denoiser:
+        raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
+                        f"not on this {family_name} model")
     jobs, problems = plan(args, family, family_name)
     if not jobs:
         return problems or ["no prompts to generate"]
@@ -202,9 +260,12 @@ def generate_all(args: argparse.Namespace) -> list[str]:
 def _generate_groups(args, family, models, networks, jobs, images_in, outdir: Path, device, autocast,
                      problems: list[str]) -> int:
     """Run the jobs batch by batch, saving each image; a failing batch is recorded in ``problems``."""
+    from dataclasses import replace
+
     init_images, masks = images_in
     kind = "txt2img" if init_images is None else ("inpaint" if masks else "img2img")
     model_name, stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
+    tricks = noise_tricks(args)
     bar = tqdm(total=len(jobs), desc="images")
     done = written = 0
     for group in gen_run.group(jobs, max(1, args.batch_size)):
@@ -214,15 +275,18 @@ def _generate_groups(args, family, models, networks, jobs, images_in, outdir: Pa
             used = _set_strengths(networks, group[0].prompt.network_muls, args.network_merge, sources)
             inits = [init_images[k % len(init_images)] for k in pick] if init_images else None
             batch_masks = [masks[k % len(masks)] for k in pick] if masks else None
+            batch = replace(gen_run.to_batch(group, inits, batch_masks), noise_tricks=tricks)
             with autocast:
-                images = _run(family, models, gen_run.to_batch(group, inits, batch_masks), args, device)
+                images, first_pass = _run(family, models, batch, args, device)
         except (UserError, ValueError, RuntimeError) as exc:
             problems.append(f"{sources}: {exc}")
-            images = []
-        for k, (job, image) in zip(pick, zip(group, images)):
+            images, first_pass = [], None
+        for i, (k, job, image) in enumerate(zip(pick, group, images)):
             name = gen_run.file_name(job, k, stamp, args.sequential_file_name)
-            gen_run.save_image(image, outdir, name, gen_run.png_info(job, model_name, used, kind),
-                               args.sequential_file_name)
+            info = gen_run.png_info(job, model_name, used, kind)
+            path = gen_run.save_image(image, outdir, name, info, args.sequential_file_name)
+            if first_pass is not None:  # --highres_fix_save_1st: next to its final image
+                gen_run.save_image(first_pass[i], outdir, f"{path.stem}_1st.png", info, False)
             written += 1
         done += len(group)
         bar.update(len(group))
@@ -230,13 +294,37 @@ def _generate_groups(args, family, models, networks, jobs, images_in, outdir: Pa
     return written
 
 
-def _run(family, models, batch: GenBatch, args, device) -> list:
-    """One batch, with the highres fix's two passes when asked (text-to-image only)."""
+def _run(family, models, batch: GenBatch, args, device) -> tuple[list, list | None]:
+    """(images, the highres fix's first-pass images when they are to be saved) for one batch; the
+    highres fix (text-to-image only) makes a smaller image first, enlarges it (or its latents, with
+    ``--highres_fix_latents_upscaling``) and refines it with an img2img pass."""
     if not args.highres_fix_scale or batch.kind != "txt2img":
-        return run_batch(family, models, batch, device)
+        return run_batch(family, models, batch, device), None
     from dataclasses import replace
 
-    first = run_batch(family, models, gen_run.highres_first_pass(batch, args.highres_fix_scale), device)
-    upscaled = [im.resize((batch.width, batch.height)) for im in first]
-    second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps, strength=args.highres_fix_strength)
-    return run_batch(family, models, second, device)
+    small = gen_run.highres_first_pass(batch, args.highres_fix_scale)
+    first_images = None
+    if args.highres_fix_latents_upscaling:
+        latents = run_batch(family, models, small, device, output_type="latent")
+        if args.highres_fix_save_1st:
+            first_images = decode_latents(family.pipeline(models, batch.sampler, "img2img"), latents)
+        f = latents.shape[-1] * 1.0 / small.width
+        size = (round(batch.height * f), round(batch.width * f))
+        upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode="bilinear",
+                                                   align_corners=False).to(latents.dtype)
+    else:
+        first_images = run_batch(family, models, small, device)
+        upscaled = [im.resize((batch.width, batch.height)) for im in first_images]
+    # the refinement starts from the first pass: no Gradual Latent, no start-noise tricks
+    second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps, strength=args.highres_fix_strength,
+                     gradual_latent=None, noise_tricks=None)
+    return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """PIL images of a pipeline's ``output_type="latent"`` result (its VAE's scaling and shift undone)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")

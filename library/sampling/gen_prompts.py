@@ -2,7 +2,9 @@
 
 Prompts may hold dynamic choices ``{red|blue} {circle|{square|star}}``, drawn per image from its seed.
 A line is ``text --n negative --w 512 --h 768 --d 1,2 --l 7 --s 30 --ss euler_a --t 0.6 --nl 2
---am 0.8,1 --f name`` (options case-insensitive, in any order), or ``positive|||negative``. ``--d``
+--am 0.8,1 --f name`` (options case-insensitive, in any order; also Deep Shrink's ``--dsd1 --dst1
+--dsd2 --dst2 --dsr`` and Gradual Latent's ``--glt --glr --gle --gls --glsn --glus``), or
+``positive|||negative``. ``--d``
 gives one seed per image of that line. Each line is parsed on its own, so one bad line is reported
 with its file and line number and the others still generate.
 """
@@ -14,11 +16,19 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from library.sampling.gradual_latent import Unsharp
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
 
 NO_NEGATIVE_SCALE = -1.0
-OPTIONS = ("n", "w", "h", "d", "l", "s", "ss", "t", "nl", "am", "f", "ow", "oh", "nw", "nh", "ct", "cl", "c")
+# Deep Shrink and Gradual Latent line options -> (field of DeepShrink / GradualLatent, parser)
+DEEP_SHRINK_OPTIONS = {"dsd1": ("depth_1", int), "dst1": ("timesteps_1", int), "dsd2": ("depth_2", int),
+                       "dst2": ("timesteps_2", int), "dsr": ("ratio", float)}
+GRADUAL_LATENT_OPTIONS = {"glt": ("start_timesteps", float), "glr": ("ratio", float), "gle": ("every_n_steps", int),
+                          "gls": ("ratio_step", float), "glsn": ("s_noise", float),
+                          "glus": ("unsharp", Unsharp.parse)}
+OPTIONS = ("n", "w", "h", "d", "l", "s", "ss", "t", "nl", "am", "f", "ow", "oh", "nw", "nh", "ct", "cl", "c",
+           *DEEP_SHRINK_OPTIONS, *GRADUAL_LATENT_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,9 @@ class GenPrompt:
     negative_original_size: tuple[int | None, int | None] = (None, None)  # SDXL --nw/--nh
     crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
     clip_prompt: str | None = None  # kohya's --c: recorded in the PNG, not used by the pipelines
+    # the line's Deep Shrink / Gradual Latent settings ((field, value) pairs); any turns it on for the line
+    deep_shrink: tuple[tuple[str, object], ...] = ()
+    gradual_latent: tuple[tuple[str, object], ...] = ()
     source: str = ""  # "file:line" for messages
     split_style: bool = False  # came from a positive|||negative line (the seeds' file naming)
     index: int = 0  # place in the prompt list
@@ -79,6 +92,12 @@ def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
     if opt in ("nw", "nh"):
         w, h = p.negative_original_size
         return replace(p, negative_original_size=(int(value), h) if opt == "nw" else (w, int(value)))
+    if opt in DEEP_SHRINK_OPTIONS:
+        name, convert = DEEP_SHRINK_OPTIONS[opt]
+        return replace(p, deep_shrink=(*p.deep_shrink, (name, convert(value))))
+    if opt in GRADUAL_LATENT_OPTIONS:
+        name, convert = GRADUAL_LATENT_OPTIONS[opt]
+        return replace(p, gradual_latent=(*p.gradual_latent, (name, convert(value))))
     raise KeyError(opt)
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from library.sampling.deep_shrink import DeepShrink
 from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt, expand_dynamic
 from library.sampling.generate import GenBatch
+from library.sampling.gradual_latent import GradualLatent
 from library.utils.errors import UserError
 from library.utils.files import atomic_path
 
@@ -39,6 +41,12 @@ class Settings:
     seed: int | None = None
     iter_same_seed: bool = False
     negative_scale: float | None = None
+    # the command line's Deep Shrink / Gradual Latent values, and whether they are on for every line
+    # (a line with any of their options turns them on for itself, its values over these)
+    deep_shrink: DeepShrink = DeepShrink(3)
+    deep_shrink_on: bool = False
+    gradual_latent: GradualLatent = GradualLatent(650)
+    gradual_latent_on: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class Job:
     negative: str
     negative_scale: float | None = None
     text: str = ""  # the prompt with its dynamic choices drawn for this image
+    deep_shrink: DeepShrink | None = None
+    gradual_latent: GradualLatent | None = None
 
     @property
     def prompt_text(self) -> str:
@@ -65,7 +75,8 @@ class Job:
     def batch_key(self) -> tuple:
         p = self.prompt
         return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, p.network_muls,
-                p.original_size, p.negative_original_size, p.crop, self.negative_scale)
+                p.original_size, p.negative_original_size, p.crop, self.negative_scale, self.deep_shrink,
+                self.gradual_latent)
 
 
 def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
@@ -91,8 +102,18 @@ def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
                                 p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
                                 p.strength if p.strength is not None else s.strength,
                                 p.negative_prompt if p.negative_prompt is not None else s.negative_prompt,
-                                _negative_scale(p, s), expand_dynamic(p.prompt, random.Random(seed))))
+                                _negative_scale(p, s), expand_dynamic(p.prompt, random.Random(seed)),
+                                _line_setting(p.deep_shrink, s.deep_shrink, s.deep_shrink_on),
+                                _line_setting(p.gradual_latent, s.gradual_latent, s.gradual_latent_on)))
     return jobs
+
+
+def _line_setting(line: tuple, default, on: bool):
+    """Deep Shrink / Gradual Latent for a line: its own values over the command line's, or the
+    command line's when it turns the feature on for every line, else None."""
+    if line:
+        return replace(default, **dict(line))
+    return default if on else None
 
 
 def _negative_scale(p: GenPrompt, s: Settings) -> float | None:
@@ -123,7 +144,8 @@ def to_batch(jobs: list[Job], init_images=None, masks=None) -> GenBatch:
     return GenBatch([j.prompt_text for j in jobs], [j.negative for j in jobs], [j.seed for j in jobs],
                     first.width, first.height, first.steps, first.scale, first.sampler, init_images, masks,
                     first.strength, _height_width(first, first.prompt.original_size), first.prompt.crop,
-                    first.negative_scale, _height_width(first, first.prompt.negative_original_size))
+                    first.negative_scale, _height_width(first, first.prompt.negative_original_size),
+                    first.deep_shrink, first.gradual_latent)
 
 
 def file_name(job: Job, index: int, stamp: str, sequential: bool) -> str:
@@ -149,6 +171,18 @@ def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind:
         params += f", Denoising strength: {job.strength}"
     if job.negative_scale is not None:
         params += f", Negative scale: {job.negative_scale}"
+    if job.deep_shrink is not None:
+        ds = job.deep_shrink
+        params += f", Deep Shrink: depth {ds.depth_1} t>={ds.timesteps_1}"
+        params += f" depth {ds.depth_2} t>={ds.timesteps_2}" if ds.depth_2 is not None else ""
+        params += f" ratio {ds.ratio}"
+    if job.gradual_latent is not None:
+        gl = job.gradual_latent
+        params += (f", Gradual Latent: t<{gl.start_timesteps} ratio {gl.ratio} step {gl.ratio_step} "
+                   f"every {gl.every_n_steps} s_noise {gl.s_noise}")
+        if gl.unsharp is not None:
+            u = gl.unsharp
+            params += f" unsharp {u.ksize},{u.sigma},{u.strength},{int(u.target_x)}"
     if networks:
         params += ", Lora: " + ", ".join(f"{name}:{mul}" for name, mul in networks)
     info = PngImagePlugin.PngInfo()

@@ -35,6 +35,9 @@ class GenBatch:
     crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
     negative_scale: float | None = None  # kohya's separate negative-prompt strength (UNet families)
     negative_original_size: tuple[int, int] | None = None  # SDXL, of the negative prediction
+    deep_shrink: object = None  # deep_shrink.DeepShrink (UNet families)
+    gradual_latent: object = None  # gradual_latent.GradualLatent (UNet families, euler_a, text-to-image)
+    noise_tricks: object = None  # start_noise.NoiseTricks (text-to-image)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -44,8 +47,11 @@ class GenBatch:
         return "img2img" if self.init_images is not None else "txt2img"
 
 
-def run_batch(family, models, batch: GenBatch, device: torch.device) -> list:
-    """Run one pipeline call for ``batch``; returns PIL images in prompt order."""
+def run_batch(family, models, batch: GenBatch, device: torch.device, output_type: str = "pil"):
+    """Run one pipeline call for ``batch``; returns PIL images in prompt order (or the latents, with
+    ``output_type="latent"``). ``init_images`` may be latents (a tensor), e.g. the highres fix's."""
+    from library.sampling.deep_shrink import apply_deep_shrink
+
     pipe = family.pipeline(models, batch.sampler, batch.kind)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in batch.seeds]
@@ -54,20 +60,64 @@ def run_batch(family, models, batch: GenBatch, device: torch.device) -> list:
         if batch.negative_scale is not None:
             _use_negative_scale(family, models, pipe, batch, device)
     kwargs.update(num_inference_steps=batch.steps, guidance_scale=batch.scale, generator=generators)
+    _check_tricks(family, models, batch)
     if batch.kind == "txt2img":
-        kwargs.update(width=batch.width, height=batch.height)
+        kwargs.update(_start_kwargs(pipe, models, batch, generators, kwargs["prompt_embeds"].dtype, device))
     else:
-        import inspect
+        kwargs.update(_init_image_kwargs(pipe, batch))
+    with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink):
+        return pipe(**kwargs, output_type=output_type).images
 
-        images = [im.convert("RGB").resize((batch.width, batch.height)) for im in batch.init_images]
-        kwargs.update(image=images, strength=batch.strength)
-        if "height" in inspect.signature(pipe.__call__).parameters:  # SD3's img2img would pick its own size
-            kwargs.update(width=batch.width, height=batch.height)
-        if batch.kind == "inpaint":
-            masks = [m.convert("L").resize((batch.width, batch.height)) for m in batch.masks]
-            kwargs.update(mask_image=masks, width=batch.width, height=batch.height)
-    with torch.no_grad():
-        return pipe(**kwargs).images
+
+def _start_kwargs(pipe, models, batch: GenBatch, generators, dtype, device) -> dict:
+    """Text-to-image: the size, and the start noise when Gradual Latent or a noise trick changes it
+    (Gradual Latent also swaps in its scheduler)."""
+    kwargs = {"width": batch.width, "height": batch.height}
+    if batch.gradual_latent is not None:
+        from library.sampling.gradual_latent import use_gradual_latent
+
+        use_gradual_latent(pipe, batch.gradual_latent, batch.height, batch.width)
+    if batch.gradual_latent is not None or batch.noise_tricks is not None:
+        from library.sampling.start_noise import start_latents
+
+        kwargs["latents"] = start_latents(pipe, models, batch, generators, dtype, device)
+    return kwargs
+
+
+def _init_image_kwargs(pipe, batch: GenBatch) -> dict:
+    """img2img / inpainting: the init images (or latents), strength, masks and size."""
+    import inspect
+
+    images = batch.init_images if isinstance(batch.init_images, torch.Tensor) else \
+        [im.convert("RGB").resize((batch.width, batch.height)) for im in batch.init_images]
+    kwargs = {"image": images, "strength": batch.strength}
+    if "height" in inspect.signature(pipe.__call__).parameters:  # SD3's img2img would pick its own size
+        kwargs.update(width=batch.width, height=batch.height)
+    if batch.kind == "inpaint":
+        masks = [m.convert("L").resize((batch.width, batch.height)) for m in batch.masks]
+        kwargs.update(mask_image=masks, width=batch.width, height=batch.height)
+    return kwargs
+
+
+def _check_tricks(family, models, batch: GenBatch) -> None:
+    """Deep Shrink and Gradual Latent need a UNet (and Gradual Latent euler_a and text-to-image)."""
+    from library.utils.errors import UserError
+
+    if (batch.deep_shrink or batch.gradual_latent) and not family.unet_denoiser:
+        raise UserError(f"Deep Shrink and Gradual Latent work on UNet models (SD1/SD2/SDXL), not {family.name}")
+    if batch.deep_shrink is not None:
+        from library.sampling.deep_shrink import check_deep_shrink
+
+        check_deep_shrink(batch.deep_shrink, models.denoiser)
+    if batch.gradual_latent is not None:
+        from library.sampling.samplers import canonical_sampler
+
+        if canonical_sampler(batch.sampler) != "euler_a":
+            raise UserError(f"Gradual Latent needs the euler_a sampler (this line uses {batch.sampler}); "
+                            "use --sampler euler_a or --ss euler_a")
+        if batch.kind != "txt2img":
+            raise UserError("Gradual Latent is for text-to-image; drop it for img2img and inpainting lines")
+        batch.gradual_latent.check()
 
 
 def _use_negative_scale(family, models, pipe, batch: GenBatch, device) -> None:

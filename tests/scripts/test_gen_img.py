@@ -175,16 +175,6 @@ def test_bad_lines_are_skipped_and_bad_files_stop(sd1, sd1_lora, tmp_path, capsy
     assert proc.returncode == 2 and "--W 70: image sizes must be multiples of 8" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
-    out = {}
-    for family in ("sdxl", "sd3"):
-        folder = tmp_path_factory.mktemp(f"gen_{family}")
-        run_script("tools/make_tiny_default.py", "--out", str(folder), "--family", family, check=True)
-        out[family] = next((folder / "model").glob("*.safetensors"))
-    return out
-
-
 def test_sdxl_and_sd3_with_their_loras(tiny_family_models, sd1_lora, tmp_path):
     from library.families.sd3 import SD3Family, SD3Options
     from library.families.sdxl import SDXLFamily

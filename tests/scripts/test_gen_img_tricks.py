@@ -1,0 +1,115 @@
+"""gen_img.py's kohya extras end to end on tiny models: Deep Shrink and Gradual Latent from the
+command line and per prompt line, the start-noise tricks, the highres fix's latent upscaling and
+first-pass images, and the messages for what they cannot do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gen_img
+from library.utils.errors import run_cli
+from tests.scripts.test_gen_img import _pixels, _prompts
+
+
+def _gen(*args: str) -> int:
+    """gen_img as from the shell (a UserError is exit status 2), in this process."""
+    try:
+        run_cli(gen_img.main, list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_default) -> str:
+    return str(tiny_default / "model" / "tiny-sd15.safetensors")
+
+
+def _run(ckpt: str, out: Path, *args: str) -> int:
+    return _gen("--ckpt", ckpt, "--W", "128", "--H", "128", "--steps", "6", "--seed", "3", "--sampler", "euler_a",
+                "--outdir", str(out), "--sequential_file_name", *args)
+
+
+def test_deep_shrink_and_gradual_latent_lines(sd1, tmp_path, capsys):
+    lines = ("red circle --d 3\n"
+             "red circle --dsd1 3 --dst1 500 --d 3\n"
+             "red circle --glt 900 --gle 1 --glus 3,0.5,0.5 --d 3\n"
+             "red circle --glt 900 --ss ddim\n"
+             "red circle --dsd1 9\n")
+    for out in ("a", "b"):
+        assert _run(sd1, tmp_path / out, "--from_file", _prompts(tmp_path, lines)) == 1
+    err = capsys.readouterr().err
+    assert "prompts.txt:4: Gradual Latent needs the euler_a sampler" in err
+    assert "prompts.txt:5: Deep Shrink depth 1 is 9; this UNet's input blocks are 1-3" in err
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert names == ["im_000001.png", "im_000002.png", "im_000003.png"]
+    images = [_pixels(tmp_path / "a" / n) for n in names]
+    for n, image in zip(names, images):
+        assert image.shape == (128, 128, 3) and np.array_equal(image, _pixels(tmp_path / "b" / n))
+    assert np.abs(images[1] - images[0]).max() > 5 and np.abs(images[2] - images[0]).max() > 5
+    params = [Image.open(tmp_path / "a" / n).text["parameters"] for n in names]
+    assert "Deep Shrink: depth 3 t>=500 ratio 0.5" in params[1]
+    assert "Gradual Latent: t<900.0 ratio 0.5 step 0.125 every 1 s_noise 1.0 unsharp 3,0.5,0.5,1" in params[2]
+    # the command line's flags give what the same values on a line give
+    assert _run(sd1, tmp_path / "cli_ds", "--prompt", "red circle", "--ds_depth_1", "3", "--ds_timesteps_1", "500") == 0
+    assert np.array_equal(_pixels(tmp_path / "cli_ds" / "im_000001.png"), images[1])
+    assert _run(sd1, tmp_path / "cli_gl", "--prompt", "red circle", "--gradual_latent_timesteps", "900",
+                "--gradual_latent_every_n_steps", "1", "--gradual_latent_unsharp_params", "3,0.5,0.5") == 0
+    assert np.array_equal(_pixels(tmp_path / "cli_gl" / "im_000001.png"), images[2])
+
+
+def test_deep_shrink_on_sdxl_and_refused_for_sd3(tiny_family_models, tmp_path, capsys):
+    xl = str(tiny_family_models["sdxl"])
+    assert _run(xl, tmp_path / "plain", "--prompt", "red circle") == 0
+    assert _run(xl, tmp_path / "ds", "--prompt", "red circle --dsd1 2 --dst1 300 --dsr 0.5") == 0
+    plain, shrunk = _pixels(tmp_path / "plain" / "im_000001.png"), _pixels(tmp_path / "ds" / "im_000001.png")
+    assert shrunk.shape == plain.shape and np.abs(shrunk - plain).max() > 5
+    sd3 = str(tiny_family_models["sd3"])
+    assert _run(sd3, tmp_path / "sd3", "--prompt", "x", "--ds_depth_1", "3", "--t5xxl_max_token_length", "16") == 2
+    assert "work on UNet models (SD1/SD2/SDXL), not on this sd3 model" in capsys.readouterr().err
+    assert _run(sd3, tmp_path / "sd3line", "--prompt", "x --glt 800", "--t5xxl_max_token_length", "16") == 1
+    assert "Deep Shrink and Gradual Latent work on UNet models" in capsys.readouterr().err
+
+
+def test_start_noise_tricks(sd1, tmp_path):
+    assert _run(sd1, tmp_path / "plain", "--prompt", "red circle") == 0
+    # drawn but never applied: the pipeline's own start noise, so the same image
+    assert _run(sd1, tmp_path / "never", "--prompt", "red circle", "--noise_offset_prob", "0.0000001") == 0
+    plain = _pixels(tmp_path / "plain" / "im_000001.png")
+    assert np.array_equal(_pixels(tmp_path / "never" / "im_000001.png"), plain)
+    for out in ("t1", "t2"):
+        assert _run(sd1, tmp_path / out, "--prompt", "red circle", "--pyramid_noise_prob", "1", "--noise_offset_prob",
+                    "1", "--noise_offset_range", "0.5", "0.6") == 0
+    tricked = _pixels(tmp_path / "t1" / "im_000001.png")
+    assert np.abs(tricked - plain).max() > 5 and np.array_equal(tricked, _pixels(tmp_path / "t2" / "im_000001.png"))
+
+
+def test_highres_fix_latent_upscaling_and_first_pass_images(sd1, tmp_path):
+    for label, extra in (("image", ()), ("latent", ("--highres_fix_latents_upscaling",))):
+        assert _run(sd1, tmp_path / label, "--prompt", "red circle", "--highres_fix_scale", "0.5",
+                    "--highres_fix_steps", "4", "--highres_fix_save_1st", *extra) == 0
+        assert Image.open(tmp_path / label / "im_000001.png").size == (128, 128)
+        assert Image.open(tmp_path / label / "im_000001_1st.png").size == (64, 64)
+    # both ways start from the same first pass; the second passes differ
+    assert np.array_equal(_pixels(tmp_path / "image" / "im_000001_1st.png"),
+                          _pixels(tmp_path / "latent" / "im_000001_1st.png"))
+    finals = [_pixels(tmp_path / label / "im_000001.png") for label in ("image", "latent")]
+    assert np.abs(finals[0] - finals[1]).max() > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--gradual_latent_timesteps", "800", "--sampler", "ddim"), "--gradual_latent_timesteps needs --sampler euler_a"),
+    (("--gradual_latent_unsharp_params", "3,0.5"), "--gradual_latent_unsharp_params '3,0.5'"),
+    (("--pyramid_noise_prob", "2"), "--pyramid_noise_prob 2.0: a probability between 0 and 1"),
+    (("--noise_offset_prob", "1", "--noise_offset_range", "0.2", "0.1"), "give the smaller value first"),
+    (("--ds_depth_1", "0"), "input block depths start at 1"),
+    (("--ds_ratio", "1.5"), "--ds_ratio 1.5"),
+])
+def test_bad_trick_flags_stop_before_loading(sd1, tmp_path, capsys, args, message):
+    assert _gen("--ckpt", str(tmp_path / "no-model.safetensors"), "--prompt", "x", "--outdir", str(tmp_path / "o"),
+                *args) == 2
+    assert message in capsys.readouterr().err
