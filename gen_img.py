@@ -50,6 +50,11 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (may carry line options)")
     source.add_argument("--from_file", help="one prompt per line, # comments; 'positive|||negative' lines too")
+    source.add_argument("--interactive", action="store_true",
+                        help="read prompt lines from standard input, generating each as it is typed (Ctrl-D ends)")
+    source.add_argument("--from_module", help="a Python file with kohya's get_prompter(args, pipe, networks)")
+    g.add_argument("--shuffle_prompts", action="store_true",
+                   help="a new prompt order each iteration (--n_iter), drawn from the seed")
     g.add_argument("--images_per_prompt", type=int, default=1)
     g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list")
     g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (same settings only)")

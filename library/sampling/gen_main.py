@@ -6,14 +6,14 @@ import argparse
 import contextlib
 import json
 import logging
+import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from library.sampling import gen_run
 from library.sampling.gen_prompts import parse_gen_line, read_prompt_file
-from library.sampling.generate import GenBatch, run_batch
+from library.sampling.gen_session import GenSession
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -176,40 +176,30 @@ def load_networks(args, family, models, device) -> list[tuple[str, float, object
     return loaded
 
 
-def _set_strengths(networks, muls, merged: bool, source: str) -> list[tuple[str, float]]:
-    """A line's ``--am`` strengths (the last value repeats); merged LoRAs cannot change."""
-    used = []
-    for i, (name, mul, net) in enumerate(networks):
-        value = muls[min(i, len(muls) - 1)] if muls else mul
-        if merged and value != mul:
-            raise UserError(f"{source}: --am cannot change the strength of merged LoRAs (drop --network_merge)")
-        if not merged:
-            net.set_multiplier(value)
-        used.append((name, value))
-    return used
-
-
-def plan(args: argparse.Namespace, family, family_name: str) -> tuple[list, list[str]]:
-    """The run's jobs (every image with its settings and seed) and the problems found in the prompts."""
-    if args.from_file:
-        prompts, problems = read_prompt_file(args.from_file)
-    else:
-        prompts, problems = [parse_gen_line(args.prompt, "--prompt")], []
+def run_settings(args: argparse.Namespace, family) -> gen_run.Settings:
+    """The command line's defaults for prompt lines; the seed is drawn now when not given, so
+    prompts arriving later (interactive, module) continue the same sequence."""
     from library.sampling.deep_shrink import DeepShrink
 
     size = family.default_image_size
     deep_shrink = DeepShrink(args.ds_depth_1 or 3, args.ds_timesteps_1, args.ds_depth_2, args.ds_timesteps_2,
                              args.ds_ratio)
-    settings = gen_run.Settings(args.W or size, args.H or size, args.steps, args.scale, args.sampler, args.strength,
-                                args.negative_prompt, args.images_per_prompt, args.n_iter, args.seed,
-                                args.iter_same_seed, args.negative_scale, deep_shrink, args.ds_depth_1 is not None,
-                                gradual_latent_settings(args), args.gradual_latent_timesteps is not None)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    return gen_run.Settings(args.W or size, args.H or size, args.steps, args.scale, args.sampler, args.strength,
+                            args.negative_prompt, args.images_per_prompt, args.n_iter, seed,
+                            args.iter_same_seed, args.negative_scale, deep_shrink, args.ds_depth_1 is not None,
+                            gradual_latent_settings(args), args.gradual_latent_timesteps is not None,
+                            args.shuffle_prompts)
+
+
+def line_problems(prompts: list, family, family_name: str) -> list[str]:
+    """Line options this model family cannot use (reported; the lines generate without them)."""
     sized = [p.source for p in prompts
              if p.original_size != (None, None) or p.negative_original_size != (None, None) or p.crop != (0, 0)]
-    if sized and not family.size_conditioning:
-        problems += [f"{src}: --ow/--oh/--nw/--nh/--ct/--cl are SDXL's size conditioning; this {family_name} model "
-                     "has none (the line was generated without them)" for src in sized]
-    return gen_run.make_jobs(prompts, settings), problems
+    if not sized or family.size_conditioning:
+        return []
+    return [f"{src}: --ow/--oh/--nw/--nh/--ct/--cl are SDXL's size conditioning; this {family_name} model "
+            "has none (the line was generated without them)" for src in sized]
 
 
 def load_for_generation(args: argparse.Namespace, family, device: torch.device, dtype: torch.dtype):
@@ -241,90 +231,47 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     if (args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None) and not family.unet_denoiser:
         raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
                         f"not on this {family_name} model")
-    jobs, problems = plan(args, family, family_name)
-    if not jobs:
-        return problems or ["no prompts to generate"]
+    settings = run_settings(args, family)
+    jobs, problems = [], []
+    if args.prompt is not None or args.from_file:  # checked before the model is loaded
+        prompts, problems = read_prompt_file(args.from_file) if args.from_file \
+            else ([parse_gen_line(args.prompt, "--prompt")], [])
+        problems += line_problems(prompts, family, family_name)
+        jobs = gen_run.make_jobs(prompts, settings)
+        if not jobs:
+            return problems or ["no prompts to generate"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
     models = load_for_generation(args, family, device, dtype)
     networks = load_networks(args, family, models, device)
-    outdir = Path(args.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    written = _generate_groups(args, family, models, networks, jobs, (init_images, masks), outdir, device, autocast,
-                               problems)
-    logger.info("%d image(s) written to %s", written, outdir)
-    return problems
-
-
-def _generate_groups(args, family, models, networks, jobs, images_in, outdir: Path, device, autocast,
-                     problems: list[str]) -> int:
-    """Run the jobs batch by batch, saving each image; a failing batch is recorded in ``problems``."""
-    from dataclasses import replace
-
-    init_images, masks = images_in
-    kind = "txt2img" if init_images is None else ("inpaint" if masks else "img2img")
-    model_name, stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
-    tricks = noise_tricks(args)
-    bar = tqdm(total=len(jobs), desc="images")
-    done = written = 0
-    for group in gen_run.group(jobs, max(1, args.batch_size)):
-        sources = ", ".join(sorted({j.prompt.source for j in group}))
-        pick = [done + k for k in range(len(group))]
-        try:
-            used = _set_strengths(networks, group[0].prompt.network_muls, args.network_merge, sources)
-            inits = [init_images[k % len(init_images)] for k in pick] if init_images else None
-            batch_masks = [masks[k % len(masks)] for k in pick] if masks else None
-            batch = replace(gen_run.to_batch(group, inits, batch_masks), noise_tricks=tricks)
-            with autocast:
-                images, first_pass = _run(family, models, batch, args, device)
-        except (UserError, ValueError, RuntimeError) as exc:
-            problems.append(f"{sources}: {exc}")
-            images, first_pass = [], None
-        for i, (k, job, image) in enumerate(zip(pick, group, images)):
-            name = gen_run.file_name(job, k, stamp, args.sequential_file_name)
-            info = gen_run.png_info(job, model_name, used, kind)
-            path = gen_run.save_image(image, outdir, name, info, args.sequential_file_name)
-            if first_pass is not None:  # --highres_fix_save_1st: next to its final image
-                gen_run.save_image(first_pass[i], outdir, f"{path.stem}_1st.png", info, False)
-            written += 1
-        done += len(group)
-        bar.update(len(group))
-    bar.close()
-    return written
-
-
-def _run(family, models, batch: GenBatch, args, device) -> tuple[list, list | None]:
-    """(images, the highres fix's first-pass images when they are to be saved) for one batch; the
-    highres fix (text-to-image only) makes a smaller image first, enlarges it (or its latents, with
-    ``--highres_fix_latents_upscaling``) and refines it with an img2img pass."""
-    if not args.highres_fix_scale or batch.kind != "txt2img":
-        return run_batch(family, models, batch, device), None
-    from dataclasses import replace
-
-    small = gen_run.highres_first_pass(batch, args.highres_fix_scale)
-    first_images = None
-    if args.highres_fix_latents_upscaling:
-        latents = run_batch(family, models, small, device, output_type="latent")
-        if args.highres_fix_save_1st:
-            first_images = decode_latents(family.pipeline(models, batch.sampler, "img2img"), latents)
-        f = latents.shape[-1] * 1.0 / small.width
-        size = (round(batch.height * f), round(batch.width * f))
-        upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode="bilinear",
-                                                   align_corners=False).to(latents.dtype)
+    session = GenSession(args, family, models, networks, (init_images, masks), device, autocast, noise_tricks(args))
+    session.problems = problems
+    if jobs:
+        session.generate(jobs)
     else:
-        first_images = run_batch(family, models, small, device)
-        upscaled = [im.resize((batch.width, batch.height)) for im in first_images]
-    # the refinement starts from the first pass: no Gradual Latent, no start-noise tricks
-    second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps, strength=args.highres_fix_strength,
-                     gradual_latent=None, noise_tricks=None)
-    return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None
+        _generate_as_prompts_arrive(args, session, settings, family_name)
+    logger.info("%d image(s) written to %s", session.written, session.outdir)
+    return session.problems
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> list:
-    """PIL images of a pipeline's ``output_type="latent"`` result (its VAE's scaling and shift undone)."""
-    vae = pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
+def _generate_as_prompts_arrive(args, session: GenSession, settings: gen_run.Settings, family_name: str) -> None:
+    """--interactive: a typed line at a time; --from_module: an iteration of the prompter at a time."""
+    from dataclasses import replace
+
+    from library.sampling import gen_sources
+
+    if args.interactive:
+        chunks = gen_sources.interactive_chunks()
+    else:
+        context = gen_sources.GenerationContext(session.family, session.models, session.device)
+        prompter = gen_sources.load_prompter(args, context, session.networks)
+        chunks = gen_sources.module_chunks(args, prompter, context, settings.seed)
+    one_iteration = replace(settings, n_iter=1)
+    for chunk in chunks:
+        session.problems += chunk.problems + line_problems(chunk.prompts, session.family, family_name)
+        for problem in chunk.problems:
+            logger.error(problem)
+        session.generate(gen_run.make_jobs(chunk.prompts, one_iteration, session.done, chunk.iteration))
+
+

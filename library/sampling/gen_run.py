@@ -47,6 +47,7 @@ class Settings:
     deep_shrink_on: bool = False
     gradual_latent: GradualLatent = GradualLatent(650)
     gradual_latent_on: bool = False
+    shuffle_prompts: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,20 @@ class Job:
                 self.gradual_latent)
 
 
-def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
-    """Every image of the run in order: for each iteration, each prompt's images. A line's ``--d``
-    seeds come first; otherwise seeds count up from ``--seed`` (random when not given); with
-    ``--iter_same_seed`` every prompt of an iteration uses that iteration's seed."""
+def make_jobs(prompts: list[GenPrompt], s: Settings, first_image: int = 0, first_iteration: int = 0) -> list[Job]:
+    """Every image of the run in order: for each iteration, each prompt's images (in a new order
+    each iteration with ``shuffle_prompts``). A line's ``--d`` seeds come first; otherwise seeds
+    count up from ``--seed`` (random when not given); with ``--iter_same_seed`` every prompt of an
+    iteration uses that iteration's seed. ``first_image``/``first_iteration`` continue the counts
+    of earlier calls (interactive and module prompts arrive a few at a time)."""
     base = s.seed if s.seed is not None else random.randint(0, 2**31 - 1)
-    jobs, counter = [], 0
+    jobs, counter = [], first_image
     copies = {id(p): 0 for p in prompts}
-    for iteration in range(s.n_iter):
-        for p in prompts:
+    for iteration in range(first_iteration, first_iteration + s.n_iter):
+        order = list(prompts)
+        if s.shuffle_prompts:
+            random.Random(f"shuffle {base} {iteration}").shuffle(order)
+        for p in order:
             for _ in range(s.images_per_prompt):
                 copy = copies[id(p)]
                 copies[id(p)] += 1
@@ -98,14 +104,19 @@ def make_jobs(prompts: list[GenPrompt], s: Settings) -> list[Job]:
                 else:
                     seed = base + counter
                 counter += 1
-                jobs.append(Job(p, seed, copy, p.width or s.width, p.height or s.height, p.steps or s.steps,
-                                p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
-                                p.strength if p.strength is not None else s.strength,
-                                p.negative_prompt if p.negative_prompt is not None else s.negative_prompt,
-                                _negative_scale(p, s), expand_dynamic(p.prompt, random.Random(seed)),
-                                _line_setting(p.deep_shrink, s.deep_shrink, s.deep_shrink_on),
-                                _line_setting(p.gradual_latent, s.gradual_latent, s.gradual_latent_on)))
+                jobs.append(_job(p, s, seed, copy))
     return jobs
+
+
+def _job(p: GenPrompt, s: Settings, seed: int, copy: int) -> Job:
+    """One image of line ``p``: the line's values over the command line's."""
+    return Job(p, seed, copy, p.width or s.width, p.height or s.height, p.steps or s.steps,
+               p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
+               p.strength if p.strength is not None else s.strength,
+               p.negative_prompt if p.negative_prompt is not None else s.negative_prompt,
+               _negative_scale(p, s), expand_dynamic(p.prompt, random.Random(seed)),
+               _line_setting(p.deep_shrink, s.deep_shrink, s.deep_shrink_on),
+               _line_setting(p.gradual_latent, s.gradual_latent, s.gradual_latent_on))
 
 
 def _line_setting(line: tuple, default, on: bool):

@@ -113,3 +113,52 @@ def test_bad_trick_flags_stop_before_loading(sd1, tmp_path, capsys, args, messag
     assert _gen("--ckpt", str(tmp_path / "no-model.safetensors"), "--prompt", "x", "--outdir", str(tmp_path / "o"),
                 *args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shuffle_prompts_reorders_each_iteration_reproducibly(sd1, tmp_path):
+    prompts = _prompts(tmp_path, "".join(f"prompt {c}\n" for c in "abcdef"))
+    orders = []
+    for out in ("a", "b"):
+        assert _gen("--ckpt", sd1, "--from_file", prompts, "--W", "64", "--H", "64", "--steps", "1", "--n_iter", "2",
+                    "--seed", "1", "--shuffle_prompts", "--outdir", str(tmp_path / out), "--sequential_file_name") == 0
+        orders.append([Image.open(tmp_path / out / f"im_{i:06d}.png").text["prompt"][-1] for i in range(1, 13)])
+    assert orders[0] == orders[1]  # drawn from the seed
+    first, second = orders[0][:6], orders[0][6:]
+    assert sorted(first) == sorted(second) == list("abcdef") and first != second and first != list("abcdef")
+
+
+def test_interactive_lines_generate_as_typed(sd1, tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("red circle --d 5\n\nbad --zz 1\nblue square --d 6\n"))
+    code = _gen("--ckpt", sd1, "--interactive", "--W", "64", "--H", "64", "--steps", "2", "--outdir",
+                str(tmp_path / "o"), "--sequential_file_name")
+    assert code == 1 and "interactive prompt 2: unknown option --zz" in capsys.readouterr().err
+    texts = [Image.open(tmp_path / "o" / f"im_00000{i}.png").text for i in (1, 2)]
+    assert [(t["prompt"], t["seed"]) for t in texts] == [("red circle", "5"), ("blue square", "6")]
+
+
+def test_from_module_uses_kohyas_prompter_protocol(sd1, tmp_path, capsys):
+    module = tmp_path / "prompter.py"
+    module.write_text(
+        "class Prompter:\n"
+        "    def __init__(self):\n"
+        "        self.index = 0\n"
+        "    def __call__(self, args, pipe, seed_random, iter_seed, prompt_index, global_step):\n"
+        "        lines = ['red circle', 'blue square --s 2']\n"
+        "        if self.index >= len(lines):\n"
+        "            self.index = 0\n"
+        "            return None\n"
+        "        self.index += 1\n"
+        "        return f'{lines[self.index - 1]} --d {iter_seed + 100 * global_step}'\n"
+        "def get_prompter(args, pipe, networks):\n"
+        "    assert pipe.models.denoiser is not None and networks == []\n"
+        "    return Prompter()\n", encoding="utf-8")
+    assert _gen("--ckpt", sd1, "--from_module", str(module), "--n_iter", "2", "--seed", "10", "--W", "64", "--H", "64",
+                "--steps", "3", "--outdir", str(tmp_path / "o"), "--sequential_file_name") == 0
+    texts = [Image.open(tmp_path / "o" / f"im_00000{i}.png").text for i in range(1, 5)]
+    assert [(t["prompt"], t["seed"], t["steps"]) for t in texts] == [
+        ("red circle", "10", "3"), ("blue square", "110", "2"), ("red circle", "211", "3"), ("blue square", "311", "2")]
+    (tmp_path / "empty.py").write_text("x = 1\n", encoding="utf-8")
+    assert _gen("--ckpt", sd1, "--from_module", str(tmp_path / "empty.py"), "--outdir", str(tmp_path / "e")) == 2
+    assert "has no get_prompter(args, pipe, networks) function" in capsys.readouterr().err

@@ -1,0 +1,116 @@
+"""gen_img.py's generation once the model is loaded: jobs -> batches -> saved images.
+
+A :class:`GenSession` holds what every batch shares (model, LoRAs, init images, output folder,
+precision) and is fed jobs, all at once for prompt files or a few at a time for interactive and
+module prompts; image counts and names continue across calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from library.sampling import gen_run
+from library.sampling.generate import GenBatch, run_batch
+from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def set_strengths(networks, muls, merged: bool, source: str) -> list[tuple[str, float]]:
+    """A line's ``--am`` strengths (the last value repeats); merged LoRAs cannot change."""
+    used = []
+    for i, (name, mul, net) in enumerate(networks):
+        value = muls[min(i, len(muls) - 1)] if muls else mul
+        if merged and value != mul:
+            raise UserError(f"{source}: --am cannot change the strength of merged LoRAs (drop --network_merge)")
+        if not merged:
+            net.set_multiplier(value)
+        used.append((name, value))
+    return used
+
+
+class GenSession:
+    """Makes and saves the images of jobs; failing batches are recorded in ``problems``."""
+
+    def __init__(self, args: argparse.Namespace, family, models, networks, images_in, device: torch.device,
+                 autocast, noise_tricks=None):
+        self.args, self.family, self.models, self.networks = args, family, models, networks
+        self.init_images, self.masks = images_in
+        self.device, self.autocast, self.noise_tricks = device, autocast, noise_tricks
+        self.kind = "txt2img" if self.init_images is None else ("inpaint" if self.masks else "img2img")
+        self.model_name, self.stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
+        self.outdir = Path(args.outdir)
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.problems: list[str] = []
+        self.done = 0  # jobs handled so far (the index in file names and init-image choice)
+        self.written = 0
+
+    def generate(self, jobs: list[gen_run.Job]) -> None:
+        bar = tqdm(total=len(jobs), desc="images")
+        for group in gen_run.group(jobs, max(1, self.args.batch_size)):
+            self._generate_group(group)
+            bar.update(len(group))
+        bar.close()
+
+    def _generate_group(self, group: list[gen_run.Job]) -> None:
+        args = self.args
+        sources = ", ".join(sorted({j.prompt.source for j in group}))
+        pick = [self.done + k for k in range(len(group))]
+        self.done += len(group)
+        try:
+            used = set_strengths(self.networks, group[0].prompt.network_muls, args.network_merge, sources)
+            inits = [self.init_images[k % len(self.init_images)] for k in pick] if self.init_images else None
+            masks = [self.masks[k % len(self.masks)] for k in pick] if self.masks else None
+            batch = replace(gen_run.to_batch(group, inits, masks), noise_tricks=self.noise_tricks)
+            with self.autocast:
+                images, first_pass = self._run(batch)
+        except (UserError, ValueError, RuntimeError) as exc:
+            self.problems.append(f"{sources}: {exc}")
+            return
+        for i, (k, job, image) in enumerate(zip(pick, group, images)):
+            name = gen_run.file_name(job, k, self.stamp, args.sequential_file_name)
+            info = gen_run.png_info(job, self.model_name, used, self.kind)
+            path = gen_run.save_image(image, self.outdir, name, info, args.sequential_file_name)
+            if first_pass is not None:  # --highres_fix_save_1st: next to its final image
+                gen_run.save_image(first_pass[i], self.outdir, f"{path.stem}_1st.png", info, False)
+            self.written += 1
+
+    def _run(self, batch: GenBatch) -> tuple[list, list | None]:
+        """(images, the highres fix's first-pass images when they are to be saved) for one batch;
+        the highres fix (text-to-image only) makes a smaller image first, enlarges it (or its
+        latents, with ``--highres_fix_latents_upscaling``) and refines it with an img2img pass."""
+        args, family, models, device = self.args, self.family, self.models, self.device
+        if not args.highres_fix_scale or batch.kind != "txt2img":
+            return run_batch(family, models, batch, device), None
+        small = gen_run.highres_first_pass(batch, args.highres_fix_scale)
+        first_images = None
+        if args.highres_fix_latents_upscaling:
+            latents = run_batch(family, models, small, device, output_type="latent")
+            if args.highres_fix_save_1st:
+                first_images = decode_latents(family.pipeline(models, batch.sampler, "img2img"), latents)
+            per_pixel = latents.shape[-1] / small.width
+            size = (round(batch.height * per_pixel), round(batch.width * per_pixel))
+            upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode="bilinear",
+                                                       align_corners=False).to(latents.dtype)
+        else:
+            first_images = run_batch(family, models, small, device)
+            upscaled = [im.resize((batch.width, batch.height)) for im in first_images]
+        # the refinement starts from the first pass: no Gradual Latent, no start-noise tricks
+        second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps,
+                         strength=args.highres_fix_strength, gradual_latent=None, noise_tricks=None)
+        return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """PIL images of a pipeline's ``output_type="latent"`` result (its VAE's scaling and shift undone)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
