@@ -72,6 +72,8 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_skip", type=int, help="SD1/SD2: use the n-th last text-encoder layer")
     g.add_argument("--max_embeddings_multiples", type=int, default=1,
                    help="SD1/SDXL: prompts up to 75 x N tokens (1, 2 or 3)")
+    g.add_argument("--textual_inversion_embeddings", nargs="*", default=[],
+                   help="SD1/SD2/SDXL embedding files; the file name is the word to use in prompts")
 
 
 def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:

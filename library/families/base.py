@@ -57,6 +57,9 @@ class ModelFamily(ABC):
     negative_scale_supported: bool = False
     #: the denoiser is a diffusers UNet on a DDPM schedule (Deep Shrink, Gradual Latent)
     unet_denoiser: bool = False
+    #: the tensors of a textual inversion file, one per text encoder ("" = the file's only tensor);
+    #: empty when the family does not take them
+    textual_inversion_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

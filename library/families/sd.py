@@ -43,6 +43,7 @@ class SDFamily(ModelFamily):
     diffusers_lora_via_pipeline = False
     negative_scale_supported = True  # SDXL inherits it
     unet_denoiser = True
+    textual_inversion_keys = ("",)
     size_multiple = 64
     scaling_factor = 0.18215
 

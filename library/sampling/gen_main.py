@@ -52,9 +52,10 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and (value < 64 or value % 8):
             raise UserError(f"--{flag} {value}: image sizes must be multiples of 8, at least 64")
-    for f in args.network_weights:
-        if not Path(f).is_file():
-            raise UserError(f"--network_weights {f}: file not found")
+    for flag in ("network_weights", "textual_inversion_embeddings"):
+        for f in getattr(args, flag):
+            if not Path(f).is_file():
+                raise UserError(f"--{flag} {f}: file not found")
     if len(args.network_mul) > len(args.network_weights) or len(args.network_module) > len(args.network_weights):
         raise UserError("--network_mul / --network_module: at most one value per --network_weights file")
     if args.highres_fix_scale is not None and not 0 < args.highres_fix_scale < 1:
@@ -231,6 +232,8 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     if (args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None) and not family.unet_denoiser:
         raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
                         f"not on this {family_name} model")
+    if args.textual_inversion_embeddings and not family.textual_inversion_keys:
+        raise UserError(f"--textual_inversion_embeddings: not available for {family_name} models")
     settings = run_settings(args, family)
     jobs, problems = [], []
     if args.prompt is not None or args.from_file:  # checked before the model is loaded
@@ -243,9 +246,15 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
     models = load_for_generation(args, family, device, dtype)
+    embeddings = None
+    if args.textual_inversion_embeddings:
+        from library.sampling.textual_inversion import load_textual_inversions
+
+        embeddings = load_textual_inversions(args.textual_inversion_embeddings, family, models)
     networks = load_networks(args, family, models, device)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    session = GenSession(args, family, models, networks, (init_images, masks), device, autocast, noise_tricks(args))
+    session = GenSession(args, family, models, networks, (init_images, masks), device, autocast, noise_tricks(args),
+                         embeddings)
     session.problems = problems
     if jobs:
         session.generate(jobs)

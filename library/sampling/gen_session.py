@@ -39,8 +39,9 @@ class GenSession:
     """Makes and saves the images of jobs; failing batches are recorded in ``problems``."""
 
     def __init__(self, args: argparse.Namespace, family, models, networks, images_in, device: torch.device,
-                 autocast, noise_tricks=None):
+                 autocast, noise_tricks=None, embeddings=None):
         self.args, self.family, self.models, self.networks = args, family, models, networks
+        self.embeddings = embeddings  # textual_inversion.TextualInversion: rewrites the prompts' words
         self.init_images, self.masks = images_in
         self.device, self.autocast, self.noise_tricks = device, autocast, noise_tricks
         self.kind = "txt2img" if self.init_images is None else ("inpaint" if self.masks else "img2img")
@@ -68,6 +69,9 @@ class GenSession:
             inits = [self.init_images[k % len(self.init_images)] for k in pick] if self.init_images else None
             masks = [self.masks[k % len(self.masks)] for k in pick] if self.masks else None
             batch = replace(gen_run.to_batch(group, inits, masks), noise_tricks=self.noise_tricks)
+            if self.embeddings is not None:
+                batch = replace(batch, prompts=[self.embeddings.expand(t) for t in batch.prompts],
+                                negatives=[self.embeddings.expand(t) for t in batch.negatives])
             with self.autocast:
                 images, first_pass = self._run(batch)
         except (UserError, ValueError, RuntimeError) as exc:

@@ -162,3 +162,20 @@ def test_from_module_uses_kohyas_prompter_protocol(sd1, tmp_path, capsys):
     (tmp_path / "empty.py").write_text("x = 1\n", encoding="utf-8")
     assert _gen("--ckpt", sd1, "--from_module", str(tmp_path / "empty.py"), "--outdir", str(tmp_path / "e")) == 2
     assert "has no get_prompter(args, pipe, networks) function" in capsys.readouterr().err
+
+
+def test_textual_inversion_embeddings(sd1, tiny_family_models, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 3},
+              str(tmp_path / "shiny.safetensors"))
+    assert _run(sd1, tmp_path / "plain", "--prompt", "shiny red circle") == 0
+    assert _run(sd1, tmp_path / "ti", "--prompt", "shiny red circle", "--textual_inversion_embeddings",
+                str(tmp_path / "shiny.safetensors")) == 0
+    image = Image.open(tmp_path / "ti" / "im_000001.png")
+    assert image.text["prompt"] == "shiny red circle"  # the user's words, not the expanded tokens
+    assert np.abs(_pixels(tmp_path / "ti" / "im_000001.png") - _pixels(tmp_path / "plain" / "im_000001.png")).max() > 5
+    assert _run(str(tiny_family_models["sd3"]), tmp_path / "sd3", "--prompt", "shiny", "--t5xxl_max_token_length",
+                "16", "--textual_inversion_embeddings", str(tmp_path / "shiny.safetensors")) == 2
+    assert "--textual_inversion_embeddings: not available for sd3 models" in capsys.readouterr().err
