@@ -43,6 +43,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_attention_args(m, sliced=False)
     m.add_argument("--vae_slices", type=int, help="decode the batch's images one at a time (any value > 0)")
     m.add_argument("--vae_tiling", action="store_true", help="decode large images in tiles")
+    m.add_argument("--vae_batch_size", type=float,
+                   help="images decoded at a time (a fraction below 1: of the batch), to save memory")
+    m.add_argument("--diffusers_xformers", action="store_true", help="the same as --xformers")
+    m.add_argument("--opt_channels_last", action="store_true", help="the denoiser's weights in channels-last order")
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--interactive", action="store_true",
                         help="read prompt lines from standard input, generating each as it is typed (Ctrl-D ends)")
     source.add_argument("--from_module", help="a Python file with kohya's get_prompter(args, pipe, networks)")
+    g.add_argument("--prompter_module_args", help="free text for the --from_module prompter (it gets args)")
     g.add_argument("--shuffle_prompts", action="store_true",
                    help="a new prompt order each iteration (--n_iter), drawn from the seed")
     g.add_argument("--images_per_prompt", type=int, default=1)
@@ -69,6 +74,16 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
                         "prediction per step; needs --scale above 1)")
     g.add_argument("--sampler", default="ddim", help="kohya sampler name (SD3 always uses flow-matching Euler)")
     g.add_argument("--negative_prompt", default="", help="negative prompt of lines without --n")
+    g.add_argument("--ddim_eta", type=float, help="eta of the ddim sampler (0: deterministic; 1: like DDPM)")
+    g.add_argument("--force_scheduler_zero_steps_offset", action="store_true",
+                   help="steps_offset 0 in the sampler's schedule (SD1/SD2/SDXL; default 1 as SD was trained)")
+    g.add_argument("--emb_normalize_mode", choices=("original", "abs", "none"), default="original",
+                   help="after (word:1.2) weighting, restore each prompt's mean (original), mean of |values| "
+                        "(abs), or nothing (none)")
+    size = p.add_argument_group("SDXL size conditioning (per line --ow --oh --nw --nh --ct --cl)")
+    for flag in ("original_width", "original_height", "original_width_negative", "original_height_negative",
+                 "crop_top", "crop_left"):
+        size.add_argument(f"--{flag}", type=int)
     g.add_argument("--clip_skip", type=int, help="SD1/SD2: use the n-th last text-encoder layer")
     g.add_argument("--max_embeddings_multiples", type=int, default=1,
                    help="SD1/SDXL: prompts up to 75 x N tokens (1, 2 or 3)")
@@ -82,6 +97,11 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     n.add_argument("--network_weights", nargs="*", default=[], help="LoRA files (kohya or diffusers/PEFT form)")
     n.add_argument("--network_mul", nargs="*", type=float, default=[], help="strength of each LoRA (default 1)")
     n.add_argument("--network_merge", action="store_true", help="merge the LoRAs into the weights (faster)")
+    n.add_argument("--network_merge_n_models", type=int,
+                   help="merge only the first N LoRAs (their strengths fixed); the others stay adjustable by --am")
+    n.add_argument("--network_args", nargs="*", default=[],
+                   help="per LoRA file, 'key=value;key=value' for its --network_module (third-party modules)")
+    n.add_argument("--network_show_meta", action="store_true", help="log each LoRA file's metadata")
     i = p.add_argument_group("img2img, inpainting, highres fix")
     i.add_argument("--image_path", help="init image, or a folder of them (assigned to prompts in turn)")
     i.add_argument("--mask_path", help="inpainting mask (white = repaint), or a folder of them")
@@ -127,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--outdir", required=True)
     o.add_argument("--sequential_file_name", action="store_true", help="im_000001.png, im_000002.png, ...")
+    o.add_argument("--use_original_file_name", action="store_true",
+                   help="with --image_path: name each image after its init image")
+    o.add_argument("--no_preview", action="store_true",
+                   help="accepted for kohya commands: this script never opens preview windows")
     o.add_argument("--console_log_level", default="INFO")
     return p
 

@@ -94,11 +94,12 @@ def generation_family(name: str, args: argparse.Namespace) -> ModelFamily:
     if name == "sdxl":
         from library.families.sdxl import SDXLFamily, SDXLOptions
 
-        return SDXLFamily(SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True))
+        return SDXLFamily(SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True,
+                                      emb_normalize=args.emb_normalize_mode))
     from library.families.sd import SDFamily, SDOptions
 
     return SDFamily(SDOptions(ddpm=ddpm, v2=args.v2, clip_skip=args.clip_skip, max_token_length=tokens, vae=args.vae,
-                              weighted_captions=True))
+                              weighted_captions=True, emb_normalize=args.emb_normalize_mode))
 
 
 def family_from_args(name: str, args: argparse.Namespace) -> ModelFamily:

@@ -61,23 +61,27 @@ def stitch(hidden: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale each position's state by its weight, then restore each prompt's mean (lpw's rule).
-    Prompts without emphasis are returned unchanged, and a mean too close to zero to divide by
-    (layer-normed states can average to ~0) is not restored."""
+def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, normalize: str = "original") -> torch.Tensor:
+    """Scale each position's state by its weight, then restore each prompt's mean (lpw's rule,
+    kohya's ``--emb_normalize_mode original``), its mean absolute value (``abs``), or nothing
+    (``none``). Prompts without emphasis are returned unchanged, and a mean too close to zero to
+    divide by (layer-normed states can average to ~0) is not restored."""
     weights = weights.to(hidden.device, torch.float32)
     if torch.all(weights == 1):
         return hidden
-    before = hidden.float().mean(dim=(-2, -1), keepdim=True)
     scaled = hidden.float() * weights.unsqueeze(-1)
-    after = scaled.mean(dim=(-2, -1), keepdim=True)
+    if normalize == "none":
+        return scaled.to(hidden.dtype)
+    measure = torch.abs if normalize == "abs" else (lambda x: x)
+    before = measure(hidden.float()).mean(dim=(-2, -1), keepdim=True)
+    after = measure(scaled).mean(dim=(-2, -1), keepdim=True)
     safe = after.abs() > 1e-4 * hidden.float().abs().mean(dim=(-2, -1), keepdim=True)
     ratio = torch.where(safe, before / torch.where(safe, after, torch.ones_like(after)), torch.ones_like(after))
     return (scaled * ratio).to(hidden.dtype)
 
 
 def encode_prompts(tokenizer, encode_window: Callable[[torch.Tensor], torch.Tensor], texts: list[str],
-                   max_token_length: int, weighted: bool, device) -> torch.Tensor:
+                   max_token_length: int, weighted: bool, device, normalize: str = "original") -> torch.Tensor:
     """Encode ``texts`` with windows of 77 tokens; ``encode_window`` maps (B, 77) ids to (B, 77, d)."""
     pairs = [tokenize_with_weights(tokenizer, t, max_token_length, weighted) for t in texts]
     full = torch.tensor([ids for ids, _ in pairs], device=device)
@@ -85,5 +89,5 @@ def encode_prompts(tokenizer, encode_window: Callable[[torch.Tensor], torch.Tens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     hidden = stitch([encode_window(w) for w in windows(full, bos, eos, pad)])
     if weighted:
-        hidden = apply_weights(hidden, torch.tensor([w for _, w in pairs]))
+        hidden = apply_weights(hidden, torch.tensor([w for _, w in pairs]), normalize)
     return hidden

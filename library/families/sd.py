@@ -27,6 +27,7 @@ class SDOptions:
     max_token_length: int = 75  # 75, 150 or 225: prompts are encoded in windows of 75 tokens
     vae: str | None = None  # --vae: a separate VAE replaces the checkpoint's
     weighted_captions: bool = False  # (word:1.2) emphasis in captions
+    emb_normalize: str = "original"  # what weighting restores afterwards (clip_text.apply_weights)
 
 
 class SDFamily(ModelFamily):
@@ -88,7 +89,7 @@ class SDFamily(ModelFamily):
             return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
         return clip_text.encode_prompts(tokenizer, encode_window, captions, self.options.max_token_length,
-                                        self.options.weighted_captions, device)
+                                        self.options.weighted_captions, device, self.options.emb_normalize)
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
         from library.data.latent_cache import module_fingerprint

@@ -37,6 +37,7 @@ class SDXLOptions:
     max_token_length: int = 75
     vae: str | None = None
     weighted_captions: bool = False
+    emb_normalize: str = "original"  # what weighting restores afterwards (clip_text.apply_weights)
     # SDXL has no clip_skip (kohya warns and ignores it); kept so the metadata says it was not used
     clip_skip: int | None = None
 
@@ -76,7 +77,7 @@ class SDXLFamily(SDFamily):
         o = self.options
         hidden1 = clip_text.encode_prompts(
             tok1, lambda ids: te1(ids, output_hidden_states=True).hidden_states[-2], captions, o.max_token_length,
-            o.weighted_captions, device)
+            o.weighted_captions, device, o.emb_normalize)
         pooled: list[torch.Tensor] = []
 
         def te2_window(ids: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class SDXLFamily(SDFamily):
             return out.hidden_states[-2]
 
         hidden2 = clip_text.encode_prompts(tok2, te2_window, captions, o.max_token_length, o.weighted_captions,
-                                           device)
+                                           device, o.emb_normalize)
         return {"hidden": torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), "pooled": pooled[0]}
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:

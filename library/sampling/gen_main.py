@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -149,32 +150,101 @@ def _is_diffusers_form(path: str) -> bool:
         return any(".lora_A." in k or ".lora_B." in k for k in f.keys())
 
 
-def load_networks(args, family, models, device) -> list[tuple[str, float, object]]:
-    """(file name, strength, network) for each ``--network_weights`` file, applied or merged."""
+@dataclass
+class LoadedNetwork:
+    name: str  # the file's stem (PNG metadata)
+    multiplier: float
+    network: object
+    merged: bool = False
+
+
+OWN_MODULES = ("networks.lora", "networks.lora_sd3")
+
+
+def network_kwargs(args: argparse.Namespace, i: int, module_name: str) -> dict[str, str]:
+    """kohya's ``--network_args``: one 'key=value;key=value' string per LoRA file, for its module."""
+    if i >= len(args.network_args) or not args.network_args[i].strip():
+        return {}
+    if module_name in OWN_MODULES:
+        raise UserError(f"--network_args {args.network_args[i]!r}: {module_name} takes its shape from the file "
+                        "and has no arguments at generation time (they are for other modules, e.g. lycoris.kohya)")
+    pairs = [part.split("=", 1) for part in args.network_args[i].split(";") if part.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise UserError(f"--network_args {args.network_args[i]!r}: write key=value pairs separated by ';'")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def load_networks(args, family, models, device) -> list[LoadedNetwork]:
+    """Each ``--network_weights`` file, applied, or merged (``--network_merge``, or the first
+    ``--network_merge_n_models``)."""
     from networks.base import import_network_module
 
     te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+    merge_count = len(args.network_weights) if args.network_merge else (args.network_merge_n_models or 0)
     loaded = []
     for i, path in enumerate(args.network_weights):
-        if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(args.network_module):
-            mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
-            network = DiffusersLoRA(family, models, path, f"lora{i}", mul)
-            if args.network_merge:
-                network.merge_to(mul)
-            loaded.append((Path(path).stem, mul, network))
-            continue
-        module = import_network_module(args.network_module[i] if i < len(args.network_module)
-                                       else family.default_network_module)
         mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
-        network, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
-                                                        for_inference=True)
-        network.apply_to(te, models.denoiser, True, True)
-        logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
-        network.to(device, models.denoiser.dtype)
-        if args.network_merge:
+        if args.network_show_meta:
+            logger.info("LoRA %s metadata: %s", Path(path).name, _file_metadata(path))
+        if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(args.network_module):
+            network = DiffusersLoRA(family, models, path, f"lora{i}", mul)
+        else:
+            name = args.network_module[i] if i < len(args.network_module) else family.default_network_module
+            module = import_network_module(name)
+            network, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
+                                                            for_inference=True, **network_kwargs(args, i, name))
+            network.apply_to(te, models.denoiser, True, True)
+            logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
+            network.to(device, models.denoiser.dtype)
+        if i < merge_count:
             network.merge_to(mul)
-        loaded.append((Path(path).stem, mul, network))
+        loaded.append(LoadedNetwork(Path(path).stem, mul, network, i < merge_count))
     return loaded
+
+
+def _file_metadata(path: str) -> dict:
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
+SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "original_height_negative",
+              "crop_top", "crop_left")
+
+
+def _check_family_args(args: argparse.Namespace, family, family_name: str) -> None:
+    """Flags this model family cannot use, refused before the model is loaded."""
+    if args.textual_inversion_embeddings and not family.textual_inversion_keys:
+        raise UserError(f"--textual_inversion_embeddings: not available for {family_name} models")
+    if not family.unet_denoiser:
+        used = [f"--{name}" for name in ("force_scheduler_zero_steps_offset", "ddim_eta") if getattr(args, name)]
+        if args.emb_normalize_mode != "original":
+            used.append("--emb_normalize_mode")
+        if used:
+            raise UserError(f"{', '.join(used)}: for SD1/SD2/SDXL models (their samplers and prompt weighting); "
+                            f"this is an {family_name} model")
+    sizes = [f"--{name}" for name in SIZE_FLAGS if getattr(args, name) is not None]
+    if sizes and not family.size_conditioning:
+        raise UserError(f"{', '.join(sizes)}: SDXL's size conditioning; this {family_name} model has none")
+
+
+def with_size_defaults(prompts: list, args: argparse.Namespace) -> list:
+    """Lines without --ow/--oh/--nw/--nh/--ct/--cl take the command line's SDXL size flags."""
+    from dataclasses import replace
+
+    a = args
+
+    def fill(pair, defaults):
+        return tuple(v if v is not None else d for v, d in zip(pair, defaults))
+
+    return [replace(p, original_size=fill(p.original_size, (a.original_width, a.original_height)),
+                    negative_original_size=fill(p.negative_original_size,
+                                                (a.original_width_negative, a.original_height_negative)),
+                    crop=(p.crop[0] or (a.crop_top or 0), p.crop[1] or (a.crop_left or 0)))
+            for p in prompts]
 
 
 def run_settings(args: argparse.Namespace, family) -> gen_run.Settings:
@@ -213,7 +283,9 @@ def load_for_generation(args: argparse.Namespace, family, device: torch.device, 
         models.vae.enable_slicing()
     if args.vae_tiling:
         models.vae.enable_tiling()
-    if args.xformers:
+    if args.opt_channels_last:
+        models.denoiser.to(memory_format=torch.channels_last)
+    if args.xformers or args.diffusers_xformers:
         from library.training.precision import set_attention
 
         set_attention(models.denoiser, "xformers")
@@ -232,13 +304,13 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     if (args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None) and not family.unet_denoiser:
         raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
                         f"not on this {family_name} model")
-    if args.textual_inversion_embeddings and not family.textual_inversion_keys:
-        raise UserError(f"--textual_inversion_embeddings: not available for {family_name} models")
+    _check_family_args(args, family, family_name)
     settings = run_settings(args, family)
     jobs, problems = [], []
     if args.prompt is not None or args.from_file:  # checked before the model is loaded
         prompts, problems = read_prompt_file(args.from_file) if args.from_file \
             else ([parse_gen_line(args.prompt, "--prompt")], [])
+        prompts = with_size_defaults(prompts, args)
         problems += line_problems(prompts, family, family_name)
         jobs = gen_run.make_jobs(prompts, settings)
         if not jobs:
@@ -253,8 +325,9 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         embeddings = load_textual_inversions(args.textual_inversion_embeddings, family, models)
     networks = load_networks(args, family, models, device)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    session = GenSession(args, family, models, networks, (init_images, masks), device, autocast, noise_tricks(args),
-                         embeddings)
+    shared = {"noise_tricks": noise_tricks(args), "ddim_eta": args.ddim_eta,
+              "zero_steps_offset": args.force_scheduler_zero_steps_offset, "vae_batch_size": args.vae_batch_size}
+    session = GenSession(args, family, models, networks, (init_images, masks), device, autocast, shared, embeddings)
     session.problems = problems
     if jobs:
         session.generate(jobs)
@@ -281,6 +354,7 @@ def _generate_as_prompts_arrive(args, session: GenSession, settings: gen_run.Set
         session.problems += chunk.problems + line_problems(chunk.prompts, session.family, family_name)
         for problem in chunk.problems:
             logger.error(problem)
-        session.generate(gen_run.make_jobs(chunk.prompts, one_iteration, session.done, chunk.iteration))
+        prompts = with_size_defaults(chunk.prompts, args)
+        session.generate(gen_run.make_jobs(prompts, one_iteration, session.done, chunk.iteration))
 
 

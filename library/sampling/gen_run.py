@@ -159,13 +159,16 @@ def to_batch(jobs: list[Job], init_images=None, masks=None) -> GenBatch:
                     first.deep_shrink, first.gradual_latent)
 
 
-def file_name(job: Job, index: int, stamp: str, sequential: bool) -> str:
+def file_name(job: Job, index: int, stamp: str, sequential: bool, original: str | None = None) -> str:
     """kohya's names (``im_<time>_<index>_<seed>.png``, or ``im_<NNNNNN>.png`` with
     ``--sequential_file_name``); ``--f name`` lines and the seeds' ``positive|||negative`` files name
-    images by their line (``prompt000_pos.png``, then ``prompt000_pos_1.png``, ...)."""
+    images by their line (``prompt000_pos.png``, then ``prompt000_pos_1.png``, ...), and
+    ``--use_original_file_name`` by the init image's file (``original``)."""
     suffix = f"_{job.copy}" if job.copy else ""
     if job.prompt.file_name:
         return f"{Path(job.prompt.file_name).stem}{suffix}.png"
+    if original:
+        return f"{Path(original).stem}{suffix}.png"
     if job.prompt.split_style:
         return f"prompt{job.prompt.index:03d}_pos{suffix}.png"
     if sequential:
@@ -236,7 +239,9 @@ def read_images(path: str | None, what: str) -> list[Image.Image] | None:
     for f in files:
         try:
             with Image.open(f) as im:
-                out.append(im.copy())
+                copy = im.copy()
+            copy.filename = str(f)  # for --use_original_file_name
+            out.append(copy)
         except OSError as exc:
             raise UserError(f"--{what} {f}: not a readable image ({exc})") from exc
     return out

@@ -16,22 +16,23 @@ import torch
 from tqdm import tqdm
 
 from library.sampling import gen_run
-from library.sampling.generate import GenBatch, run_batch
+from library.sampling.generate import GenBatch, decode_latents, run_batch
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-def set_strengths(networks, muls, merged: bool, source: str) -> list[tuple[str, float]]:
+def set_strengths(networks, muls, source: str) -> list[tuple[str, float]]:
     """A line's ``--am`` strengths (the last value repeats); merged LoRAs cannot change."""
     used = []
-    for i, (name, mul, net) in enumerate(networks):
-        value = muls[min(i, len(muls) - 1)] if muls else mul
-        if merged and value != mul:
-            raise UserError(f"{source}: --am cannot change the strength of merged LoRAs (drop --network_merge)")
-        if not merged:
-            net.set_multiplier(value)
-        used.append((name, value))
+    for i, loaded in enumerate(networks):
+        value = muls[min(i, len(muls) - 1)] if muls else loaded.multiplier
+        if loaded.merged and value != loaded.multiplier:
+            raise UserError(f"{source}: --am cannot change the strength of merged LoRA {loaded.name} "
+                            "(drop --network_merge, or lower --network_merge_n_models)")
+        if not loaded.merged:
+            loaded.network.set_multiplier(value)
+        used.append((loaded.name, value))
     return used
 
 
@@ -39,11 +40,12 @@ class GenSession:
     """Makes and saves the images of jobs; failing batches are recorded in ``problems``."""
 
     def __init__(self, args: argparse.Namespace, family, models, networks, images_in, device: torch.device,
-                 autocast, noise_tricks=None, embeddings=None):
+                 autocast, batch_settings: dict | None = None, embeddings=None):
         self.args, self.family, self.models, self.networks = args, family, models, networks
         self.embeddings = embeddings  # textual_inversion.TextualInversion: rewrites the prompts' words
         self.init_images, self.masks = images_in
-        self.device, self.autocast, self.noise_tricks = device, autocast, noise_tricks
+        self.device, self.autocast = device, autocast
+        self.batch_settings = batch_settings or {}  # GenBatch fields the whole run shares
         self.kind = "txt2img" if self.init_images is None else ("inpaint" if self.masks else "img2img")
         self.model_name, self.stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
         self.outdir = Path(args.outdir)
@@ -65,10 +67,10 @@ class GenSession:
         pick = [self.done + k for k in range(len(group))]
         self.done += len(group)
         try:
-            used = set_strengths(self.networks, group[0].prompt.network_muls, args.network_merge, sources)
+            used = set_strengths(self.networks, group[0].prompt.network_muls, sources)
             inits = [self.init_images[k % len(self.init_images)] for k in pick] if self.init_images else None
             masks = [self.masks[k % len(self.masks)] for k in pick] if self.masks else None
-            batch = replace(gen_run.to_batch(group, inits, masks), noise_tricks=self.noise_tricks)
+            batch = replace(gen_run.to_batch(group, inits, masks), **self.batch_settings)
             if self.embeddings is not None:
                 batch = replace(batch, prompts=[self.embeddings.expand(t) for t in batch.prompts],
                                 negatives=[self.embeddings.expand(t) for t in batch.negatives])
@@ -78,7 +80,8 @@ class GenSession:
             self.problems.append(f"{sources}: {exc}")
             return
         for i, (k, job, image) in enumerate(zip(pick, group, images)):
-            name = gen_run.file_name(job, k, self.stamp, args.sequential_file_name)
+            original = getattr(inits[i], "filename", None) if inits and args.use_original_file_name else None
+            name = gen_run.file_name(job, k, self.stamp, args.sequential_file_name, original)
             info = gen_run.png_info(job, self.model_name, used, self.kind)
             path = gen_run.save_image(image, self.outdir, name, info, args.sequential_file_name)
             if first_pass is not None:  # --highres_fix_save_1st: next to its final image
@@ -109,12 +112,3 @@ class GenSession:
         second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps,
                          strength=args.highres_fix_strength, gradual_latent=None, noise_tricks=None)
         return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None
-
-
-def decode_latents(pipe, latents: torch.Tensor) -> list:
-    """PIL images of a pipeline's ``output_type="latent"`` result (its VAE's scaling and shift undone)."""
-    vae = pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-    return pipe.image_processor.postprocess(decoded, output_type="pil")

@@ -9,6 +9,7 @@ Families supply the pipeline and the prompt embeddings (``ModelFamily.pipeline``
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,9 @@ class GenBatch:
     deep_shrink: object = None  # deep_shrink.DeepShrink (UNet families)
     gradual_latent: object = None  # gradual_latent.GradualLatent (UNet families, euler_a, text-to-image)
     noise_tricks: object = None  # start_noise.NoiseTricks (text-to-image)
+    ddim_eta: float | None = None  # the ddim sampler's eta
+    zero_steps_offset: bool = False  # kohya's --force_scheduler_zero_steps_offset
+    vae_batch_size: float | None = None  # images decoded at a time (below 1: a fraction of the batch)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -54,19 +58,43 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
 
     pipe = family.pipeline(models, batch.sampler, batch.kind)
     pipe.set_progress_bar_config(disable=True)
+    if batch.zero_steps_offset:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, steps_offset=0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in batch.seeds]
     with torch.no_grad():
         kwargs = family.call_kwargs(models, batch, device)
         if batch.negative_scale is not None:
             _use_negative_scale(family, models, pipe, batch, device)
     kwargs.update(num_inference_steps=batch.steps, guidance_scale=batch.scale, generator=generators)
+    if batch.ddim_eta is not None and "eta" in inspect.signature(pipe.__call__).parameters:
+        kwargs["eta"] = batch.ddim_eta  # diffusers hands it to schedulers that use it (ddim)
     _check_tricks(family, models, batch)
     if batch.kind == "txt2img":
         kwargs.update(_start_kwargs(pipe, models, batch, generators, kwargs["prompt_embeds"].dtype, device))
     else:
         kwargs.update(_init_image_kwargs(pipe, batch))
+    chunk = _vae_chunk(batch)
     with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink):
-        return pipe(**kwargs, output_type=output_type).images
+        if output_type != "pil" or chunk >= len(batch.prompts):
+            return pipe(**kwargs, output_type=output_type).images
+        latents = pipe(**kwargs, output_type="latent").images
+    return [im for i in range(0, len(latents), chunk) for im in decode_latents(pipe, latents[i:i + chunk])]
+
+
+def _vae_chunk(batch: GenBatch) -> int:
+    size = batch.vae_batch_size
+    if not size:
+        return len(batch.prompts)
+    return max(1, int(len(batch.prompts) * size) if size < 1 else int(size))
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """PIL images of a pipeline's ``output_type="latent"`` result (its VAE's scaling and shift undone)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
 def _start_kwargs(pipe, models, batch: GenBatch, generators, dtype, device) -> dict:
@@ -86,8 +114,6 @@ def _start_kwargs(pipe, models, batch: GenBatch, generators, dtype, device) -> d
 
 def _init_image_kwargs(pipe, batch: GenBatch) -> dict:
     """img2img / inpainting: the init images (or latents), strength, masks and size."""
-    import inspect
-
     images = batch.init_images if isinstance(batch.init_images, torch.Tensor) else \
         [im.convert("RGB").resize((batch.width, batch.height)) for im in batch.init_images]
     kwargs = {"image": images, "strength": batch.strength}

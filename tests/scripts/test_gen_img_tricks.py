@@ -153,9 +153,11 @@ def test_from_module_uses_kohyas_prompter_protocol(sd1, tmp_path, capsys):
         "        return f'{lines[self.index - 1]} --d {iter_seed + 100 * global_step}'\n"
         "def get_prompter(args, pipe, networks):\n"
         "    assert pipe.models.denoiser is not None and networks == []\n"
+        "    assert args.prompter_module_args == 'style=flat'\n"
         "    return Prompter()\n", encoding="utf-8")
     assert _gen("--ckpt", sd1, "--from_module", str(module), "--n_iter", "2", "--seed", "10", "--W", "64", "--H", "64",
-                "--steps", "3", "--outdir", str(tmp_path / "o"), "--sequential_file_name") == 0
+                "--steps", "3", "--outdir", str(tmp_path / "o"), "--sequential_file_name",
+                "--prompter_module_args", "style=flat") == 0
     texts = [Image.open(tmp_path / "o" / f"im_00000{i}.png").text for i in range(1, 5)]
     assert [(t["prompt"], t["seed"], t["steps"]) for t in texts] == [
         ("red circle", "10", "3"), ("blue square", "110", "2"), ("red circle", "211", "3"), ("blue square", "311", "2")]

@@ -67,3 +67,20 @@ def test_weights_scale_positions_and_keep_the_mean(tiny_sd1):
     ratio = (out[0, pos] / hidden[0, pos]) / (out[0, 0] / hidden[0, 0])
     torch.testing.assert_close(ratio, torch.full_like(ratio, 1.5))
     torch.testing.assert_close(clip_text.apply_weights(hidden, torch.ones(1, 77)), hidden)
+
+
+def test_emb_normalize_modes_hand_checked():
+    """kohya's --emb_normalize_mode after weighting: original keeps the mean, abs the mean of
+    |values|, none nothing; unweighted prompts are never touched."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 5, 4, generator=g) + 0.5  # a mean well away from zero
+    weights = torch.tensor([[1.0, 2.0, 1.0, 0.5, 1.0]])
+    scaled = hidden * weights.unsqueeze(-1)
+    torch.testing.assert_close(clip_text.apply_weights(hidden, weights, "none"), scaled)
+    original = clip_text.apply_weights(hidden, weights, "original")
+    torch.testing.assert_close(original, scaled * hidden.mean() / scaled.mean())
+    absolute = clip_text.apply_weights(hidden, weights, "abs")
+    torch.testing.assert_close(absolute, scaled * hidden.abs().mean() / scaled.abs().mean())
+    assert not torch.allclose(original, absolute)
+    same = torch.ones(1, 5)
+    assert all(clip_text.apply_weights(hidden, same, m) is hidden for m in ("original", "abs", "none"))
