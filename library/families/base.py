@@ -60,6 +60,8 @@ class ModelFamily(ABC):
     #: the tensors of a textual inversion file, one per text encoder ("" = the file's only tensor);
     #: empty when the family does not take them
     textual_inversion_keys: tuple[str, ...] = ()
+    #: diffusers has ControlNet pipelines for it and gen_img loads its ControlNets
+    controlnet_supported: bool = False
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
@@ -119,9 +121,10 @@ class ModelFamily(ABC):
         and the family's loss weighting applied."""
 
     @abstractmethod
-    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
         """A diffusers pipeline over ``models`` for ``kind`` (``txt2img``, ``img2img``, ``inpaint``)
-        with the scheduler of the kohya sampler name ``sampler``."""
+        with the scheduler of the kohya sampler name ``sampler`` (and ``controlnet``, one diffusers
+        ControlNetModel or a list, where ``controlnet_supported``)."""
 
     @abstractmethod
     def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:

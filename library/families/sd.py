@@ -45,6 +45,7 @@ class SDFamily(ModelFamily):
     negative_scale_supported = True  # SDXL inherits it
     unet_denoiser = True
     textual_inversion_keys = ("",)
+    controlnet_supported = True
     size_multiple = 64
     scaling_factor = 0.18215
 
@@ -134,15 +135,22 @@ class SDFamily(ModelFamily):
         unet = models.denoiser
         return unet(batch.noisy_latents, batch.timesteps, conditioning).sample
 
-    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
         import diffusers
 
-        cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-               "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+        if controlnet is None:
+            cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+                   "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+            extra = {}
+        else:
+            cls = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
+                   "img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+                   "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[kind]
+            extra = {"controlnet": controlnet}
         return cls(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
                    unet=models.denoiser,
                    scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr),
-                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra)
 
     def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:
         # prompts and negatives are encoded together so long prompts get the same window count

@@ -238,9 +238,11 @@ class SD3Family(ModelFamily):
         return per_sample_mean(apply_mask(loss, mask)) * flow.loss_weighting(o.weighting_scheme, sigmas)
 
     # ----------------------------------------------------------------- sampling and metadata
-    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
         import diffusers
 
+        if controlnet is not None:
+            raise UserError("ControlNet is not available for SD3 models in this toolkit")
         if sampler and sampler.lower() not in ("euler", "k_euler") and not self._told_sampler:
             logger.info("SD3 uses the flow-matching Euler sampler (sampler %s is for SD1/SDXL)", sampler)
             self._told_sampler = True

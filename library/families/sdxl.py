@@ -107,15 +107,24 @@ class SDXLFamily(SDFamily):
         added = {"text_embeds": pooled, "time_ids": sizes.to(pooled.device, pooled.dtype)}
         return unet(batch.noisy_latents, batch.timesteps, conditioning["hidden"], added_cond_kwargs=added).sample
 
-    def pipeline(self, models: LoadedModels, sampler: str, kind: str):
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
         import diffusers
 
-        cls = {"txt2img": diffusers.StableDiffusionXLPipeline, "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
-               "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[kind]
+        if controlnet is None:
+            cls = {"txt2img": diffusers.StableDiffusionXLPipeline,
+                   "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+                   "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[kind]
+            extra = {}
+        else:
+            cls = {"txt2img": diffusers.StableDiffusionXLControlNetPipeline,
+                   "img2img": diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
+                   "inpaint": diffusers.StableDiffusionXLControlNetInpaintPipeline}[kind]
+            extra = {"controlnet": controlnet}
         (tok1, tok2), (te1, te2) = models.tokenizers, models.text_encoders
         return cls(vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
                    unet=models.denoiser,
-                   scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr))
+                   scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr),
+                   **extra)
 
     def call_kwargs(self, models: LoadedModels, batch, device: torch.device) -> dict:
         both = self.encode_prompts(models, list(batch.prompts) + list(batch.negatives), device)

@@ -176,3 +176,31 @@ def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
 
     return SD3Components(transformer, vae, clip_l, clip_g, t5,
                          {"clip_l": tok_l, "clip_g": tok_g, "t5xxl": build_tiny_t5_tokenizer()})
+
+
+def controlnet_to_original_layout(controlnet, unet_config) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel's weights under the original ControlNet file's names
+    (``control_model.input_hint_block.*``, ``zero_convs.*``, ``middle_block_out.*`` and the UNet's
+    ldm names), to write the tiny files the ControlNet loader is tested on."""
+    from library.models import sd_keys
+
+    hint_blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    own, unet_like = {}, {}
+    for key, value in controlnet.state_dict().items():
+        head, _, rest = key.partition(".")
+        if head == "controlnet_down_blocks":
+            index, _, param = rest.partition(".")
+            own[f"zero_convs.{index}.0.{param}"] = value
+        elif head == "controlnet_mid_block":
+            own[f"middle_block_out.0.{rest}"] = value
+        elif head == "controlnet_cond_embedding":
+            part, _, param = rest.partition(".")
+            if part == "blocks":
+                index, _, param = param.partition(".")
+                own[f"input_hint_block.{2 * (int(index) + 1)}.{param}"] = value
+            else:  # conv_in is the first conv, conv_out the last
+                own[f"input_hint_block.{0 if part == 'conv_in' else 2 * (hint_blocks + 1)}.{param}"] = value
+        else:
+            unet_like[key] = value
+    ldm = {k[len(sd_keys.UNET_PREFIX):]: v for k, v in sd_keys.unet_to_ldm(unet_like, unet_config).items()}
+    return {f"control_model.{k}": v for k, v in {**ldm, **own}.items()}

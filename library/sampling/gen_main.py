@@ -64,6 +64,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mask_path and not args.image_path:
         raise UserError("--mask_path needs --image_path (the image to inpaint)")
     _check_shrink_and_noise_args(args)
+    from library.sampling.controlnet import check_controlnet_args
+
+    check_controlnet_args(args)
 
 
 def _check_shrink_and_noise_args(args: argparse.Namespace) -> None:
@@ -219,6 +222,8 @@ def _check_family_args(args: argparse.Namespace, family, family_name: str) -> No
     """Flags this model family cannot use, refused before the model is loaded."""
     if args.textual_inversion_embeddings and not family.textual_inversion_keys:
         raise UserError(f"--textual_inversion_embeddings: not available for {family_name} models")
+    if args.control_net_models and not family.controlnet_supported:
+        raise UserError(f"--control_net_models: ControlNet is available for SD1/SD2/SDXL models, not {family_name}")
     if not family.unet_denoiser:
         used = [f"--{name}" for name in ("force_scheduler_zero_steps_offset", "ddim_eta") if getattr(args, name)]
         if args.emb_normalize_mode != "original":
@@ -299,6 +304,7 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     check_args(args)
     init_images = gen_run.read_images(args.image_path, "image_path")
     masks = gen_run.read_images(args.mask_path, "mask_path")
+    guides = gen_run.read_images(args.guide_image_path, "guide_image_path")
     family_name = detect_family(args)
     family = generation_family(family_name, args)
     if (args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None) and not family.unet_denoiser:
@@ -327,7 +333,12 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     shared = {"noise_tricks": noise_tricks(args), "ddim_eta": args.ddim_eta,
               "zero_steps_offset": args.force_scheduler_zero_steps_offset, "vae_batch_size": args.vae_batch_size}
-    session = GenSession(args, family, models, networks, (init_images, masks), device, autocast, shared, embeddings)
+    if args.control_net_models:
+        from library.sampling.controlnet import load_controlnets
+
+        shared["controlnets"] = load_controlnets(args, models, device, dtype)
+    session = GenSession(args, family, models, networks, (init_images, masks, guides), device, autocast, shared,
+                         embeddings)
     session.problems = problems
     if jobs:
         session.generate(jobs)

@@ -43,7 +43,7 @@ class GenSession:
                  autocast, batch_settings: dict | None = None, embeddings=None):
         self.args, self.family, self.models, self.networks = args, family, models, networks
         self.embeddings = embeddings  # textual_inversion.TextualInversion: rewrites the prompts' words
-        self.init_images, self.masks = images_in
+        self.init_images, self.masks, self.guides = images_in
         self.device, self.autocast = device, autocast
         self.batch_settings = batch_settings or {}  # GenBatch fields the whole run shares
         self.kind = "txt2img" if self.init_images is None else ("inpaint" if self.masks else "img2img")
@@ -71,6 +71,8 @@ class GenSession:
             inits = [self.init_images[k % len(self.init_images)] for k in pick] if self.init_images else None
             masks = [self.masks[k % len(self.masks)] for k in pick] if self.masks else None
             batch = replace(gen_run.to_batch(group, inits, masks), **self.batch_settings)
+            if self.guides:
+                batch = replace(batch, guide_images=[self.guides[k % len(self.guides)] for k in pick])
             if self.embeddings is not None:
                 batch = replace(batch, prompts=[self.embeddings.expand(t) for t in batch.prompts],
                                 negatives=[self.embeddings.expand(t) for t in batch.negatives])
@@ -111,4 +113,6 @@ class GenSession:
         # the refinement starts from the first pass: no Gradual Latent, no start-noise tricks
         second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps,
                          strength=args.highres_fix_strength, gradual_latent=None, noise_tricks=None)
+        if args.highres_fix_disable_control_net:
+            second = replace(second, controlnets=())
         return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None

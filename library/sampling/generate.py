@@ -42,6 +42,8 @@ class GenBatch:
     ddim_eta: float | None = None  # the ddim sampler's eta
     zero_steps_offset: bool = False  # kohya's --force_scheduler_zero_steps_offset
     vae_batch_size: float | None = None  # images decoded at a time (below 1: a fraction of the batch)
+    controlnets: tuple = ()  # controlnet.ControlNetUse, applied with guide_images
+    guide_images: list | None = None  # PIL guide images, one per image
     extra: dict = field(default_factory=dict)
 
     @property
@@ -56,7 +58,11 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
     ``output_type="latent"``). ``init_images`` may be latents (a tensor), e.g. the highres fix's."""
     from library.sampling.deep_shrink import apply_deep_shrink
 
-    pipe = family.pipeline(models, batch.sampler, batch.kind)
+    controlnet = None
+    if batch.controlnets:
+        models_of = [u.model for u in batch.controlnets]
+        controlnet = models_of[0] if len(models_of) == 1 else models_of
+    pipe = family.pipeline(models, batch.sampler, batch.kind, controlnet)
     pipe.set_progress_bar_config(disable=True)
     if batch.zero_steps_offset:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, steps_offset=0)
@@ -73,6 +79,11 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
         kwargs.update(_start_kwargs(pipe, models, batch, generators, kwargs["prompt_embeds"].dtype, device))
     else:
         kwargs.update(_init_image_kwargs(pipe, batch))
+    if batch.controlnets:
+        from library.sampling.controlnet import control_kwargs
+
+        key = "image" if batch.kind == "txt2img" else "control_image"
+        kwargs.update(control_kwargs(batch.controlnets, batch.guide_images, batch.width, batch.height, key))
     chunk = _vae_chunk(batch)
     with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink):
         if output_type != "pil" or chunk >= len(batch.prompts):
@@ -131,6 +142,9 @@ def _check_tricks(family, models, batch: GenBatch) -> None:
 
     if (batch.deep_shrink or batch.gradual_latent) and not family.unet_denoiser:
         raise UserError(f"Deep Shrink and Gradual Latent work on UNet models (SD1/SD2/SDXL), not {family.name}")
+    if batch.controlnets and (batch.deep_shrink or batch.gradual_latent or batch.negative_scale is not None):
+        raise UserError("ControlNet cannot be combined with Deep Shrink, Gradual Latent or --negative_scale/--nl "
+                        "(their UNet calls do not carry the ControlNet's residuals at matching sizes)")
     if batch.deep_shrink is not None:
         from library.sampling.deep_shrink import check_deep_shrink
 
