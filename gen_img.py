@@ -114,13 +114,15 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
                    help="enlarge the first pass's latents (bilinear) instead of its decoded image")
     i.add_argument("--highres_fix_disable_control_net", action="store_true",
                    help="the highres fix's second pass without ControlNet")
-    c = p.add_argument_group("ControlNet (SD1/SD2/SDXL)")
+    c = p.add_argument_group("ControlNet (SD1/SD2/SDXL) and ControlNet-LLLite (SDXL)")
     c.add_argument("--control_net_models", nargs="*", default=[],
                    help="ControlNet files (original layout) or diffusers folders")
     c.add_argument("--control_net_preps", nargs="*", default=[], help="per ControlNet: none, canny or canny_LOW_HIGH")
     c.add_argument("--control_net_multipliers", nargs="*", type=float, default=[], help="per ControlNet: strength")
     c.add_argument("--control_net_ratios", nargs="*", type=float, default=[],
                    help="per ControlNet: the fraction of the steps (from the first) it guides")
+    c.add_argument("--control_net_lllite_models", nargs="*", default=[],
+                   help="SDXL: kohya's ControlNet-LLLite files (they take the per-ControlNet flags above)")
     c.add_argument("--guide_image_path", help="the guide image, or a folder of them (assigned to prompts in turn)")
 
 

@@ -62,6 +62,8 @@ class ModelFamily(ABC):
     textual_inversion_keys: tuple[str, ...] = ()
     #: diffusers has ControlNet pipelines for it and gen_img loads its ControlNets
     controlnet_supported: bool = False
+    #: kohya's ControlNet-LLLite files are made for this family's UNet
+    lllite_supported: bool = False
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

@@ -53,6 +53,7 @@ class SDXLFamily(SDFamily):
     size_multiple = 32
     scaling_factor = 0.13025
     textual_inversion_keys = ("clip_l", "clip_g")
+    lllite_supported = True
 
     def __init__(self, options: SDXLOptions = SDXLOptions()):
         super().__init__(options)  # the DDPM schedule and loss maths are SD's

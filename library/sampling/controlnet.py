@@ -83,12 +83,16 @@ def load_controlnet_model(path: str, unet, dtype: torch.dtype):
 
 def check_controlnet_args(args: argparse.Namespace) -> None:
     """Before loading: counts, preps, ratios, and a guide image for the ControlNets."""
-    models = args.control_net_models
-    for flag in ("control_net_preps", "control_net_multipliers", "control_net_ratios"):
-        if len(getattr(args, flag)) > len(models):
-            raise UserError(f"--{flag}: at most one value per --control_net_models entry")
+    if args.control_net_models and args.control_net_lllite_models:
+        raise UserError("give --control_net_models or --control_net_lllite_models, not both (they share "
+                        "--control_net_preps/--control_net_multipliers/--control_net_ratios)")
+    flag = "control_net_lllite_models" if args.control_net_lllite_models else "control_net_models"
+    models = getattr(args, flag)
+    for per_model in ("control_net_preps", "control_net_multipliers", "control_net_ratios"):
+        if len(getattr(args, per_model)) > len(models):
+            raise UserError(f"--{per_model}: at most one value per --{flag} entry")
     if models and not args.guide_image_path:
-        raise UserError("--control_net_models needs --guide_image_path (the image(s) that guide the ControlNet)")
+        raise UserError(f"--{flag} needs --guide_image_path (the image(s) that guide it)")
     for prep in args.control_net_preps:
         check_prep(prep)
     for ratio in args.control_net_ratios:

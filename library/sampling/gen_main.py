@@ -222,6 +222,8 @@ def _check_family_args(args: argparse.Namespace, family, family_name: str) -> No
     """Flags this model family cannot use, refused before the model is loaded."""
     if args.textual_inversion_embeddings and not family.textual_inversion_keys:
         raise UserError(f"--textual_inversion_embeddings: not available for {family_name} models")
+    if args.control_net_lllite_models and not family.lllite_supported:
+        raise UserError(f"--control_net_lllite_models: ControlNet-LLLite files are for SDXL models, not {family_name}")
     if args.control_net_models and not family.controlnet_supported:
         raise UserError(f"--control_net_models: ControlNet is available for SD1/SD2/SDXL models, not {family_name}")
     if not family.unet_denoiser:
@@ -337,6 +339,10 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         from library.sampling.controlnet import load_controlnets
 
         shared["controlnets"] = load_controlnets(args, models, device, dtype)
+    if args.control_net_lllite_models:
+        from library.sampling.lllite import load_lllites
+
+        shared["lllites"] = load_lllites(args, models, device, dtype)
     session = GenSession(args, family, models, networks, (init_images, masks, guides), device, autocast, shared,
                          embeddings)
     session.problems = problems

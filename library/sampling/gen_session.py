@@ -114,5 +114,5 @@ class GenSession:
         second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps,
                          strength=args.highres_fix_strength, gradual_latent=None, noise_tricks=None)
         if args.highres_fix_disable_control_net:
-            second = replace(second, controlnets=())
+            second = replace(second, controlnets=(), lllites=())
         return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None

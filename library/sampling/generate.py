@@ -9,6 +9,7 @@ Families supply the pipeline and the prompt embeddings (``ModelFamily.pipeline``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class GenBatch:
     zero_steps_offset: bool = False  # kohya's --force_scheduler_zero_steps_offset
     vae_batch_size: float | None = None  # images decoded at a time (below 1: a fraction of the batch)
     controlnets: tuple = ()  # controlnet.ControlNetUse, applied with guide_images
+    lllites: tuple = ()  # lllite.LLLiteUse (SDXL), applied with guide_images
     guide_images: list | None = None  # PIL guide images, one per image
     extra: dict = field(default_factory=dict)
 
@@ -85,11 +87,27 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
         key = "image" if batch.kind == "txt2img" else "control_image"
         kwargs.update(control_kwargs(batch.controlnets, batch.guide_images, batch.width, batch.height, key))
     chunk = _vae_chunk(batch)
-    with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink):
+    with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink), _lllites(batch, kwargs, device):
         if output_type != "pil" or chunk >= len(batch.prompts):
             return pipe(**kwargs, output_type=output_type).images
         latents = pipe(**kwargs, output_type="latent").images
     return [im for i in range(0, len(latents), chunk) for im in decode_latents(pipe, latents[i:i + chunk])]
+
+
+@contextlib.contextmanager
+def _lllites(batch: GenBatch, kwargs: dict, device):
+    """The batch's guides set into its LLLites for the call (switched off on their schedule, and after)."""
+    if not batch.lllites:
+        yield
+        return
+    from library.sampling.lllite import LLLiteSchedule
+
+    schedule = LLLiteSchedule(batch.lllites, batch.guide_images, batch.width, batch.height, device)
+    kwargs["callback_on_step_end"] = schedule
+    try:
+        yield
+    finally:
+        schedule.close()
 
 
 def _vae_chunk(batch: GenBatch) -> int:
@@ -142,6 +160,9 @@ def _check_tricks(family, models, batch: GenBatch) -> None:
 
     if (batch.deep_shrink or batch.gradual_latent) and not family.unet_denoiser:
         raise UserError(f"Deep Shrink and Gradual Latent work on UNet models (SD1/SD2/SDXL), not {family.name}")
+    if batch.lllites and (batch.deep_shrink or batch.gradual_latent):
+        raise UserError("ControlNet-LLLite cannot be combined with Deep Shrink or Gradual Latent (its guide is "
+                        "embedded at the UNet's own resolutions)")
     if batch.controlnets and (batch.deep_shrink or batch.gradual_latent or batch.negative_scale is not None):
         raise UserError("ControlNet cannot be combined with Deep Shrink, Gradual Latent or --negative_scale/--nl "
                         "(their UNet calls do not carry the ControlNet's residuals at matching sizes)")
