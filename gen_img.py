@@ -102,6 +102,9 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     n.add_argument("--network_args", nargs="*", default=[],
                    help="per LoRA file, 'key=value;key=value' for its --network_module (third-party modules)")
     n.add_argument("--network_show_meta", action="store_true", help="log each LoRA file's metadata")
+    n.add_argument("--network_pre_calc", action="store_true",
+                   help="add the LoRAs into the weights before each batch at its strengths (merged speed, --am "
+                        "still works; keeps a copy of the changed weights)")
     i = p.add_argument_group("img2img, inpainting, highres fix")
     i.add_argument("--image_path", help="init image, or a folder of them (assigned to prompts in turn)")
     i.add_argument("--mask_path", help="inpainting mask (white = repaint), or a folder of them")

@@ -103,15 +103,29 @@ class LoRANetwork(nn.Module):
         model then runs at full speed without the hooks; the network is spent afterwards."""
         mult = self.multiplier if multiplier is None else multiplier
         for lora in self.all_loras():
-            delta = lora.delta_weight().float() * mult
-            if isinstance(lora, FusedLoRAModule):
-                for org, part in zip(lora._orgs, delta.split(lora.splits)):
-                    org.weight += part.to(org.weight.dtype)
-                lora.remove()
-                continue
-            org = lora._org[0]
-            org.weight += delta.reshape(org.weight.shape).to(org.weight.dtype)
+            _add_update(lora, mult)
             lora.remove()
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """kohya's ``--network_pre_calc``: add the update at the current strength into the base
+        weights (keeping copies of them) and pause the hooks, for merged speed with strengths that
+        may change; :meth:`restore_weights` undoes it."""
+        self.restore_weights()
+        for lora in self.all_loras():
+            for org in _base_modules(lora):
+                self._weight_copies.setdefault(id(org), (org, org.weight.detach().clone()))
+            _add_update(lora, self.multiplier)
+            lora.enabled = False
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """The base weights as they were before :meth:`pre_calculation`, hooks active again."""
+        for org, weight in getattr(self, "_weight_copies", {}).values():
+            org.weight.copy_(weight)
+        self._weight_copies: dict = {}
+        for lora in self.all_loras():
+            lora.enabled = True
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
@@ -224,6 +238,21 @@ def _as_list(text_encoder) -> list[nn.Module]:
     if text_encoder is None:
         return []
     return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+
+
+def _base_modules(lora) -> list:
+    return list(lora._orgs) if isinstance(lora, FusedLoRAModule) else [lora._org[0]]
+
+
+def _add_update(lora, multiplier: float) -> None:
+    """Add ``multiplier`` times the LoRA's update into its base module(s) weights."""
+    delta = lora.delta_weight().float() * multiplier
+    if isinstance(lora, FusedLoRAModule):
+        for org, part in zip(lora._orgs, delta.split(lora.splits)):
+            org.weight += part.to(org.weight.dtype)
+        return
+    org = lora._org[0]
+    org.weight += delta.reshape(org.weight.shape).to(org.weight.dtype)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,

@@ -201,6 +201,9 @@ def load_networks(args, family, models, device) -> list[LoadedNetwork]:
             network.to(device, models.denoiser.dtype)
         if i < merge_count:
             network.merge_to(mul)
+        elif args.network_pre_calc and not hasattr(network, "pre_calculation"):
+            raise UserError(f"--network_pre_calc: {Path(path).name} is not a kohya-format LoRA of ours (it has no "
+                            "pre_calculation); use --network_merge for it, or drop --network_pre_calc")
         loaded.append(LoadedNetwork(Path(path).stem, mul, network, i < merge_count))
     return loaded
 

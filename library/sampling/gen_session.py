@@ -22,9 +22,15 @@ from library.utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def set_strengths(networks, muls, source: str) -> list[tuple[str, float]]:
-    """A line's ``--am`` strengths (the last value repeats); merged LoRAs cannot change."""
+def set_strengths(networks, muls, source: str, pre_calc: bool = False) -> list[tuple[str, float]]:
+    """A line's ``--am`` strengths (the last value repeats); merged LoRAs cannot change. With
+    ``pre_calc`` (``--network_pre_calc``) the hooked LoRAs are added into the weights at those
+    strengths (the previous batch's addition undone first)."""
     used = []
+    if pre_calc:  # the last one added is taken out first: each restores the weights it found
+        for loaded in reversed(networks):
+            if not loaded.merged:
+                loaded.network.restore_weights()
     for i, loaded in enumerate(networks):
         value = muls[min(i, len(muls) - 1)] if muls else loaded.multiplier
         if loaded.merged and value != loaded.multiplier:
@@ -32,6 +38,8 @@ def set_strengths(networks, muls, source: str) -> list[tuple[str, float]]:
                             "(drop --network_merge, or lower --network_merge_n_models)")
         if not loaded.merged:
             loaded.network.set_multiplier(value)
+            if pre_calc:
+                loaded.network.pre_calculation()
         used.append((loaded.name, value))
     return used
 
@@ -67,7 +75,7 @@ class GenSession:
         pick = [self.done + k for k in range(len(group))]
         self.done += len(group)
         try:
-            used = set_strengths(self.networks, group[0].prompt.network_muls, sources)
+            used = set_strengths(self.networks, group[0].prompt.network_muls, sources, args.network_pre_calc)
             inits = [self.init_images[k % len(self.init_images)] for k in pick] if self.init_images else None
             masks = [self.masks[k % len(self.masks)] for k in pick] if self.masks else None
             batch = replace(gen_run.to_batch(group, inits, masks), **self.batch_settings)

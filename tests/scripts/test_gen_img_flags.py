@@ -110,3 +110,21 @@ def test_lora_flags(sd1, sd1_lora, tmp_path, caplog, capsys):  # noqa: F811
     assert _gen("--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "args"), "--network_weights", one,
                 "--network_args", "conv_dim=4") == 2
     assert "networks.lora takes its shape from the file" in capsys.readouterr().err
+
+
+def test_network_pre_calc_equals_hooks_and_follows_line_strengths(sd1, sd1_lora, tmp_path):  # noqa: F811
+    from tests.scripts.test_gen_img import _prompts
+
+    one, two = sd1_lora
+    lines = _prompts(tmp_path, "red circle --d 7\nred circle --d 7 --am 0.3,1\nred circle --d 7 --am 0\n")
+    runs = {}
+    for label, extra in (("hooked", ()), ("pre", ("--network_pre_calc",))):
+        assert _gen("--ckpt", sd1, "--from_file", lines, "--W", "64", "--H", "64", "--steps", "4",
+                    "--outdir", str(tmp_path / label), "--sequential_file_name", "--network_weights", one, two,
+                    "--network_mul", "0.7", "0.5", *extra) == 0
+        runs[label] = [_pixels(tmp_path / label / f"im_00000{i}.png") for i in (1, 2, 3)]
+    plain = _images(sd1, tmp_path / "plain")[0]
+    for hooked, pre in zip(runs["hooked"], runs["pre"]):
+        assert _diff(hooked, pre) <= 2
+    assert _diff(runs["pre"][0], runs["pre"][1]) > 5  # the second line's strengths were used
+    assert np.array_equal(runs["pre"][2], plain)  # --am 0 after two additions: the weights were restored
