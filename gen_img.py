@@ -115,6 +115,8 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first pass (<name>_1st.png)")
     i.add_argument("--highres_fix_latents_upscaling", action="store_true",
                    help="enlarge the first pass's latents (bilinear) instead of its decoded image")
+    i.add_argument("--highres_fix_upscaler", help="a module with kohya's create_upscaler() for the enlargement")
+    i.add_argument("--highres_fix_upscaler_args", help="'key=value;key=value' for create_upscaler")
     i.add_argument("--highres_fix_disable_control_net", action="store_true",
                    help="the highres fix's second pass without ControlNet")
     c = p.add_argument_group("ControlNet (SD1/SD2/SDXL) and ControlNet-LLLite (SDXL)")

@@ -61,6 +61,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--network_mul / --network_module: at most one value per --network_weights file")
     if args.highres_fix_scale is not None and not 0 < args.highres_fix_scale < 1:
         raise UserError("--highres_fix_scale: the first pass's fraction of the size, between 0 and 1 (e.g. 0.5)")
+    if not args.highres_fix_scale:
+        needing = [f"--{n}" for n in ("highres_fix_save_1st", "highres_fix_latents_upscaling", "highres_fix_upscaler",
+                                      "highres_fix_disable_control_net") if getattr(args, n)]
+        if needing:
+            raise UserError(f"{', '.join(needing)}: parts of the highres fix; add --highres_fix_scale (e.g. 0.5)")
     if args.mask_path and not args.image_path:
         raise UserError("--mask_path needs --image_path (the image to inpaint)")
     _check_shrink_and_noise_args(args)
@@ -208,6 +213,25 @@ def load_networks(args, family, models, device) -> list[LoadedNetwork]:
     return loaded
 
 
+def load_upscaler(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """kohya's ``--highres_fix_upscaler module --highres_fix_upscaler_args "k=v;k=v"``: the module's
+    ``create_upscaler(**kwargs)`` gives a torch module with ``support_latents()`` and
+    ``upscale(vae, images, latents, dtype, width, height, batch_size, vae_batch_size)``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(args.highres_fix_upscaler)
+    except ImportError as exc:
+        raise UserError(f"--highres_fix_upscaler {args.highres_fix_upscaler}: cannot import it ({exc})") from exc
+    if not callable(getattr(module, "create_upscaler", None)):
+        raise UserError(f"--highres_fix_upscaler {args.highres_fix_upscaler}: the module has no create_upscaler()")
+    pairs = [p.split("=", 1) for p in (args.highres_fix_upscaler_args or "").split(";") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise UserError("--highres_fix_upscaler_args: write key=value pairs separated by ';'")
+    upscaler = module.create_upscaler(**{k.strip(): v.strip() for k, v in pairs})
+    return upscaler.to(dtype).to(device)
+
+
 def _file_metadata(path: str) -> dict:
     if not path.endswith(".safetensors"):
         return {}
@@ -349,6 +373,8 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     session = GenSession(args, family, models, networks, (init_images, masks, guides), device, autocast, shared,
                          embeddings)
     session.problems = problems
+    if args.highres_fix_upscaler:
+        session.upscaler = load_upscaler(args, device, models.vae.dtype)
     if jobs:
         session.generate(jobs)
     else:

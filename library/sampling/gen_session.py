@@ -54,6 +54,7 @@ class GenSession:
         self.init_images, self.masks, self.guides = images_in
         self.device, self.autocast = device, autocast
         self.batch_settings = batch_settings or {}  # GenBatch fields the whole run shares
+        self.upscaler = None  # --highres_fix_upscaler: kohya's protocol (create_upscaler(...).upscale(...))
         self.kind = "txt2img" if self.init_images is None else ("inpaint" if self.masks else "img2img")
         self.model_name, self.stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
         self.outdir = Path(args.outdir)
@@ -107,16 +108,24 @@ class GenSession:
             return run_batch(family, models, batch, device), None
         small = gen_run.highres_first_pass(batch, args.highres_fix_scale)
         first_images = None
-        if args.highres_fix_latents_upscaling:
+        in_latents = self.upscaler.support_latents() if self.upscaler is not None \
+            else args.highres_fix_latents_upscaling
+        if in_latents:
             latents = run_batch(family, models, small, device, output_type="latent")
             if args.highres_fix_save_1st:
                 first_images = decode_latents(family.pipeline(models, batch.sampler, "img2img"), latents)
+        else:
+            first_images = run_batch(family, models, small, device)
+        if self.upscaler is not None:  # kohya's upscaler protocol: PIL images or latents back
+            upscaled = self.upscaler.upscale(models.vae, None if in_latents else first_images,
+                                             latents if in_latents else None, models.vae.dtype, batch.width,
+                                             batch.height, len(batch.prompts), len(batch.prompts))
+        elif in_latents:
             per_pixel = latents.shape[-1] / small.width
             size = (round(batch.height * per_pixel), round(batch.width * per_pixel))
             upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode="bilinear",
                                                        align_corners=False).to(latents.dtype)
         else:
-            first_images = run_batch(family, models, small, device)
             upscaled = [im.resize((batch.width, batch.height)) for im in first_images]
         # the refinement starts from the first pass: no Gradual Latent, no start-noise tricks
         second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps,

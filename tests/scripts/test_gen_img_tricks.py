@@ -181,3 +181,36 @@ def test_textual_inversion_embeddings(sd1, tiny_family_models, tmp_path, capsys)
     assert _run(str(tiny_family_models["sd3"]), tmp_path / "sd3", "--prompt", "shiny", "--t5xxl_max_token_length",
                 "16", "--textual_inversion_embeddings", str(tmp_path / "shiny.safetensors")) == 2
     assert "--textual_inversion_embeddings: not available for sd3 models" in capsys.readouterr().err
+
+
+def test_highres_fix_upscaler_module(sd1, tmp_path, monkeypatch, capsys):
+    """kohya's upscaler protocol; an upscaler that enlarges latents bilinearly gives exactly what
+    --highres_fix_latents_upscaling gives, and one that works on images what the default does."""
+    (tmp_path / "toy_upscaler.py").write_text(
+        "import torch\n"
+        "class Upscaler(torch.nn.Module):\n"
+        "    def __init__(self, latents='1'):\n"
+        "        super().__init__()\n"
+        "        self.latents = latents == '1'\n"
+        "    def support_latents(self):\n"
+        "        return self.latents\n"
+        "    def upscale(self, vae, images, latents, dtype, width, height, batch_size, vae_batch_size):\n"
+        "        if self.latents:\n"
+        "            return torch.nn.functional.interpolate(latents.float(), size=(height // 8, width // 8),\n"
+        "                                                   mode='bilinear', align_corners=False).to(latents.dtype)\n"
+        "        return [im.resize((width, height)) for im in images]\n"
+        "def create_upscaler(**kwargs):\n"
+        "    return Upscaler(**kwargs)\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hr = ("--prompt", "red circle", "--highres_fix_scale", "0.5", "--highres_fix_steps", "3")
+    finals = {}
+    for label, extra in (("latent", ("--highres_fix_latents_upscaling",)), ("image", ()),
+                         ("toy_latent", ("--highres_fix_upscaler", "toy_upscaler")),
+                         ("toy_image", ("--highres_fix_upscaler", "toy_upscaler",
+                                        "--highres_fix_upscaler_args", "latents=0"))):
+        assert _run(sd1, tmp_path / label, *hr, *extra) == 0
+        finals[label] = _pixels(tmp_path / label / "im_000001.png")
+    assert np.array_equal(finals["toy_latent"], finals["latent"])
+    assert np.array_equal(finals["toy_image"], finals["image"])
+    assert _run(sd1, tmp_path / "x", "--prompt", "x", "--highres_fix_save_1st") == 2
+    assert "--highres_fix_save_1st: parts of the highres fix; add --highres_fix_scale" in capsys.readouterr().err
