@@ -102,6 +102,8 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     n.add_argument("--network_args", nargs="*", default=[],
                    help="per LoRA file, 'key=value;key=value' for its --network_module (third-party modules)")
     n.add_argument("--network_show_meta", action="store_true", help="log each LoRA file's metadata")
+    n.add_argument("--network_regional_mask_max_color_codes", type=int,
+                   help="regional LoRA: read the --mask_path regions as colour codes 1..N (else R, G, B channels)")
     n.add_argument("--network_pre_calc", action="store_true",
                    help="add the LoRAs into the weights before each batch at its strengths (merged speed, --am "
                         "still works; keeps a copy of the changed weights)")

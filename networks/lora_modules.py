@@ -24,6 +24,7 @@ def _init_lora(module: nn.Module, dim: int, alpha: float | None, multiplier: flo
     module.scale = float(alpha) / dim
     module.multiplier = multiplier
     module.enabled = True
+    module.region = None  # gen_img's regional LoRA: a callable giving the mask the update is multiplied by
 
 
 class LoRAModule(nn.Module):
@@ -47,6 +48,10 @@ class LoRAModule(nn.Module):
         self._org = [org_module]  # a list, so the base module is not registered as a child
         self._org_forward = None
 
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
     def apply_to(self) -> None:
         """Route the base module's forward through this LoRA."""
         org = self._org[0]
@@ -66,6 +71,8 @@ class LoRAModule(nn.Module):
         down = self.lora_down(x.to(self.lora_down.weight.dtype))
         lx = torch.nn.functional.linear(down, _swap_halves(self.lora_up.weight)) if self.swap_out_halves else \
             self.lora_up(down)
+        if self.region is not None:
+            lx = lx * self.region(lx)
         return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

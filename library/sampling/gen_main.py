@@ -66,8 +66,16 @@ def check_args(args: argparse.Namespace) -> None:
                                       "highres_fix_disable_control_net") if getattr(args, n)]
         if needing:
             raise UserError(f"{', '.join(needing)}: parts of the highres fix; add --highres_fix_scale (e.g. 0.5)")
-    if args.mask_path and not args.image_path:
-        raise UserError("--mask_path needs --image_path (the image to inpaint)")
+    if args.mask_path and not args.image_path and not args.network_weights:
+        raise UserError("--mask_path needs --image_path (the image to inpaint), or LoRAs whose regions it holds")
+    if args.network_regional_mask_max_color_codes is not None:
+        if not (args.mask_path and not args.image_path and args.network_weights):
+            raise UserError("--network_regional_mask_max_color_codes is for regional LoRA: LoRAs and a region "
+                            "--mask_path, without --image_path")
+        if not 1 <= args.network_regional_mask_max_color_codes <= 7:
+            raise UserError("--network_regional_mask_max_color_codes: 1 to 7 (the colour codes of 3 bits)")
+    if args.mask_path and not args.image_path and args.network_pre_calc:
+        raise UserError("--network_pre_calc cannot be used with regional LoRA (its updates depend on the region)")
     _check_shrink_and_noise_args(args)
     from library.sampling.controlnet import check_controlnet_args
 
@@ -370,6 +378,13 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         from library.sampling.lllite import load_lllites
 
         shared["lllites"] = load_lllites(args, models, device, dtype)
+    if masks and init_images is None:  # LoRAs with a mask and no image: the mask holds their regions
+        from library.sampling.regional import RegionalLoRA
+
+        if not family.unet_denoiser:
+            raise UserError(f"regional LoRA (--mask_path without --image_path) is for SD1/SD2/SDXL, not {family_name}")
+        shared["regional"] = RegionalLoRA(networks, masks[0], args.network_regional_mask_max_color_codes)
+        masks = None
     session = GenSession(args, family, models, networks, (init_images, masks, guides), device, autocast, shared,
                          embeddings)
     session.problems = problems

@@ -46,6 +46,7 @@ class GenBatch:
     controlnets: tuple = ()  # controlnet.ControlNetUse, applied with guide_images
     lllites: tuple = ()  # lllite.LLLiteUse (SDXL), applied with guide_images
     guide_images: list | None = None  # PIL guide images, one per image
+    regional: object = None  # regional.RegionalLoRA: AND sub-prompts over LoRA regions
     extra: dict = field(default_factory=dict)
 
     @property
@@ -69,14 +70,15 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
     if batch.zero_steps_offset:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, steps_offset=0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in batch.seeds]
+    _check_tricks(family, models, batch)
     with torch.no_grad():
-        kwargs = family.call_kwargs(models, batch, device)
+        kwargs = batch.regional.call_kwargs(family, models, batch, device) if batch.regional \
+            else family.call_kwargs(models, batch, device)
         if batch.negative_scale is not None:
             _use_negative_scale(family, models, pipe, batch, device)
     kwargs.update(num_inference_steps=batch.steps, guidance_scale=batch.scale, generator=generators)
     if batch.ddim_eta is not None and "eta" in inspect.signature(pipe.__call__).parameters:
         kwargs["eta"] = batch.ddim_eta  # diffusers hands it to schedulers that use it (ddim)
-    _check_tricks(family, models, batch)
     if batch.kind == "txt2img":
         kwargs.update(_start_kwargs(pipe, models, batch, generators, kwargs["prompt_embeds"].dtype, device))
     else:
@@ -87,7 +89,9 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
         key = "image" if batch.kind == "txt2img" else "control_image"
         kwargs.update(control_kwargs(batch.controlnets, batch.guide_images, batch.width, batch.height, key))
     chunk = _vae_chunk(batch)
-    with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink), _lllites(batch, kwargs, device):
+    regional = batch.regional.active(models.denoiser, batch) if batch.regional else contextlib.nullcontext()
+    with torch.no_grad(), apply_deep_shrink(models.denoiser, batch.deep_shrink), _lllites(batch, kwargs, device), \
+            regional:
         if output_type != "pil" or chunk >= len(batch.prompts):
             return pipe(**kwargs, output_type=output_type).images
         latents = pipe(**kwargs, output_type="latent").images
@@ -160,6 +164,13 @@ def _check_tricks(family, models, batch: GenBatch) -> None:
 
     if (batch.deep_shrink or batch.gradual_latent) and not family.unet_denoiser:
         raise UserError(f"Deep Shrink and Gradual Latent work on UNet models (SD1/SD2/SDXL), not {family.name}")
+    if batch.regional is not None:
+        others = [name for name, used in (("Deep Shrink", batch.deep_shrink), ("Gradual Latent", batch.gradual_latent),
+                                          ("--negative_scale", batch.negative_scale is not None),
+                                          ("ControlNet", batch.controlnets), ("LLLite", batch.lllites)) if used]
+        if others:
+            raise UserError(f"regional LoRA cannot be combined with {', '.join(others)}")
+        batch.regional.check_batch(batch)
     if batch.lllites and (batch.deep_shrink or batch.gradual_latent):
         raise UserError("ControlNet-LLLite cannot be combined with Deep Shrink or Gradual Latent (its guide is "
                         "embedded at the UNet's own resolutions)")
