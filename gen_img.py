@@ -36,6 +36,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--t5xxl_max_token_length", type=int, default=256)
     m.add_argument("--flow_shift", type=float, default=3.0, help="SD3: shift of the flow-matching Euler sampler")
     m.add_argument("--tokenizer_cache_dir")
+    m.add_argument("--replace_clip_l14_336", action="store_true",
+                   help="SD1: use CLIP-L/14-336's text tower as the text encoder (from --clip_l14_336_model)")
+    m.add_argument("--clip_l14_336_model", default="openai/clip-vit-large-patch14-336",
+                   help="hub id (cache or hub) or local folder of that model")
     precision = m.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights (CUDA)")
     precision.add_argument("--bf16", action="store_true", help="bf16 weights")
@@ -111,6 +115,11 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--image_path", help="init image, or a folder of them (assigned to prompts in turn)")
     i.add_argument("--mask_path", help="inpainting mask (white = repaint), or a folder of them")
     i.add_argument("--strength", type=float, default=0.8, help="img2img strength")
+    i.add_argument("--clip_vision_strength", type=float,
+                   help="SDXL img2img: the prompt's pooled embedding becomes the init image's CLIP vision one "
+                        "times this")
+    i.add_argument("--clip_vision_model", default="laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+                   help="hub id (cache or hub) or local folder of the CLIP vision model with projection")
     i.add_argument("--highres_fix_scale", type=float, help="first pass at this fraction of the size, e.g. 0.5")
     i.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the second (img2img) pass")
     i.add_argument("--highres_fix_strength", type=float, default=0.7, help="strength of the second pass")

@@ -64,6 +64,10 @@ class ModelFamily(ABC):
     controlnet_supported: bool = False
     #: kohya's ControlNet-LLLite files are made for this family's UNet
     lllite_supported: bool = False
+    #: kohya's --clip_vision_strength: the pooled text embedding can be replaced by an image's (SDXL)
+    pooled_text_from_image: bool = False
+    #: kohya's --replace_clip_l14_336: the one CLIP-L text encoder may be swapped (SD1)
+    text_encoder_replaceable: bool = False
 
     @abstractmethod
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,

@@ -46,6 +46,7 @@ class SDFamily(ModelFamily):
     unet_denoiser = True
     textual_inversion_keys = ("",)
     controlnet_supported = True
+    text_encoder_replaceable = True  # SD1's CLIP-L (SD2's encoder is wider: refused by its width)
     size_multiple = 64
     scaling_factor = 0.18215
 

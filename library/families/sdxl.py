@@ -54,6 +54,8 @@ class SDXLFamily(SDFamily):
     scaling_factor = 0.13025
     textual_inversion_keys = ("clip_l", "clip_g")
     lllite_supported = True
+    pooled_text_from_image = True
+    text_encoder_replaceable = False
 
     def __init__(self, options: SDXLOptions = SDXLOptions()):
         super().__init__(options)  # the DDPM schedule and loss maths are SD's

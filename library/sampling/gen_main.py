@@ -255,6 +255,11 @@ SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "o
 
 def _check_family_args(args: argparse.Namespace, family, family_name: str) -> None:
     """Flags this model family cannot use, refused before the model is loaded."""
+    if args.clip_vision_strength is not None and not (family.pooled_text_from_image and args.image_path):
+        raise UserError(f"--clip_vision_strength: for SDXL img2img (--image_path); this is an {family_name} model"
+                        + ("" if args.image_path else " and there is no --image_path"))
+    if args.replace_clip_l14_336 and not family.text_encoder_replaceable:
+        raise UserError(f"--replace_clip_l14_336: replaces SD1's CLIP-L text encoder; not for {family_name} models")
     if args.textual_inversion_embeddings and not family.textual_inversion_keys:
         raise UserError(f"--textual_inversion_embeddings: not available for {family_name} models")
     if args.control_net_lllite_models and not family.lllite_supported:
@@ -361,6 +366,10 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
     models = load_for_generation(args, family, device, dtype)
+    if args.replace_clip_l14_336:
+        from library.sampling.extra_encoders import replace_text_encoder
+
+        replace_text_encoder(args, models, dtype)
     embeddings = None
     if args.textual_inversion_embeddings:
         from library.sampling.textual_inversion import load_textual_inversions
@@ -370,6 +379,10 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     shared = {"noise_tricks": noise_tricks(args), "ddim_eta": args.ddim_eta,
               "zero_steps_offset": args.force_scheduler_zero_steps_offset, "vae_batch_size": args.vae_batch_size}
+    if args.clip_vision_strength is not None:
+        from library.sampling.extra_encoders import ClipVisionPooled
+
+        shared["clip_vision"] = ClipVisionPooled(args.clip_vision_model, args.clip_vision_strength, device, dtype)
     if args.control_net_models:
         from library.sampling.controlnet import load_controlnets
 

@@ -47,6 +47,7 @@ class GenBatch:
     lllites: tuple = ()  # lllite.LLLiteUse (SDXL), applied with guide_images
     guide_images: list | None = None  # PIL guide images, one per image
     regional: object = None  # regional.RegionalLoRA: AND sub-prompts over LoRA regions
+    clip_vision: object = None  # extra_encoders.ClipVisionPooled: SDXL img2img's pooled text from the image
     extra: dict = field(default_factory=dict)
 
     @property
@@ -74,6 +75,8 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
     with torch.no_grad():
         kwargs = batch.regional.call_kwargs(family, models, batch, device) if batch.regional \
             else family.call_kwargs(models, batch, device)
+        if batch.clip_vision is not None and batch.kind != "txt2img":
+            kwargs["pooled_prompt_embeds"] = batch.clip_vision(batch.init_images, kwargs["pooled_prompt_embeds"])
         if batch.negative_scale is not None:
             _use_negative_scale(family, models, pipe, batch, device)
     kwargs.update(num_inference_steps=batch.steps, guidance_scale=batch.scale, generator=generators)
