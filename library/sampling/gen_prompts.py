@@ -1,6 +1,6 @@
 """gen_img.py's prompt lines: kohya's per-line options and the seeds' ``positive|||negative`` files.
 
-Prompts may hold dynamic choices ``{red|blue} {circle|{square|star}}``, drawn per image from its seed.
+Prompts may hold dynamic choices ``{red|blue} {circle|{square|star}}`` (see dynamic_prompts.py).
 A line is ``text --n negative --w 512 --h 768 --d 1,2 --l 7 --s 30 --ss euler_a --t 0.6 --nl 2
 --am 0.8,1 --f name`` (options case-insensitive, in any order; also Deep Shrink's ``--dsd1 --dst1
 --dsd2 --dst2 --dsr`` and Gradual Latent's ``--glt --glr --gle --gls --glsn --glus``), or
@@ -11,8 +11,6 @@ with its file and line number and the others still generate.
 
 from __future__ import annotations
 
-import random
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,20 +97,6 @@ def _apply(p: GenPrompt, opt: str, value: str) -> GenPrompt:
         name, convert = GRADUAL_LATENT_OPTIONS[opt]
         return replace(p, gradual_latent=(*p.gradual_latent, (name, convert(value))))
     raise KeyError(opt)
-
-
-_ESCAPES = {"\\{": "\x00", "\\}": "\x01"}
-_CHOICE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_dynamic(text: str, rng: random.Random) -> str:
-    """kohya's dynamic prompts: each ``{a|b|c}`` becomes one of its options, inner ones first (so
-    they nest); ``\\{`` and ``\\}`` are literal braces. The choice comes from ``rng`` (seeded per image)."""
-    for escape, mark in _ESCAPES.items():
-        text = text.replace(escape, mark)
-    while (expanded := _CHOICE.sub(lambda m: rng.choice(m.group(1).split("|")), text, count=1)) != text:
-        text = expanded
-    return text.replace("\x00", "{").replace("\x01", "}")
 
 
 def parse_gen_line(line: str, source: str = "", index: int = 0) -> GenPrompt:

@@ -16,7 +16,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from library.sampling.deep_shrink import DeepShrink
-from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt, expand_dynamic
+from library.sampling.dynamic_prompts import enumerate_dynamic, expand_dynamic
+from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt
 from library.sampling.generate import GenBatch
 from library.sampling.gradual_latent import GradualLatent
 from library.utils.errors import UserError
@@ -94,7 +95,10 @@ def make_jobs(prompts: list[GenPrompt], s: Settings, first_image: int = 0, first
         if s.shuffle_prompts:
             random.Random(f"shuffle {base} {iteration}").shuffle(order)
         for p in order:
-            for _ in range(s.images_per_prompt):
+            # an enumerating line ({e$$a|b}) makes one image per variant instead of images_per_prompt
+            variants = enumerate_dynamic(p.prompt)
+            texts = variants if len(variants) > 1 else [p.prompt] * s.images_per_prompt
+            for text in texts:
                 copy = copies[id(p)]
                 copies[id(p)] += 1
                 if copy < len(p.seeds):
@@ -104,17 +108,17 @@ def make_jobs(prompts: list[GenPrompt], s: Settings, first_image: int = 0, first
                 else:
                     seed = base + counter
                 counter += 1
-                jobs.append(_job(p, s, seed, copy))
+                jobs.append(_job(p, s, seed, copy, text))
     return jobs
 
 
-def _job(p: GenPrompt, s: Settings, seed: int, copy: int) -> Job:
+def _job(p: GenPrompt, s: Settings, seed: int, copy: int, text: str) -> Job:
     """One image of line ``p``: the line's values over the command line's."""
     return Job(p, seed, copy, p.width or s.width, p.height or s.height, p.steps or s.steps,
                p.scale if p.scale is not None else s.scale, p.sampler or s.sampler,
                p.strength if p.strength is not None else s.strength,
                p.negative_prompt if p.negative_prompt is not None else s.negative_prompt,
-               _negative_scale(p, s), expand_dynamic(p.prompt, random.Random(seed)),
+               _negative_scale(p, s), expand_dynamic(text, random.Random(seed)),
                _line_setting(p.deep_shrink, s.deep_shrink, s.deep_shrink_on),
                _line_setting(p.gradual_latent, s.gradual_latent, s.gradual_latent_on))
 

@@ -295,7 +295,7 @@ def test_sdxl_size_options_reach_the_pipeline(tiny_family_models):
 def test_dynamic_prompts_are_drawn_per_image_seed(sd1, tmp_path):
     import random
 
-    from library.sampling.gen_prompts import expand_dynamic
+    from library.sampling.dynamic_prompts import expand_dynamic
 
     drawn = {expand_dynamic(r"a {red|blue} {circle|{square|star}} \{x\}", random.Random(s)) for s in range(40)}
     assert drawn == {f"a {c} {s} {{x}}" for c in ("red", "blue") for s in ("circle", "square", "star")}

@@ -214,3 +214,13 @@ def test_highres_fix_upscaler_module(sd1, tmp_path, monkeypatch, capsys):
     assert np.array_equal(finals["toy_image"], finals["image"])
     assert _run(sd1, tmp_path / "x", "--prompt", "x", "--highres_fix_save_1st") == 2
     assert "--highres_fix_save_1st: parts of the highres fix; add --highres_fix_scale" in capsys.readouterr().err
+
+
+def test_enumerated_dynamic_prompt_makes_one_image_per_variant(sd1, tmp_path):
+    assert _gen("--ckpt", sd1, "--prompt", "a {e$$red|blue|green} {circle|square}", "--images_per_prompt", "5",
+                "--W", "64", "--H", "64", "--steps", "1", "--seed", "3", "--outdir", str(tmp_path / "o"),
+                "--sequential_file_name") == 0
+    texts = [Image.open(p).text for p in sorted((tmp_path / "o").glob("*.png"))]
+    assert [t["prompt"].split()[1] for t in texts] == ["red", "blue", "green"]  # not 5: one per variant
+    assert all(t["prompt"].split()[2] in ("circle", "square") for t in texts)
+    assert all(t["raw-prompt"] == "a {e$$red|blue|green} {circle|square}" for t in texts)

@@ -59,3 +59,22 @@ def test_sampler_registry(name, cls, extra):
     for k, v in extra.items():
         assert s.config[k] == v
     assert canonical_sampler(name) in SAMPLER_NAMES
+
+
+def test_dynamic_prompt_counts_separators_and_enumeration():
+    """kohya's {n$$...}, {n-m$$sep$$...} and {e$$...} groups."""
+    import random
+
+    from library.sampling.dynamic_prompts import enumerate_dynamic, expand_dynamic
+
+    for seed in range(20):
+        two = expand_dynamic("x {2$$a|b|c} y", random.Random(seed))
+        picked = two[2:-2].split(", ")
+        assert len(picked) == 2 and len(set(picked)) == 2 and set(picked) <= {"a", "b", "c"}
+        some = expand_dynamic("{1-2$$ and $$cat|dog}", random.Random(seed)).split(" and ")
+        assert 1 <= len(some) <= 2 and set(some) <= {"cat", "dog"}
+        assert expand_dynamic("{9$$a|b}", random.Random(seed)) in ("a, b", "b, a")  # at most every option
+    assert enumerate_dynamic("{e$$red|blue} {circle|square} {e$$2$$a|b|c}") == [
+        f"{colour} {{circle|square}} {pair}" for colour in ("red", "blue") for pair in ("a, b", "a, c", "b, c")]
+    assert enumerate_dynamic(r"plain \{x\} {a|b}") == [r"plain \{x\} {a|b}"]
+    assert enumerate_dynamic(r"{e$$1-2$$+$$p|q} \{y\}") == [r"p \{y\}", r"q \{y\}", r"p+q \{y\}"]
