@@ -180,9 +180,10 @@ def file_name(job: Job, index: int, stamp: str, sequential: bool, original: str 
     return f"im_{stamp}_{index:03d}_{job.seed}.png"
 
 
-def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind: str) -> PngImagePlugin.PngInfo:
+def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind: str,
+             size_conditioning: bool = False) -> PngImagePlugin.PngInfo:
     """AUTOMATIC1111's ``parameters`` text (so any image can be reproduced and read by image
-    browsers) plus kohya's separate chunks."""
+    browsers) plus kohya's separate chunks (with SDXL's size conditioning when the model has it)."""
     params = (f"{job.prompt_text}\nNegative prompt: {job.negative}\nSteps: {job.steps}, Sampler: {job.sampler}, "
               f"CFG scale: {job.scale}, Seed: {job.seed}, Size: {job.width}x{job.height}, Model: {model_name}")
     if kind != "txt2img":
@@ -213,7 +214,19 @@ def png_info(job: Job, model_name: str, networks: list[tuple[str, float]], kind:
         info.add_text("clip-prompt", job.prompt.clip_prompt)
     if job.negative_scale is not None:
         info.add_text("negative-scale", str(job.negative_scale))
+    if size_conditioning:
+        for key, value in size_chunks(job).items():
+            info.add_text(key, str(value))
     return info
+
+
+def size_chunks(job: Job) -> dict[str, int]:
+    """kohya's SDXL PNG fields: the size conditioning the image was made with (defaults filled in)."""
+    p = job.prompt
+    width, height = (v or d for v, d in zip(p.original_size, (job.width, job.height)))
+    neg_width, neg_height = (v or d for v, d in zip(p.negative_original_size, (width, height)))
+    return {"original-height": height, "original-width": width, "original-height-negative": neg_height,
+            "original-width-negative": neg_width, "crop-top": p.crop[0], "crop-left": p.crop[1]}
 
 
 def save_image(image: Image.Image, folder: Path, name: str, info: PngImagePlugin.PngInfo,

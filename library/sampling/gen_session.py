@@ -93,7 +93,7 @@ class GenSession:
         for i, (k, job, image) in enumerate(zip(pick, group, images)):
             original = getattr(inits[i], "filename", None) if inits and args.use_original_file_name else None
             name = gen_run.file_name(job, k, self.stamp, args.sequential_file_name, original)
-            info = gen_run.png_info(job, self.model_name, used, self.kind)
+            info = gen_run.png_info(job, self.model_name, used, self.kind, self.family.size_conditioning)
             path = gen_run.save_image(image, self.outdir, name, info, args.sequential_file_name)
             if first_pass is not None:  # --highres_fix_save_1st: next to its final image
                 gen_run.save_image(first_pass[i], self.outdir, f"{path.stem}_1st.png", info, False)

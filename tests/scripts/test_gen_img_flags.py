@@ -31,6 +31,7 @@ def _diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def test_sampler_flags(sd1, tmp_path):
     plain = _images(sd1, tmp_path / "plain")[0]
+    assert "original-width" not in Image.open(tmp_path / "plain" / "im_000001.png").text  # SDXL's fields only
     assert np.array_equal(_images(sd1, tmp_path / "eta0", "--ddim_eta", "0")[0], plain)  # ddim's default eta
     eta = _images(sd1, tmp_path / "eta1", "--ddim_eta", "1")[0]
     assert _diff(eta, plain) > 5 and np.array_equal(eta, _images(sd1, tmp_path / "eta1b", "--ddim_eta", "1")[0])
@@ -68,6 +69,9 @@ def test_sdxl_size_flags_are_line_defaults(tiny_family_models, sd1, tmp_path, ca
     xl = str(tiny_family_models["sdxl"])
     base = _images(xl, tmp_path / "xl")[0]
     sized = _images(xl, tmp_path / "xl_sized", "--original_width", "256", "--original_height", "256")[0]
+    text = Image.open(tmp_path / "xl_sized" / "im_000001.png").text  # kohya's SDXL PNG fields
+    assert {k: text[k] for k in ("original-width", "original-height", "original-width-negative", "crop-top")} == \
+        {"original-width": "256", "original-height": "256", "original-width-negative": "256", "crop-top": "0"}
     assert np.array_equal(sized, _images(xl, tmp_path / "xl_line", prompt="red circle --ow 256 --oh 256")[0])
     assert _diff(sized, base) > 0
     assert _gen("--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "o"), "--crop_top", "8") == 2
