@@ -136,18 +136,20 @@ class SDFamily(ModelFamily):
         unet = models.denoiser
         return unet(batch.noisy_latents, batch.timesteps, conditioning).sample
 
-    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
+    #: diffusers' pipeline classes by kind: (without, with ControlNet)
+    PIPELINES = {"txt2img": ("StableDiffusionPipeline", "StableDiffusionControlNetPipeline"),
+                 "img2img": ("StableDiffusionImg2ImgPipeline", "StableDiffusionControlNetImg2ImgPipeline"),
+                 "inpaint": ("StableDiffusionInpaintPipeline", "StableDiffusionControlNetInpaintPipeline")}
+
+    def _pipeline_class(self, kind: str, controlnet) -> tuple[type, dict]:
+        """The pipeline class for ``kind`` and the extra constructor arguments (the ControlNet)."""
         import diffusers
 
-        if controlnet is None:
-            cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-                   "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
-            extra = {}
-        else:
-            cls = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
-                   "img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
-                   "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[kind]
-            extra = {"controlnet": controlnet}
+        cls = getattr(diffusers, self.PIPELINES[kind][controlnet is not None])
+        return cls, ({} if controlnet is None else {"controlnet": controlnet})
+
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
+        cls, extra = self._pipeline_class(kind, controlnet)
         return cls(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
                    unet=models.denoiser,
                    scheduler=build_scheduler(sampler, self.prediction_type, self.options.ddpm.zero_terminal_snr),

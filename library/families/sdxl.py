@@ -110,19 +110,12 @@ class SDXLFamily(SDFamily):
         added = {"text_embeds": pooled, "time_ids": sizes.to(pooled.device, pooled.dtype)}
         return unet(batch.noisy_latents, batch.timesteps, conditioning["hidden"], added_cond_kwargs=added).sample
 
-    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
-        import diffusers
+    PIPELINES = {"txt2img": ("StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline"),
+                 "img2img": ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline"),
+                 "inpaint": ("StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline")}
 
-        if controlnet is None:
-            cls = {"txt2img": diffusers.StableDiffusionXLPipeline,
-                   "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
-                   "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[kind]
-            extra = {}
-        else:
-            cls = {"txt2img": diffusers.StableDiffusionXLControlNetPipeline,
-                   "img2img": diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
-                   "inpaint": diffusers.StableDiffusionXLControlNetInpaintPipeline}[kind]
-            extra = {"controlnet": controlnet}
+    def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
+        cls, extra = self._pipeline_class(kind, controlnet)
         (tok1, tok2), (te1, te2) = models.tokenizers, models.text_encoders
         return cls(vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
                    unet=models.denoiser,

@@ -1,0 +1,133 @@
+"""gen_img.py's LoRAs: kohya-format files through their network module (hooked, merged or
+pre-calculated), diffusers-form files through diffusers' loader, and the highres-fix upscaler module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusersLoRA:
+    """A LoRA in the diffusers/PEFT form, loaded by diffusers' own ``load_lora_weights`` into the
+    shared modules (any family, including SD3 files with separate q/k/v LoRAs)."""
+
+    def __init__(self, family, models, path: str, name: str, multiplier: float):
+        self.pipe = family.pipeline(models, "euler", "txt2img")
+        self.name = name
+        try:
+            self.pipe.load_lora_weights(path, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"--network_weights {path}: diffusers could not load this LoRA into this model "
+                            f"({str(exc).splitlines()[0]}; is it for another model family?)") from exc
+        self.set_multiplier(multiplier)
+
+    active: dict[str, float] = {}  # every loaded adapter's strength (they live in shared modules)
+
+    def set_multiplier(self, value: float) -> None:
+        DiffusersLoRA.active[self.name] = value
+        self.pipe.set_adapters(list(self.active), adapter_weights=list(self.active.values()))
+
+    def merge_to(self, multiplier: float) -> None:
+        self.pipe.fuse_lora(lora_scale=multiplier, adapter_names=[self.name])
+        self.pipe.delete_adapters(self.name)
+        DiffusersLoRA.active.pop(self.name, None)
+
+
+def _is_diffusers_form(path: str) -> bool:
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        return False
+    with safe_open(path, "pt") as f:
+        return any(".lora_A." in k or ".lora_B." in k for k in f.keys())
+
+
+@dataclass
+class LoadedNetwork:
+    name: str  # the file's stem (PNG metadata)
+    multiplier: float
+    network: object
+    merged: bool = False
+
+
+OWN_MODULES = ("networks.lora", "networks.lora_sd3")
+
+
+def network_kwargs(args: argparse.Namespace, i: int, module_name: str) -> dict[str, str]:
+    """kohya's ``--network_args``: one 'key=value;key=value' string per LoRA file, for its module."""
+    if i >= len(args.network_args) or not args.network_args[i].strip():
+        return {}
+    if module_name in OWN_MODULES:
+        raise UserError(f"--network_args {args.network_args[i]!r}: {module_name} takes its shape from the file "
+                        "and has no arguments at generation time (they are for other modules, e.g. lycoris.kohya)")
+    pairs = [part.split("=", 1) for part in args.network_args[i].split(";") if part.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise UserError(f"--network_args {args.network_args[i]!r}: write key=value pairs separated by ';'")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def load_networks(args, family, models, device) -> list[LoadedNetwork]:
+    """Each ``--network_weights`` file, applied, or merged (``--network_merge``, or the first
+    ``--network_merge_n_models``)."""
+    from networks.base import import_network_module
+
+    te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+    merge_count = len(args.network_weights) if args.network_merge else (args.network_merge_n_models or 0)
+    loaded = []
+    for i, path in enumerate(args.network_weights):
+        mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
+        if args.network_show_meta:
+            logger.info("LoRA %s metadata: %s", Path(path).name, _file_metadata(path))
+        if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(args.network_module):
+            network = DiffusersLoRA(family, models, path, f"lora{i}", mul)
+        else:
+            name = args.network_module[i] if i < len(args.network_module) else family.default_network_module
+            module = import_network_module(name)
+            network, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
+                                                            for_inference=True, **network_kwargs(args, i, name))
+            network.apply_to(te, models.denoiser, True, True)
+            logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
+            network.to(device, models.denoiser.dtype)
+        if i < merge_count:
+            network.merge_to(mul)
+        elif args.network_pre_calc and not hasattr(network, "pre_calculation"):
+            raise UserError(f"--network_pre_calc: {Path(path).name} is not a kohya-format LoRA of ours (it has no "
+                            "pre_calculation); use --network_merge for it, or drop --network_pre_calc")
+        loaded.append(LoadedNetwork(Path(path).stem, mul, network, i < merge_count))
+    return loaded
+
+
+def load_upscaler(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """kohya's ``--highres_fix_upscaler module --highres_fix_upscaler_args "k=v;k=v"``: the module's
+    ``create_upscaler(**kwargs)`` gives a torch module with ``support_latents()`` and
+    ``upscale(vae, images, latents, dtype, width, height, batch_size, vae_batch_size)``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(args.highres_fix_upscaler)
+    except ImportError as exc:
+        raise UserError(f"--highres_fix_upscaler {args.highres_fix_upscaler}: cannot import it ({exc})") from exc
+    if not callable(getattr(module, "create_upscaler", None)):
+        raise UserError(f"--highres_fix_upscaler {args.highres_fix_upscaler}: the module has no create_upscaler()")
+    pairs = [p.split("=", 1) for p in (args.highres_fix_upscaler_args or "").split(";") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise UserError("--highres_fix_upscaler_args: write key=value pairs separated by ';'")
+    upscaler = module.create_upscaler(**{k.strip(): v.strip() for k, v in pairs})
+    return upscaler.to(dtype).to(device)
+
+
+def _file_metadata(path: str) -> dict:
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
