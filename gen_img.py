@@ -38,8 +38,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--tokenizer_cache_dir")
     m.add_argument("--replace_clip_l14_336", action="store_true",
                    help="SD1: use CLIP-L/14-336's text tower as the text encoder (from --clip_l14_336_model)")
-    m.add_argument("--clip_l14_336_model", default="openai/clip-vit-large-patch14-336",
-                   help="hub id (cache or hub) or local folder of that model")
+    m.add_argument("--clip_l14_336_model",
+                   help="hub id (cache or hub) or local folder of that model (openai/clip-vit-large-patch14-336)")
     precision = m.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights (CUDA)")
     precision.add_argument("--bf16", action="store_true", help="bf16 weights")
@@ -118,8 +118,9 @@ def add_lora_and_image_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--clip_vision_strength", type=float,
                    help="SDXL img2img: the prompt's pooled embedding becomes the init image's CLIP vision one "
                         "times this")
-    i.add_argument("--clip_vision_model", default="laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
-                   help="hub id (cache or hub) or local folder of the CLIP vision model with projection")
+    i.add_argument("--clip_vision_model",
+                   help="hub id (cache or hub) or local folder of the CLIP vision model with projection "
+                        "(laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
     i.add_argument("--highres_fix_scale", type=float, help="first pass at this fraction of the size, e.g. 0.5")
     i.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the second (img2img) pass")
     i.add_argument("--highres_fix_strength", type=float, default=0.7, help="strength of the second pass")
@@ -161,9 +162,9 @@ def add_shrink_and_noise_args(p: argparse.ArgumentParser) -> None:
                    help="unsharp mask after growing: ksize,sigma,strength[,target_x]")
     n = p.add_argument_group("start-noise tricks (text-to-image)")
     n.add_argument("--pyramid_noise_prob", type=float, help="chance that an image starts from pyramid noise")
-    n.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, default=[0.3, 0.8], metavar=("MIN", "MAX"))
+    n.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, metavar=("MIN", "MAX"), help="0.3 0.8")
     n.add_argument("--noise_offset_prob", type=float, help="chance that an image's start noise gets an offset")
-    n.add_argument("--noise_offset_range", type=float, nargs=2, default=[-0.1, 0.1], metavar=("MIN", "MAX"))
+    n.add_argument("--noise_offset_range", type=float, nargs=2, metavar=("MIN", "MAX"), help="-0.1 0.1")
 
 
 def build_parser() -> argparse.ArgumentParser:

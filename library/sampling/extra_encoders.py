@@ -38,6 +38,7 @@ class ClipVisionPooled:
     def __init__(self, name: str, strength: float, device: torch.device, dtype: torch.dtype):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+        name = name or CLIP_VISION_BIG_G
         self.model = _from_pretrained(CLIPVisionModelWithProjection, name, "--clip_vision_model")
         self.model.to(device, dtype).eval().requires_grad_(False)
         self.processor = _from_pretrained(CLIPImageProcessor, name, "--clip_vision_model")
@@ -58,9 +59,10 @@ def replace_text_encoder(args: argparse.Namespace, models, dtype: torch.dtype) -
     """``--replace_clip_l14_336``: CLIP-L/14-336's text tower in place of the SD1 text encoder."""
     from transformers import CLIPTextModel
 
-    new = _from_pretrained(CLIPTextModel, args.clip_l14_336_model, "--clip_l14_336_model", torch_dtype=dtype)
+    name = args.clip_l14_336_model or CLIP_L14_336
+    new = _from_pretrained(CLIPTextModel, name, "--clip_l14_336_model", torch_dtype=dtype)
     old = models.text_encoders[0]
     if new.config.hidden_size != old.config.hidden_size:
-        raise UserError(f"--replace_clip_l14_336: {args.clip_l14_336_model} is {new.config.hidden_size} wide, this "
+        raise UserError(f"--replace_clip_l14_336: {name} is {new.config.hidden_size} wide, this "
                         f"model's text encoder {old.config.hidden_size} (it replaces SD1's CLIP-L)")
     models.text_encoders[0] = new.to(next(old.parameters()).device).eval().requires_grad_(False)

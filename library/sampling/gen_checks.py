@@ -45,9 +45,26 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mask_path and not args.image_path and args.network_pre_calc:
         raise UserError("--network_pre_calc cannot be used with regional LoRA (its updates depend on the region)")
     _check_shrink_and_noise_args(args)
+    _check_nothing_unused(args)
     from library.sampling.controlnet import check_controlnet_args
 
     check_controlnet_args(args)
+
+
+PYRAMID_DISCOUNTS, OFFSETS = (0.3, 0.8), (-0.1, 0.1)  # kohya's ranges when the flags are not given
+
+# a flag -> the flags of which one must be given for it to be used
+USED_WITH = {"clip_vision_model": ("clip_vision_strength",), "clip_l14_336_model": ("replace_clip_l14_336",),
+             "prompter_module_args": ("from_module",), "highres_fix_upscaler_args": ("highres_fix_upscaler",),
+             "pyramid_noise_discount_range": ("pyramid_noise_prob",), "noise_offset_range": ("noise_offset_prob",),
+             "guide_image_path": ("control_net_models", "control_net_lllite_models")}
+
+
+def _check_nothing_unused(args: argparse.Namespace) -> None:
+    """A flag given without the flag that uses it would be ignored: say so instead."""
+    for flag, users in USED_WITH.items():
+        if getattr(args, flag) and not any(getattr(args, user) for user in users):
+            raise UserError(f"--{flag} is only used with {' or '.join('--' + u for u in users)}, which is not given")
 
 
 def _check_shrink_and_noise_args(args: argparse.Namespace) -> None:
@@ -63,7 +80,8 @@ def _check_shrink_and_noise_args(args: argparse.Namespace) -> None:
             raise UserError(f"--gradual_latent_timesteps needs --sampler euler_a (not {args.sampler})")
         if args.image_path:
             raise UserError("--gradual_latent_timesteps is for text-to-image; it cannot be used with --image_path")
-    ranges = {"pyramid_noise": args.pyramid_noise_discount_range, "noise_offset": args.noise_offset_range}
+    ranges = {"pyramid_noise": args.pyramid_noise_discount_range or PYRAMID_DISCOUNTS,
+              "noise_offset": args.noise_offset_range or OFFSETS}
     for name, (low, high) in ranges.items():
         prob = getattr(args, f"{name}_prob")
         if prob is not None and not 0 <= prob <= 1:
@@ -95,8 +113,8 @@ def noise_tricks(args: argparse.Namespace):
 
     if not (args.pyramid_noise_prob or args.noise_offset_prob):
         return None
-    return NoiseTricks(args.pyramid_noise_prob or 0.0, tuple(args.pyramid_noise_discount_range),
-                       args.noise_offset_prob or 0.0, tuple(args.noise_offset_range))
+    return NoiseTricks(args.pyramid_noise_prob or 0.0, tuple(args.pyramid_noise_discount_range or PYRAMID_DISCOUNTS),
+                       args.noise_offset_prob or 0.0, tuple(args.noise_offset_range or OFFSETS))
 
 
 SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "original_height_negative",

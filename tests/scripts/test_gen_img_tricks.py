@@ -224,3 +224,16 @@ def test_enumerated_dynamic_prompt_makes_one_image_per_variant(sd1, tmp_path):
     assert [t["prompt"].split()[1] for t in texts] == ["red", "blue", "green"]  # not 5: one per variant
     assert all(t["prompt"].split()[2] in ("circle", "square") for t in texts)
     assert all(t["raw-prompt"] == "a {e$$red|blue|green} {circle|square}" for t in texts)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--clip_vision_model", "some/model"), "--clip_vision_model is only used with --clip_vision_strength"),
+    (("--noise_offset_range", "0", "0.2"), "--noise_offset_range is only used with --noise_offset_prob"),
+    (("--guide_image_path", "g.png"), "--guide_image_path is only used with --control_net_models or "
+                                      "--control_net_lllite_models"),
+    (("--prompter_module_args", "a=1"), "--prompter_module_args is only used with --from_module"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, args, message):
+    assert _gen("--ckpt", str(tmp_path / "no-model.safetensors"), "--prompt", "x", "--outdir", str(tmp_path / "o"),
+                *args) == 2
+    assert message in capsys.readouterr().err
