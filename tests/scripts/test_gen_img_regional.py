@@ -93,3 +93,26 @@ def test_regional_with_guidance_colour_codes_and_bad_lines(setup, tmp_path, caps
     assert _gen("--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "f"),
                 "--network_regional_mask_max_color_codes", "2") == 2
     assert "is for regional LoRA" in capsys.readouterr().err
+
+
+def test_sdxl_whole_image_region_equals_its_lora_alone(tiny_family_models, tmp_path):
+    """The same check on SDXL (two text encoders, pooled text and size conditioning)."""
+    from library.families.sdxl import SDXLFamily
+    from networks import lora
+
+    xl = str(tiny_family_models["sdxl"])
+    paths = []
+    for seed in (1, 2):
+        models = SDXLFamily().load(xl, torch.float32, None)
+        net = lora.create_network(1.0, 4, 4, None, models.text_encoders, models.denoiser)
+        torch.manual_seed(seed)
+        for m in net.all_loras():
+            torch.nn.init.normal_(m.lora_up.weight, std=0.5)
+        net.save_weights(str(tmp_path / f"xl{seed}.safetensors"), torch.float32, {})
+        paths.append(str(tmp_path / f"xl{seed}.safetensors"))
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    regional = _image(xl, tmp_path / "r", "red circle AND blue square", "--network_weights", *paths,
+                      "--network_mul", "0.8", "0.6", "--scale", "1", "--mask_path", str(tmp_path / "red.png"))
+    alone = _image(xl, tmp_path / "a", "red circle", "--network_weights", paths[0], "--network_mul", "0.8",
+                   "--scale", "1")
+    assert np.abs(regional - alone).max() <= 2
