@@ -104,13 +104,17 @@ def load_controlnets(args: argparse.Namespace, models, device: torch.device, dty
     uses = []
     for i, path in enumerate(args.control_net_models):
         model = load_controlnet_model(path, models.denoiser, dtype).to(device).eval().requires_grad_(False)
-        uses.append(ControlNetUse(model, _nth(args.control_net_preps, i, "none"),
-                                  _nth(args.control_net_multipliers, i, 1.0), _nth(args.control_net_ratios, i, 1.0)))
+        uses.append(ControlNetUse(model, *per_model_settings(args, i)))
     return tuple(uses)
 
 
-def _nth(values: list, i: int, default):
-    return values[i] if i < len(values) else default
+def per_model_settings(args: argparse.Namespace, i: int) -> tuple[str, float, float]:
+    """(prep, multiplier, ratio) of the i-th ControlNet or LLLite model (kohya's defaults where not given)."""
+    def nth(values: list, default):
+        return values[i] if i < len(values) else default
+
+    return (nth(args.control_net_preps, "none"), nth(args.control_net_multipliers, 1.0),
+            nth(args.control_net_ratios, 1.0))
 
 
 def control_kwargs(uses: tuple, guides: list, width: int, height: int, key: str) -> dict:

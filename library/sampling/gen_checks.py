@@ -135,15 +135,25 @@ def check_family_args(args: argparse.Namespace, family, family_name: str) -> Non
     if args.control_net_models and not family.controlnet_supported:
         raise UserError(f"--control_net_models: ControlNet is available for SD1/SD2/SDXL models, not {family_name}")
     if not family.unet_denoiser:
-        used = [f"--{name}" for name in ("force_scheduler_zero_steps_offset", "ddim_eta") if getattr(args, name)]
-        if args.emb_normalize_mode != "original":
-            used.append("--emb_normalize_mode")
-        if used:
-            raise UserError(f"{', '.join(used)}: for SD1/SD2/SDXL models (their samplers and prompt weighting); "
-                            f"this is an {family_name} model")
+        _check_unet_only_args(args, family_name)
     sizes = [f"--{name}" for name in SIZE_FLAGS if getattr(args, name) is not None]
     if sizes and not family.size_conditioning:
         raise UserError(f"{', '.join(sizes)}: SDXL's size conditioning; this {family_name} model has none")
+
+
+def _check_unet_only_args(args: argparse.Namespace, family_name: str) -> None:
+    """Flags for the UNet families (SD1/SD2/SDXL), refused for a model without a UNet."""
+    if args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None:
+        raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
+                        f"not on this {family_name} model")
+    if args.mask_path and not args.image_path:
+        raise UserError(f"regional LoRA (--mask_path without --image_path) is for SD1/SD2/SDXL, not {family_name}")
+    used = [f"--{name}" for name in ("force_scheduler_zero_steps_offset", "ddim_eta") if getattr(args, name)]
+    if args.emb_normalize_mode != "original":
+        used.append("--emb_normalize_mode")
+    if used:
+        raise UserError(f"{', '.join(used)}: for SD1/SD2/SDXL models (their samplers and prompt weighting); "
+                        f"this is an {family_name} model")
 
 
 def with_size_defaults(prompts: list, args: argparse.Namespace) -> list:

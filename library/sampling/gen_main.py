@@ -82,34 +82,63 @@ def generate_all(args: argparse.Namespace) -> list[str]:
     guides = gen_run.read_images(args.guide_image_path, "guide_image_path")
     family_name = detect_family(args)
     family = generation_family(family_name, args)
-    if (args.ds_depth_1 is not None or args.gradual_latent_timesteps is not None) and not family.unet_denoiser:
-        raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
-                        f"not on this {family_name} model")
     check_family_args(args, family, family_name)
     settings = run_settings(args, family)
-    jobs, problems = [], []
-    if args.prompt is not None or args.from_file:  # checked before the model is loaded
-        prompts, problems = read_prompt_file(args.from_file) if args.from_file \
-            else ([parse_gen_line(args.prompt, "--prompt")], [])
-        prompts = with_size_defaults(prompts, args)
-        problems += line_problems(prompts, family, family_name)
-        jobs = gen_run.make_jobs(prompts, settings)
-        if not jobs:
-            return problems or ["no prompts to generate"]
+    jobs, problems = _planned_jobs(args, family, family_name, settings)
+    if not jobs and (args.prompt is not None or args.from_file):
+        return problems or ["no prompts to generate"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
     models = load_for_generation(args, family, device, dtype)
+    embeddings = _prepare_text_encoders(args, family, models, dtype)
+    networks = load_networks(args, family, models, device)
+    shared = _run_batch_settings(args, models, device, dtype)
+    if masks and init_images is None:  # LoRAs with a mask and no image: the mask holds their regions
+        from library.sampling.regional import RegionalLoRA
+
+        shared["regional"] = RegionalLoRA(networks, masks[0], args.network_regional_mask_max_color_codes)
+        masks = None
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    session = GenSession(args, family, models, networks, (init_images, masks, guides), device, autocast, shared,
+                         embeddings)
+    session.problems = problems
+    if args.highres_fix_upscaler:
+        session.upscaler = load_upscaler(args, device, models.vae.dtype)
+    if jobs:
+        session.generate(jobs)
+    else:
+        _generate_as_prompts_arrive(args, session, settings, family_name)
+    logger.info("%d image(s) written to %s", session.written, session.outdir)
+    return session.problems
+
+
+def _planned_jobs(args, family, family_name: str, settings: gen_run.Settings) -> tuple[list, list[str]]:
+    """--prompt / --from_file: every job and the problems of the lines, before the model is loaded
+    (none for --interactive / --from_module, whose prompts arrive later)."""
+    if args.prompt is None and not args.from_file:
+        return [], []
+    prompts, problems = read_prompt_file(args.from_file) if args.from_file \
+        else ([parse_gen_line(args.prompt, "--prompt")], [])
+    prompts = with_size_defaults(prompts, args)
+    problems += line_problems(prompts, family, family_name)
+    return gen_run.make_jobs(prompts, settings), problems
+
+
+def _prepare_text_encoders(args, family, models, dtype: torch.dtype):
+    """--replace_clip_l14_336, then --textual_inversion_embeddings (returned: it rewrites prompts)."""
     if args.replace_clip_l14_336:
         from library.sampling.extra_encoders import replace_text_encoder
 
         replace_text_encoder(args, models, dtype)
-    embeddings = None
-    if args.textual_inversion_embeddings:
-        from library.sampling.textual_inversion import load_textual_inversions
+    if not args.textual_inversion_embeddings:
+        return None
+    from library.sampling.textual_inversion import load_textual_inversions
 
-        embeddings = load_textual_inversions(args.textual_inversion_embeddings, family, models)
-    networks = load_networks(args, family, models, device)
-    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return load_textual_inversions(args.textual_inversion_embeddings, family, models)
+
+
+def _run_batch_settings(args, models, device: torch.device, dtype: torch.dtype) -> dict:
+    """The GenBatch fields every batch of the run shares (and the models they bring)."""
     shared = {"noise_tricks": noise_tricks(args), "ddim_eta": args.ddim_eta,
               "zero_steps_offset": args.force_scheduler_zero_steps_offset, "vae_batch_size": args.vae_batch_size}
     if args.clip_vision_strength is not None:
@@ -124,24 +153,7 @@ def generate_all(args: argparse.Namespace) -> list[str]:
         from library.sampling.lllite import load_lllites
 
         shared["lllites"] = load_lllites(args, models, device, dtype)
-    if masks and init_images is None:  # LoRAs with a mask and no image: the mask holds their regions
-        from library.sampling.regional import RegionalLoRA
-
-        if not family.unet_denoiser:
-            raise UserError(f"regional LoRA (--mask_path without --image_path) is for SD1/SD2/SDXL, not {family_name}")
-        shared["regional"] = RegionalLoRA(networks, masks[0], args.network_regional_mask_max_color_codes)
-        masks = None
-    session = GenSession(args, family, models, networks, (init_images, masks, guides), device, autocast, shared,
-                         embeddings)
-    session.problems = problems
-    if args.highres_fix_upscaler:
-        session.upscaler = load_upscaler(args, device, models.vae.dtype)
-    if jobs:
-        session.generate(jobs)
-    else:
-        _generate_as_prompts_arrive(args, session, settings, family_name)
-    logger.info("%d image(s) written to %s", session.written, session.outdir)
-    return session.problems
+    return shared
 
 
 def _generate_as_prompts_arrive(args, session: GenSession, settings: gen_run.Settings, family_name: str) -> None:

@@ -132,15 +132,14 @@ class LLLiteUse:
 
 def load_lllites(args, models, device: torch.device, dtype: torch.dtype) -> tuple:
     from library.models.sd_loading import read_state_dict
-    from library.sampling.controlnet import _nth
+    from library.sampling.controlnet import per_model_settings
 
     uses = []
     for i, path in enumerate(args.control_net_lllite_models):
         state = read_state_dict(path)
         network = LLLite(models.denoiser, state, path)
         network.to(device, dtype).eval().requires_grad_(False)
-        uses.append(LLLiteUse(network, _nth(args.control_net_preps, i, "none"),
-                              _nth(args.control_net_multipliers, i, 1.0), _nth(args.control_net_ratios, i, 1.0)))
+        uses.append(LLLiteUse(network, *per_model_settings(args, i)))
     return tuple(uses)
 
 
