@@ -58,6 +58,9 @@ class LoRANetwork(nn.Module):
         # modules are registered under their kohya names, so state_dict() keys are the file's keys
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
+        # which text encoder each text-encoder module belongs to, for one learning rate per encoder
+        # (kohya looked this up by the lora_te1_/lora_te2_ prefixes, which SD1's lora_te_ never has)
+        self.encoder_of: dict[str, int] = {t.name: t.encoder for t in self.targets if t.part == "te"}
         for t in self.targets:
             if module_dims is not None and t.name not in module_dims:
                 continue
@@ -183,16 +186,25 @@ class LoRANetwork(nn.Module):
                 blocks.setdefault(block_index(m.lora_name, self.sgm), []).append(m)
             unet = [(mods, unet_rate * self._block_weight(mods[0].lora_name), f"unet block{i:02d}")
                     for i, mods in sorted(blocks.items())]
+        return self._text_encoder_parts(text_encoder_lr, default_lr) + unet
+
+    def _text_encoder_parts(self, text_encoder_lr, default_lr) -> list[tuple[list[LoRAModule], float, str]]:
+        """One part per text encoder when rates are given per encoder (kohya: an encoder without a rate
+        of its own trains at the default rate), else one part for all of them."""
         rates = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         rates = [r if r is not None else default_lr for r in rates]
-        if len(rates) == 1:
-            return [(self.text_encoder_loras, rates[0], "textencoder"), *unet]
-        parts = []
-        for i, rate in enumerate(rates):
-            prefix = f"lora_te{i + 1}_"
-            parts.append(([m for m in self.text_encoder_loras if m.lora_name.startswith(prefix)], rate,
-                          f"textencoder{i + 1}"))
-        return parts + unet
+        by_encoder: dict[int, list[LoRAModule]] = {}
+        for m in self.text_encoder_loras:
+            by_encoder.setdefault(self.encoder_of.get(m.lora_name, 0), []).append(m)
+        if len(rates) == 1 or len(by_encoder) <= 1:
+            used = min(by_encoder, default=0)
+            rate = rates[used] if used < len(rates) else default_lr
+            if len(rates) > 1 and len(set(rates)) > 1:
+                logger.warning("--text_encoder_lr %s: this network trains one text encoder, which uses %s",
+                               rates, rate)
+            return [(self.text_encoder_loras, rate, "textencoder")]
+        return [(mods, rates[i] if i < len(rates) else default_lr, f"textencoder{i + 1}")
+                for i, mods in sorted(by_encoder.items())]
 
     def enable_gradient_checkpointing(self) -> None:
         """LoRA needs nothing here: checkpointing of the base model covers the hooked forwards."""

@@ -43,6 +43,7 @@ class Target:
     fused: tuple[nn.Module, ...] = ()  # Linear layers stored as one matrix in the file (SD3's q/k/v)
     swap_out_halves: bool = False  # the file's output rows are (b, a) where the module has (a, b)
     peft: tuple[str, ...] = ()  # diffusers/PEFT names ("<component>.<module path>"), one per fused layer
+    encoder: int = 0  # text encoders: which one (0-based), for per-encoder learning rates
 
 
 def uses_sgm_names(unet: nn.Module | None) -> bool:
@@ -92,7 +93,7 @@ def find_targets(text_encoders: list[nn.Module], unet: nn.Module | None, with_co
             if isinstance(module, nn.Linear) and TE_TARGET.search(path):
                 flat = path[len("text_model."):] if path.startswith("text_model.") else path
                 targets.append(Target(te_lora_name(prefix, path), module, "te", peft=(f"{peft}.{path}",),
-                                      aliases=[f"{peft}.{flat}", f"{peft}.text_model.{flat}"]))
+                                      encoder=index, aliases=[f"{peft}.{flat}", f"{peft}.text_model.{flat}"]))
     if unet is None:
         return targets
     sgm = uses_sgm_names(unet)

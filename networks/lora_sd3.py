@@ -128,7 +128,7 @@ def _name(original: str) -> str:
 
 
 def t5_targets(t5: nn.Module, prefix: str = "lora_te3") -> list[Target]:
-    return [Target(f"{prefix}_{path.replace('.', '_')}", m, "te", peft=(f"text_encoder_3.{path}",))
+    return [Target(f"{prefix}_{path.replace('.', '_')}", m, "te", peft=(f"text_encoder_3.{path}",), encoder=2)
             for path, m in t5.named_modules() if isinstance(m, nn.Linear) and T5_TARGET.search(path)]
 
 

@@ -272,22 +272,23 @@ def _check_files(args: argparse.Namespace) -> None:
 
 def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
     return OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
-                           _text_encoder_lr(args), args.lr_scheduler, args.lr_warmup_steps,
+                           text_encoder_rates(args), args.lr_scheduler, args.lr_warmup_steps,
                            args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm,
                            args.lr_decay_steps,
                            args.lr_scheduler_min_lr_ratio, args.lr_scheduler_type, tuple(args.lr_scheduler_args))
 
 
-def _text_encoder_lr(args: argparse.Namespace) -> float | tuple[float | None, ...] | None:
-    """``--text_encoder_lr`` (one value, or one per encoder), with SDXL's ``--text_encoder_lr1/2``
-    overriding the rate of one encoder."""
+def text_encoder_rates(args: argparse.Namespace) -> float | tuple[float | None, ...] | None:
+    """``--text_encoder_lr`` (one value for every encoder, or one per encoder: CLIP-L, CLIP-G, T5),
+    with SDXL's ``--text_encoder_lr1/2`` overriding the rate of one encoder."""
     rates = list(args.text_encoder_lr or [])
-    if len(rates) > 2:
-        raise UserError(f"--text_encoder_lr: at most one value per text encoder (2), got {len(rates)}")
+    if len(rates) > 3:
+        raise UserError(f"--text_encoder_lr: at most one value per text encoder (3 for SD3), got {len(rates)}")
     per_encoder = [getattr(args, "text_encoder_lr1", None), getattr(args, "text_encoder_lr2", None)]
     if len(rates) < 2 and not any(r is not None for r in per_encoder):
         return rates[0] if rates else None
     base = rates + [rates[0] if rates else None] * (2 - len(rates))
+    per_encoder += [None] * (len(base) - 2)
     return tuple(own if own is not None else b for own, b in zip(per_encoder, base))
 
 
