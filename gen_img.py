@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
-    from library.sampling.gen_main import generate_all
+    from library.generation.main import generate_all
 
     failures = generate_all(args)
     if failures:

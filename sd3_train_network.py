@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
+    from library.config.family_options import training_family
     from library.config.training_config import build_training_config
-    from library.families import family_from_args
     from library.training.trainer import NetworkTrainer
     from library.utils.errors import UserError
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                         "or --gradient_checkpointing")
     if args.network_module == "networks.lora":
         raise UserError("--network_module networks.lora targets SD1/SDXL UNets; for SD3 use networks.lora_sd3")
-    family = family_from_args("sd3", args)
-    NetworkTrainer(family, build_training_config(args)).run()
+    config = build_training_config(args)
+    NetworkTrainer(training_family("sd3", args, config.datasets), config).run()
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
+    from library.config.family_options import training_family
     from library.config.training_config import build_training_config
-    from library.families import family_from_args
     from library.families.sdxl import check_sdxl_resolution
     from library.training.trainer import NetworkTrainer
 
-    family = family_from_args("sdxl", args)
     config = build_training_config(args)
+    family = training_family("sdxl", args, config.datasets)
     for i, ds in enumerate(config.datasets):
         check_sdxl_resolution(*ds.resolution, where=f"datasets[{i}].resolution")
     NetworkTrainer(family, config).run()

@@ -17,12 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     from library.utils.log import setup_logging
 
     setup_logging(args.console_log_level)
+    from library.config.family_options import training_family
     from library.config.training_config import build_training_config
-    from library.families import family_from_args
     from library.training.trainer import NetworkTrainer
 
     config = build_training_config(args)
-    NetworkTrainer(family_from_args("sd", args), config).run()
+    NetworkTrainer(training_family("sd", args, config.datasets), config).run()
 
 
 if __name__ == "__main__":

@@ -77,19 +77,22 @@ def build_models(tiny: bool):
 
 def run(parts, size: int, steps: int, warmup: int, swap: int) -> tuple[list[float], int]:
     """The real trainer; per-step times after warm-up and the most blocks resident at once."""
-    from library.families.base import LoadedModels
-    from library.families.sd3 import SD3Family, SD3Options
+    from library.families.sd3 import SD3Family, SD3Models, SD3Options
+
+    loaded = []
 
     class InMemorySD3(SD3Family):
         def load(self, name_or_path, dtype, tokenizer_dir, device=None):
-            self.model_type = parts.model_type()
-            return LoadedModels(parts.transformer, parts.vae, [parts.clip_l, parts.clip_g, parts.t5xxl],
-                                [parts.tokenizers[k] for k in ("clip_l", "clip_g", "t5xxl")], source="random")
+            loaded.append(SD3Models(parts.transformer, parts.vae, [parts.clip_l, parts.clip_g, parts.t5xxl],
+                                    [parts.tokenizers[k] for k in ("clip_l", "clip_g", "t5xxl")], source="random",
+                                    variant=parts.model_type()))
+            return loaded[-1]
 
     family = InMemorySD3(SD3Options(blocks_to_swap=swap, t5xxl_max_token_length=256))
     times = train_timed(family, size, steps, warmup, ["--network_module", "networks.lora_sd3", "--mixed_precision",
                                                       "bf16", "--cache_latents", "--cache_text_encoder_outputs"])
-    resident = family.block_swap.max_resident if family.block_swap else parts.transformer.config.num_layers
+    swap_of = loaded[-1].block_swap
+    resident = swap_of.max_resident if swap_of else parts.transformer.config.num_layers
     return times, resident
 
 

@@ -87,7 +87,7 @@ def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
 
     from library.families.base import LoadedModels
     from library.families.sdxl import SDXLFamily
-    from library.training.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+    from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
     from networks import lora
 
     tes = [parts.text_encoder_1, parts.text_encoder_2]

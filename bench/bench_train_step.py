@@ -118,7 +118,7 @@ def run_bare(parts, size: int, steps: int, warmup: int, uncached: bool = False) 
     """The same work without the trainer around it."""
     import torch
 
-    from library.training.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+    from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
     from networks import lora
 
     net = lora.create_network(1.0, 16, 16, parts.vae, parts.text_encoder, parts.unet)

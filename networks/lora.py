@@ -23,7 +23,7 @@ import os
 import torch
 from torch import nn
 
-from library.training.metadata import add_model_hashes
+from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
 from networks.block_lr import block_index, block_lr_weights

@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from library.args.common import network_training_parser
     from library.args.config_file import parse_args_with_config
+    from library.config.family_options import training_family
     from library.config.training_config import build_datasets
     from library.data.dataset import build_dataset_group
-    from library.data.latent_cache import cache_latents, module_fingerprint
-    from library.families import family_from_args
+    from library.data.latent_cache import cache_latents
+    from library.models.fingerprint import module_fingerprint
     from library.utils.log import setup_logging
 
     parser = network_training_parser("Pre-compute latent cache files (SD1.x/2.x, or SDXL with --sdxl)")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.console_log_level)
     configs, _ = build_datasets(args)
     group, report = build_dataset_group(configs, args.seed or 0, args.prior_loss_weight, args.strict_dataset)
-    family = family_from_args("sdxl" if args.sdxl else "sd", args)
+    family = training_family("sdxl" if args.sdxl else "sd", args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from library.optim.optimizers import SCHEDULERS
 from library.sampling.samplers import SAMPLER_NAMES
-from library.training.optim import SCHEDULERS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

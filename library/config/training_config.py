@@ -11,17 +11,16 @@ from pathlib import Path
 import toml
 import torch
 
-from library.config.dataset_config import (
+from library.data.dataset_config import (
     DatasetConfig,
     folders_to_config,
     load_config_file,
     metadata_to_config,
     parse_dataset_config,
 )
+from library.maths.precision import check_precision_flags
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.sampling.prompts import SamplePrompt, load_prompt_file
-from library.training.noise import DDPMOptions, SNRWeighting
-from library.training.precision import check_precision_flags
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -307,7 +306,7 @@ def _save_config(args: argparse.Namespace) -> SaveConfig:
 
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
-    from library.training.optim import check_fused_backward, check_optimizer_name
+    from library.optim.optimizers import check_fused_backward, check_optimizer_name
     from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
@@ -351,21 +350,3 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         tracker_name=args.log_tracker_name, tracker_init=_tracker_init(args), log_config=args.log_config,
         resume=args.resume, dataset_source=source,
         raw_args=vars(args).copy())
-
-
-def build_ddpm_options(args: argparse.Namespace) -> DDPMOptions:
-    """Noise/loss options of DDPM families from the flags; contradictions stop the run here."""
-    opts = DDPMOptions(
-        v_parameterization=args.v_parameterization, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
-        noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
-        adaptive_noise_scale=args.adaptive_noise_scale, multires_noise_iterations=args.multires_noise_iterations,
-        multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
-        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength, zero_terminal_snr=args.zero_terminal_snr,
-        snr_weighting=SNRWeighting(args.min_snr_gamma, args.scale_v_pred_loss_like_noise_pred,
-                                   args.v_pred_like_loss, args.debiased_estimation_loss),
-        loss_type=args.loss_type, huber_schedule=args.huber_schedule, huber_c=args.huber_c,
-        huber_scale=args.huber_scale)
-    problems = opts.problems()
-    if problems:
-        raise UserError("; ".join(problems))
-    return opts

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from library.config.dataset_config import DatasetConfig, SubsetConfig
 from library.data import buckets as bk
 from library.data.captions import CaptionError, process_caption, read_caption_file
+from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.images import (
     color_augment,
     face_crop,

@@ -10,7 +10,6 @@ shape does not match the current settings, or that cannot be read, is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,20 +28,6 @@ from library.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A short identity of a module's weights: its class, config and a hash of a few tensors."""
-    h = hashlib.sha256(type(module).__name__.encode())
-    config = getattr(module, "config", None)
-    if config is not None:
-        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers
-        public = {k: v for k, v in items.items() if not k.startswith("_")}  # "_" keys vary by process
-        h.update(json.dumps(public, sort_keys=True, default=str).encode())
-    params = list(module.state_dict().values())
-    for t in params[:2] + params[-2:]:
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_path(item: ImageItem, suffix: str) -> Path:

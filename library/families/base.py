@@ -7,7 +7,7 @@ family is a new module implementing :class:`ModelFamily` plus an entry in ``fami
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +22,9 @@ class LoadedModels:
     text_encoders: list[torch.nn.Module]
     tokenizers: list[Any]
     source: str = ""
-    extra: dict = field(default_factory=dict)
+    #: what loading found out that the options did not say (SD: "sd1" / "sd2"; SD3: the model type,
+    #: e.g. "medium", "5-large"); families keep no such state themselves
+    variant: str = ""
 
 
 @dataclass
@@ -103,7 +105,7 @@ class ModelFamily(ABC):
     @abstractmethod
     def make_noisy_batch(self, latents: torch.Tensor, rng, timestep: int | None = None) -> NoisyBatch:
         """Draw noise and timesteps from ``rng`` (a per-sample
-        :class:`~library.training.rng.SampleRNG`) and build the noisy input and the training target.
+        :class:`~library.maths.rng.SampleRNG`) and build the noisy input and the training target.
         ``timestep`` fixes the timestep (validation uses a few fixed ones)."""
 
     @abstractmethod
@@ -148,5 +150,5 @@ class ModelFamily(ABC):
         return run_batch(self, models, batch, device)[0]
 
     @abstractmethod
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, models: LoadedModels) -> dict[str, str]:
         """Family-specific training metadata (``ss_base_model_version``, ``modelspec.architecture``, ...)."""

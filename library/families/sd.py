@@ -8,12 +8,12 @@ import torch
 
 from library.families import clip_text
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
+from library.maths import noise as noise_fns
+from library.maths.loss import apply_mask, elementwise_loss, per_sample_mean
+from library.maths.noise import DDPMOptions
+from library.maths.rng import SampleRNG
 from library.models.sd_loading import load_sd_model, load_vae
 from library.sampling.samplers import build_scheduler
-from library.training import noise as noise_fns
-from library.training.loss import apply_mask, elementwise_loss, per_sample_mean
-from library.training.noise import DDPMOptions
-from library.training.rng import SampleRNG
 from library.utils.errors import UserError
 
 
@@ -52,7 +52,6 @@ class SDFamily(ModelFamily):
 
     def __init__(self, options: SDOptions = SDOptions()):
         self.options = options
-        self.v2 = False
         ztsnr = options.ddpm.zero_terminal_snr
         self.alphas_cumprod = noise_fns.scaled_linear_alphas_cumprod(zero_terminal_snr=ztsnr)
 
@@ -64,11 +63,10 @@ class SDFamily(ModelFamily):
         if self.options.v2 and not parts.v2:
             raise UserError(f"--v2 was given but {name_or_path} is an SD1.x model (its text encoder is CLIP-L); "
                             "remove --v2")
-        self.v2 = parts.v2
         if parts.prediction_type == "v_prediction" and not self.options.ddpm.v_parameterization:
             raise UserError(f"{name_or_path} is a v-prediction model (its scheduler says so): add --v_parameterization")
         return LoadedModels(denoiser=parts.unet, vae=parts.vae, text_encoders=[parts.text_encoder],
-                            tokenizers=[parts.tokenizer], source=name_or_path)
+                            tokenizers=[parts.tokenizer], source=name_or_path, variant="sd2" if parts.v2 else "sd1")
 
     def encode_images(self, models: LoadedModels, images: torch.Tensor, rng: SampleRNG | None = None) -> torch.Tensor:
         vae = models.vae
@@ -94,7 +92,7 @@ class SDFamily(ModelFamily):
                                         self.options.weighted_captions, device, self.options.emb_normalize)
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
-        from library.data.latent_cache import module_fingerprint
+        from library.models.fingerprint import module_fingerprint
 
         o = self.options
         return {"family": self.name, "encoder": module_fingerprint(models.text_encoders[0]),
@@ -173,7 +171,7 @@ class SDFamily(ModelFamily):
     def _vae_metadata(self) -> dict[str, str]:
         import os
 
-        from library.training.metadata import file_hashes
+        from library.maths.metadata import file_hashes
 
         vae = self.options.vae
         if not vae:
@@ -183,16 +181,17 @@ class SDFamily(ModelFamily):
             meta["ss_vae_hash"], meta["ss_new_vae_hash"] = file_hashes(vae)
         return meta
 
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, models: LoadedModels) -> dict[str, str]:
         v = self.options.ddpm.v_parameterization
-        if self.v2:
+        v2 = models.variant == "sd2"
+        if v2:
             version = "sd_v2_v" if v else "sd_v2"
             arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
         else:
             version, arch = "sd_v1", "stable-diffusion-v1"
         return {
             **self.options.ddpm.metadata(),
-            "ss_v2": str(self.v2),
+            "ss_v2": str(v2),
             "ss_base_model_version": version,
             "ss_v_parameterization": str(v),
             "ss_clip_skip": str(self.options.clip_skip) if self.options.clip_skip else "None",

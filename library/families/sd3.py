@@ -5,23 +5,27 @@
   (concatenated: the MMDiT's pooled input); T5-XXL gives up to ``--t5xxl_max_token_length``
   states appended along the sequence (zeros when no T5 is loaded). The parts are kept separate in
   the conditioning so per-encoder caption dropout can zero one of them after caching.
-* Training maths: :mod:`library.training.flow`.
+* Training maths: :mod:`library.maths.flow`.
 * Latents: (x - 0.0609) * 1.5305.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
+from library.maths import flow
+from library.maths.flow import FlowOptions
+from library.maths.loss import apply_mask, elementwise_loss, per_sample_mean
+from library.maths.rng import SampleRNG
+from library.models.block_swap import BlockSwap, install_block_swap
 from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, load_sd3_model
-from library.training import flow
-from library.training.flow import FlowOptions
-from library.training.loss import apply_mask, elementwise_loss, per_sample_mean
-from library.training.rng import SampleRNG
+from library.models.sd3_pos_embed import PosEmbedOptions
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,19 @@ class SD3Options:
 
 
 @dataclass
+class SD3Models(LoadedModels):
+    """SD3's modules plus what the family installs on them."""
+
+    pos_embed: PosEmbedOptions | None = None  # the positional-embedding window (random crop, scaled tables)
+    block_swap: BlockSwap | None = None  # installed by :meth:`SD3Family.place` with --blocks_to_swap
+
+
+@functools.cache
+def _tell_sampler_once(sampler: str) -> None:
+    logger.info("SD3 uses the flow-matching Euler sampler (sampler %s is for SD1/SDXL)", sampler)
+
+
+@dataclass
 class SD3NoisyBatch(NoisyBatch):
     """A noisy batch plus where this step's positional-embedding window sits (None: centred)."""
 
@@ -77,15 +94,12 @@ class SD3Family(ModelFamily):
     diffusers_lora_via_pipeline = True  # diffusers' SD3 LoRAs have separate q/k/v, ours are fused
 
     def __init__(self, options: SD3Options = SD3Options()):
+        check_options(options)
         self.options = options
-        self.model_type = "medium"
-        self.pos_embed = None  # PosEmbedOptions when a positional-embedding option is on
-        self.block_swap = None
-        self._told_sampler = False
 
     # ----------------------------------------------------------------- models
     def load(self, name_or_path: str, dtype: torch.dtype, tokenizer_dir: str | None,
-             device: torch.device | None = None) -> LoadedModels:
+             device: torch.device | None = None) -> SD3Models:
         o = self.options
         parts = load_sd3_model(name_or_path, dtype, tokenizer_dir, o.clip_l, o.clip_g, o.t5xxl)
         if o.vae:
@@ -95,16 +109,14 @@ class SD3Family(ModelFamily):
             parts.vae.register_to_config(scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT)
         if parts.t5xxl is None:
             logger.warning("no T5-XXL in %s and no --t5xxl: training without T5 (its states are zeros)", name_or_path)
-        self.model_type = parts.model_type()
+        pos_embed = None
         if o.pos_emb_random_crop_rate or o.scaled_pos_embed_sizes:
-            from library.models.sd3_pos_embed import PosEmbedOptions
-
-            self.pos_embed = PosEmbedOptions(parts.transformer.pos_embed, o.scaled_pos_embed_sizes)
+            pos_embed = PosEmbedOptions(parts.transformer.pos_embed, o.scaled_pos_embed_sizes)
         encoders = [parts.clip_l, parts.clip_g] + ([parts.t5xxl] if parts.t5xxl is not None else [])
         tokenizers = [parts.tokenizers["clip_l"], parts.tokenizers["clip_g"]] + (
             [parts.tokenizers["t5xxl"]] if parts.t5xxl is not None else [])
-        return LoadedModels(denoiser=parts.transformer, vae=parts.vae, text_encoders=encoders,
-                            tokenizers=tokenizers, source=name_or_path)
+        return SD3Models(denoiser=parts.transformer, vae=parts.vae, text_encoders=encoders,
+                         tokenizers=tokenizers, source=name_or_path, variant=parts.model_type(), pos_embed=pos_embed)
 
     def place(self, models: LoadedModels, device: torch.device) -> None:
         """Everything to ``device``, except the swapped blocks (``--blocks_to_swap``) and T5 when
@@ -115,9 +127,7 @@ class SD3Family(ModelFamily):
             if name != "transformer_blocks" or not o.blocks_to_swap:
                 child.to(device)
         if o.blocks_to_swap:
-            from library.training.block_swap import install_block_swap
-
-            self.block_swap = install_block_swap(transformer, transformer.transformer_blocks, o.blocks_to_swap,
+            models.block_swap = install_block_swap(transformer, transformer.transformer_blocks, o.blocks_to_swap,
                                                  device)
         models.vae.to(device)
         for i, encoder in enumerate(models.text_encoders):
@@ -159,7 +169,7 @@ class SD3Family(ModelFamily):
         return out
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
-        from library.data.latent_cache import module_fingerprint
+        from library.models.fingerprint import module_fingerprint
 
         o = self.options
         return {"family": self.name, "encoders": [module_fingerprint(te) for te in models.text_encoders],
@@ -218,14 +228,10 @@ class SD3Family(ModelFamily):
 
     def denoise(self, models: LoadedModels, batch: NoisyBatch, conditioning: dict) -> torch.Tensor:
         context, pooled = self._mmdit_inputs(models, conditioning)
-        if self.pos_embed is not None:
-            self.pos_embed.crop = getattr(batch, "pos_crop", None)
-        try:
+        pos_embed = getattr(models, "pos_embed", None)  # models loaded elsewhere may be plain LoadedModels
+        with pos_embed.cropped(getattr(batch, "pos_crop", None)) if pos_embed else contextlib.nullcontext():
             return models.denoiser(hidden_states=batch.noisy_latents, encoder_hidden_states=context,
                                    pooled_projections=pooled, timestep=batch.timesteps.float()).sample
-        finally:
-            if self.pos_embed is not None:
-                self.pos_embed.crop = None
 
     def per_sample_loss(self, prediction: torch.Tensor, batch: NoisyBatch,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,9 +249,8 @@ class SD3Family(ModelFamily):
 
         if controlnet is not None:
             raise UserError("ControlNet is not available for SD3 models in this toolkit")
-        if sampler and sampler.lower() not in ("euler", "k_euler") and not self._told_sampler:
-            logger.info("SD3 uses the flow-matching Euler sampler (sampler %s is for SD1/SDXL)", sampler)
-            self._told_sampler = True
+        if sampler and sampler.lower() not in ("euler", "k_euler"):
+            _tell_sampler_once(sampler.lower())
         cls = {"txt2img": diffusers.StableDiffusion3Pipeline, "img2img": diffusers.StableDiffusion3Img2ImgPipeline,
                "inpaint": diffusers.StableDiffusion3InpaintPipeline}[kind]
         encoders, tokenizers = models.text_encoders, models.tokenizers
@@ -262,16 +267,16 @@ class SD3Family(ModelFamily):
         return {"prompt_embeds": context[:n], "pooled_prompt_embeds": pooled[:n],
                 "negative_prompt_embeds": context[n:], "negative_pooled_prompt_embeds": pooled[n:]}
 
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, models: LoadedModels) -> dict[str, str]:
         o = self.options
         return {
             **o.flow.metadata(),
-            "ss_base_model_version": f"sd3_{self.model_type}",
+            "ss_base_model_version": f"sd3_{models.variant}",
             "ss_t5xxl_max_token_length": str(o.t5xxl_max_token_length),
             "ss_apply_lg_attn_mask": str(o.apply_lg_attn_mask), "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask),
             "ss_clip_l_dropout_rate": str(o.clip_l_dropout_rate), "ss_clip_g_dropout_rate": str(o.clip_g_dropout_rate),
             "ss_t5_dropout_rate": str(o.t5_dropout_rate),
-            "modelspec.architecture": f"stable-diffusion-3-{self.model_type}/lora",
+            "modelspec.architecture": f"stable-diffusion-3-{models.variant}/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/sd3.5",
             "modelspec.prediction_type": "flow",
         }

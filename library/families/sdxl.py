@@ -21,10 +21,10 @@ import torch
 from library.families import clip_text
 from library.families.base import LoadedModels, NoisyBatch
 from library.families.sd import SDFamily
+from library.maths.noise import DDPMOptions
 from library.models.sd_loading import load_vae
 from library.models.sdxl_loading import load_sdxl_model
 from library.sampling.samplers import build_scheduler
-from library.training.noise import DDPMOptions
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SDXLFamily(SDFamily):
         return {"hidden": torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), "pooled": pooled[0]}
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
-        from library.data.latent_cache import module_fingerprint
+        from library.models.fingerprint import module_fingerprint
 
         o = self.options
         return {"family": self.name, "encoders": [module_fingerprint(te) for te in models.text_encoders],
@@ -133,7 +133,7 @@ class SDXLFamily(SDFamily):
                 "negative_original_size": batch.negative_original_size or batch.original_size or target,
                 "negative_target_size": target}
 
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, models: LoadedModels) -> dict[str, str]:
         v = self.options.ddpm.v_parameterization
         return {
             **self.options.ddpm.metadata(),

@@ -14,6 +14,7 @@ the patched latents; diffusers always takes the centred window.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -44,7 +45,7 @@ def window(table: torch.Tensor, side: int, height: int, width: int, crop: tuple[
 
 
 class PosEmbedOptions:
-    """Replaces ``patch_embed.cropped_pos_embed``; ``crop`` is set by the family around each forward."""
+    """Replaces ``patch_embed.cropped_pos_embed``; a training forward runs inside :meth:`cropped`."""
 
     def __init__(self, patch_embed, scaled_sizes: tuple[int, ...] = ()):
         self.patch_embed = patch_embed
@@ -56,6 +57,15 @@ class PosEmbedOptions:
         self.thresholds = [((a * a + b * b) // 2, a) for a, b in zip(sizes, sizes[1:])] + \
             ([(int((sizes[-1] * MAX_RATIO) ** 2), sizes[-1])] if sizes else [])
         patch_embed.cropped_pos_embed = self
+
+    @contextlib.contextmanager
+    def cropped(self, crop: tuple[float, float] | None):
+        """The window at ``crop`` (fractions of the free space; None: centred) for the forwards inside."""
+        self.crop = crop
+        try:
+            yield
+        finally:
+            self.crop = None
 
     def _table(self, height: int, width: int) -> tuple[torch.Tensor, int]:
         if not self.tables:

@@ -311,7 +311,7 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
 
     from diffusers import DDIMScheduler
 
-    from library.sampling.samplers import SD_SCHEDULE
+    from library.maths.noise import SD_SCHEDULE
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

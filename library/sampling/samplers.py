@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from library.maths.noise import SD_SCHEDULE
 from library.utils.errors import UserError
 
 # name -> (diffusers class name, extra constructor arguments)
@@ -21,10 +22,6 @@ _SAMPLERS = {
 _ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
 
 SAMPLER_NAMES = tuple(_SAMPLERS) + tuple(_ALIASES)
-
-# the DDPM schedule SD1.x/2.x and SDXL were trained with
-SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-               "steps_offset": 1}
 
 
 def canonical_sampler(name: str) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from library.training.noise import multires_noise
-from library.training.rng import SampleRNG
+from library.maths.noise import multires_noise
+from library.maths.rng import SampleRNG
 
 logger = logging.getLogger(__name__)
 

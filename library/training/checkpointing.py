@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.config.training_config import SaveConfig
+from library.optim.optimizers import optimizer_eval_mode
 from library.training import saving
-from library.training.optim import optimizer_eval_mode
 from library.training.state import TrainState, save_state
 
 logger = logging.getLogger(__name__)

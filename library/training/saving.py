@@ -11,7 +11,7 @@ from pathlib import Path
 
 from library.config.training_config import TrainingConfig
 from library.data.dataset import DatasetGroup
-from library.training.metadata import file_hashes
+from library.maths.metadata import file_hashes
 
 MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")

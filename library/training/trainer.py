@@ -18,18 +18,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.config.dataset_config import check_size_multiple
 from library.config.training_config import TrainingConfig
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single, to_device
-from library.data.latent_cache import cache_latents, module_fingerprint
+from library.data.dataset_config import check_size_multiple
+from library.data.latent_cache import cache_latents
 from library.data.text_cache import cache_text_outputs, random_caption_options
 from library.families.base import LoadedModels, ModelFamily
+from library.maths import precision
+from library.maths.loss import weighted_batch_loss
+from library.maths.rng import SampleRNG
+from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import check_file_layout
-from library.training import optim, precision, saving
+from library.optim import optimizers as optim
+from library.training import saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
-from library.training.loss import weighted_batch_loss
-from library.training.rng import SampleRNG
 from library.training.validation import Validator, batch_latents, make_noisy_batch
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
@@ -313,7 +316,7 @@ class NetworkTrainer:
                 raise UserError("--fused_backward_pass runs on one process only in this version")
             fused = optim.FusedBackwardPass(optimizer, adapter.trainable_params(), cfg.optimizer.max_grad_norm)
         progress = self._restore(adapter.net, optimizer, scheduler, len(group))
-        meta = saving.base_metadata(cfg, self.family.metadata(), group, len(group), schedule.num_epochs,
+        meta = saving.base_metadata(cfg, self.family.metadata(models), group, len(group), schedule.num_epochs,
                                     schedule.max_steps)
         run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
                     "log_dir": acc.project_dir if cfg.logging_dir else None}

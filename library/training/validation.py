@@ -9,8 +9,8 @@ import torch
 
 from library.data.dataset import DatasetGroup, to_device
 from library.families.base import LoadedModels, ModelFamily
-from library.training.loss import weighted_batch_loss
-from library.training.rng import SampleRNG
+from library.maths.loss import weighted_batch_loss
+from library.maths.rng import SampleRNG
 
 VALIDATION_SALT = 0x5EED_0F_7A1  # keeps validation noise apart from training noise of the same keys
 

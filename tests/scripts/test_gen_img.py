@@ -280,8 +280,8 @@ def test_negative_scale_lines(sd1, tiny_family_models, tmp_path):
 def test_sdxl_size_options_reach_the_pipeline(tiny_family_models):
     """--ow/--oh/--nw/--nh/--ct/--cl become SDXL's (original, negative original, crop) conditioning."""
     from library.families.sdxl import SDXLFamily
-    from library.sampling import gen_run
-    from library.sampling.gen_prompts import parse_gen_line
+    from library.generation import jobs as gen_run
+    from library.generation.prompt_lines import parse_gen_line
 
     line = parse_gen_line("red circle --w 64 --h 64 --ow 128 --oh 96 --nw 32 --nh 48 --ct 8 --cl 4", "test:1")
     job = gen_run.make_jobs([line], gen_run.Settings(seed=1))[0]
@@ -295,7 +295,7 @@ def test_sdxl_size_options_reach_the_pipeline(tiny_family_models):
 def test_dynamic_prompts_are_drawn_per_image_seed(sd1, tmp_path):
     import random
 
-    from library.sampling.dynamic_prompts import expand_dynamic
+    from library.generation.dynamic_prompts import expand_dynamic
 
     drawn = {expand_dynamic(r"a {red|blue} {circle|{square|star}} \{x\}", random.Random(s)) for s in range(40)}
     assert drawn == {f"a {c} {s} {{x}}" for c in ("red", "blue") for s in ("circle", "square", "star")}

@@ -27,7 +27,7 @@ def vision_model(tmp_path_factory):
 def test_clip_vision_strength_replaces_sdxl_pooled_text(tiny_family_models, vision_model, tmp_path, capsys):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from library.sampling.extra_encoders import ClipVisionPooled
+    from library.generation.extra_encoders import ClipVisionPooled
 
     init = Image.new("RGB", (64, 64), (200, 60, 20))
     init.save(tmp_path / "init.png")

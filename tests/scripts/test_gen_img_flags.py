@@ -58,8 +58,8 @@ def test_emb_normalize_mode_runs_and_leaves_plain_prompts_alone(sd1, tmp_path):
 
 
 def test_sdxl_size_flags_are_line_defaults(tiny_family_models, sd1, tmp_path, capsys):
-    from library.sampling.gen_checks import with_size_defaults
-    from library.sampling.gen_prompts import parse_gen_line
+    from library.generation.checks import with_size_defaults
+    from library.generation.prompt_lines import parse_gen_line
 
     args = type("A", (), {"original_width": 512, "original_height": 384, "original_width_negative": None,
                           "original_height_negative": 256, "crop_top": 8, "crop_left": None})()

@@ -40,7 +40,7 @@ def _training_latents(model, tiny_default):
 
 @torch.no_grad()
 def _denoising_loss(model, latents) -> float:
-    from library.training.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+    from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
 
     ids = model.tokenizer([PROMPT] * len(latents), padding="max_length", max_length=77,
                           return_tensors="pt").input_ids
@@ -121,8 +121,8 @@ def _family_learns(family, ckpt: str, script: str, data, network_module, extra: 
     from safetensors.torch import load_file
 
     from library.data.images import load_image_rgb, to_tensor_image
+    from library.maths.rng import SampleRNG
     from library.sampling.generate import GenBatch
-    from library.training.rng import SampleRNG
 
     run_script(script, "--pretrained_model_name_or_path", ckpt, "--dataset_config", str(data / "dataset.toml"),
                "--output_dir", str(data / "out"), "--output_name", "learned", "--network_train_unet_only",

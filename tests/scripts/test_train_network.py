@@ -129,7 +129,7 @@ def test_legacy_folders_accumulation_checkpointing_unet_only(tiny_default, tmp_p
 def test_optimizer_args_reach_the_optimizer(tmp_path):
     import torch as _torch
 
-    from library.training import optim
+    from library.optim import optimizers as optim
 
     kwargs = optim.parse_optimizer_args(["weight_decay=0.05", "betas=0.9,0.99", "foreach=False"])
     assert kwargs == {"weight_decay": 0.05, "betas": (0.9, 0.99), "foreach": False}
@@ -368,7 +368,7 @@ def test_precision_options_and_modelspec_flags(tiny_default, tmp_path):
 def test_attention_modes(tiny_sd1):
     from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 
-    from library.training import precision
+    from library.maths import precision
     from library.utils.errors import UserError
 
     precision.set_attention(tiny_sd1.unet, "mem_eff")
@@ -462,8 +462,8 @@ def test_validation_split_and_logging(tiny_default, tmp_path):
 def test_validation_is_deterministic(tiny_sd1, tiny_default):
     import accelerate
 
-    from library.config.dataset_config import DatasetConfig, SubsetConfig
     from library.data.dataset import build_dataset_group
+    from library.data.dataset_config import DatasetConfig, SubsetConfig
     from library.families.base import LoadedModels
     from library.families.sd import SDFamily
     from library.training.validation import Validator

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.config.dataset_config import DatasetConfig, SubsetConfig, parse_dataset_config
 from library.data.dataset import ScanReport, build_dataset_group, scan_subset
+from library.data.dataset_config import DatasetConfig, SubsetConfig, parse_dataset_config
 from library.utils.errors import UserError
 
 
@@ -109,7 +109,7 @@ def test_bucket_rules():
 
 
 def test_family_size_multiple():
-    from library.config.dataset_config import check_size_multiple
+    from library.data.dataset_config import check_size_multiple
 
     check_size_multiple([DatasetConfig((512, 768))], 64, "sd")
     with pytest.raises(UserError, match=r"resolution 520x512: sd models need multiples of 64"):

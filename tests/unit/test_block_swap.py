@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
+from library.models.block_swap import install_block_swap
 from library.models.tiny import TINY_SD3_MMDIT
-from library.training.block_swap import install_block_swap
 from library.utils.errors import UserError
 from networks import lora_sd3
 

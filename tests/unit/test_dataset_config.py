@@ -2,7 +2,7 @@
 
 import pytest
 
-from library.config.dataset_config import folders_to_config, parse_dataset_config
+from library.data.dataset_config import folders_to_config, parse_dataset_config
 from library.utils.errors import UserError
 
 CLI_NONE = {"resolution": None, "batch_size": None}
@@ -75,7 +75,7 @@ def test_two_datasets_keep_their_own_resolution_and_batch_size(tmp_path):
 def test_json_config_files_read_like_toml(tmp_path):
     import json
 
-    from library.config.dataset_config import load_config_file
+    from library.data.dataset_config import load_config_file
 
     raw = {"general": {"shuffle_caption": True}, "datasets": [{"resolution": [640, 512],
                                                                "subsets": [{"image_dir": "a", "num_repeats": 3}]}]}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from library.families.sd import SDFamily
 from library.families.sdxl import SDXLFamily
-from library.training.rng import SampleRNG
+from library.maths.rng import SampleRNG
 
 CPU = torch.device("cpu")
 
@@ -114,7 +114,7 @@ def test_generate_and_metadata(loaded):
     again = family.generate(models, prompt, "euler", CPU)
     assert isinstance(first, Image.Image) and first.size == (64, 96)
     assert (torch.tensor(list(first.getdata())) == torch.tensor(list(again.getdata()))).all()  # seeded
-    meta = family.metadata()
+    meta = family.metadata(models)
     assert meta["ss_base_model_version"] in ("sd_v1", "sdxl_base_v1-0", "sd3_medium")
     assert meta["modelspec.architecture"].endswith("/lora")
 

@@ -1,4 +1,4 @@
-"""Flow-matching maths (library/training/flow.py) against diffusers' SD3 training helpers and hand values."""
+"""Flow-matching maths (library/maths/flow.py) against diffusers' SD3 training helpers and hand values."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from library.training import flow
+from library.maths import flow
 
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"])

@@ -70,8 +70,8 @@ def test_color_augment_paths():
 
 
 def test_random_crop_moves_the_window(tmp_path):
-    from library.config.dataset_config import DatasetConfig, SubsetConfig
     from library.data.dataset import BucketBatchDataset, ImageItem
+    from library.data.dataset_config import DatasetConfig, SubsetConfig
 
     arr = np.arange(96 * 64 * 3, dtype=np.uint32).reshape(64, 96, 3) % 251
     Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "wide.png")
@@ -87,8 +87,8 @@ def test_random_crop_moves_the_window(tmp_path):
 
 def test_size_conditioning_follows_the_crop_and_flip(tmp_path):
     """SDXL's (original h, w, crop top, left, target h, w): the window actually cut, mirrored with a flip."""
-    from library.config.dataset_config import DatasetConfig, SubsetConfig
     from library.data.dataset import BucketBatchDataset, ImageItem, size_conditioning
+    from library.data.dataset_config import DatasetConfig, SubsetConfig
 
     Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")
     sub = SubsetConfig(str(tmp_path), random_crop=True, flip_aug=True)
@@ -141,7 +141,7 @@ def test_face_crop_keeps_the_face_inside_and_scales_it():
 
 
 def test_face_crop_needs_no_buckets():
-    from library.config.dataset_config import parse_dataset_config
+    from library.data.dataset_config import parse_dataset_config
     from library.utils.errors import UserError
 
     raw = {"datasets": [{"resolution": 512, "enable_bucket": True,

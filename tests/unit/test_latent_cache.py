@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from library.config.dataset_config import DatasetConfig, SubsetConfig
 from library.data.dataset import build_dataset_group
-from library.data.latent_cache import cache_latents, cache_path, module_fingerprint
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.latent_cache import cache_latents, cache_path
+from library.models.fingerprint import module_fingerprint
 
 
 @pytest.fixture

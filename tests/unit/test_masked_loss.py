@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from library.config.dataset_config import DatasetConfig, SubsetConfig
 from library.data.dataset import ScanReport, build_dataset_group, scan_subset
-from library.training.loss import apply_mask, per_sample_mean
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.maths.loss import apply_mask, per_sample_mean
 
 
 def test_apply_mask_hand_computed():

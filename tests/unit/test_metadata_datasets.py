@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.config.dataset_config import SubsetConfig, metadata_to_config, parse_dataset_config
 from library.data.dataset import ScanReport, build_dataset_group, scan_subset
+from library.data.dataset_config import SubsetConfig, metadata_to_config, parse_dataset_config
 from library.data.images import resize_to
 from library.utils.errors import UserError
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from library.training.loss import per_sample_mse, weighted_batch_loss
-from library.training.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+from library.maths.loss import per_sample_mse, weighted_batch_loss
+from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
 
 
 def _reference():
@@ -55,8 +55,8 @@ def test_clip_skip_uses_earlier_layer_through_final_norm(tiny_sd1):
 
 # ---- kohya's noise and loss options, each against an independent computation -----------------
 
-from library.training import noise as nz  # noqa: E402
-from library.training.loss import elementwise_loss  # noqa: E402
+from library.maths import noise as nz  # noqa: E402
+from library.maths.loss import elementwise_loss  # noqa: E402
 
 
 def test_zero_terminal_snr_matches_diffusers():
@@ -120,7 +120,7 @@ def test_huber_schedules_and_losses_hand_computed():
 
 
 def _rng(n=2, seed=0):
-    from library.training.rng import SampleRNG
+    from library.maths.rng import SampleRNG
 
     return SampleRNG(seed, [(0, 0, j) for j in range(n)])
 
@@ -154,7 +154,7 @@ def test_multires_noise_unit_std_and_low_frequencies():
 
 
 def test_sample_rng_is_keyed_per_sample_not_per_call():
-    from library.training.rng import SampleRNG
+    from library.maths.rng import SampleRNG
 
     whole = SampleRNG(7, [(1, 3, 0), (1, 3, 1), (1, 3, 2), (1, 3, 3)])
     first, second = SampleRNG(7, [(1, 3, 0), (1, 3, 1)]), SampleRNG(7, [(1, 3, 2), (1, 3, 3)])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from library.training import optim
+from library.optim import optimizers as optim
 from library.utils.errors import UserError
 
 
@@ -140,7 +140,7 @@ def test_loraplus_groups(tiny_sd1):
 
 
 def test_full_fp16_gradients_can_be_unscaled():
-    from library.training.precision import allow_fp16_gradients
+    from library.maths.precision import allow_fp16_gradients
 
     def fresh():
         p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))

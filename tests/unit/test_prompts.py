@@ -65,7 +65,7 @@ def test_dynamic_prompt_counts_separators_and_enumeration():
     """kohya's {n$$...}, {n-m$$sep$$...} and {e$$...} groups."""
     import random
 
-    from library.sampling.dynamic_prompts import enumerate_dynamic, expand_dynamic
+    from library.generation.dynamic_prompts import enumerate_dynamic, expand_dynamic
 
     for seed in range(20):
         two = expand_dynamic("x {2$$a|b|c} y", random.Random(seed))

@@ -194,8 +194,8 @@ def test_diffusers_folder_save_and_load(tmp_path, tiny_sd1):
     from diffusers import StableDiffusionPipeline
 
     from library.families.sd import SDFamily, SDOptions
+    from library.maths.noise import DDPMOptions
     from library.models.sd_loading import save_sd_diffusers
-    from library.training.noise import DDPMOptions
 
     folder = tmp_path / "pipe"
     save_sd_diffusers(folder, tiny_sd1, prediction_type="v_prediction")

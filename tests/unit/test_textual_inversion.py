@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from library.families.base import LoadedModels
 from library.families.sd import SDFamily
 from library.families.sdxl import SDXLFamily
+from library.generation.textual_inversion import load_textual_inversions
 from library.models.tiny import make_tiny_sd1, make_tiny_sdxl
-from library.sampling.textual_inversion import load_textual_inversions
 from library.utils.errors import UserError
 
 CPU = torch.device("cpu")

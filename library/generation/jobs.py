@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from library.generation.dynamic_prompts import enumerate_dynamic, expand_dynamic
+from library.generation.prompt_lines import NO_NEGATIVE_SCALE, GenPrompt
 from library.sampling.deep_shrink import DeepShrink
-from library.sampling.dynamic_prompts import enumerate_dynamic, expand_dynamic
-from library.sampling.gen_prompts import NO_NEGATIVE_SCALE, GenPrompt
 from library.sampling.generate import GenBatch
 from library.sampling.gradual_latent import GradualLatent
 from library.utils.errors import UserError

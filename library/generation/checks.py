@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from library.sampling import gen_run
+from library.generation import jobs as gen_run
 from library.utils.errors import UserError
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.sampling.gen_prompts import GenPrompt, parse_gen_line
+from library.generation.prompt_lines import GenPrompt, parse_gen_line
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)

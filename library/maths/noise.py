@@ -1,6 +1,6 @@
 """Noise, timesteps, targets and SNR loss weights for DDPM-trained families (SD1/2, SDXL).
 
-Pure tensor functions; randomness comes from a :class:`~library.training.rng.SampleRNG`, so each
+Pure tensor functions; randomness comes from a :class:`~library.maths.rng.SampleRNG`, so each
 sample's draws depend only on where it sits in training.
 Definitions follow kohya-ss/sd-scripts (see docs/train_network.md for the flags).
 """
@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from library.training.rng import SampleRNG
+from library.maths.rng import SampleRNG
+
+#: the DDPM schedule SD1/SD2/SDXL were trained on (diffusers' scheduler config keys)
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "steps_offset": 1}
 
 
 def scaled_linear_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 0.00085,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from library.sampling import gen_run
-from library.sampling.gen_checks import (
+from library.generation import jobs as gen_run
+from library.generation.checks import (
     check_args,
     check_family_args,
     line_problems,
@@ -19,9 +19,9 @@ from library.sampling.gen_checks import (
     run_settings,
     with_size_defaults,
 )
-from library.sampling.gen_networks import load_networks, load_upscaler
-from library.sampling.gen_prompts import parse_gen_line, read_prompt_file
-from library.sampling.gen_session import GenSession
+from library.generation.network_loading import load_networks, load_upscaler
+from library.generation.prompt_lines import parse_gen_line, read_prompt_file
+from library.generation.session import GenSession
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def load_for_generation(args: argparse.Namespace, family, device: torch.device, 
     if args.opt_channels_last:
         models.denoiser.to(memory_format=torch.channels_last)
     if args.xformers or args.diffusers_xformers:
-        from library.training.precision import set_attention
+        from library.maths.precision import set_attention
 
         set_attention(models.denoiser, "xformers")
     return models
@@ -74,7 +74,7 @@ def load_for_generation(args: argparse.Namespace, family, device: torch.device, 
 
 def generate_all(args: argparse.Namespace) -> list[str]:
     """Make every image; returns the problems (bad lines, failed batches) for the exit status."""
-    from library.families import generation_family
+    from library.config.family_options import generation_family
 
     check_args(args)
     init_images = gen_run.read_images(args.image_path, "image_path")
@@ -127,12 +127,12 @@ def _planned_jobs(args, family, family_name: str, settings: gen_run.Settings) ->
 def _prepare_text_encoders(args, family, models, dtype: torch.dtype):
     """--replace_clip_l14_336, then --textual_inversion_embeddings (returned: it rewrites prompts)."""
     if args.replace_clip_l14_336:
-        from library.sampling.extra_encoders import replace_text_encoder
+        from library.generation.extra_encoders import replace_text_encoder
 
         replace_text_encoder(args, models, dtype)
     if not args.textual_inversion_embeddings:
         return None
-    from library.sampling.textual_inversion import load_textual_inversions
+    from library.generation.textual_inversion import load_textual_inversions
 
     return load_textual_inversions(args.textual_inversion_embeddings, family, models)
 
@@ -142,7 +142,7 @@ def _run_batch_settings(args, models, device: torch.device, dtype: torch.dtype) 
     shared = {"noise_tricks": noise_tricks(args), "ddim_eta": args.ddim_eta,
               "zero_steps_offset": args.force_scheduler_zero_steps_offset, "vae_batch_size": args.vae_batch_size}
     if args.clip_vision_strength is not None:
-        from library.sampling.extra_encoders import ClipVisionPooled
+        from library.generation.extra_encoders import ClipVisionPooled
 
         shared["clip_vision"] = ClipVisionPooled(args.clip_vision_model, args.clip_vision_strength, device, dtype)
     if args.control_net_models:
@@ -160,7 +160,7 @@ def _generate_as_prompts_arrive(args, session: GenSession, settings: gen_run.Set
     """--interactive: a typed line at a time; --from_module: an iteration of the prompter at a time."""
     from dataclasses import replace
 
-    from library.sampling import gen_sources
+    from library.generation import sources as gen_sources
 
     if args.interactive:
         chunks = gen_sources.interactive_chunks()

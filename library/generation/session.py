@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from library.sampling import gen_run
+from library.generation import jobs as gen_run
 from library.sampling.generate import GenBatch, decode_latents, run_batch
 from library.utils.errors import UserError
 

@@ -1,0 +1,102 @@
+"""Family options from the command line: the training flags and gen_img's flags each become one
+family's options record, and :func:`library.families.build_family` makes the family from it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from library.data.dataset_config import DatasetConfig
+from library.families import ModelFamily, build_family
+from library.families.sd import SDOptions
+from library.families.sd3 import SD3Options
+from library.families.sdxl import SDXLOptions
+from library.maths.flow import FlowOptions
+from library.maths.noise import DDPMOptions, SNRWeighting
+from library.models.sd3_pos_embed import patched_side
+from library.utils.errors import UserError
+
+# flags of the DDPM families that mean nothing to flow matching: refused rather than ignored
+_DDPM_ONLY = ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "zero_terminal_snr",
+              "min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss",
+              "v_parameterization", "v2", "clip_skip", "weighted_captions", "noise_offset_random_strength")
+_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_ddpm_options(args: argparse.Namespace) -> DDPMOptions:
+    """The DDPM noise and loss options of the SD1/SD2/SDXL trainers."""
+    opts = DDPMOptions(
+        v_parameterization=args.v_parameterization, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+        noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
+        adaptive_noise_scale=args.adaptive_noise_scale, multires_noise_iterations=args.multires_noise_iterations,
+        multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength, zero_terminal_snr=args.zero_terminal_snr,
+        snr_weighting=SNRWeighting(args.min_snr_gamma, args.scale_v_pred_loss_like_noise_pred,
+                                   args.v_pred_like_loss, args.debiased_estimation_loss),
+        loss_type=args.loss_type, huber_schedule=args.huber_schedule, huber_c=args.huber_c,
+        huber_scale=args.huber_scale)
+    problems = opts.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    return opts
+
+
+def training_family(name: str, args: argparse.Namespace, datasets: Sequence[DatasetConfig] = ()) -> ModelFamily:
+    """The family ``name`` configured from the shared training parser's flags (``datasets``: the
+    parsed dataset configs, which SD3's --enable_scaled_pos_embed sizes its embeddings from)."""
+    return build_family(name, _TRAINING[name](args, datasets))
+
+
+def _sd_training(args: argparse.Namespace, datasets) -> SDOptions:
+    return SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip,
+                     max_token_length=args.max_token_length or 75, weighted_captions=args.weighted_captions,
+                     vae=args.vae)
+
+
+def _sdxl_training(args: argparse.Namespace, datasets) -> SDXLOptions:
+    if args.v2:
+        raise UserError("--v2 is for SD2.x models; SDXL is trained without it")
+    return SDXLOptions(ddpm=build_ddpm_options(args), max_token_length=args.max_token_length or 75,
+                       vae=args.vae, weighted_captions=args.weighted_captions, clip_skip=args.clip_skip)
+
+
+def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
+    given = [f"--{name}" for name in _DDPM_ONLY if getattr(args, name, None)]
+    if given:
+        raise UserError(f"{', '.join(given)}: not used by SD3 (flow matching); remove them (SD3 has "
+                        "--weighting_scheme, --training_shift, --ip_noise_gamma instead)")
+    if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":
+        raise UserError(f"--loss_type {args.loss_type} on SD3 uses a constant c: add --huber_schedule constant")
+    flow = FlowOptions(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.training_shift,
+                       args.min_timestep, args.max_timestep, args.loss_type, args.huber_c)
+    sizes = tuple(patched_side(*ds.resolution) for ds in datasets) if args.enable_scaled_pos_embed else ()
+    return SD3Options(
+        flow=flow, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
+        t5xxl_max_token_length=args.t5xxl_max_token_length, apply_lg_attn_mask=args.apply_lg_attn_mask,
+        apply_t5_attn_mask=args.apply_t5_attn_mask, clip_l_dropout_rate=args.clip_l_dropout_rate,
+        clip_g_dropout_rate=args.clip_g_dropout_rate, t5_dropout_rate=args.t5_dropout_rate,
+        pos_emb_random_crop_rate=args.pos_emb_random_crop_rate, scaled_pos_embed_sizes=sizes,
+        blocks_to_swap=args.blocks_to_swap or 0, t5xxl_device=args.t5xxl_device,
+        t5xxl_dtype=_DTYPES[args.t5xxl_dtype], ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
+
+
+_TRAINING = {"sd": _sd_training, "sdxl": _sdxl_training, "sd3": _sd3_training}
+
+
+def generation_family(name: str, args: argparse.Namespace) -> ModelFamily:
+    """The family ``name`` configured from gen_img.py's flags (prompt weighting always on for the CLIP
+    families, as kohya's gen_img does)."""
+    ddpm = DDPMOptions(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr)
+    tokens = 75 * max(1, min(3, args.max_embeddings_multiples))
+    options = {
+        "sd3": lambda: SD3Options(clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
+                                  t5xxl_max_token_length=args.t5xxl_max_token_length, sample_shift=args.flow_shift),
+        "sdxl": lambda: SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True,
+                                    emb_normalize=args.emb_normalize_mode),
+        "sd": lambda: SDOptions(ddpm=ddpm, v2=args.v2, clip_skip=args.clip_skip, max_token_length=tokens,
+                                vae=args.vae, weighted_captions=True, emb_normalize=args.emb_normalize_mode),
+    }[name]()
+    return build_family(name, options)
