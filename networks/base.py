@@ -9,14 +9,17 @@ A network module is any importable module with
 
 ``text_encoder`` is one module or a list (one per text encoder); ``network_args`` values are the
 strings given with ``--network_args key=value``. Third-party modules such as ``lycoris.kohya``
-implement the same functions. The trainer talks to every network through :class:`NetworkAdapter`,
-which supplies the defaults of the optional methods, so it never probes with ``hasattr``.
+implement the same functions. The trainer and gen_img talk to every network through
+:class:`NetworkAdapter`, which reads the object's methods once, declares what it can do
+(:class:`Capabilities`) and supplies the defaults of the optional methods, so no other code probes a
+plug-in with ``hasattr``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -31,31 +34,69 @@ class TrainableNetwork(Protocol):
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr): ...
 
-    def prepare_grad_etc(self, text_encoder, unet) -> None: ...
-
-    def on_epoch_start(self, text_encoder, unet) -> None: ...
-
     def get_trainable_params(self): ...
 
     def save_weights(self, file: str, dtype, metadata: dict | None) -> None: ...
 
-    def load_weights(self, file: str): ...
+
+#: what a network must have for each use; everything else is optional (see :class:`Capabilities`)
+REQUIRED = {"train": ("apply_to", "prepare_optimizer_params", "save_weights", "get_trainable_params"),
+            "generate": ()}
+_OPTIONAL = ("apply_to", "prepare_optimizer_params", "save_weights", "get_trainable_params", "prepare_grad_etc",
+             "on_epoch_start", "on_step_start", "set_multiplier", "enable_gradient_checkpointing", "load_weights",
+             "merge_to", "pre_calculation", "restore_weights")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a network can do beyond training, read once from the object when it is wrapped."""
+
+    can_merge: bool  # merge_to(multiplier): added into the base weights (--network_merge)
+    can_pre_calculate: bool  # pre_calculation() / restore_weights() (--network_pre_calc)
+    can_set_multiplier: bool  # set_multiplier(value): per-line strengths, network_multiplier
+    #: text_encoder_loras / unet_loras of modules with ``lora_name``, ``enabled``, ``region``
+    #: and ``org_module`` (regional LoRA switches and masks them one by one)
+    per_module: bool
+    #: ``targets`` (networks.lora's Target list): the diffusers/PEFT form can be written
+    exports_diffusers: bool
 
 
 class NetworkAdapter:
-    """Wraps a plug-in's network object; optional methods fall back to documented defaults."""
+    """Wraps a plug-in's network object: the one place that looks at which methods it has.
 
-    def __init__(self, network: torch.nn.Module):
-        missing = [name for name in ("apply_to", "prepare_optimizer_params", "save_weights", "get_trainable_params")
-                   if not callable(getattr(network, name, None))]
+    Trainer and generation call every network through this, including third-party ones such as
+    ``lycoris.kohya``; optional methods fall back to documented defaults, and a use the network
+    cannot serve is refused with a message naming it."""
+
+    def __init__(self, network: torch.nn.Module, purpose: str = "train"):
+        self.net = network
+        self._methods = {name: fn for name in _OPTIONAL if callable(fn := getattr(network, name, None))}
+        missing = [name for name in REQUIRED[purpose] if name not in self._methods]
         if missing:
             raise UserError(f"network object {type(network).__name__} lacks required method(s) {missing}")
-        self.net = network
+        modules = [getattr(network, part, None) for part in ("text_encoder_loras", "unet_loras")]
+        self.capabilities = Capabilities(
+            can_merge="merge_to" in self._methods,
+            can_pre_calculate="pre_calculation" in self._methods and "restore_weights" in self._methods,
+            can_set_multiplier="set_multiplier" in self._methods,
+            per_module=all(isinstance(m, list) for m in modules)
+            and all(hasattr(lora, "org_module") and hasattr(lora, "region") for m in modules for lora in m),
+            exports_diffusers=bool(getattr(network, "targets", None)))
+
+    @property
+    def name(self) -> str:
+        return type(self.net).__name__
+
+    # --------------------------------------------------------------- training
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Hook the network into the models (a network that injects itself has nothing to do here)."""
+        if "apply_to" in self._methods:
+            self._methods["apply_to"](text_encoder, unet, apply_text_encoder, apply_unet)
 
     def optimizer_groups(self, text_encoder_lr: float | None, unet_lr: float | None,
                          default_lr: float) -> tuple[list[dict], list[str]]:
         """Parameter groups and their log names; old plug-ins return only the groups."""
-        result = self.net.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
+        result = self._methods["prepare_optimizer_params"](text_encoder_lr, unet_lr, default_lr)
         if isinstance(result, tuple):
             groups, names = result
         else:
@@ -63,50 +104,82 @@ class NetworkAdapter:
         kept = [(g, n) for g, n in zip(groups, names) if g.get("lr", default_lr) not in (0, None)]
         return [g for g, _ in kept], [n for _, n in kept]
 
-    def _optional(self, name: str, *args) -> Any:
-        fn = getattr(self.net, name, None)
-        return fn(*args) if callable(fn) else None
-
     def prepare_grad_etc(self, text_encoder, unet) -> None:
         """Default: make the network's parameters trainable."""
-        fn = getattr(self.net, "prepare_grad_etc", None)
-        if callable(fn):
-            fn(text_encoder, unet)
+        if "prepare_grad_etc" in self._methods:
+            self._methods["prepare_grad_etc"](text_encoder, unet)
         else:
             self.net.requires_grad_(True)
 
     def on_epoch_start(self, text_encoder, unet) -> None:
         """Default: put the network in training mode."""
-        fn = getattr(self.net, "on_epoch_start", None)
-        if callable(fn):
-            fn(text_encoder, unet)
+        if "on_epoch_start" in self._methods:
+            self._methods["on_epoch_start"](text_encoder, unet)
         else:
             self.net.train()
 
     def on_step_start(self, text_encoder, unet) -> None:
-        self._optional("on_step_start", text_encoder, unet)
-
-    def set_multiplier(self, multiplier: float) -> None:
-        """The network's strength (kohya's ``set_multiplier``); required only when it is not 1."""
-        fn = getattr(self.net, "set_multiplier", None)
-        if not callable(fn):
-            raise UserError(f"network_multiplier {multiplier}: the network {type(self.net).__name__} has no "
-                            "set_multiplier(); leave network_multiplier at 1")
-        fn(multiplier)
+        if "on_step_start" in self._methods:
+            self._methods["on_step_start"](text_encoder, unet)
 
     def enable_gradient_checkpointing(self) -> None:
-        self._optional("enable_gradient_checkpointing")
-
-    def load_weights(self, path: str):
-        if not callable(getattr(self.net, "load_weights", None)):
-            raise UserError(f"--network_weights: the network {type(self.net).__name__} cannot load weights")
-        return self.net.load_weights(path)
+        if "enable_gradient_checkpointing" in self._methods:
+            self._methods["enable_gradient_checkpointing"]()
 
     def trainable_params(self):
-        return list(self.net.get_trainable_params())
+        return list(self._methods["get_trainable_params"]())
 
     def save(self, path: str, dtype, metadata: dict | None) -> None:
-        self.net.save_weights(path, dtype, metadata)
+        self._methods["save_weights"](path, dtype, metadata)
+
+    # --------------------------------------------------------------- both
+    def set_multiplier(self, multiplier: float) -> None:
+        """The network's strength (kohya's ``set_multiplier``); required only when it is not 1."""
+        if not self.capabilities.can_set_multiplier:
+            if multiplier == 1:
+                return
+            raise UserError(f"strength {multiplier}: the network {self.name} has no set_multiplier(); "
+                            "leave its strength (network_multiplier, --network_mul, --am) at 1")
+        self._methods["set_multiplier"](multiplier)
+
+    def load_weights(self, path: str):
+        if "load_weights" not in self._methods:
+            raise UserError(f"--network_weights: the network {self.name} cannot load weights")
+        return self._methods["load_weights"](path)
+
+    def to(self, device, dtype=None) -> NetworkAdapter:
+        if isinstance(self.net, torch.nn.Module):
+            self.net.to(device, dtype)
+        return self
+
+    # --------------------------------------------------------------- generation
+    def merge_to(self, multiplier: float) -> None:
+        """Add the network into the base weights at ``multiplier`` (``--network_merge``)."""
+        if not self.capabilities.can_merge:
+            raise UserError(f"--network_merge: the network {self.name} cannot be merged (no merge_to); "
+                            "leave it hooked")
+        self._methods["merge_to"](multiplier)
+
+    def pre_calculation(self) -> None:
+        self._methods["pre_calculation"]()
+
+    def restore_weights(self) -> None:
+        self._methods["restore_weights"]()
+
+    def text_encoder_modules(self) -> list:
+        """The per-module LoRAs of the text encoders (``capabilities.per_module`` networks)."""
+        return list(self.net.text_encoder_loras) if self.capabilities.per_module else []
+
+    def unet_modules(self) -> list:
+        """The per-module LoRAs of the denoiser (``capabilities.per_module`` networks)."""
+        return list(self.net.unet_loras) if self.capabilities.per_module else []
+
+
+def takes_generation_args(module) -> bool:
+    """Whether a network module's ``create_network_from_weights`` takes ``--network_args`` at
+    generation time; modules that read their whole shape from the file say so with
+    ``SHAPE_FROM_FILE = True`` (ours do)."""
+    return not getattr(module, "SHAPE_FROM_FILE", False)
 
 
 def import_network_module(name: str):

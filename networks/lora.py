@@ -32,6 +32,9 @@ from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses
 
 logger = logging.getLogger(__name__)
 
+#: create_network_from_weights reads every rank and option from the file (no --network_args at generation)
+SHAPE_FROM_FILE = True
+
 __all__ = ["FusedLoRAModule", "LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights",
            "te_lora_name"]
 

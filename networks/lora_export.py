@@ -33,7 +33,7 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 def peft_state_dict(network) -> dict[str, torch.Tensor]:
     """``{"<component>.<path>.lora_A.weight": ..., ".lora_B.weight": ...}`` for every LoRA module."""
-    targets = {t.name: t for t in getattr(network, "targets", [])}
+    targets = {t.name: t for t in network.targets}  # the trainer checks the network has them
     out: dict[str, torch.Tensor] = {}
     for module in network.all_loras():
         target = targets.get(module.lora_name)

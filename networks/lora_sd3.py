@@ -31,6 +31,9 @@ from networks.lora_names import Target, find_targets
 
 logger = logging.getLogger(__name__)
 
+#: create_network_from_weights reads every rank and option from the file (no --network_args at generation)
+SHAPE_FROM_FILE = True
+
 LAYER_KINDS = ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")
 EMB_NAMES = ("context_embedder", "t_embedder", "x_embedder", "y_embedder", "final_layer_adaLN_modulation",
              "final_layer_linear")

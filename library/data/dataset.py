@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from library.data import buckets as bk
+from library.data.batch import TrainBatch
 from library.data.captions import CaptionError, process_caption, read_caption_file
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.images import (
@@ -332,7 +333,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         return to_tensor_image(image)
 
     def make_batch(self, batch: list[ImageItem], key: tuple[int, int, int], rank: int,
-                   step: tuple[int, int] = (0, 0)) -> dict:
+                   step: tuple[int, int] = (0, 0)) -> TrainBatch:
         """Assemble this process's share of a global batch: latents (cached) or pixels, processed
         captions, loss weights, and each sample's (epoch, batch, position) key. Every random choice
         for a sample is seeded by its key, so the split over processes does not change it."""
@@ -344,25 +345,24 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         rngs = [random.Random(f"{seed}-{epoch}-{index}-{j}") for j in positions]
         items = [batch[j] for j in positions]
         flips = [it.subset.flip_aug and r.random() < 0.5 for it, r in zip(items, rngs)]
-        out = {"captions": [process_caption(it.caption, it.subset.caption, r, epoch, *step)
-                            for it, r in zip(items, rngs)],
-               "loss_weights": torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]),
-               "paths": [it.path for it in items],
-               "original_sizes": [it.size for it in items],
-               "network_multiplier": float(self.config.network_multiplier),
-               "custom_attributes": [it.subset.custom_attributes for it in items],
-               "sample_keys": [(epoch, index, j) for j in positions]}
+        captions = [process_caption(it.caption, it.subset.caption, r, epoch, *step) for it, r in zip(items, rngs)]
         boxes = [self.crop_box(it, r) for it, r in zip(items, rngs)]
-        out["size_conditioning"] = torch.tensor([size_conditioning(it, b, f) for it, b, f in zip(items, boxes, flips)])
+        out = TrainBatch(
+            captions=captions,
+            loss_weights=torch.tensor([self.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]),
+            paths=[it.path for it in items], original_sizes=[it.size for it in items],
+            sample_keys=[(epoch, index, j) for j in positions],
+            size_conditioning=torch.tensor([size_conditioning(it, b, f) for it, b, f in zip(items, boxes, flips)]),
+            network_multiplier=float(self.config.network_multiplier),
+            custom_attributes=[it.subset.custom_attributes for it in items])
         if all(it.latents is not None for it in items):
-            out["latents"] = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(items, flips)])
+            out.latents = torch.stack([it.latents_flipped if f else it.latents for it, f in zip(items, flips)])
         else:
-            out["images"] = torch.stack([self.load_pixels(it, f, r, b)
-                                         for it, f, r, b in zip(items, flips, rngs, boxes)])
+            out.images = torch.stack([self.load_pixels(it, f, r, b) for it, f, r, b in zip(items, flips, rngs, boxes)])
         if all(it.text_outputs is not None for it in items):
-            out["conditioning"] = stack_outputs([it.text_outputs for it in items])
+            out.conditioning = stack_outputs([it.text_outputs for it in items])
         if any(it.mask_path for it in items):
-            out["masks"] = torch.stack([self.load_mask(it, f, b) for it, f, b in zip(items, flips, boxes)])
+            out.masks = torch.stack([self.load_mask(it, f, b) for it, f, b in zip(items, flips, boxes)])
         return out
 
 
@@ -403,7 +403,7 @@ class DatasetGroup(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> TrainBatch:
         epoch, index = key
         ds_index, batch = self.epoch_order(epoch)[index]
         step = (epoch * len(self) + index) // self.accumulation
@@ -490,6 +490,6 @@ def to_device(value, device, dtype=None):
     return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
 
 
-def collate_single(batch: list[dict]) -> dict:
+def collate_single(batch: list[TrainBatch]) -> TrainBatch:
     """The DataLoader's batch_size is 1 because each item already is a batch."""
     return batch[0]

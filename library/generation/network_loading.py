@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from library.utils.errors import UserError
+from networks.base import NetworkAdapter, import_network_module, takes_generation_args
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class DiffusersLoRA:
         DiffusersLoRA.active[self.name] = value
         self.pipe.set_adapters(list(self.active), adapter_weights=list(self.active.values()))
 
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Nothing to do: diffusers injected the layers when the file was loaded."""
+
     def merge_to(self, multiplier: float) -> None:
         self.pipe.fuse_lora(lora_scale=multiplier, adapter_names=[self.name])
         self.pipe.delete_adapters(self.name)
@@ -54,18 +58,15 @@ def _is_diffusers_form(path: str) -> bool:
 class LoadedNetwork:
     name: str  # the file's stem (PNG metadata)
     multiplier: float
-    network: object
+    network: NetworkAdapter
     merged: bool = False
 
 
-OWN_MODULES = ("networks.lora", "networks.lora_sd3")
-
-
-def network_kwargs(args: argparse.Namespace, i: int, module_name: str) -> dict[str, str]:
+def network_kwargs(args: argparse.Namespace, i: int, module_name: str, module) -> dict[str, str]:
     """kohya's ``--network_args``: one 'key=value;key=value' string per LoRA file, for its module."""
     if i >= len(args.network_args) or not args.network_args[i].strip():
         return {}
-    if module_name in OWN_MODULES:
+    if not takes_generation_args(module):
         raise UserError(f"--network_args {args.network_args[i]!r}: {module_name} takes its shape from the file "
                         "and has no arguments at generation time (they are for other modules, e.g. lycoris.kohya)")
     pairs = [part.split("=", 1) for part in args.network_args[i].split(";") if part.strip()]
@@ -77,8 +78,6 @@ def network_kwargs(args: argparse.Namespace, i: int, module_name: str) -> dict[s
 def load_networks(args, family, models, device) -> list[LoadedNetwork]:
     """Each ``--network_weights`` file, applied, or merged (``--network_merge``, or the first
     ``--network_merge_n_models``)."""
-    from networks.base import import_network_module
-
     te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
     merge_count = len(args.network_weights) if args.network_merge else (args.network_merge_n_models or 0)
     loaded = []
@@ -87,18 +86,19 @@ def load_networks(args, family, models, device) -> list[LoadedNetwork]:
         if args.network_show_meta:
             logger.info("LoRA %s metadata: %s", Path(path).name, _file_metadata(path))
         if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(args.network_module):
-            network = DiffusersLoRA(family, models, path, f"lora{i}", mul)
+            network = NetworkAdapter(DiffusersLoRA(family, models, path, f"lora{i}", mul), "generate")
         else:
             name = args.network_module[i] if i < len(args.network_module) else family.default_network_module
             module = import_network_module(name)
-            network, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
-                                                            for_inference=True, **network_kwargs(args, i, name))
+            raw, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser, for_inference=True,
+                                                        **network_kwargs(args, i, name, module))
+            network = NetworkAdapter(raw, "generate")
             network.apply_to(te, models.denoiser, True, True)
             logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
             network.to(device, models.denoiser.dtype)
         if i < merge_count:
             network.merge_to(mul)
-        elif args.network_pre_calc and not hasattr(network, "pre_calculation"):
+        elif args.network_pre_calc and not network.capabilities.can_pre_calculate:
             raise UserError(f"--network_pre_calc: {Path(path).name} is not a kohya-format LoRA of ours (it has no "
                             "pre_calculation); use --network_merge for it, or drop --network_pre_calc")
         loaded.append(LoadedNetwork(Path(path).stem, mul, network, i < merge_count))

@@ -74,7 +74,7 @@ def load_prompter(args: argparse.Namespace, context: GenerationContext, networks
         raise UserError(f"--from_module {path}: the module failed to load ({type(exc).__name__}: {exc})") from exc
     if not callable(getattr(module, "get_prompter", None)):
         raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
-    return module.get_prompter(args, context, [loaded.network for loaded in networks])
+    return module.get_prompter(args, context, [loaded.network.net for loaded in networks])
 
 
 def module_chunks(args: argparse.Namespace, prompter, context: GenerationContext, seed: int) -> Iterator[PromptChunk]:

@@ -91,7 +91,7 @@ class RegionalLoRA:
         if any(n.merged for n in networks):
             raise UserError("regional LoRA (--mask_path without --image_path) needs hooked LoRAs: drop "
                             "--network_merge / --network_merge_n_models")
-        if any(not hasattr(n.network, "unet_loras") for n in networks):
+        if any(not n.network.capabilities.per_module for n in networks):
             raise UserError("regional LoRA works with kohya-format LoRAs of networks.lora")
         self.networks = [n.network for n in networks]
         self.mask_image, self.color_codes = mask_image, color_codes
@@ -126,13 +126,13 @@ class RegionalLoRA:
     def _text_loras(self, only: int | None):
         """Only network ``only``'s text-encoder LoRAs act (none for None)."""
         for i, net in enumerate(self.networks):
-            for lora in net.text_encoder_loras:
+            for lora in net.text_encoder_modules():
                 lora.enabled = i == only
         try:
             yield
         finally:
             for net in self.networks:
-                for lora in net.text_encoder_loras:
+                for lora in net.text_encoder_modules():
                     lora.enabled = True
 
     @contextlib.contextmanager
@@ -145,7 +145,7 @@ class RegionalLoRA:
         kv_ids = {id(layer) for m in cross.values() for layer in (m.to_k, m.to_v)}
         kv_loras: dict[int, list] = {}
         for i, net in enumerate(self.networks):
-            for lora in net.unet_loras:
+            for lora in net.unet_modules():
                 if id(lora.org_module) in kv_ids:
                     kv_loras.setdefault(id(lora.org_module), [None] * len(masks))[i] = lora
                 else:
@@ -160,7 +160,7 @@ class RegionalLoRA:
             for name, m in cross.items():
                 m.set_processor(saved[name])
             for net in self.networks:
-                for lora in net.unet_loras:
+                for lora in net.unet_modules():
                     lora.region = None
 
 

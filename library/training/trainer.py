@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from library.config.training_config import TrainingConfig
+from library.data.batch import TrainBatch
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single, to_device
 from library.data.dataset_config import check_size_multiple
 from library.data.latent_cache import cache_latents
@@ -56,13 +57,13 @@ def debug_dataset(group: DatasetGroup, epochs: int) -> None:
     for epoch in range(epochs):
         for index in range(len(group)):
             batch = group[(epoch, index)]
-            pixels = batch["images"]
+            pixels = batch.images
             print(f"epoch {epoch + 1} batch {index + 1}/{len(group)}: bucket {pixels.shape[3]}x{pixels.shape[2]}, "
-                  f"loss weights {batch['loss_weights'].tolist()}")
-            for path, size, caption in zip(batch["paths"], batch["original_sizes"], batch["captions"]):
+                  f"loss weights {batch.loss_weights.tolist()}")
+            for path, size, caption in zip(batch.paths, batch.original_sizes, batch.captions):
                 print(f"  {path} ({size[0]}x{size[1]}): {caption!r}")
-            if "masks" in batch:
-                print(f"  masks: mean {[round(m.mean().item(), 3) for m in batch['masks']]}")
+            if batch.masks is not None:
+                print(f"  masks: mean {[round(m.mean().item(), 3) for m in batch.masks]}")
 
 
 def _same_on_all_processes(acc, seed: int) -> int:
@@ -179,10 +180,10 @@ class NetworkTrainer:
         if network is None:
             raise UserError(f"--network_module {net_cfg.module}: create_network returned nothing")
         adapter = NetworkAdapter(network)
-        if self.cfg.save.lora_format == "diffusers" and not getattr(network, "targets", None):
+        if self.cfg.save.lora_format == "diffusers" and not adapter.capabilities.exports_diffusers:
             raise UserError(f"--save_lora_format diffusers: {net_cfg.module} networks cannot be written in the "
                             "diffusers form; use networks.lora / networks.lora_sd3 or the kohya format")
-        network.apply_to(te, models.denoiser, net_cfg.train_text_encoder, net_cfg.train_unet)
+        adapter.apply_to(te, models.denoiser, net_cfg.train_text_encoder, net_cfg.train_unet)
         if net_cfg.weights:
             logger.info("network weights: %s", adapter.load_weights(net_cfg.weights))
         return adapter
@@ -451,25 +452,25 @@ class _Loop:
         if cfg.sample.every_n_epochs and (p.epoch + 1) % cfg.sample.every_n_epochs == 0:
             self.sample(epoch=p.epoch + 1, step=p.global_step)
 
-    def _step(self, batch: dict, sync: bool, step: int) -> float:
+    def _step(self, batch: TrainBatch, sync: bool, step: int) -> float:
         """Forward and backward on one batch; an optimizer step too when ``sync``."""
         acc, family, models = self.acc, self.family, self.models
         self.adapter.on_step_start(models.text_encoders, models.denoiser)
-        self._set_multiplier(batch.get("network_multiplier", 1.0))
+        self._set_multiplier(batch.network_multiplier)
         dtype = self.t._weight_dtype()
-        rng = SampleRNG(self.t.seed, batch["sample_keys"], acc.device)
+        rng = SampleRNG(self.t.seed, batch.sample_keys, acc.device)
         latents = batch_latents(family, models, batch, acc.device, dtype, rng)
-        if "conditioning" in batch:
-            cond = to_device(batch["conditioning"], acc.device, dtype)
+        if batch.conditioning is not None:
+            cond = to_device(batch.conditioning, acc.device, dtype)
         else:
             with torch.set_grad_enabled(self.train_te), acc.autocast():
-                cond = family.encode_prompts(models, batch["captions"], acc.device)
+                cond = family.encode_prompts(models, batch.captions, acc.device)
         cond = family.drop_conditioning(cond, rng)
         noisy = make_noisy_batch(family, batch, latents, rng)
         self._preserve_outputs(batch, noisy, cond)
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
-        loss = weighted_batch_loss(family.per_sample_loss(pred, noisy, batch.get("masks")), batch["loss_weights"])
+        loss = weighted_batch_loss(family.per_sample_loss(pred, noisy, batch.masks), batch.loss_weights)
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"the loss became {loss.item()}")
         if loss.requires_grad:  # not when the network is off for this batch (network_multiplier 0)
@@ -493,11 +494,11 @@ class _Loop:
             loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
 
-    def _preserve_outputs(self, batch: dict, noisy, cond) -> None:
+    def _preserve_outputs(self, batch: TrainBatch, noisy, cond) -> None:
         """diff_output_preservation (a subset's custom_attributes): for those samples the target is
         the base model's own output on the same input (network off), so the network learns to
         leave that subject (usually the class) as the base model draws it."""
-        flags = [bool(a.get("diff_output_preservation")) for a in batch.get("custom_attributes", [])]
+        flags = [bool(a.get("diff_output_preservation")) for a in batch.custom_attributes]
         if not any(flags):
             return
         current = self.multiplier

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from library.data.batch import TrainBatch
 from library.data.dataset import DatasetGroup, to_device
 from library.families.base import LoadedModels, ModelFamily
 from library.maths.loss import weighted_batch_loss
@@ -15,21 +16,20 @@ from library.maths.rng import SampleRNG
 VALIDATION_SALT = 0x5EED_0F_7A1  # keeps validation noise apart from training noise of the same keys
 
 
-def batch_latents(family: ModelFamily, models: LoadedModels, batch: dict, device, dtype,
+def batch_latents(family: ModelFamily, models: LoadedModels, batch: TrainBatch, device, dtype,
                   rng: SampleRNG | None) -> torch.Tensor:
     """The batch's latents: cached ones, or its pixels encoded now (posterior sampled with ``rng``)."""
     with torch.no_grad():
-        if "latents" in batch:
-            return batch["latents"].to(device, dtype)
-        return family.encode_images(models, batch["images"].to(device), rng).to(dtype)
+        if batch.latents is not None:
+            return batch.latents.to(device, dtype)
+        return family.encode_images(models, batch.images.to(device), rng).to(dtype)
 
 
-def make_noisy_batch(family: ModelFamily, batch: dict, latents: torch.Tensor, rng: SampleRNG,
+def make_noisy_batch(family: ModelFamily, batch: TrainBatch, latents: torch.Tensor, rng: SampleRNG,
                      timestep: int | None = None):
     """The family's noisy batch for a data batch, carrying the batch's size conditioning."""
     noisy = family.make_noisy_batch(latents, rng, timestep)
-    if "size_conditioning" in batch:
-        noisy.size_conditioning = batch["size_conditioning"].to(latents.device)
+    noisy.size_conditioning = batch.size_conditioning.to(latents.device)
     return noisy
 
 
@@ -52,15 +52,16 @@ class Validator:
             for index in range(self.batches):
                 batch = self.group[(0, index)]  # epoch 0's order: the same batches every time
                 for t in self.family.validation_timesteps():
-                    rng = SampleRNG(self.seed + t, batch["sample_keys"], self.acc.device)
+                    rng = SampleRNG(self.seed + t, batch.sample_keys, self.acc.device)
                     latents = batch_latents(self.family, self.models, batch, self.acc.device, self.dtype, rng)
                     with self.acc.autocast():
-                        cond = to_device(batch["conditioning"], self.acc.device, self.dtype) if "conditioning" in \
-                            batch else self.family.encode_prompts(self.models, batch["captions"], self.acc.device)
+                        cond = to_device(batch.conditioning, self.acc.device, self.dtype) \
+                            if batch.conditioning is not None \
+                            else self.family.encode_prompts(self.models, batch.captions, self.acc.device)
                         noisy = make_noisy_batch(self.family, batch, latents, rng, timestep=t)
                         pred = self.family.denoise(self.models, noisy, cond)
-                    per = self.family.per_sample_loss(pred, noisy, batch.get("masks"))
-                    total += weighted_batch_loss(per, batch["loss_weights"]).item()
+                    per = self.family.per_sample_loss(pred, noisy, batch.masks)
+                    total += weighted_batch_loss(per, batch.loss_weights).item()
                     count += 1
         finally:
             network.train(was_training)

@@ -69,7 +69,9 @@ def test_names_metadata_and_reproducibility(sd1, tmp_path):
     assert [p.name for p in b] == ["im_000001.png", "im_000002.png", "im_000003.png", "im_000004.png"]
     assert [p.name.split("_", 2)[-1] for p in a] == ["000_7.png", "001_11.png", "002_12.png", "003_13.png"]
     for x, y in zip(a, b):  # the same images whatever the batch size
-        assert np.array_equal(_pixels(x), _pixels(y))
+        # each image has its own generator, so only the kernels differ: a batch of two may run other
+        # CPU matmul paths than a batch of one (seen on this Xeon), which moves a pixel by 1/255 at most
+        assert np.abs(_pixels(x).astype(int) - _pixels(y).astype(int)).max() <= 1
     params = Image.open(a[0]).text["parameters"]
     assert params.startswith("sks shape, red circle\nNegative prompt: blue\nSteps: 3, Sampler: euler_a, "
                              "CFG scale: 4.0, Seed: 7, Size: 64x64, Model: tiny-sd15")

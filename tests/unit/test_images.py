@@ -99,7 +99,7 @@ def test_size_conditioning_follows_the_crop_and_flip(tmp_path):
     rows = set()
     for epoch in range(6):
         batch = ds.make_batch([item], (0, epoch, 0), rank=0)
-        row = batch["size_conditioning"][0].tolist()
+        row = batch.size_conditioning[0].tolist()
         assert row[:2] == [64, 96] and row[4:] == [64, 64] and row[2] == 0 and 0 <= row[3] <= 32
         rows.add(row[3])
     assert len(rows) > 1  # random crops show up as different crop offsets

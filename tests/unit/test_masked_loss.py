@@ -64,7 +64,7 @@ def test_conditioning_masks_follow_the_image(tmp_path):
     flipped = ds.load_mask(group.items[0], True, ds.crop_box(group.items[0], None))
     assert flipped[0, :, -16:].min() == 1 and flipped[0, :, :-16].max() == 0
     batch = ds.make_batch([group.items[0]], (0, 0, 0), 0)
-    assert batch["masks"].shape == (1, 1, 32, 64)
+    assert batch.masks.shape == (1, 1, 32, 64)
     assert item.mask_path == str(mask_dir / "a.png")
 
 
