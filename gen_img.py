@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from library.args.common import add_attention_args
 from library.utils.errors import run_cli
+from library.utils.log import setup_logging
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from library.args.common import add_attention_args
-
     m = p.add_argument_group("model")
     m.add_argument("--ckpt", required=True, help="single file (.safetensors/.ckpt), diffusers folder or hub id")
     family = m.add_mutually_exclusive_group()
@@ -186,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from library.utils.log import setup_logging
-
     setup_logging(args.console_log_level)
+    # imported after parsing, so --help and argument errors do not wait for torch and diffusers
+    from library.generation.config import build_gen_config
     from library.generation.main import generate_all
 
-    failures = generate_all(args)
+    failures = generate_all(build_gen_config(args))
     if failures:
         print("\n".join(f"error: {msg}" for msg in failures), file=sys.stderr)
         sys.exit(1)

@@ -12,6 +12,7 @@ import argparse
 from library.args.common import network_training_parser
 from library.args.config_file import parse_args_with_config
 from library.utils.errors import run_cli
+from library.utils.log import setup_logging
 
 
 def add_sd3_args(p: argparse.ArgumentParser) -> None:
@@ -49,9 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     add_sd3_args(parser)
     parser.set_defaults(network_module="networks.lora_sd3")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path", "output_dir"))
-    from library.utils.log import setup_logging
-
     setup_logging(args.console_log_level)
+    # imported after parsing, so --help and argument errors do not wait for torch and diffusers
     from library.config.family_options import training_family
     from library.config.training_config import build_training_config
     from library.training.trainer import NetworkTrainer

@@ -9,14 +9,14 @@ from __future__ import annotations
 from library.args.common import network_training_parser
 from library.args.config_file import parse_args_with_config
 from library.utils.errors import run_cli
+from library.utils.log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = network_training_parser("LoRA training for SD1.x/2.x")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path", "output_dir"))
-    from library.utils.log import setup_logging
-
     setup_logging(args.console_log_level)
+    # imported after parsing, so --help and argument errors do not wait for torch and diffusers
     from library.config.family_options import training_family
     from library.config.training_config import build_training_config
     from library.training.trainer import NetworkTrainer

@@ -25,7 +25,7 @@ from torch import nn
 
 from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors
+from library.utils.files import save_safetensors, save_torch
 from networks.block_lr import block_index, block_lr_weights
 from networks.lora_modules import FusedLoRAModule, LoRAModule
 from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses_sgm_names
@@ -230,7 +230,6 @@ class LoRANetwork(nn.Module):
             add_model_hashes(state, metadata)
             save_safetensors(state, file, metadata)
         else:
-            from library.utils.files import save_torch
             save_torch(state, file)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from library.models.sd_keys import unet_module_to_ldm
+
 UNET_TARGET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 # text-encoder layers: the attention and MLP linears of every encoder layer, found by path so a
@@ -97,8 +99,6 @@ def find_targets(text_encoders: list[nn.Module], unet: nn.Module | None, with_co
     if unet is None:
         return targets
     sgm = uses_sgm_names(unet)
-    if sgm:
-        from library.models.sd_keys import unet_module_to_ldm
     for path, module, is_conv3 in _unet_modules(unet, with_conv):
         diffusers_name = "lora_unet_" + path.replace(".", "_")
         name = "lora_unet_" + unet_module_to_ldm(path, unet.config).replace(".", "_") if sgm else diffusers_name

@@ -15,24 +15,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.args.common import network_training_parser
+from library.args.config_file import parse_args_with_config
 from library.utils.errors import UserError, run_cli  # noqa: E402
+from library.utils.log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from library.args.common import network_training_parser
-    from library.args.config_file import parse_args_with_config
-    from library.config.family_options import training_family
-    from library.config.training_config import build_datasets
-    from library.data.dataset import build_dataset_group
-    from library.data.text_cache import cache_text_outputs, random_caption_options
-    from library.utils.log import setup_logging
-
     parser = network_training_parser("Pre-compute text-encoder output cache files (SD1.x/2.x, or SDXL with --sdxl)")
     parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (files end in _sdxl*.npz)")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path",))
     setup_logging(args.console_log_level)
+    # imported after parsing, so --help and argument errors do not wait for torch and diffusers
+    import torch
+
+    from library.config.family_options import training_family
+    from library.config.training_config import build_datasets
+    from library.data.dataset import build_dataset_group
+    from library.data.text_cache import cache_text_outputs, random_caption_options
+
     group, report = build_dataset_group(build_datasets(args)[0], args.seed or 0, args.prior_loss_weight,
                                         args.strict_dataset)
     groups = [group] + ([group.validation] if group.validation else [])

@@ -72,6 +72,7 @@ batch_size = 2
 
 def write_sd1(model_dir: Path, seed: int) -> str:
     """A tiny SD1 single file with its tokenizer folder next to it; returns the file name."""
+    # the write_* functions import the models when called, so --help does not wait for torch
     from library.models.sd_loading import save_sd_single_file
     from library.models.tiny import make_tiny_sd1
 

@@ -1,5 +1,6 @@
-"""Family options from the command line: the training flags and gen_img's flags each become one
-family's options record, and :func:`library.families.build_family` makes the family from it."""
+"""Family options from the training flags: they become one family's options record, and
+:func:`library.families.build_family` makes the family from it (gen_img's flags go the same way in
+:func:`library.generation.config.family_for`)."""
 
 from __future__ import annotations
 
@@ -84,19 +85,3 @@ def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
 
 
 _TRAINING = {"sd": _sd_training, "sdxl": _sdxl_training, "sd3": _sd3_training}
-
-
-def generation_family(name: str, args: argparse.Namespace) -> ModelFamily:
-    """The family ``name`` configured from gen_img.py's flags (prompt weighting always on for the CLIP
-    families, as kohya's gen_img does)."""
-    ddpm = DDPMOptions(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr)
-    tokens = 75 * max(1, min(3, args.max_embeddings_multiples))
-    options = {
-        "sd3": lambda: SD3Options(clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae,
-                                  t5xxl_max_token_length=args.t5xxl_max_token_length, sample_shift=args.flow_shift),
-        "sdxl": lambda: SDXLOptions(ddpm=ddpm, max_token_length=tokens, vae=args.vae, weighted_captions=True,
-                                    emb_normalize=args.emb_normalize_mode),
-        "sd": lambda: SDOptions(ddpm=ddpm, v2=args.v2, clip_skip=args.clip_skip, max_token_length=tokens,
-                                vae=args.vae, weighted_captions=True, emb_normalize=args.emb_normalize_mode),
-    }[name]()
-    return build_family(name, options)

@@ -20,8 +20,10 @@ from library.data.dataset_config import (
 )
 from library.maths.precision import check_precision_flags
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
+from library.optim.optimizers import check_fused_backward, check_optimizer_name
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
+from networks.base import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +308,6 @@ def _save_config(args: argparse.Namespace) -> SaveConfig:
 
 def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
-    from library.optim.optimizers import check_fused_backward, check_optimizer_name
-    from networks.base import import_network_module, parse_network_args
 
     _check_numbers(args)
     check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from library.sampling.generate import GenBatch, run_batch
+
 
 @dataclass
 class LoadedModels:
@@ -142,8 +144,6 @@ class ModelFamily(ABC):
 
     def generate(self, models: LoadedModels, prompt, sampler: str, device: torch.device):
         """One PIL image for a :class:`~library.sampling.prompts.SamplePrompt` (training samples)."""
-        from library.sampling.generate import GenBatch, run_batch
-
         seed = prompt.seed if prompt.seed is not None else torch.seed() % 2**32
         batch = GenBatch([prompt.prompt], [prompt.negative_prompt or ""], [seed], prompt.width, prompt.height,
                          prompt.steps, prompt.scale, sampler)

@@ -10,8 +10,10 @@ from library.families import clip_text
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
 from library.maths import noise as noise_fns
 from library.maths.loss import apply_mask, elementwise_loss, per_sample_mean
+from library.maths.metadata import file_hashes
 from library.maths.noise import DDPMOptions
 from library.maths.rng import SampleRNG
+from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import load_sd_model, load_vae
 from library.sampling.samplers import build_scheduler
 from library.utils.errors import UserError
@@ -92,8 +94,6 @@ class SDFamily(ModelFamily):
                                         self.options.weighted_captions, device, self.options.emb_normalize)
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
-        from library.models.fingerprint import module_fingerprint
-
         o = self.options
         return {"family": self.name, "encoder": module_fingerprint(models.text_encoders[0]),
                 "clip_skip": o.clip_skip or 1, "max_token_length": o.max_token_length,
@@ -170,8 +170,6 @@ class SDFamily(ModelFamily):
 
     def _vae_metadata(self) -> dict[str, str]:
         import os
-
-        from library.maths.metadata import file_hashes
 
         vae = self.options.vae
         if not vae:

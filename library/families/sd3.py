@@ -24,8 +24,10 @@ from library.maths.flow import FlowOptions
 from library.maths.loss import apply_mask, elementwise_loss, per_sample_mean
 from library.maths.rng import SampleRNG
 from library.models.block_swap import BlockSwap, install_block_swap
+from library.models.fingerprint import module_fingerprint
 from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, load_sd3_model
 from library.models.sd3_pos_embed import PosEmbedOptions
+from library.models.sd_loading import load_vae
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -103,8 +105,6 @@ class SD3Family(ModelFamily):
         o = self.options
         parts = load_sd3_model(name_or_path, dtype, tokenizer_dir, o.clip_l, o.clip_g, o.t5xxl)
         if o.vae:
-            from library.models.sd_loading import load_vae
-
             parts.vae = load_vae(o.vae, dtype, self.latent_channels, device)
             parts.vae.register_to_config(scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT)
         if parts.t5xxl is None:
@@ -169,8 +169,6 @@ class SD3Family(ModelFamily):
         return out
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
-        from library.models.fingerprint import module_fingerprint
-
         o = self.options
         return {"family": self.name, "encoders": [module_fingerprint(te) for te in models.text_encoders],
                 "t5_tokens": o.t5xxl_max_token_length, "lg_mask": o.apply_lg_attn_mask,

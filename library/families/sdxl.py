@@ -22,6 +22,7 @@ from library.families import clip_text
 from library.families.base import LoadedModels, NoisyBatch
 from library.families.sd import SDFamily
 from library.maths.noise import DDPMOptions
+from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import load_vae
 from library.models.sdxl_loading import load_sdxl_model
 from library.sampling.samplers import build_scheduler
@@ -94,8 +95,6 @@ class SDXLFamily(SDFamily):
         return {"hidden": torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), "pooled": pooled[0]}
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
-        from library.models.fingerprint import module_fingerprint
-
         o = self.options
         return {"family": self.name, "encoders": [module_fingerprint(te) for te in models.text_encoders],
                 "max_token_length": o.max_token_length, "weighted": o.weighted_captions}

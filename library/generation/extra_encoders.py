@@ -14,8 +14,6 @@ the hub, a folder is read as it is.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from library.utils.errors import UserError
@@ -55,11 +53,12 @@ class ClipVisionPooled:
         return embeds.to(pooled.dtype)
 
 
-def replace_text_encoder(args: argparse.Namespace, models, dtype: torch.dtype) -> None:
-    """``--replace_clip_l14_336``: CLIP-L/14-336's text tower in place of the SD1 text encoder."""
+def replace_text_encoder(model_name: str | None, models, dtype: torch.dtype) -> None:
+    """``--replace_clip_l14_336``: CLIP-L/14-336's text tower (``--clip_l14_336_model``, default the
+    OpenAI repo) in place of the SD1 text encoder."""
     from transformers import CLIPTextModel
 
-    name = args.clip_l14_336_model or CLIP_L14_336
+    name = model_name or CLIP_L14_336
     new = _from_pretrained(CLIPTextModel, name, "--clip_l14_336_model", torch_dtype=dtype)
     old = models.text_encoders[0]
     if new.config.hidden_size != old.config.hidden_size:

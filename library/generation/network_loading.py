@@ -3,13 +3,14 @@ pre-calculated), diffusers-form files through diffusers' loader, and the highres
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from library.generation.config import HighresFix, NetworkSettings
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module, takes_generation_args
 
@@ -62,62 +63,62 @@ class LoadedNetwork:
     merged: bool = False
 
 
-def network_kwargs(args: argparse.Namespace, i: int, module_name: str, module) -> dict[str, str]:
+def network_kwargs(settings: NetworkSettings, i: int, module_name: str, module) -> dict[str, str]:
     """kohya's ``--network_args``: one 'key=value;key=value' string per LoRA file, for its module."""
-    if i >= len(args.network_args) or not args.network_args[i].strip():
+    if i >= len(settings.args) or not settings.args[i].strip():
         return {}
+    text = settings.args[i]
     if not takes_generation_args(module):
-        raise UserError(f"--network_args {args.network_args[i]!r}: {module_name} takes its shape from the file "
+        raise UserError(f"--network_args {text!r}: {module_name} takes its shape from the file "
                         "and has no arguments at generation time (they are for other modules, e.g. lycoris.kohya)")
-    pairs = [part.split("=", 1) for part in args.network_args[i].split(";") if part.strip()]
+    pairs = [part.split("=", 1) for part in text.split(";") if part.strip()]
     if any(len(pair) != 2 for pair in pairs):
-        raise UserError(f"--network_args {args.network_args[i]!r}: write key=value pairs separated by ';'")
+        raise UserError(f"--network_args {text!r}: write key=value pairs separated by ';'")
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def load_networks(args, family, models, device) -> list[LoadedNetwork]:
+def load_networks(settings: NetworkSettings, family, models, device) -> list[LoadedNetwork]:
     """Each ``--network_weights`` file, applied, or merged (``--network_merge``, or the first
     ``--network_merge_n_models``)."""
     te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
-    merge_count = len(args.network_weights) if args.network_merge else (args.network_merge_n_models or 0)
+    s = settings
+    merge_count = len(s.weights) if s.merge else (s.merge_n_models or 0)
     loaded = []
-    for i, path in enumerate(args.network_weights):
-        mul = args.network_mul[i] if i < len(args.network_mul) else 1.0
-        if args.network_show_meta:
+    for i, path in enumerate(s.weights):
+        mul = s.mul(i)
+        if s.show_meta:
             logger.info("LoRA %s metadata: %s", Path(path).name, _file_metadata(path))
-        if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(args.network_module):
+        if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(s.modules):
             network = NetworkAdapter(DiffusersLoRA(family, models, path, f"lora{i}", mul), "generate")
         else:
-            name = args.network_module[i] if i < len(args.network_module) else family.default_network_module
+            name = s.modules[i] if i < len(s.modules) else family.default_network_module
             module = import_network_module(name)
             raw, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser, for_inference=True,
-                                                        **network_kwargs(args, i, name, module))
+                                                        **network_kwargs(s, i, name, module))
             network = NetworkAdapter(raw, "generate")
             network.apply_to(te, models.denoiser, True, True)
             logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
             network.to(device, models.denoiser.dtype)
         if i < merge_count:
             network.merge_to(mul)
-        elif args.network_pre_calc and not network.capabilities.can_pre_calculate:
+        elif s.pre_calc and not network.capabilities.can_pre_calculate:
             raise UserError(f"--network_pre_calc: {Path(path).name} is not a kohya-format LoRA of ours (it has no "
                             "pre_calculation); use --network_merge for it, or drop --network_pre_calc")
         loaded.append(LoadedNetwork(Path(path).stem, mul, network, i < merge_count))
     return loaded
 
 
-def load_upscaler(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+def load_upscaler(highres: HighresFix, device: torch.device, dtype: torch.dtype):
     """kohya's ``--highres_fix_upscaler module --highres_fix_upscaler_args "k=v;k=v"``: the module's
     ``create_upscaler(**kwargs)`` gives a torch module with ``support_latents()`` and
     ``upscale(vae, images, latents, dtype, width, height, batch_size, vae_batch_size)``."""
-    import importlib
-
     try:
-        module = importlib.import_module(args.highres_fix_upscaler)
+        module = importlib.import_module(highres.upscaler)
     except ImportError as exc:
-        raise UserError(f"--highres_fix_upscaler {args.highres_fix_upscaler}: cannot import it ({exc})") from exc
+        raise UserError(f"--highres_fix_upscaler {highres.upscaler}: cannot import it ({exc})") from exc
     if not callable(getattr(module, "create_upscaler", None)):
-        raise UserError(f"--highres_fix_upscaler {args.highres_fix_upscaler}: the module has no create_upscaler()")
-    pairs = [p.split("=", 1) for p in (args.highres_fix_upscaler_args or "").split(";") if p.strip()]
+        raise UserError(f"--highres_fix_upscaler {highres.upscaler}: the module has no create_upscaler()")
+    pairs = [p.split("=", 1) for p in (highres.upscaler_args or "").split(";") if p.strip()]
     if any(len(p) != 2 for p in pairs):
         raise UserError("--highres_fix_upscaler_args: write key=value pairs separated by ';'")
     upscaler = module.create_upscaler(**{k.strip(): v.strip() for k, v in pairs})

@@ -7,7 +7,6 @@ module prompts; image counts and names continue across calls.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from library.generation import jobs as gen_run
+from library.generation.config import GenConfig
 from library.sampling.generate import GenBatch, decode_latents, run_batch
 from library.utils.errors import UserError
 
@@ -47,17 +47,17 @@ def set_strengths(networks, muls, source: str, pre_calc: bool = False) -> list[t
 class GenSession:
     """Makes and saves the images of jobs; failing batches are recorded in ``problems``."""
 
-    def __init__(self, args: argparse.Namespace, family, models, networks, images_in, device: torch.device,
+    def __init__(self, config: GenConfig, family, models, networks, images_in, device: torch.device,
                  autocast, batch_settings: dict | None = None, embeddings=None):
-        self.args, self.family, self.models, self.networks = args, family, models, networks
+        self.config, self.family, self.models, self.networks = config, family, models, networks
         self.embeddings = embeddings  # textual_inversion.TextualInversion: rewrites the prompts' words
         self.init_images, self.masks, self.guides = images_in
         self.device, self.autocast = device, autocast
         self.batch_settings = batch_settings or {}  # GenBatch fields the whole run shares
         self.upscaler = None  # --highres_fix_upscaler: kohya's protocol (create_upscaler(...).upscale(...))
         self.kind = "txt2img" if self.init_images is None else ("inpaint" if self.masks else "img2img")
-        self.model_name, self.stamp = Path(args.ckpt.rstrip("/")).stem, gen_run.timestamp()
-        self.outdir = Path(args.outdir)
+        self.model_name, self.stamp = Path(config.model.ckpt.rstrip("/")).stem, gen_run.timestamp()
+        self.outdir = Path(config.output.outdir)
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.problems: list[str] = []
         self.done = 0  # jobs handled so far (the index in file names and init-image choice)
@@ -65,18 +65,19 @@ class GenSession:
 
     def generate(self, jobs: list[gen_run.Job]) -> None:
         bar = tqdm(total=len(jobs), desc="images")
-        for group in gen_run.group(jobs, max(1, self.args.batch_size)):
+        for group in gen_run.group(jobs, max(1, self.config.prompts.batch_size)):
             self._generate_group(group)
             bar.update(len(group))
         bar.close()
 
     def _generate_group(self, group: list[gen_run.Job]) -> None:
-        args = self.args
+        out = self.config.output
         sources = ", ".join(sorted({j.prompt.source for j in group}))
         pick = [self.done + k for k in range(len(group))]
         self.done += len(group)
         try:
-            used = set_strengths(self.networks, group[0].prompt.network_muls, sources, args.network_pre_calc)
+            used = set_strengths(self.networks, group[0].prompt.network_muls, sources,
+                                 self.config.networks.pre_calc)
             inits = [self.init_images[k % len(self.init_images)] for k in pick] if self.init_images else None
             masks = [self.masks[k % len(self.masks)] for k in pick] if self.masks else None
             batch = replace(gen_run.to_batch(group, inits, masks), **self.batch_settings)
@@ -91,10 +92,10 @@ class GenSession:
             self.problems.append(f"{sources}: {exc}")
             return
         for i, (k, job, image) in enumerate(zip(pick, group, images)):
-            original = getattr(inits[i], "filename", None) if inits and args.use_original_file_name else None
-            name = gen_run.file_name(job, k, self.stamp, args.sequential_file_name, original)
+            original = getattr(inits[i], "filename", None) if inits and out.use_original_file_name else None
+            name = gen_run.file_name(job, k, self.stamp, out.sequential_file_name, original)
             info = gen_run.png_info(job, self.model_name, used, self.kind, self.family.size_conditioning)
-            path = gen_run.save_image(image, self.outdir, name, info, args.sequential_file_name)
+            path = gen_run.save_image(image, self.outdir, name, info, out.sequential_file_name)
             if first_pass is not None:  # --highres_fix_save_1st: next to its final image
                 gen_run.save_image(first_pass[i], self.outdir, f"{path.stem}_1st.png", info, False)
             self.written += 1
@@ -103,16 +104,16 @@ class GenSession:
         """(images, the highres fix's first-pass images when they are to be saved) for one batch;
         the highres fix (text-to-image only) makes a smaller image first, enlarges it (or its
         latents, with ``--highres_fix_latents_upscaling``) and refines it with an img2img pass."""
-        args, family, models, device = self.args, self.family, self.models, self.device
-        if not args.highres_fix_scale or batch.kind != "txt2img":
+        fix, family, models, device = self.config.highres, self.family, self.models, self.device
+        if not fix.scale or batch.kind != "txt2img":
             return run_batch(family, models, batch, device), None
-        small = gen_run.highres_first_pass(batch, args.highres_fix_scale)
+        small = gen_run.highres_first_pass(batch, fix.scale)
         first_images = None
         in_latents = self.upscaler.support_latents() if self.upscaler is not None \
-            else args.highres_fix_latents_upscaling
+            else fix.latents_upscaling
         if in_latents:
             latents = run_batch(family, models, small, device, output_type="latent")
-            if args.highres_fix_save_1st:
+            if fix.save_1st:
                 first_images = decode_latents(family.pipeline(models, batch.sampler, "img2img"), latents)
         else:
             first_images = run_batch(family, models, small, device)
@@ -128,8 +129,8 @@ class GenSession:
         else:
             upscaled = [im.resize((batch.width, batch.height)) for im in first_images]
         # the refinement starts from the first pass: no Gradual Latent, no start-noise tricks
-        second = replace(batch, init_images=upscaled, steps=args.highres_fix_steps,
-                         strength=args.highres_fix_strength, gradual_latent=None, noise_tricks=None)
-        if args.highres_fix_disable_control_net:
+        second = replace(batch, init_images=upscaled, steps=fix.steps, strength=fix.strength, gradual_latent=None,
+                         noise_tricks=None)
+        if fix.disable_control_net:
             second = replace(second, controlnets=(), lllites=())
-        return run_batch(family, models, second, device), first_images if args.highres_fix_save_1st else None
+        return run_batch(family, models, second, device), first_images if fix.save_1st else None

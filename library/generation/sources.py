@@ -7,7 +7,6 @@ Interactive and module prompts are generated as they arrive, a line (interactive
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import random
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.generation.config import GenConfig
 from library.generation.prompt_lines import GenPrompt, parse_gen_line
 from library.utils.errors import UserError
 
@@ -59,11 +59,12 @@ class GenerationContext:
     device: object
 
 
-def load_prompter(args: argparse.Namespace, context: GenerationContext, networks: list):
+def load_prompter(config: GenConfig, context: GenerationContext, networks: list):
     """kohya's protocol: the file defines ``get_prompter(args, pipe, networks)`` returning a callable
     that is called as ``prompter(args, pipe, seed_random, iter_seed, prompt_index, global_step)``
-    and returns a prompt line, or None at the end of each iteration."""
-    path = Path(args.from_module)
+    and returns a prompt line, or None at the end of each iteration. ``args`` is the command line
+    (``config.prompter_args``), handed to the user's module as kohya does and read by nothing here."""
+    path = Path(config.prompts.from_module)
     if not path.is_file():
         raise UserError(f"--from_module {path}: file not found")
     spec = importlib.util.spec_from_file_location("gen_img_prompt_module", path)
@@ -74,17 +75,17 @@ def load_prompter(args: argparse.Namespace, context: GenerationContext, networks
         raise UserError(f"--from_module {path}: the module failed to load ({type(exc).__name__}: {exc})") from exc
     if not callable(getattr(module, "get_prompter", None)):
         raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
-    return module.get_prompter(args, context, [loaded.network.net for loaded in networks])
+    return module.get_prompter(config.prompter_args, context, [loaded.network.net for loaded in networks])
 
 
-def module_chunks(args: argparse.Namespace, prompter, context: GenerationContext, seed: int) -> Iterator[PromptChunk]:
+def module_chunks(config: GenConfig, prompter, context: GenerationContext, seed: int) -> Iterator[PromptChunk]:
     """One chunk per iteration (``--n_iter``): the prompter's lines until it returns None."""
     seed_random = random.Random(seed)
-    step = 0
-    for iteration in range(args.n_iter):
+    step, args = 0, config.prompter_args
+    for iteration in range(config.prompts.n_iter):
         prompts, problems, index = [], [], 0
         while (line := prompter(args, context, seed_random, seed + iteration, index, step)) is not None:
-            source = f"{args.from_module} iteration {iteration + 1} prompt {index + 1}"
+            source = f"{config.prompts.from_module} iteration {iteration + 1} prompt {index + 1}"
             try:
                 prompts.append(parse_gen_line(str(line), source, index))
             except UserError as exc:

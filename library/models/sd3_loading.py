@@ -18,7 +18,16 @@ from pathlib import Path
 import torch
 
 from library.models import sd3_keys, sd_infer, sd_keys
-from library.models.sd_loading import _build, _Cfg, _strip, read_state_dict, require_layout
+from library.models.sd_loading import (
+    CHECKPOINT_SUFFIXES,
+    _build,
+    _Cfg,
+    _strip,
+    read_state_dict,
+    require_layout,
+    write_diffusers_folder,
+)
+from library.models.tokenizers import resolve_tokenizer
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors
 
@@ -196,8 +205,6 @@ def load_sd3_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokeni
                    clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None) -> SD3Components:
     """An SD3/SD3.5 model from a single file (encoders bundled or separate; tokenizers looked up
     offline-first), a diffusers folder or a hub id."""
-    from library.models.sd_loading import CHECKPOINT_SUFFIXES
-    from library.models.tokenizers import resolve_tokenizer
 
     p = Path(name_or_path)
     if p.is_dir() or not (p.is_file() or p.suffix in CHECKPOINT_SUFFIXES):
@@ -213,8 +220,6 @@ def load_sd3_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokeni
 def save_sd3_diffusers(folder: str | os.PathLike, parts: SD3Components, dtype: torch.dtype | None = None) -> None:
     """Write a ``StableDiffusion3Pipeline`` folder with a FlowMatchEulerDiscreteScheduler (shift 3)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from library.models.sd_loading import write_diffusers_folder
 
     write_diffusers_folder(
         folder, "StableDiffusion3Pipeline",

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from library.maths.noise import SD_SCHEDULE
 from library.models import sd_infer, sd_keys
+from library.models.tokenizers import resolve_tokenizer
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors, save_torch
 
@@ -201,8 +203,6 @@ class _Cfg:
 
 def resolve_clip_tokenizer(ckpt: Path, tokenizer_dir: str | None, v2: bool):
     """The CLIP tokenizer of an SD1.x/2.x single file (see :mod:`library.models.tokenizers`)."""
-    from library.models.tokenizers import resolve_tokenizer
-
     return resolve_tokenizer("sd2" if v2 else "clip_l", ckpt, tokenizer_dir)
 
 
@@ -310,8 +310,6 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
     import shutil
 
     from diffusers import DDIMScheduler
-
-    from library.maths.noise import SD_SCHEDULE
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

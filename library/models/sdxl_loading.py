@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 
 from library.models import sd_infer, sd_keys
-from library.models.sd_loading import _build, _Cfg, _strip, read_state_dict, require_layout
+from library.models.sd_loading import (
+    CHECKPOINT_SUFFIXES,
+    _build,
+    _Cfg,
+    _strip,
+    read_state_dict,
+    require_layout,
+    write_diffusers_folder,
+)
+from library.models.tokenizers import resolve_tokenizer
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors, save_torch
 
@@ -131,8 +140,6 @@ def load_sdxl_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
 def load_sdxl_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer_dir: str | None = None,
                     device: torch.device | None = None) -> SDXLComponents:
     """An SDXL model from a single file (tokenizers looked up offline-first), a diffusers folder or a hub id."""
-    from library.models.sd_loading import CHECKPOINT_SUFFIXES
-    from library.models.tokenizers import resolve_tokenizer
 
     p = Path(name_or_path)
     if p.is_dir() or not (p.is_file() or p.suffix in CHECKPOINT_SUFFIXES):
@@ -145,8 +152,6 @@ def load_sdxl_model(name_or_path: str, dtype: torch.dtype = torch.float32, token
 
 def save_sdxl_diffusers(folder: str | os.PathLike, parts: SDXLComponents, dtype: torch.dtype | None = None) -> None:
     """Write a ``StableDiffusionXLPipeline`` folder (needs the tokenizers: load the model with them)."""
-    from library.models.sd_loading import write_diffusers_folder
-
     if parts.tokenizer_1 is None or parts.tokenizer_2 is None:
         raise UserError("an SDXL diffusers folder needs both tokenizers; load the model with load_sdxl_model")
     write_diffusers_folder(folder, "StableDiffusionXLPipeline",

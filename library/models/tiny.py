@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from library.models import sd_keys
+from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, SD3Components
 from library.models.sd_infer import clip_heads
 from library.models.sd_loading import SDComponents
-from library.models.tiny_tokenizer import build_tiny_clip_tokenizer
+from library.models.sdxl_loading import SDXLComponents
+from library.models.tiny_tokenizer import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
 TINY_SD1_UNET = {
     "sample_size": 8,
@@ -71,8 +74,6 @@ def make_tiny_sd2(seed: int = 0) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from library.models import sd_keys
-
     torch.manual_seed(seed)
     tiny = build_tiny_clip_tokenizer()
     tokenizer = CLIPTokenizer(vocab=tiny.get_vocab(), merges=_merges_of(tiny), pad_token="!", model_max_length=77)
@@ -118,8 +119,6 @@ def make_tiny_sdxl(seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from library.models.sdxl_loading import SDXLComponents
-
     torch.manual_seed(seed)
     tok1, tok2 = tiny_clip_tokenizer_pair()
     vocab = len(tok1)
@@ -154,8 +153,6 @@ def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, SD3Components
-
     torch.manual_seed(seed)
     tok_l, tok_g = tiny_clip_tokenizer_pair()
     vocab = len(tok_l)
@@ -172,7 +169,6 @@ def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False))
     for m in (transformer, vae, clip_l, clip_g, t5):
         m.eval().requires_grad_(False)
-    from library.models.tiny_tokenizer import build_tiny_t5_tokenizer
 
     return SD3Components(transformer, vae, clip_l, clip_g, t5,
                          {"clip_l": tok_l, "clip_g": tok_g, "t5xxl": build_tiny_t5_tokenizer()})
@@ -182,8 +178,6 @@ def controlnet_to_original_layout(controlnet, unet_config) -> dict[str, torch.Te
     """A diffusers ControlNetModel's weights under the original ControlNet file's names
     (``control_model.input_hint_block.*``, ``zero_convs.*``, ``middle_block_out.*`` and the UNet's
     ldm names), to write the tiny files the ControlNet loader is tested on."""
-    from library.models import sd_keys
-
     hint_blocks = len(controlnet.controlnet_cond_embedding.blocks)
     own, unet_like = {}, {}
     for key, value in controlnet.state_dict().items():

@@ -10,7 +10,7 @@ loaded UNet (so no config download is needed).
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library.models.sd_loading import read_state_dict
 from library.utils.errors import UserError
 
 
@@ -65,8 +66,6 @@ def load_controlnet_model(path: str, unet, dtype: torch.dtype):
         raise UserError(f"--control_net_models {path}: not found (a ControlNet file or diffusers folder)")
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    from library.models.sd_loading import read_state_dict
-
     model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
     state = read_state_dict(p)
     if not any(k.startswith(("control_model.", "input_hint_block.", "zero_convs.")) for k in state):
@@ -81,40 +80,14 @@ def load_controlnet_model(path: str, unet, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def check_controlnet_args(args: argparse.Namespace) -> None:
-    """Before loading: counts, preps, ratios, and a guide image for the ControlNets."""
-    if args.control_net_models and args.control_net_lllite_models:
-        raise UserError("give --control_net_models or --control_net_lllite_models, not both (they share "
-                        "--control_net_preps/--control_net_multipliers/--control_net_ratios)")
-    flag = "control_net_lllite_models" if args.control_net_lllite_models else "control_net_models"
-    models = getattr(args, flag)
-    for per_model in ("control_net_preps", "control_net_multipliers", "control_net_ratios"):
-        if len(getattr(args, per_model)) > len(models):
-            raise UserError(f"--{per_model}: at most one value per --{flag} entry")
-    if models and not args.guide_image_path:
-        raise UserError(f"--{flag} needs --guide_image_path (the image(s) that guide it)")
-    for prep in args.control_net_preps:
-        check_prep(prep)
-    for ratio in args.control_net_ratios:
-        if not 0 < ratio <= 1:
-            raise UserError(f"--control_net_ratios {ratio}: the fraction of the steps guided, in (0, 1]")
-
-
-def load_controlnets(args: argparse.Namespace, models, device: torch.device, dtype: torch.dtype) -> tuple:
+def load_controlnets(paths: Sequence[str], settings: Sequence[tuple[str, float, float]], models,
+                     device: torch.device, dtype: torch.dtype) -> tuple:
+    """Each ControlNet file or folder with its (prep, multiplier, ratio)."""
     uses = []
-    for i, path in enumerate(args.control_net_models):
+    for path, (prep, multiplier, ratio) in zip(paths, settings):
         model = load_controlnet_model(path, models.denoiser, dtype).to(device).eval().requires_grad_(False)
-        uses.append(ControlNetUse(model, *per_model_settings(args, i)))
+        uses.append(ControlNetUse(model, prep, multiplier, ratio))
     return tuple(uses)
-
-
-def per_model_settings(args: argparse.Namespace, i: int) -> tuple[str, float, float]:
-    """(prep, multiplier, ratio) of the i-th ControlNet or LLLite model (kohya's defaults where not given)."""
-    def nth(values: list, default):
-        return values[i] if i < len(values) else default
-
-    return (nth(args.control_net_preps, "none"), nth(args.control_net_multipliers, 1.0),
-            nth(args.control_net_ratios, 1.0))
 
 
 def control_kwargs(uses: tuple, guides: list, width: int, height: int, key: str) -> dict:

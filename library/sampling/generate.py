@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from PIL import Image
+
+from library.sampling.controlnet import ControlNetUse, control_kwargs
+from library.sampling.deep_shrink import DeepShrink, apply_deep_shrink, check_deep_shrink
+from library.sampling.gradual_latent import GradualLatent, use_gradual_latent
+from library.sampling.lllite import LLLiteSchedule, LLLiteUse
+from library.sampling.negative_scale import NegativeScaleUNet
+from library.sampling.regional import RegionalLoRA
+from library.sampling.samplers import canonical_sampler
+from library.sampling.start_noise import NoiseTricks, start_latents
+from library.utils.errors import UserError
 
 KINDS = ("txt2img", "img2img", "inpaint")
+
+
+class PooledFromImage(Protocol):
+    """kohya's --clip_vision_strength: the pooled text embedding replaced by one of the init image."""
+
+    def __call__(self, images: list[Image.Image] | torch.Tensor, pooled: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -30,25 +48,24 @@ class GenBatch:
     steps: int = 30
     scale: float = 7.5
     sampler: str = "euler_a"
-    init_images: list | None = None  # PIL images: img2img / inpaint
-    masks: list | None = None  # PIL masks (white = repaint): inpaint
+    init_images: list[Image.Image] | torch.Tensor | None = None  # img2img / inpaint (latents: highres fix)
+    masks: list[Image.Image] | None = None  # white = repaint: inpaint
     strength: float = 0.8
     original_size: tuple[int, int] | None = None  # SDXL (height, width); default: the image size
     crop: tuple[int, int] = (0, 0)  # SDXL (top, left)
     negative_scale: float | None = None  # kohya's separate negative-prompt strength (UNet families)
     negative_original_size: tuple[int, int] | None = None  # SDXL, of the negative prediction
-    deep_shrink: object = None  # deep_shrink.DeepShrink (UNet families)
-    gradual_latent: object = None  # gradual_latent.GradualLatent (UNet families, euler_a, text-to-image)
-    noise_tricks: object = None  # start_noise.NoiseTricks (text-to-image)
+    deep_shrink: DeepShrink | None = None  # UNet families
+    gradual_latent: GradualLatent | None = None  # UNet families, euler_a, text-to-image
+    noise_tricks: NoiseTricks | None = None  # text-to-image
     ddim_eta: float | None = None  # the ddim sampler's eta
     zero_steps_offset: bool = False  # kohya's --force_scheduler_zero_steps_offset
     vae_batch_size: float | None = None  # images decoded at a time (below 1: a fraction of the batch)
-    controlnets: tuple = ()  # controlnet.ControlNetUse, applied with guide_images
-    lllites: tuple = ()  # lllite.LLLiteUse (SDXL), applied with guide_images
-    guide_images: list | None = None  # PIL guide images, one per image
-    regional: object = None  # regional.RegionalLoRA: AND sub-prompts over LoRA regions
-    clip_vision: object = None  # extra_encoders.ClipVisionPooled: SDXL img2img's pooled text from the image
-    extra: dict = field(default_factory=dict)
+    controlnets: tuple[ControlNetUse, ...] = ()  # applied with guide_images
+    lllites: tuple[LLLiteUse, ...] = ()  # SDXL, applied with guide_images
+    guide_images: list[Image.Image] | None = None  # one per image
+    regional: RegionalLoRA | None = None  # AND sub-prompts over LoRA regions
+    clip_vision: PooledFromImage | None = None  # SDXL img2img's pooled text from the image
 
     @property
     def kind(self) -> str:
@@ -60,7 +77,6 @@ class GenBatch:
 def run_batch(family, models, batch: GenBatch, device: torch.device, output_type: str = "pil"):
     """Run one pipeline call for ``batch``; returns PIL images in prompt order (or the latents, with
     ``output_type="latent"``). ``init_images`` may be latents (a tensor), e.g. the highres fix's."""
-    from library.sampling.deep_shrink import apply_deep_shrink
 
     controlnet = None
     if batch.controlnets:
@@ -87,8 +103,6 @@ def run_batch(family, models, batch: GenBatch, device: torch.device, output_type
     else:
         kwargs.update(_init_image_kwargs(pipe, batch))
     if batch.controlnets:
-        from library.sampling.controlnet import control_kwargs
-
         key = "image" if batch.kind == "txt2img" else "control_image"
         kwargs.update(control_kwargs(batch.controlnets, batch.guide_images, batch.width, batch.height, key))
     chunk = _vae_chunk(batch)
@@ -107,7 +121,6 @@ def _lllites(batch: GenBatch, kwargs: dict, device):
     if not batch.lllites:
         yield
         return
-    from library.sampling.lllite import LLLiteSchedule
 
     schedule = LLLiteSchedule(batch.lllites, batch.guide_images, batch.width, batch.height, device)
     kwargs["callback_on_step_end"] = schedule
@@ -138,12 +151,8 @@ def _start_kwargs(pipe, models, batch: GenBatch, generators, dtype, device) -> d
     (Gradual Latent also swaps in its scheduler)."""
     kwargs = {"width": batch.width, "height": batch.height}
     if batch.gradual_latent is not None:
-        from library.sampling.gradual_latent import use_gradual_latent
-
         use_gradual_latent(pipe, batch.gradual_latent, batch.height, batch.width)
     if batch.gradual_latent is not None or batch.noise_tricks is not None:
-        from library.sampling.start_noise import start_latents
-
         kwargs["latents"] = start_latents(pipe, models, batch, generators, dtype, device)
     return kwargs
 
@@ -163,7 +172,6 @@ def _init_image_kwargs(pipe, batch: GenBatch) -> dict:
 
 def _check_tricks(family, models, batch: GenBatch) -> None:
     """Deep Shrink and Gradual Latent need a UNet (and Gradual Latent euler_a and text-to-image)."""
-    from library.utils.errors import UserError
 
     if (batch.deep_shrink or batch.gradual_latent) and not family.unet_denoiser:
         raise UserError(f"Deep Shrink and Gradual Latent work on UNet models (SD1/SD2/SDXL), not {family.name}")
@@ -181,12 +189,8 @@ def _check_tricks(family, models, batch: GenBatch) -> None:
         raise UserError("ControlNet cannot be combined with Deep Shrink, Gradual Latent or --negative_scale/--nl "
                         "(their UNet calls do not carry the ControlNet's residuals at matching sizes)")
     if batch.deep_shrink is not None:
-        from library.sampling.deep_shrink import check_deep_shrink
-
         check_deep_shrink(batch.deep_shrink, models.denoiser)
     if batch.gradual_latent is not None:
-        from library.sampling.samplers import canonical_sampler
-
         if canonical_sampler(batch.sampler) != "euler_a":
             raise UserError(f"Gradual Latent needs the euler_a sampler (this line uses {batch.sampler}); "
                             "use --sampler euler_a or --ss euler_a")
@@ -197,9 +201,6 @@ def _check_tricks(family, models, batch: GenBatch) -> None:
 
 def _use_negative_scale(family, models, pipe, batch: GenBatch, device) -> None:
     """Swap the pipeline's UNet for kohya's three-prediction guidance (see negative_scale.py)."""
-    from library.sampling.negative_scale import NegativeScaleUNet
-    from library.utils.errors import UserError
-
     if not family.negative_scale_supported:
         raise UserError(f"--negative_scale / --nl are not available for {family.name} models")
     empty = family.call_kwargs(models, GenBatch([""], [""], [0], batch.width, batch.height), device)

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from library.models.sd_keys import unet_module_to_ldm
+from library.models.sd_loading import read_state_dict
+from library.sampling.controlnet import preprocess
 from library.utils.errors import UserError
 
 PREFIX = "lllite_unet_"
@@ -67,8 +70,6 @@ class LLLiteModule(nn.Module):
 
 def lllite_targets(unet) -> dict[str, tuple[str, int]]:
     """kohya name -> (diffusers module path, depth) of every layer an SDXL LLLite can feed."""
-    from library.models.sd_keys import unet_module_to_ldm
-
     targets = {}
     for path, module in unet.named_modules():
         if not isinstance(module, nn.Linear) or ".attentions." not in f".{path}":
@@ -130,24 +131,20 @@ class LLLiteUse:
     ratio: float = 1.0
 
 
-def load_lllites(args, models, device: torch.device, dtype: torch.dtype) -> tuple:
-    from library.models.sd_loading import read_state_dict
-    from library.sampling.controlnet import per_model_settings
-
+def load_lllites(paths, settings, models, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Each ControlNet-LLLite file hooked into the UNet, with its (prep, multiplier, ratio)."""
     uses = []
-    for i, path in enumerate(args.control_net_lllite_models):
+    for path, (prep, multiplier, ratio) in zip(paths, settings):
         state = read_state_dict(path)
         network = LLLite(models.denoiser, state, path)
         network.to(device, dtype).eval().requires_grad_(False)
-        uses.append(LLLiteUse(network, *per_model_settings(args, i)))
+        uses.append(LLLiteUse(network, prep, multiplier, ratio))
     return tuple(uses)
 
 
 def guide_tensor(guides: list, prep: str, width: int, height: int, device) -> torch.Tensor:
     """The batch's guide images, preprocessed and resized, as (B, 3, H, W) in [-1, 1]."""
     import numpy as np
-
-    from library.sampling.controlnet import preprocess
 
     arrays = [np.asarray(preprocess(g, prep).resize((width, height)), dtype=np.float32) / 127.5 - 1 for g in guides]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)

@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from library.maths.noise import multires_noise
 from library.maths.rng import SampleRNG
+from library.sampling.gradual_latent import initial_latents
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ class NoiseTricks:
 def start_latents(pipe, models, batch, generators: list[torch.Generator], dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """The batch's unit start noise (what the noise tricks did is logged per seed)."""
-    from library.sampling.gradual_latent import initial_latents
-
     channels = models.denoiser.config.in_channels
     f = pipe.vae_scale_factor
     shape = (len(generators), channels, batch.height // f, batch.width // f)

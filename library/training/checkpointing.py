@@ -14,6 +14,7 @@ from library.config.training_config import SaveConfig
 from library.optim.optimizers import optimizer_eval_mode
 from library.training import saving
 from library.training.state import TrainState, save_state
+from networks.lora_export import write_diffusers_lora
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ class Checkpointer:
     def on_train_end(self, progress: Progress) -> Path:
         path = self.save_network(self._stem(), progress)
         if self.cfg.lora_format == "diffusers" and self.is_main:
-            from networks.lora_export import write_diffusers_lora
-
             with optimizer_eval_mode(self.optimizer):
                 folder = write_diffusers_lora(self.adapter.net, self.cfg.output_dir / f"{self._stem()}-diffusers",
                                               self.cfg.precision)

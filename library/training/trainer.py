@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.config.training_config import TrainingConfig
+from library.config.training_config import TrainingConfig, loggable_args
 from library.data.batch import TrainBatch
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single, to_device
 from library.data.dataset_config import check_size_multiple
@@ -36,6 +36,7 @@ from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.validation import Validator, batch_latents, make_noisy_batch
 from library.utils.errors import UserError
+from library.utils.files import atomic_path
 from networks.base import NetworkAdapter, import_network_module
 
 logger = logging.getLogger(__name__)
@@ -156,8 +157,6 @@ class NetworkTrainer:
         return acc
 
     def _init_trackers(self, acc, progress: Progress) -> None:
-        from library.config.training_config import loggable_args
-
         init = {k: dict(v) for k, v in self.cfg.tracker_init.items()}
         if self.resume and "tensorboard" in self.cfg.trackers:
             # purge_step drops events a killed run wrote after its last state, so steps never overlap
@@ -564,8 +563,6 @@ class _Loop:
 
 def _save_png(image, path: Path, prompt) -> None:
     from PIL import PngImagePlugin
-
-    from library.utils.files import atomic_path
 
     info = PngImagePlugin.PngInfo()
     params = (f"{prompt.prompt}\nNegative prompt: {prompt.negative_prompt}\nSteps: {prompt.steps}, "

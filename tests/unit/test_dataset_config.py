@@ -68,7 +68,7 @@ def test_two_datasets_keep_their_own_resolution_and_batch_size(tmp_path):
                         {"resolution": 128, "batch_size": 4, "subsets": [{"image_dir": str(tmp_path / "b")}]}]}
     group, _ = build_dataset_group(parse_dataset_config(raw, "c.toml", {}), 0, 1.0, False)
     assert len(group) == 2 + 1
-    shapes = sorted(tuple(group[(0, i)]["images"].shape) for i in range(len(group)))
+    shapes = sorted(tuple(group[(0, i)].images.shape) for i in range(len(group)))
     assert shapes == [(2, 3, 64, 64), (2, 3, 64, 64), (4, 3, 128, 128)]
 
 
