@@ -51,7 +51,7 @@ _OPTIONAL = ("apply_to", "prepare_optimizer_params", "save_weights", "get_traina
 class Capabilities:
     """What a network can do beyond training, read once from the object when it is wrapped."""
 
-    can_merge: bool  # merge_to(multiplier): added into the base weights (--network_merge)
+    can_merge: bool  # kohya's merge_to(text_encoder, unet, weights_sd, dtype, device) (--network_merge)
     can_pre_calculate: bool  # pre_calculation() / restore_weights() (--network_pre_calc)
     can_set_multiplier: bool  # set_multiplier(value): per-line strengths, network_multiplier
     #: text_encoder_loras / unet_loras of modules with ``lora_name``, ``enabled``, ``region``
@@ -153,12 +153,13 @@ class NetworkAdapter:
         return self
 
     # --------------------------------------------------------------- generation
-    def merge_to(self, multiplier: float) -> None:
-        """Add the network into the base weights at ``multiplier`` (``--network_merge``)."""
+    def merge_to(self, text_encoder, unet, weights_sd: dict | None, dtype, device) -> None:
+        """Add the network into the base weights at the strength it was built with (kohya's
+        ``merge_to`` signature, which lycoris.kohya has too; ``--network_merge``)."""
         if not self.capabilities.can_merge:
             raise UserError(f"--network_merge: the network {self.name} cannot be merged (no merge_to); "
                             "leave it hooked")
-        self._methods["merge_to"](multiplier)
+        self._methods["merge_to"](text_encoder, unet, weights_sd, dtype, device)
 
     def pre_calculation(self) -> None:
         self._methods["pre_calculation"]()

@@ -104,12 +104,14 @@ class LoRANetwork(nn.Module):
             lora.apply_to()
 
     @torch.no_grad()
-    def merge_to(self, multiplier: float | None = None) -> None:
-        """Add ``multiplier * scale * up @ down`` into the base weights (``--network_merge``): the
-        model then runs at full speed without the hooks; the network is spent afterwards."""
-        mult = self.multiplier if multiplier is None else multiplier
+    def merge_to(self, text_encoder=None, unet=None, weights_sd: dict | None = None, dtype=None, device=None) -> None:
+        """kohya's merge (``--network_merge``): ``weights_sd`` loaded when given, then ``multiplier *
+        scale * up @ down`` added into the base weights, hooked or not; the model then runs at full
+        speed without hooks and the network is spent. The models are the ones it was built on."""
+        if weights_sd is not None:
+            self.load_state_dict(weights_sd, strict=False)
         for lora in self.all_loras():
-            _add_update(lora, mult)
+            _add_update(lora, self.multiplier)
             lora.remove()
 
     @torch.no_grad()

@@ -50,7 +50,14 @@ def training_family(name: str, args: argparse.Namespace, datasets: Sequence[Data
     return build_family(name, _TRAINING[name](args, datasets))
 
 
+def _at_most_two_rates(args: argparse.Namespace) -> None:
+    """SD1/SD2 and SDXL: one --text_encoder_lr value per encoder (SD1 takes two as the GUI writes them)."""
+    if len(args.text_encoder_lr or []) > 2:
+        raise UserError(f"--text_encoder_lr: at most one value per text encoder (2), got {len(args.text_encoder_lr)}")
+
+
 def _sd_training(args: argparse.Namespace, datasets) -> SDOptions:
+    _at_most_two_rates(args)
     return SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip,
                      max_token_length=args.max_token_length or 75, weighted_captions=args.weighted_captions,
                      vae=args.vae)
@@ -59,6 +66,7 @@ def _sd_training(args: argparse.Namespace, datasets) -> SDOptions:
 def _sdxl_training(args: argparse.Namespace, datasets) -> SDXLOptions:
     if args.v2:
         raise UserError("--v2 is for SD2.x models; SDXL is trained without it")
+    _at_most_two_rates(args)
     return SDXLOptions(ddpm=build_ddpm_options(args), max_token_length=args.max_token_length or 75,
                        vae=args.vae, weighted_captions=args.weighted_captions, clip_skip=args.clip_skip)
 

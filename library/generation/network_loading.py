@@ -29,19 +29,22 @@ class DiffusersLoRA:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(f"--network_weights {path}: diffusers could not load this LoRA into this model "
                             f"({str(exc).splitlines()[0]}; is it for another model family?)") from exc
+        self.multiplier = multiplier
         self.set_multiplier(multiplier)
 
     active: dict[str, float] = {}  # every loaded adapter's strength (they live in shared modules)
 
     def set_multiplier(self, value: float) -> None:
+        self.multiplier = value
         DiffusersLoRA.active[self.name] = value
         self.pipe.set_adapters(list(self.active), adapter_weights=list(self.active.values()))
 
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         """Nothing to do: diffusers injected the layers when the file was loaded."""
 
-    def merge_to(self, multiplier: float) -> None:
-        self.pipe.fuse_lora(lora_scale=multiplier, adapter_names=[self.name])
+    def merge_to(self, text_encoder=None, unet=None, weights_sd=None, dtype=None, device=None) -> None:
+        """kohya's merge signature; diffusers fuses the adapter it loaded into the shared modules."""
+        self.pipe.fuse_lora(lora_scale=self.multiplier, adapter_names=[self.name])
         self.pipe.delete_adapters(self.name)
         DiffusersLoRA.active.pop(self.name, None)
 
@@ -88,23 +91,26 @@ def load_networks(settings: NetworkSettings, family, models, device) -> list[Loa
         mul = s.mul(i)
         if s.show_meta:
             logger.info("LoRA %s metadata: %s", Path(path).name, _file_metadata(path))
+        merged, weights_sd = i < merge_count, None
         if family.diffusers_lora_via_pipeline and _is_diffusers_form(path) and i >= len(s.modules):
             network = NetworkAdapter(DiffusersLoRA(family, models, path, f"lora{i}", mul), "generate")
         else:
             name = s.modules[i] if i < len(s.modules) else family.default_network_module
             module = import_network_module(name)
-            raw, _ = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser, for_inference=True,
-                                                        **network_kwargs(s, i, name, module))
+            raw, weights_sd = module.create_network_from_weights(mul, path, models.vae, te, models.denoiser,
+                                                                 for_inference=True,
+                                                                 **network_kwargs(s, i, name, module))
             network = NetworkAdapter(raw, "generate")
-            network.apply_to(te, models.denoiser, True, True)
+            if not merged:  # kohya's protocol: a network that is merged is never hooked
+                network.apply_to(te, models.denoiser, True, True)
             logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
             network.to(device, models.denoiser.dtype)
-        if i < merge_count:
-            network.merge_to(mul)
+        if merged:
+            network.merge_to(te, models.denoiser, weights_sd, models.denoiser.dtype, device)
         elif s.pre_calc and not network.capabilities.can_pre_calculate:
             raise UserError(f"--network_pre_calc: {Path(path).name} is not a kohya-format LoRA of ours (it has no "
                             "pre_calculation); use --network_merge for it, or drop --network_pre_calc")
-        loaded.append(LoadedNetwork(Path(path).stem, mul, network, i < merge_count))
+        loaded.append(LoadedNetwork(Path(path).stem, mul, network, merged))
     return loaded
 
 

@@ -132,3 +132,33 @@ def test_network_pre_calc_equals_hooks_and_follows_line_strengths(sd1, sd1_lora,
         assert _diff(hooked, pre) <= 2
     assert _diff(runs["pre"][0], runs["pre"][1]) > 5  # the second line's strengths were used
     assert np.array_equal(runs["pre"][2], plain)  # --am 0 after two additions: the weights were restored
+
+
+def test_lycoris_generates_hooked_and_merged_through_the_adapter(sd1, tmp_path):
+    """A third-party plug-in (lycoris.kohya, LoHa) goes through the same NetworkAdapter: hooked, at a
+    line strength (--am 0 gives the plain image), and merged by kohya's merge_to signature."""
+    pytest.importorskip("lycoris")
+    import torch
+    from lycoris import kohya
+
+    from library.families.sd import SDFamily
+
+    models = SDFamily().load(sd1, torch.float32, None)
+    net = kohya.create_network(1.0, 4, 4, models.vae, models.text_encoders[0], models.denoiser, algo="loha",
+                               preset="attn-mlp")
+    net.apply_to(models.text_encoders[0], models.denoiser, True, True)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("hada_w1_a", "hada_w2_a", "hada_w1_b", "hada_w2_b")):
+                p.normal_(std=0.3)
+    path = str(tmp_path / "loha.safetensors")
+    net.save_weights(path, torch.float32, {})
+    flags = ("--network_module", "lycoris.kohya", "--network_weights", path)
+    plain = _images(sd1, tmp_path / "plain")[0]
+    hooked = _images(sd1, tmp_path / "hooked", *flags)[0]
+    off = _images(sd1, tmp_path / "off", *flags, prompt="red circle --am 0")[0]
+    merged = _images(sd1, tmp_path / "merged", *flags, "--network_merge")[0]
+    assert _diff(hooked, plain) > 5
+    assert np.array_equal(off, plain)
+    assert _diff(merged, hooked) <= 2

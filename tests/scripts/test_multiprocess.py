@@ -37,7 +37,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_default, tmp_pa
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     moved = max((one[k].float() - 0).abs().max().item() for k in one if k.endswith("lora_up.weight"))
     print(f"max |one - two| = {worst:.2e} (lora_up max {moved:.2e})")
-    assert moved > 1e-4 and worst < 1e-5  # equal up to float summation order
+    # equal up to float summation order, relative to how far training moved the weights: on this
+    # Xeon the two runs differ by 1.3e-5 where lora_up moved 6e-3 (a gradient not averaged, or
+    # averaged twice, differs by the size of the move itself)
+    assert moved > 1e-4 and worst < 0.01 * moved
     # only rank 0 wrote: each file was saved once
     saves = [line for line in proc.stderr.splitlines() if "checkpointing: saved" in line]
     assert len(saves) == 2, saves
