@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from library.utils.errors import UserError
+from library.utils.files import atomic_path
 
 
 @runtime_checkable
@@ -130,7 +131,10 @@ class NetworkAdapter:
         return list(self._methods["get_trainable_params"]())
 
     def save(self, path: str, dtype, metadata: dict | None) -> None:
-        self._methods["save_weights"](path, dtype, metadata)
+        """The network's own ``save_weights``, into a temporary file renamed into place (so a
+        plug-in that writes in place cannot leave a torn file; the folder is made if missing)."""
+        with atomic_path(path) as tmp:
+            self._methods["save_weights"](tmp, dtype, metadata)
 
     # --------------------------------------------------------------- both
     def set_multiplier(self, multiplier: float) -> None:
@@ -146,6 +150,18 @@ class NetworkAdapter:
         if "load_weights" not in self._methods:
             raise UserError(f"--network_weights: the network {self.name} cannot load weights")
         return self._methods["load_weights"](path)
+
+    def load_for_generation(self, path: str, weights_sd: dict | None):
+        """The file's weights into the network: through its own ``load_weights`` when it has one
+        (ours name a file of another shape or family), else kohya gen_img's
+        ``load_state_dict(weights_sd, strict=False)`` with what ``create_network_from_weights`` read."""
+        if "load_weights" in self._methods:
+            return self._methods["load_weights"](path)
+        if weights_sd is None or not isinstance(self.net, torch.nn.Module):
+            raise UserError(f"--network_weights {path}: the network {self.name} has no load_weights() and its "
+                            "create_network_from_weights returned no weights")
+        info = self.net.load_state_dict(weights_sd, strict=False)
+        return f"{len(weights_sd) - len(info.unexpected_keys)} tensors loaded"
 
     def to(self, device, dtype=None) -> NetworkAdapter:
         if isinstance(self.net, torch.nn.Module):

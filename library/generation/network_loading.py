@@ -103,7 +103,7 @@ def load_networks(settings: NetworkSettings, family, models, device) -> list[Loa
             network = NetworkAdapter(raw, "generate")
             if not merged:  # kohya's protocol: a network that is merged is never hooked
                 network.apply_to(te, models.denoiser, True, True)
-            logger.info("LoRA %s: %s", Path(path).name, network.load_weights(path))
+            logger.info("LoRA %s: %s", Path(path).name, network.load_for_generation(path, weights_sd))
             network.to(device, models.denoiser.dtype)
         if merged:
             network.merge_to(te, models.denoiser, weights_sd, models.denoiser.dtype, device)

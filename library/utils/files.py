@@ -16,11 +16,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     A crash or exception inside the block leaves any previous ``path`` untouched and removes
-    the partial temporary file.
+    the partial temporary file. The temporary name keeps the suffix, for writers that choose the
+    format by it (kohya's ``save_weights``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield str(tmp)
         with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
