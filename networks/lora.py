@@ -21,6 +21,7 @@ import logging
 import os
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from library.maths.metadata import add_model_hashes
@@ -245,7 +246,6 @@ def _read_lora_file(file: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(file):
         raise UserError(f"LoRA file not found: {file}")
     if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
         return load_file(file)
     return torch.load(file, map_location="cpu", weights_only=True)
 

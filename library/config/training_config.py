@@ -232,7 +232,7 @@ def _trackers(args: argparse.Namespace) -> tuple[str, ...]:
         raise UserError("--log_with tensorboard needs --logging_dir")
     if "wandb" in trackers:
         try:
-            import wandb  # noqa: F401
+            import wandb  # noqa: F401  (an optional package: only --log_with wandb needs it)
         except ImportError as exc:
             raise UserError("--log_with wandb needs the wandb package: pip install wandb") from exc
     return trackers

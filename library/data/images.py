@@ -6,6 +6,7 @@ import os
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -87,8 +88,6 @@ def resize_to(image: np.ndarray, size: tuple[int, int], interpolation: str | Non
 
 def to_tensor_image(image: np.ndarray):
     """uint8 (H, W, 3) -> float tensor (3, H, W) in [-1, 1]."""
-    import torch
-
     return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import diffusers
 import torch
 
 from library.families import clip_text
@@ -141,8 +143,6 @@ class SDFamily(ModelFamily):
 
     def _pipeline_class(self, kind: str, controlnet) -> tuple[type, dict]:
         """The pipeline class for ``kind`` and the extra constructor arguments (the ControlNet)."""
-        import diffusers
-
         cls = getattr(diffusers, self.PIPELINES[kind][controlnet is not None])
         return cls, ({} if controlnet is None else {"controlnet": controlnet})
 
@@ -169,8 +169,6 @@ class SDFamily(ModelFamily):
         return [int(o.min_timestep + (o.max_timestep - o.min_timestep) * k / 5) for k in range(1, 5)]
 
     def _vae_metadata(self) -> dict[str, str]:
-        import os
-
         vae = self.options.vae
         if not vae:
             return {"ss_vae_name": "None"}

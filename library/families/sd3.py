@@ -16,6 +16,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+import diffusers
 import torch
 
 from library.families.base import LoadedModels, ModelFamily, NoisyBatch
@@ -243,8 +244,6 @@ class SD3Family(ModelFamily):
 
     # ----------------------------------------------------------------- sampling and metadata
     def pipeline(self, models: LoadedModels, sampler: str, kind: str, controlnet=None):
-        import diffusers
-
         if controlnet is not None:
             raise UserError("ControlNet is not available for SD3 models in this toolkit")
         if sampler and sampler.lower() not in ("euler", "k_euler"):

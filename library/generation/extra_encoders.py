@@ -15,6 +15,7 @@ the hub, a folder is read as it is.
 from __future__ import annotations
 
 import torch
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
 from library.utils.errors import UserError
 
@@ -34,8 +35,6 @@ class ClipVisionPooled:
     """The SDXL pooled embedding from an image (``--clip_vision_strength``)."""
 
     def __init__(self, name: str, strength: float, device: torch.device, dtype: torch.dtype):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
         name = name or CLIP_VISION_BIG_G
         self.model = _from_pretrained(CLIPVisionModelWithProjection, name, "--clip_vision_model")
         self.model.to(device, dtype).eval().requires_grad_(False)
@@ -56,8 +55,6 @@ class ClipVisionPooled:
 def replace_text_encoder(model_name: str | None, models, dtype: torch.dtype) -> None:
     """``--replace_clip_l14_336``: CLIP-L/14-336's text tower (``--clip_l14_336_model``, default the
     OpenAI repo) in place of the SD1 text encoder."""
-    from transformers import CLIPTextModel
-
     name = model_name or CLIP_L14_336
     new = _from_pretrained(CLIPTextModel, name, "--clip_l14_336_model", torch_dtype=dtype)
     old = models.text_encoders[0]

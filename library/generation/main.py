@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from library.families import LAYOUT_FAMILY, PIPELINE_FAMILY
 from library.generation import jobs as gen_run
@@ -40,8 +41,6 @@ def detect_family(model: ModelSettings) -> str:
     if index.is_file():
         return PIPELINE_FAMILY.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""), "sd")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             layout = detect_layout(dict.fromkeys(f.keys()))
     else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from library.generation.config import HighresFix, NetworkSettings
 from library.utils.errors import UserError
@@ -50,8 +51,6 @@ class DiffusersLoRA:
 
 
 def _is_diffusers_form(path: str) -> bool:
-    from safetensors import safe_open
-
     if not path.endswith(".safetensors"):
         return False
     with safe_open(path, "pt") as f:
@@ -134,7 +133,6 @@ def load_upscaler(highres: HighresFix, device: torch.device, dtype: torch.dtype)
 def _file_metadata(path: str) -> dict:
     if not path.endswith(".safetensors"):
         return {}
-    from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         return f.metadata() or {}

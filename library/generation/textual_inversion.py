@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AddedToken
 
 from library.utils.errors import UserError
 
@@ -22,8 +24,6 @@ def read_vectors(path: Path, keys: tuple[str, ...]) -> list[torch.Tensor]:
     if not path.is_file():
         raise UserError(f"--textual_inversion_embeddings {path}: file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         data = load_file(str(path))
     else:
         try:
@@ -66,7 +66,6 @@ class TextualInversion:
             if v.shape[1] != embeddings.weight.shape[1]:
                 raise UserError(f"--textual_inversion_embeddings {path}: vectors of width {v.shape[1]}, but this "
                                 f"text encoder's are {embeddings.weight.shape[1]} wide (another model family?)")
-            from transformers import AddedToken
 
             if tokenizer.add_tokens([AddedToken(t, normalized=False) for t in tokens]) != len(tokens):
                 raise UserError(f"--textual_inversion_embeddings {path}: '{name}' (or a numbered token after it) "

@@ -8,6 +8,7 @@ import json
 import struct
 
 import torch
+from safetensors.torch import save
 
 
 def add_model_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -17,8 +18,6 @@ def add_model_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -
     the model hash is the SHA-256 of the bytes after the header, the legacy hash the first 8 hex
     digits of the SHA-256 of 64 KiB at offset 1 MiB of the whole buffer.
     """
-    from safetensors.torch import save
-
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     data = save({k: v.contiguous() for k, v in state.items()}, metadata=ss_only)
     (header_len,) = struct.unpack("<Q", data[:8])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from library.utils.errors import UserError
 
@@ -52,8 +53,6 @@ def set_attention(unet: torch.nn.Module, mode: str) -> None:
         kinds = {type(p).__name__ for p in unet.attn_processors.values()}
         if any(k.startswith(("Sliced", "XFormers")) for k in kinds) and callable(getattr(unet, "set_attention_slice",
                                                                                          None)):
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
             unet.set_attn_processor(AttnProcessor2_0())
 
 

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from library.models import sd3_keys, sd_infer, sd_keys
 from library.models.sd_loading import (
@@ -56,8 +65,6 @@ class SD3Components:
 
 
 def _clip_with_projection(state: dict, act: str, dtype, what: str, path) -> torch.nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     cfg = sd_infer.infer_clip_l_config(state)
     cfg.update(hidden_act=act, projection_dim=state["text_projection.weight"].shape[0])
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
@@ -78,8 +85,6 @@ def infer_t5_config(state: dict) -> dict:
 
 
 def _t5(state: dict, dtype, path) -> torch.nn.Module:
-    from transformers import T5Config, T5EncoderModel
-
     state = dict(state)
     if "shared.weight" not in state:  # files keep only the encoder's copy of the tied embedding
         state["shared.weight"] = state["encoder.embed_tokens.weight"]
@@ -134,8 +139,6 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
                          clip_g: str | None = None, t5xxl: str | None = None,
                          require_text_encoders: bool = True) -> SD3Components:
     """Load an SD3/SD3.5 single file; text encoders come from the file or the given files."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
     state = read_state_dict(path)
     require_layout(state, ("sd3",), path)
     encoders = {name: _text_encoder(name, state, sep, dtype, path)
@@ -173,8 +176,6 @@ def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: t
 
 def load_sd3_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SD3Components:
     """A ``StableDiffusion3Pipeline`` folder or hub id (T5 may be absent, as in the pipeline)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     root = Path(name_or_path)
     if root.is_dir() and not (root / "transformer").is_dir():
@@ -219,8 +220,6 @@ def load_sd3_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokeni
 
 def save_sd3_diffusers(folder: str | os.PathLike, parts: SD3Components, dtype: torch.dtype | None = None) -> None:
     """Write a ``StableDiffusion3Pipeline`` folder with a FlowMatchEulerDiscreteScheduler (shift 3)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     write_diffusers_folder(
         folder, "StableDiffusion3Pipeline",
         {"transformer": parts.transformer, "vae": parts.vae, "text_encoder": parts.clip_l,

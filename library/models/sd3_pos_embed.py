@@ -18,6 +18,7 @@ import contextlib
 import math
 
 import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 
 MAX_RATIO = 1.5
 BASE_SIZE = 16
@@ -26,8 +27,6 @@ BASE_SIZE = 16
 def scaled_sincos_table(dim: int, grid_size: int, sample_size: int, base_size: int = BASE_SIZE) -> torch.Tensor:
     """(1, G*G, dim) sin-cos embeddings of a G x G grid whose centred ``sample_size`` window maps to
     coordinates [0, base_size)."""
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
-
     coords = (torch.arange(grid_size, dtype=torch.float64) - (grid_size - sample_size) / 2) * base_size / sample_size
     grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), dim=0).reshape(2, 1, grid_size, grid_size)
     return get_2d_sincos_pos_embed_from_grid(dim, grid.float(), output_type="pt").float().unsqueeze(0)

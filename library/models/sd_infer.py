@@ -8,8 +8,10 @@ heads). So real checkpoints and tiny test checkpoints load through the same code
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -121,8 +123,6 @@ def infer_clip_l_config(state: Mapping[str, torch.Tensor]) -> dict:
 
 def shipped_config(name: str) -> dict:
     """A real architecture's config shipped with the project (``library/models/configs/<name>.json``)."""
-    import json
-    from pathlib import Path
 
     return json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text(encoding="utf-8"))
 

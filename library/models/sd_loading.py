@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.maths.noise import SD_SCHEDULE
 from library.models import sd_infer, sd_keys
@@ -51,7 +58,6 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise UserError(f"checkpoint not found: {path} (check --pretrained_model_name_or_path)")
     if path.suffix == ".safetensors":
         _check_safetensors_header(path)
-        from safetensors.torch import load_file
         try:
             return load_file(str(path), device=str(device))
         except Exception as exc:  # noqa: BLE001 - any parse error means a broken file
@@ -117,7 +123,6 @@ def check_file_layout(path: str, accepted: tuple[str, ...]) -> None:
     if p.suffix != ".safetensors" or not p.is_file():
         return
     _check_safetensors_header(p)
-    from safetensors import safe_open
 
     try:
         with safe_open(str(p), "pt") as f:
@@ -135,8 +140,6 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) -> torch.nn.Module:
     """Instantiate ``cls`` without allocating random weights, then adopt ``state``'s tensors."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False):
         model = cls(config) if not isinstance(config, dict) else cls(**config)
     # convert one tensor at a time, dropping the source as we go: never two full copies in memory
@@ -155,8 +158,6 @@ def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
                         tokenizer_dir: str | None = None, device: torch.device | None = None) -> SDComponents:
     """Load an SD1.x or SD2.x single-file checkpoint (original key layout) into diffusers/transformers
     modules; the architecture comes from the tensor shapes."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     state = read_state_dict(path, device or "cpu")
     v2 = require_layout(state, ("sd1", "sd2"), path) == "sd2"
     unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
@@ -176,8 +177,6 @@ def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
 
 def _text_encoder_from_ldm(state: dict, v2: bool, dtype, path) -> tuple[torch.nn.Module, dict]:
     """CLIP-L (SD1) or the OpenCLIP-H tower (SD2, converted and cut before its last layer)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if v2:
         ldm = _strip(state, sd_keys.OPEN_CLIP_PREFIX)
         cfg_kwargs, keep = sd_infer.infer_open_clip_config(ldm)
@@ -209,8 +208,6 @@ def resolve_clip_tokenizer(ckpt: Path, tokenizer_dir: str | None, v2: bool):
 def load_sd_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
                       device: torch.device | None = None) -> SDComponents:
     """Load from a diffusers folder or hub id (the hub cache is used when offline)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     place = {"device_map": str(device)} if device is not None else {}
     try:
@@ -245,8 +242,6 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32, latent_channels: int
              device: torch.device | None = None) -> torch.nn.Module:
     """A separate VAE (``--vae``): a single file in the original layout (with or without the
     ``first_stage_model.`` prefix) or in diffusers' layout, or a diffusers folder."""
-    from diffusers import AutoencoderKL
-
     p = Path(path)
     if p.is_dir():
         sub = {"subfolder": "vae"} if (p / "vae").is_dir() else {}
@@ -271,8 +266,6 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32, latent_channels: int
 
 
 def _diffusers_vae_shape(state: Mapping[str, torch.Tensor]) -> dict:
-    import re
-
     levels = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))}
     layers = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
     return {"block_out_channels": [0] * len(levels), "layers_per_block": len(layers)}
@@ -307,10 +300,6 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
     absent part), the scheduler (DDIM with the SD schedule unless given) and model_index.json as a
     diffusers pipeline folder. Written to a temporary folder and renamed into place, so an
     interrupted save never leaves a half folder under the real name."""
-    import shutil
-
-    from diffusers import DDIMScheduler
-
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -340,8 +329,6 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
 
 def _recast_folder(folder: Path, dtype: torch.dtype) -> None:
     """Store a saved module's safetensors weights in ``dtype`` (floating tensors only)."""
-    from safetensors.torch import load_file, save_file
-
     for f in folder.glob("*.safetensors"):
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
         save_file(state, str(f), metadata={"format": "pt"})

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.models import sd_infer, sd_keys
 from library.models.sd_loading import (
@@ -47,8 +49,6 @@ class SDXLComponents:
 
 
 def _text_encoder_2(state: dict, dtype, path) -> tuple[torch.nn.Module, dict]:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     ldm = _strip(state, TE2_PREFIX)
     cfg_kwargs, _ = sd_infer.infer_open_clip_config(ldm)
     layers = len({k.split(".")[2] for k in ldm if k.startswith("transformer.resblocks.")})
@@ -64,8 +64,6 @@ def _text_encoder_2(state: dict, dtype, path) -> tuple[torch.nn.Module, dict]:
 def load_sdxl_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                           device: torch.device | None = None) -> SDXLComponents:
     """Load an SDXL single file into diffusers/transformers modules."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     state = read_state_dict(path, device or "cpu")
     require_layout(state, ("sdxl",), path)
@@ -110,8 +108,6 @@ def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype:
 def load_sdxl_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
                         device: torch.device | None = None) -> SDXLComponents:
     """An SDXL diffusers folder or hub id (the hub cache is used when offline)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     place = {"device_map": str(device)} if device is not None else {}
     try:

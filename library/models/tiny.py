@@ -6,7 +6,18 @@ real models, so checkpoints written from them have the real key layout.
 
 from __future__ import annotations
 
+import json
+
 import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from library.models import sd_keys
 from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, SD3Components
@@ -40,8 +51,6 @@ TINY_VAE = {
 
 def tiny_clip_config(vocab_size: int, hidden: int = 32, layers: int = 2):
     """A CLIPTextConfig of CLIP-L's kind (quick_gelu, 77 positions) at test size."""
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37,
                           num_hidden_layers=layers, num_attention_heads=clip_heads(hidden),
                           max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hidden,
@@ -50,8 +59,6 @@ def tiny_clip_config(vocab_size: int, hidden: int = 32, layers: int = 2):
 
 def make_tiny_sd1(seed: int = 0) -> SDComponents:
     """Build a tiny SD1-architecture model (UNet, VAE, CLIP text encoder, tokenizer) with random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_clip_tokenizer()
@@ -71,8 +78,6 @@ def make_tiny_sd2(seed: int = 0) -> SDComponents:
     """A tiny SD2-architecture model: linear projections, an OpenCLIP-like text tower (gelu, pad
     token "!"), plus the tensors a real SD2 file carries but the model does not use (its last text
     layer, text projection and logit scale), so it can be written as a real-layout single file."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     tiny = build_tiny_clip_tokenizer()
@@ -97,8 +102,6 @@ def make_tiny_sd2(seed: int = 0) -> SDComponents:
 
 
 def _merges_of(tokenizer) -> list[tuple[str, str]]:
-    import json
-
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
@@ -116,8 +119,6 @@ TINY_SDXL_UNET = {
 def make_tiny_sdxl(seed: int = 0):
     """A tiny SDXL-architecture model (3 levels with SDXL's block pattern, size conditioning, CLIP-L
     plus an OpenCLIP-G-like tower with projection) with random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok1, tok2 = tiny_clip_tokenizer_pair()
@@ -136,8 +137,6 @@ def make_tiny_sdxl(seed: int = 0):
 
 def tiny_clip_tokenizer_pair():
     """The tiny CLIP tokenizer twice: as CLIP-L's (pads with EOS) and as OpenCLIP-G's (pads with "!")."""
-    from transformers import CLIPTokenizer
-
     tiny = build_tiny_clip_tokenizer()
     return tiny, CLIPTokenizer(vocab=tiny.get_vocab(), merges=_merges_of(tiny), pad_token="!", model_max_length=77)
 
@@ -150,8 +149,6 @@ TINY_SD3_MMDIT = {"sample_size": 16, "patch_size": 2, "in_channels": 16, "num_la
 def make_tiny_sd3(seed: int = 0, sd35_medium: bool = False):
     """A tiny SD3-architecture model: MMDiT (SD3.5-Medium style with qk norm and dual attention when
     asked), a 16-channel VAE without quant convs, CLIP-L and CLIP-G with projections, and T5."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tok_l, tok_g = tiny_clip_tokenizer_pair()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import CLIPTokenizer, T5TokenizerFast
+
 _WORDS = (
     "a an the of and with in on at photo picture painting drawing image portrait close up of "
     "sks ohwx dog cat person man woman girl boy style art red green blue yellow white black "
@@ -67,8 +70,6 @@ def _learn_merges(words: list[str], max_merges: int) -> list[tuple[str, str]]:
 
 def build_tiny_clip_tokenizer(max_merges: int = 400, model_max_length: int = 77):
     """Return a ``CLIPTokenizer`` with a small learned vocabulary (about 900 entries)."""
-    from transformers import CLIPTokenizer
-
     base = list(_bytes_to_unicode().values())
     vocab_list = base + [c + "</w>" for c in base]
     merges = _learn_merges(list(_WORDS), max_merges)
@@ -80,8 +81,6 @@ def build_tiny_clip_tokenizer(max_merges: int = 400, model_max_length: int = 77)
 
 def build_tiny_t5_tokenizer(vocab_size: int = 200):
     """A tiny T5-style (Unigram, ``</s>`` appended) tokenizer trained on the built-in word list."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import T5TokenizerFast
 
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()

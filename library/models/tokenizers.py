@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import CLIPTokenizer, T5TokenizerFast
+
 from library.utils.errors import UserError
 
 
@@ -34,8 +36,6 @@ _FILES = ("tokenizer.json", "vocab.json", "spiece.model")
 
 
 def _load(spec: TokenizerSpec, source: str, **kwargs):
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
     if spec.pad_token:
         kwargs["pad_token"] = spec.pad_token
     if spec.kind == "t5":

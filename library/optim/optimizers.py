@@ -185,6 +185,7 @@ def build_lr_scheduler(spec: SchedulerSpec, optimizer, initial_lr: float | None 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     name = spec.name
     if name == "adafactor" or is_adafactor_relative(optimizer):
+        # lazy here and below: the parsers import this module for the names, so --help stays fast
         from transformers.optimization import AdafactorSchedule
         return AdafactorSchedule(optimizer, initial_lr=initial_lr or 0.0)
     if name == "constant" and spec.warmup > 0:

@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from PIL import Image
 
 from library.models.sd_loading import read_state_dict
@@ -46,7 +49,6 @@ def preprocess(image: Image.Image, prep: str) -> Image.Image:
     image = image.convert("RGB")
     if prep == "none":
         return image
-    import cv2
 
     parts = prep.split("_")
     low = int(parts[1]) if len(parts) > 1 else 63
@@ -57,14 +59,11 @@ def preprocess(image: Image.Image, prep: str) -> Image.Image:
 
 def load_controlnet_model(path: str, unet, dtype: torch.dtype):
     """A diffusers folder as it is, or an original-layout file converted for ``unet``'s shape."""
-    from diffusers import ControlNetModel
-
     p = Path(path)
     if (p / "config.json").is_file():
         return ControlNetModel.from_pretrained(str(p), torch_dtype=dtype)
     if not p.is_file():
         raise UserError(f"--control_net_models {path}: not found (a ControlNet file or diffusers folder)")
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
     state = read_state_dict(p)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -144,8 +145,6 @@ def load_lllites(paths, settings, models, device: torch.device, dtype: torch.dty
 
 def guide_tensor(guides: list, prep: str, width: int, height: int, device) -> torch.Tensor:
     """The batch's guide images, preprocessed and resized, as (B, 3, H, W) in [-1, 1]."""
-    import numpy as np
-
     arrays = [np.asarray(preprocess(g, prep).resize((width, height)), dtype=np.float32) / 127.5 - 1 for g in guides]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)
 

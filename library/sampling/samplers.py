@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from library.maths.noise import SD_SCHEDULE
 from library.utils.errors import UserError
 
@@ -36,9 +38,7 @@ def canonical_sampler(name: str) -> str:
 def build_scheduler(name: str, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
     """A fresh diffusers scheduler for ``name`` with the SD training schedule (rescaled to zero
     terminal SNR, with trailing timestep spacing, when the model was trained that way)."""
-    import inspect
-
-    import diffusers
+    import diffusers  # lazy: the parsers import this module for the names, so --help stays fast
 
     cls_name, extra = _SAMPLERS[canonical_sampler(name)]
     cls = getattr(diffusers, cls_name)

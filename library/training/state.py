@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from library.utils.errors import UserError
 
@@ -59,8 +60,6 @@ def _set_rng_state(state: dict) -> None:
 
 def save_state(folder: Path, network: torch.nn.Module, optimizer, scheduler, state: TrainState) -> None:
     """Write a complete state folder atomically (temporary folder, then rename)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -100,8 +99,6 @@ def read_train_state(folder: Path) -> TrainState:
 
 def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler) -> None:
     """Restore network weights, optimizer, scheduler and every RNG from a state folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     network.load_state_dict(load_file(str(folder / "network.safetensors")), strict=True)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))

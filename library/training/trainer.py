@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from PIL import PngImagePlugin
 from tqdm import tqdm
 
 from library.config.training_config import TrainingConfig, loggable_args
@@ -71,15 +75,12 @@ def _same_on_all_processes(acc, seed: int) -> int:
     """Every process must use rank 0's seed (a seed drawn at random differs per process)."""
     if acc.num_processes == 1:
         return seed
-    from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([seed])[0]
 
 
 def _average_gradients(params) -> None:
     """Average the network's gradients over all processes (the network is not DDP-wrapped)."""
-    import torch.distributed as dist
-
     world = dist.get_world_size()
     for p in params:
         if p.grad is not None:
@@ -138,8 +139,6 @@ class NetworkTrainer:
                         report.class_token_fallbacks)
 
     def _make_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
 
         cfg = self.cfg
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -562,8 +561,6 @@ class _Loop:
 
 
 def _save_png(image, path: Path, prompt) -> None:
-    from PIL import PngImagePlugin
-
     info = PngImagePlugin.PngInfo()
     params = (f"{prompt.prompt}\nNegative prompt: {prompt.negative_prompt}\nSteps: {prompt.steps}, "
               f"CFG scale: {prompt.scale}, Seed: {prompt.seed}, Size: {prompt.width}x{prompt.height}")

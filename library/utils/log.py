@@ -17,6 +17,7 @@ def setup_logging(level: str = "INFO") -> None:
     # bitsandbytes warns on every import on CPU about optional kernels it cannot fetch
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        # lazy: entry scripts import this before parsing, so --help stays fast
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
         tlog.set_verbosity_error()
