@@ -18,6 +18,7 @@ plug-in with ``hasattr``.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +26,8 @@ import torch
 
 from library.utils.errors import UserError
 from library.utils.files import atomic_path
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -60,6 +63,8 @@ class Capabilities:
     per_module: bool
     #: ``targets`` (networks.lora's Target list): the diffusers/PEFT form can be written
     exports_diffusers: bool
+    #: ``per_encoder_lr = True``: prepare_optimizer_params takes one text-encoder rate per encoder
+    per_encoder_lr: bool = False
 
 
 class NetworkAdapter:
@@ -82,7 +87,8 @@ class NetworkAdapter:
             can_set_multiplier="set_multiplier" in self._methods,
             per_module=all(isinstance(m, list) for m in modules)
             and all(hasattr(lora, "org_module") and hasattr(lora, "region") for m in modules for lora in m),
-            exports_diffusers=bool(getattr(network, "targets", None)))
+            exports_diffusers=bool(getattr(network, "targets", None)),
+            per_encoder_lr=bool(getattr(network, "per_encoder_lr", False)))
 
     @property
     def name(self) -> str:
@@ -97,6 +103,13 @@ class NetworkAdapter:
     def optimizer_groups(self, text_encoder_lr: float | None, unet_lr: float | None,
                          default_lr: float) -> tuple[list[dict], list[str]]:
         """Parameter groups and their log names; old plug-ins return only the groups."""
+        if isinstance(text_encoder_lr, (list, tuple)) and not self.capabilities.per_encoder_lr:
+            # kohya's prepare_optimizer_params takes one rate (lycoris.kohya makes it the groups' lr)
+            rates = [r for r in text_encoder_lr if r is not None]
+            if len(set(rates)) > 1:
+                logger.warning("--text_encoder_lr %s: %s takes one text-encoder rate; using %s", list(text_encoder_lr),
+                               self.name, rates[0])
+            text_encoder_lr = rates[0] if rates else None
         result = self._methods["prepare_optimizer_params"](text_encoder_lr, unet_lr, default_lr)
         if isinstance(result, tuple):
             groups, names = result

@@ -43,6 +43,9 @@ __all__ = ["FusedLoRAModule", "LoRAModule", "LoRANetwork", "create_network", "cr
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, with the trainer-facing methods of the plug-in contract."""
 
+    #: prepare_optimizer_params takes a list of text-encoder rates, one per encoder
+    per_encoder_lr = True
+
     def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, multiplier: float, dim: int,
                  alpha: float | None, conv_dim: int = 0, conv_alpha: float | None = None,
                  module_dims: dict[str, int] | None = None, module_alphas: dict[str, float] | None = None,

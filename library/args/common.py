@@ -207,6 +207,11 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_weights", help="start from this LoRA file")
     g.add_argument("--network_train_unet_only", action="store_true")
     g.add_argument("--network_train_text_encoder_only", action="store_true")
+    # kohya's LoRA+ flags (the kohya_ss GUI writes these); they are network_args of the same names
+    for part in ("", "unet_", "text_encoder_"):
+        g.add_argument(f"--loraplus_{part}lr_ratio", type=float,
+                       help=f"LoRA+: lora_up of the {part.rstrip('_') or 'whole network'} learns at this many "
+                            "times its rate")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -236,7 +241,9 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
 def add_config_file_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("config file")
     g.add_argument("--config_file", help="training flags in TOML (command-line flags override it)")
-    g.add_argument("--output_config", help="write the flags given (file + command line) to this TOML and exit")
+    g.add_argument("--output_config", nargs="?", const=True,
+                   help="write the flags given (file + command line) to this TOML and exit; without a path, to "
+                        "the --config_file path (kohya's switch)")
 
 
 def network_training_parser(description: str) -> argparse.ArgumentParser:

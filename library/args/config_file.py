@@ -1,13 +1,18 @@
-"""``--config_file`` (training flags in TOML) and ``--output_config``, as kohya defines them.
+"""``--config_file`` (training flags in TOML) and ``--output_config``, as kohya reads and writes them.
 
 Tables in the file are flattened (their names do not matter). Precedence: a flag given on the
-command line beats the file, and the file beats the parser's defaults.
+command line beats the file, and the file beats the parser's defaults. Values are coerced the way
+the kohya_ss GUI and kohya's own files give them: ``1``/``0`` or ``"true"`` for switches, numbers as
+strings, one value or a space-separated string for list flags, ``""`` for "not set". Keys that are
+not flags of the script are reported in one warning (kohya passes them along unused); a key that
+looks like a misspelt flag is an error, as a misspelt flag on the command line would be.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 from pathlib import Path
 
@@ -15,8 +20,36 @@ import toml
 
 from library.utils.errors import UserError
 
-# never written by --output_config, and never read from a config file
-_SKIP = {"config_file", "output_config", "wandb_api_key", "huggingface_token"}
+logger = logging.getLogger(__name__)
+
+# never written by --output_config
+_NOT_WRITTEN = {"config_file", "output_config", "wandb_api_key", "huggingface_token"}
+# never read from a config file
+_NOT_READ = {"config_file", "output_config"}
+
+#: keys the kohya_ss GUI or kohya's scripts write that mean nothing to these scripts (the GUI's own
+#: bookkeeping, accelerate's settings, Hugging Face upload, memory hints, FLUX's options)
+FOREIGN_KEYS = {
+    "epoch": "the GUI's epoch count (max_train_epochs is what trains)",
+    "noise_offset_type": "the GUI's choice of noise_offset or multires_noise_* (those keys are read)",
+    "dynamo_backend": "an accelerate setting (torch.compile is not used by this version)",
+    "highvram": "a memory hint (nothing to change here)", "lowvram": "a memory hint (nothing to change here)",
+    "disable_mmap_load_safetensors": "a loading option (checkpoints are read without it)",
+    "skip_cache_check": "caches are always checked against what they were made from",
+    **{key: "Hugging Face upload is not in this version" for key in (
+        "huggingface_repo_id", "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility",
+        "huggingface_path_in_repo", "async_upload", "save_state_to_huggingface")},
+    **{key: "a FLUX option" for key in (
+        "ae", "discrete_flow_shift", "guidance_scale", "model_prediction_type", "timestep_sampling", "split_mode",
+        "mem_eff_save", "single_blocks_to_swap", "double_blocks_to_swap")},
+}
+#: keys kohya acts on that this version cannot honour: refused, since training without them would
+#: not be what was asked
+NOT_YET = {
+    "network_dropout": "network dropout", "scale_weight_norms": "max-norm regularisation",
+    "dim_from_weights": "ranks read from --network_weights", "resume_from_huggingface": "resuming from the Hub",
+}
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
 
 def _flatten(table: dict, out: dict) -> dict:
@@ -28,63 +61,131 @@ def _flatten(table: dict, out: dict) -> dict:
     return out
 
 
-def _check_value(action: argparse.Action, value, path: str) -> str | None:
-    """A problem with one file value for ``action``, or None."""
-    flag = f"{path}: {action.dest}"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return None if isinstance(value, bool) else f"{flag}: expected true or false, got {value!r}"
-    if action.nargs in ("*", "+"):
-        return None if isinstance(value, (list, str, int, float)) else f"{flag}: expected a list, got {value!r}"
-    if action.type in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                        or (action.type is int and not isinstance(value, int))):
-        return f"{flag}: expected {action.type.__name__}, got {value!r}"
+def _switch(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{where}: expected true or false (or 1 / 0), got {value!r}")
+
+
+def _one(action: argparse.Action, value, where: str):
+    """One value converted as argparse would convert the same text on the command line."""
+    kind = action.type
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind is float else int(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"{where}: expected int, got {value!r}")
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+        value = kind(value)
+    elif kind is None or kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        value = str(value)
+    elif callable(kind):
+        value = kind(str(value)) if not isinstance(value, str) else kind(value)
     if action.choices and value not in action.choices:
-        return f"{flag}: {value!r} is not one of {list(action.choices)}"
-    return None
+        raise ValueError(f"{where}: {value!r} is not one of {list(action.choices)}")
+    return value
+
+
+def coerce(action: argparse.Action, value, where: str):
+    """A file value for ``action`` as the command line would have given it; ValueError naming the
+    key and the value when it cannot be."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return _switch(value, where)
+    if action.nargs in ("*", "+"):
+        items = value.split() if isinstance(value, str) else (value if isinstance(value, list) else [value])
+        return [_one(action, item, where) for item in items]
+    if isinstance(action.nargs, int):
+        if not isinstance(value, list) or len(value) != action.nargs:
+            raise ValueError(f"{where}: expected a list of {action.nargs} values, got {value!r}")
+        return [_one(action, item, where) for item in value]
+    return _one(action, value, where)
+
+
+def _unknown(key: str, actions: dict, where: str, problems: list[str], foreign: list[str]) -> None:
+    if key in FOREIGN_KEYS:
+        foreign.append(f"{key} ({FOREIGN_KEYS[key]})")
+        return
+    if key in NOT_YET:
+        problems.append(f"{where}: {key}: {NOT_YET[key]} is not available in this version; remove the key")
+        return
+    hint = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.8)
+    if hint:  # one or two letters away from a real flag: a typo, as on the command line
+        problems.append(f"{where}: unknown key {key} (did you mean '{hint[0]}'?)")
+    else:
+        foreign.append(key)
 
 
 def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """Read a ``--config_file`` and check every key against the parser (all problems at once)."""
-    p = Path(path if path.endswith(".toml") else path + ".toml")
+    p = _toml_path(path)
     if not p.is_file():
         raise UserError(f"--config_file {p}: file not found")
     try:
-        values = _flatten(toml.loads(p.read_text(encoding="utf-8")), {})
+        raw = _flatten(toml.loads(p.read_text(encoding="utf-8")), {})
     except toml.TomlDecodeError as exc:
         raise UserError(f"--config_file {p}: cannot parse: {exc}") from exc
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help",)}
-    problems = []
-    for key, value in values.items():
-        if key in _SKIP:
+    values, problems, foreign = {}, [], []
+    for key, value in raw.items():
+        if key in _NOT_READ:
             problems.append(f"{p}: {key} cannot be set in a config file")
         elif key not in actions:
-            hint = difflib.get_close_matches(key, list(actions), n=1)
-            problems.append(f"{p}: unknown key {key}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        elif (problem := _check_value(actions[key], value, str(p))) is not None:
-            problems.append(problem)
-        elif actions[key].nargs in ("*", "+") and not isinstance(value, list):
-            values[key] = [value]  # kohya configs give one-value lists as a plain value
+            _unknown(key, actions, str(p), problems, foreign)
+        elif value == "":
+            continue  # kohya's "not set": the flag keeps its default
+        else:
+            try:
+                values[key] = coerce(actions[key], value, f"{p}: {key}")
+            except ValueError as exc:
+                problems.append(str(exc))
     if problems:
         raise UserError("; ".join(problems))
+    if foreign:
+        logger.warning("%s: not used by this script: %s", p, ", ".join(foreign))
     return values
+
+
+def _toml_path(path: str) -> Path:
+    return Path(path if path.endswith(".toml") else path + ".toml")
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
                            required: tuple[str, ...]) -> argparse.Namespace:
-    """Parse ``argv`` with a ``--config_file``'s values as defaults; handle ``--output_config``.
+    """Parse ``argv`` with a ``--config_file``'s values as defaults; handle ``--output_config``
+    (a path, or kohya's switch: write to the ``--config_file`` path, which is then not read).
 
     ``required`` flags may come from either place; a missing one is reported here.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config_file")
+    pre.add_argument("--output_config", nargs="?", const=True)
     known, _ = pre.parse_known_args(argv)
-    file_values = load_config_defaults(parser, known.config_file) if known.config_file else {}
+    output = known.output_config
+    if output is True and not known.config_file:
+        raise UserError("--output_config without a path writes to the --config_file path: give --config_file too")
+    reads_file = known.config_file and output is not True
+    file_values = load_config_defaults(parser, known.config_file) if reads_file else {}
     defaults = {a.dest: a.default for a in parser._actions}
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
-    if getattr(args, "output_config", None):
-        write_config(args, defaults, args.output_config)
-        print(f"wrote {args.output_config}")
+    if output:
+        target = known.config_file if output is True else output
+        write_config(args, defaults, target)
+        print(f"wrote {_toml_path(target)}")
         sys.exit(0)
     missing = [f"--{name}" for name in required if getattr(args, name, None) in (None, "")]
     if missing:
@@ -94,10 +195,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
 
 def write_config(args: argparse.Namespace, defaults: dict, path: str) -> None:
     """Write the flags that differ from the parser defaults as TOML; never overwrite a file."""
-    p = Path(path if path.endswith(".toml") else path + ".toml")
+    p = _toml_path(path)
     if p.exists():
         raise UserError(f"--output_config {p}: the file exists; choose another name")
     values = {k: v for k, v in vars(args).items()
-              if k not in _SKIP and v is not None and v != defaults.get(k)}
+              if k not in _NOT_WRITTEN and v is not None and v != defaults.get(k)}
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(toml.dumps(values), encoding="utf-8")

@@ -72,7 +72,9 @@ def _sdxl_training(args: argparse.Namespace, datasets) -> SDXLOptions:
 
 
 def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
-    given = [f"--{name}" for name in _DDPM_ONLY if getattr(args, name, None)]
+    # clip_skip 1 is "no skip", which is what SD3 does (the kohya_ss GUI may write it): accepted
+    given = [f"--{name}" for name in _DDPM_ONLY if getattr(args, name, None) and not (name == "clip_skip"
+                                                                                    and args.clip_skip == 1)]
     if given:
         raise UserError(f"{', '.join(given)}: not used by SD3 (flow matching); remove them (SD3 has "
                         "--weighting_scheme, --training_shift, --ip_noise_gamma instead)")

@@ -293,6 +293,16 @@ def text_encoder_rates(args: argparse.Namespace) -> float | tuple[float | None, 
     return tuple(own if own is not None else b for own, b in zip(per_encoder, base))
 
 
+def _network_args(args: argparse.Namespace) -> dict[str, str]:
+    """``--network_args``, with kohya's ``--loraplus_*_lr_ratio`` flags as the same-named network
+    args (the flags win, as kohya applies them after the network is built)."""
+    values = parse_network_args(args.network_args)
+    for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(args, name, None) is not None:
+            values[name] = str(getattr(args, name))
+    return values
+
+
 def _save_config(args: argparse.Namespace) -> SaveConfig:
     return SaveConfig(
         Path(args.output_dir), args.output_name, "." + args.save_model_as, _PRECISIONS[args.save_precision],
@@ -323,7 +333,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
         network=NetworkConfig(args.network_module, args.network_dim, args.network_alpha,
-                              parse_network_args(args.network_args), args.network_weights,
+                              _network_args(args), args.network_weights,
                               train_unet=not args.network_train_text_encoder_only,
                               train_text_encoder=not args.network_train_unet_only),
         optimizer=_optimizer_config(args), save=_save_config(args),
