@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     add_sd3_args(parser)
     parser.set_defaults(network_module="networks.lora_sd3")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path", "output_dir"))
-    setup_logging(args.console_log_level)
+    setup_logging(args.console_log_level, args.console_log_file)
     # imported after parsing, so --help and argument errors do not wait for torch and diffusers
     from library.config.family_options import training_family
     from library.config.training_config import build_training_config

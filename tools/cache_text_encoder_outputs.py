@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = network_training_parser("Pre-compute text-encoder output cache files (SD1.x/2.x, or SDXL with --sdxl)")
     parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (files end in _sdxl*.npz)")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path",))
-    setup_logging(args.console_log_level)
+    setup_logging(args.console_log_level, args.console_log_file)
     # imported after parsing, so --help and argument errors do not wait for torch and diffusers
     import torch
 

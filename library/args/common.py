@@ -81,7 +81,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def add_caption_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("captions")
-    g.add_argument("--caption_extension", help="caption file extension (default .caption)")
+    g.add_argument("--caption_extension", "--caption_extention",  # kohya's old misspelling still works
+                   help="caption file extension (default .caption)")
     g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
     g.add_argument("--keep_tokens", type=int, help="keep the first N tags in place when shuffling")
     g.add_argument("--caption_dropout_rate", type=float, help="drop the whole caption with this probability")
@@ -183,6 +184,11 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                         "DAdaptation/DAdaptAdam/..., Prodigy, Adafactor, AdamWScheduleFree, RAdamScheduleFree, "
                         "SGDScheduleFree, or module.Class")
     g.add_argument("--optimizer_args", nargs="*", default=[], help="key=value optimizer arguments")
+    # kohya's older switches for two optimizers
+    g.add_argument("--use_8bit_adam", dest="optimizer_type", action="store_const", const="AdamW8bit",
+                   help="the same as --optimizer_type AdamW8bit")
+    g.add_argument("--use_lion_optimizer", dest="optimizer_type", action="store_const", const="Lion",
+                   help="the same as --optimizer_type Lion")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--unet_lr", type=float)
     g.add_argument("--text_encoder_lr", type=float, nargs="+",
@@ -236,6 +242,9 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb_run_name", help="W&B run name")
     g.add_argument("--wandb_api_key", help="W&B API key (better: put it in the environment as WANDB_API_KEY)")
     g.add_argument("--console_log_level", default="INFO")
+    g.add_argument("--console_log_file", help="also write the log to this file (appended)")
+    g.add_argument("--console_log_simple", action="store_true",
+                   help="kohya's plain console log; this version's console log is always plain")
 
 
 def add_config_file_args(p: argparse.ArgumentParser) -> None:

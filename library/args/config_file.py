@@ -105,6 +105,8 @@ def coerce(action: argparse.Action, value, where: str):
     key and the value when it cannot be."""
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return _switch(value, where)
+    if isinstance(action, argparse._StoreConstAction):  # a switch for another flag's value (--use_8bit_adam)
+        return action.const if _switch(value, where) else None
     if action.nargs in ("*", "+"):
         items = value.split() if isinstance(value, str) else (value if isinstance(value, list) else [value])
         return [_one(action, item, where) for item in items]
@@ -138,7 +140,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raw = _flatten(toml.loads(p.read_text(encoding="utf-8")), {})
     except toml.TomlDecodeError as exc:
         raise UserError(f"--config_file {p}: cannot parse: {exc}") from exc
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help",)}
+    # keys are the flags' names, old spellings included (caption_extention, use_8bit_adam)
+    actions = {opt.lstrip("-"): a for a in parser._actions if a.dest != "help" for opt in a.option_strings}
     values, problems, foreign = {}, [], []
     for key, value in raw.items():
         if key in _NOT_READ:
@@ -149,9 +152,12 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
             continue  # kohya's "not set": the flag keeps its default
         else:
             try:
-                values[key] = coerce(actions[key], value, f"{p}: {key}")
+                coerced = coerce(actions[key], value, f"{p}: {key}")
             except ValueError as exc:
                 problems.append(str(exc))
+                continue
+            if coerced is not None:
+                values[actions[key].dest] = coerced
     if problems:
         raise UserError("; ".join(problems))
     if foreign:
@@ -179,7 +185,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
         raise UserError("--output_config without a path writes to the --config_file path: give --config_file too")
     reads_file = known.config_file and output is not True
     file_values = load_config_defaults(parser, known.config_file) if reads_file else {}
-    defaults = {a.dest: a.default for a in parser._actions}
+    defaults = {a.dest: parser.get_default(a.dest) for a in parser._actions}  # an alias shares its dest
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
     if output:

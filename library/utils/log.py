@@ -6,11 +6,17 @@ import logging
 import os
 import warnings
 
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-def setup_logging(level: str = "INFO") -> None:
-    """Configure a plain console log and quiet the chattiest third-party loggers."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
+    """Configure a plain console log (and, with ``log_file``, the same lines appended to that file,
+    kohya's ``--console_log_file``) and quiet the chattiest third-party loggers."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=FORMAT, datefmt="%H:%M:%S")
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        logging.getLogger().addHandler(handler)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "diffusers", "accelerate", "PIL", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -23,7 +23,8 @@ def gui_config(model, dataset_toml, out, prompts, network_module: str, network_a
         "optimizer_type": "AdamW", "optimizer_args": None, "max_grad_norm": 1, "gradient_accumulation_steps": 1,
         "network_module": network_module, "network_dim": 4, "network_alpha": 1, "network_args": network_args,
         "network_dropout": 0, "scale_weight_norms": 0, "network_train_unet_only": False,
-        "cache_latents": True, "cache_latents_to_disk": True, "caption_extension": ".txt", "enable_bucket": True,
+        # cache_latents_to_disk left out: it would write into the shared tiny datasets other tests copy
+        "cache_latents": True, "caption_extension": ".txt", "enable_bucket": True,
         "bucket_reso_steps": 64, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_no_upscale": True,
         "caption_dropout_every_n_epochs": 0, "caption_dropout_rate": 0, "keep_tokens": 0, "max_token_length": 75,
         "noise_offset_type": "Original", "noise_offset": 0, "adaptive_noise_scale": 0,

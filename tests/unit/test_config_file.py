@@ -106,3 +106,28 @@ def test_sd3_takes_clip_skip_1_as_no_skip():
     assert training_family("sd3", parser.parse_args(["--clip_skip", "1"])).name == "sd3"
     with pytest.raises(UserError, match="--clip_skip: not used by SD3"):
         training_family("sd3", parser.parse_args(["--clip_skip", "2"]))
+
+
+def test_kohyas_old_spellings_on_the_command_line_and_in_files(tmp_path):
+    parser = network_training_parser("t")
+    args = parser.parse_args(["--use_8bit_adam", "--caption_extention", ".txt"])
+    assert args.optimizer_type == "AdamW8bit" and args.caption_extension == ".txt"
+    assert parser.parse_args(["--use_lion_optimizer"]).optimizer_type == "Lion"
+    values = _load(tmp_path, 'use_lion_optimizer = 1\ncaption_extention = ".cap"\nuse_8bit_adam = false\n')
+    assert values == {"optimizer_type": "Lion", "caption_extension": ".cap"}
+
+
+def test_console_log_file_gets_the_log(tmp_path):
+    from library.utils.log import setup_logging
+
+    log = tmp_path / "run.log"
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        setup_logging("INFO", str(log))
+        logging.getLogger("library.test").warning("written to the file")
+    finally:
+        for handler in root.handlers[len(before):]:
+            handler.close()
+            root.removeHandler(handler)
+    assert "WARNING library.test: written to the file" in log.read_text(encoding="utf-8")
