@@ -16,6 +16,7 @@ from library.generation import jobs as gen_run
 from library.generation import sources as gen_sources
 from library.generation.checks import check_family_args, line_problems, noise_tricks, run_settings, with_size_defaults
 from library.generation.config import GenConfig, ModelSettings, family_for
+from library.generation.control_loading import load_controlnets, load_lllites
 from library.generation.extra_encoders import ClipVisionPooled, replace_text_encoder
 from library.generation.network_loading import load_networks, load_upscaler
 from library.generation.prompt_lines import parse_gen_line, read_prompt_file
@@ -23,8 +24,6 @@ from library.generation.session import GenSession
 from library.generation.textual_inversion import load_textual_inversions
 from library.maths.precision import set_attention
 from library.models.sd_loading import detect_layout, read_state_dict
-from library.sampling.controlnet import load_controlnets
-from library.sampling.lllite import load_lllites
 from library.sampling.regional import RegionalLoRA
 from library.utils.errors import UserError
 

@@ -4,24 +4,19 @@ kohya's flags: ``--control_net_models`` (original-layout single files, e.g. ``co
 with or without the ``control_model.`` prefix, or diffusers folders), ``--control_net_preps``
 (``canny[_low[_high]]`` or ``none``), ``--control_net_multipliers`` (strength), ``--control_net_ratios``
 (the fraction of the steps, from the first, that ControlNet guides) and ``--guide_image_path``.
-A single file is converted by diffusers' own converter into a ControlNetModel shaped like the
-loaded UNet (so no config download is needed).
+Loading the files is gen_img's (:mod:`library.generation.control_loading`); this module is what a
+pipeline call needs: the guide preprocessing and the call's arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from diffusers import ControlNetModel
-from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from PIL import Image
 
-from library.models.sd_loading import read_state_dict
 from library.utils.errors import UserError
 
 
@@ -55,38 +50,6 @@ def preprocess(image: Image.Image, prep: str) -> Image.Image:
     high = int(parts[2]) if len(parts) > 2 else 191
     edges = cv2.Canny(np.asarray(image), low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
-
-
-def load_controlnet_model(path: str, unet, dtype: torch.dtype):
-    """A diffusers folder as it is, or an original-layout file converted for ``unet``'s shape."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return ControlNetModel.from_pretrained(str(p), torch_dtype=dtype)
-    if not p.is_file():
-        raise UserError(f"--control_net_models {path}: not found (a ControlNet file or diffusers folder)")
-
-    model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-    state = read_state_dict(p)
-    if not any(k.startswith(("control_model.", "input_hint_block.", "zero_convs.")) for k in state):
-        raise UserError(f"--control_net_models {path}: no ControlNet tensors (input_hint_block, zero_convs) in it")
-    converted = convert_controlnet_checkpoint(state, dict(model.config))
-    converted = {k: v for k, v in converted.items() if v is not None}
-    try:
-        model.load_state_dict(converted, strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"--control_net_models {path}: does not fit this model's UNet "
-                        f"({str(exc).splitlines()[0]}; is it a ControlNet for another model family?)") from exc
-    return model.to(dtype)
-
-
-def load_controlnets(paths: Sequence[str], settings: Sequence[tuple[str, float, float]], models,
-                     device: torch.device, dtype: torch.dtype) -> tuple:
-    """Each ControlNet file or folder with its (prep, multiplier, ratio)."""
-    uses = []
-    for path, (prep, multiplier, ratio) in zip(paths, settings):
-        model = load_controlnet_model(path, models.denoiser, dtype).to(device).eval().requires_grad_(False)
-        uses.append(ControlNetUse(model, prep, multiplier, ratio))
-    return tuple(uses)
 
 
 def control_kwargs(uses: tuple, guides: list, width: int, height: int, key: str) -> dict:

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from library.models.sd_keys import unet_module_to_ldm
-from library.models.sd_loading import read_state_dict
 from library.sampling.controlnet import preprocess
 from library.utils.errors import UserError
 
@@ -130,17 +129,6 @@ class LLLiteUse:
     prep: str = "none"
     multiplier: float = 1.0
     ratio: float = 1.0
-
-
-def load_lllites(paths, settings, models, device: torch.device, dtype: torch.dtype) -> tuple:
-    """Each ControlNet-LLLite file hooked into the UNet, with its (prep, multiplier, ratio)."""
-    uses = []
-    for path, (prep, multiplier, ratio) in zip(paths, settings):
-        state = read_state_dict(path)
-        network = LLLite(models.denoiser, state, path)
-        network.to(device, dtype).eval().requires_grad_(False)
-        uses.append(LLLiteUse(network, prep, multiplier, ratio))
-    return tuple(uses)
 
 
 def guide_tensor(guides: list, prep: str, width: int, height: int, device) -> torch.Tensor:
