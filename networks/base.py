@@ -43,8 +43,10 @@ class TrainableNetwork(Protocol):
     def save_weights(self, file: str, dtype, metadata: dict | None) -> None: ...
 
 
-#: what a network must have for each use; everything else is optional (see :class:`Capabilities`)
-REQUIRED = {"train": ("apply_to", "prepare_optimizer_params", "save_weights", "get_trainable_params"),
+#: what a network must have for each use (training: the methods of :class:`TrainableNetwork`);
+#: everything else is optional (see :class:`Capabilities`)
+REQUIRED = {"train": tuple(name for name in vars(TrainableNetwork) if not name.startswith("_")
+                           and callable(vars(TrainableNetwork)[name])),
             "generate": ()}
 _OPTIONAL = ("apply_to", "prepare_optimizer_params", "save_weights", "get_trainable_params", "prepare_grad_etc",
              "on_epoch_start", "on_step_start", "set_multiplier", "enable_gradient_checkpointing", "load_weights",
@@ -74,7 +76,7 @@ class NetworkAdapter:
     ``lycoris.kohya``; optional methods fall back to documented defaults, and a use the network
     cannot serve is refused with a message naming it."""
 
-    def __init__(self, network: torch.nn.Module, purpose: str = "train"):
+    def __init__(self, network: TrainableNetwork | torch.nn.Module, purpose: str = "train"):
         self.net = network
         self._methods = {name: fn for name in _OPTIONAL if callable(fn := getattr(network, name, None))}
         missing = [name for name in REQUIRED[purpose] if name not in self._methods]

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 from library.generation import jobs as gen_run
 from library.generation.config import GenConfig, NoiseTrickSettings, SizeConditioning
-from library.sampling.deep_shrink import DeepShrink
 from library.sampling.start_noise import NoiseTricks
 from library.utils.errors import UserError
 
@@ -41,7 +40,7 @@ def check_family_args(c: GenConfig, family, family_name: str) -> None:
 
 def _check_unet_only_args(c: GenConfig, family_name: str) -> None:
     """Flags for the UNet families (SD1/SD2/SDXL), refused for a model without a UNet."""
-    if c.deep_shrink.depth_1 is not None or c.gradual_latent_on:
+    if c.deep_shrink_on or c.gradual_latent_on:
         raise UserError(f"--ds_depth_1 / --gradual_latent_timesteps work on UNet models (SD1/SD2/SDXL), "
                         f"not on this {family_name} model")
     if c.images.regional:
@@ -70,13 +69,12 @@ def with_size_defaults(prompts: list, size: SizeConditioning) -> list:
 def run_settings(c: GenConfig, family) -> gen_run.Settings:
     """The command line's defaults for prompt lines; the seed is drawn now when not given, so
     prompts arriving later (interactive, module) continue the same sequence."""
-    p, d = c.prompts, c.deep_shrink
+    p = c.prompts
     size = family.default_image_size
-    deep_shrink = DeepShrink(d.depth_1 or 3, d.timesteps_1, d.depth_2, d.timesteps_2, d.ratio)
     seed = p.seed if p.seed is not None else random.randint(0, 2**31 - 1)
     return gen_run.Settings(p.width or size, p.height or size, p.steps, p.scale, p.sampler, p.strength,
                             p.negative_prompt, p.images_per_prompt, p.n_iter, seed, p.iter_same_seed, p.negative_scale,
-                            deep_shrink, d.depth_1 is not None, c.gradual_latent, c.gradual_latent_on,
+                            c.deep_shrink, c.deep_shrink_on, c.gradual_latent, c.gradual_latent_on,
                             p.shuffle_prompts)
 
 

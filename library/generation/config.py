@@ -20,6 +20,7 @@ from library.families.sd3 import SD3Options
 from library.families.sdxl import SDXLOptions
 from library.maths.noise import DDPMOptions
 from library.sampling.controlnet import check_prep
+from library.sampling.deep_shrink import DeepShrink
 from library.sampling.gradual_latent import GradualLatent, Unsharp
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
@@ -174,15 +175,6 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
-class DeepShrinkSettings:
-    depth_1: int | None = None  # None: off (lines may still turn it on with --dsd1)
-    timesteps_1: int = 650
-    depth_2: int | None = None
-    timesteps_2: int = 650
-    ratio: float = 0.5
-
-
-@dataclass(frozen=True)
 class NoiseTrickSettings:
     """kohya's start-noise tricks; a range not given is kohya's default range."""
 
@@ -219,7 +211,8 @@ class GenConfig:
     images: ImageInputs
     highres: HighresFix
     control: ControlSettings
-    deep_shrink: DeepShrinkSettings
+    deep_shrink: DeepShrink  # the command line's values (lines may override them)
+    deep_shrink_on: bool  # --ds_depth_1 given
     gradual_latent: GradualLatent  # the command line's values (lines may override them)
     gradual_latent_on: bool  # --gradual_latent_timesteps given
     noise: NoiseTrickSettings
@@ -258,7 +251,9 @@ def build_gen_config(args: argparse.Namespace) -> GenConfig:
         control=ControlSettings(
             tuple(a.control_net_models), tuple(a.control_net_lllite_models), tuple(a.control_net_preps),
             tuple(a.control_net_multipliers), tuple(a.control_net_ratios)),
-        deep_shrink=DeepShrinkSettings(a.ds_depth_1, a.ds_timesteps_1, a.ds_depth_2, a.ds_timesteps_2, a.ds_ratio),
+        deep_shrink=DeepShrink(a.ds_depth_1 if a.ds_depth_1 is not None else 3, a.ds_timesteps_1, a.ds_depth_2,
+                               a.ds_timesteps_2, a.ds_ratio),
+        deep_shrink_on=a.ds_depth_1 is not None,
         gradual_latent=_gradual_latent(a),
         gradual_latent_on=a.gradual_latent_timesteps is not None,
         noise=NoiseTrickSettings(a.pyramid_noise_prob, _pair(a.pyramid_noise_discount_range), a.noise_offset_prob,
@@ -361,7 +356,7 @@ def _check_regional(c: GenConfig) -> None:
 
 def _check_shrink_and_noise(c: GenConfig) -> None:
     d = c.deep_shrink
-    if d.depth_1 is not None and d.depth_1 < 1 or d.depth_2 is not None and d.depth_2 < 1:
+    if d.depth_1 < 1 or d.depth_2 is not None and d.depth_2 < 1:
         raise UserError("--ds_depth_1/--ds_depth_2: input block depths start at 1 (3 is usual)")
     if not 0 < d.ratio < 1:
         raise UserError(f"--ds_ratio {d.ratio}: the shrink factor is between 0 and 1 (e.g. 0.5)")
