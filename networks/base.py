@@ -7,6 +7,11 @@ A network module is any importable module with
     create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None,
                                 for_inference=False, **kwargs) -> (network, weights_sd)
 
+and optionally
+
+    check_network_args(network_args, family, neuron_dropout=None)
+        raises UserError for args that cannot work; called before any model loads ("sd", "sdxl", "sd3")
+
 ``text_encoder`` is one module or a list (one per text encoder); ``network_args`` values are the
 strings given with ``--network_args key=value``. Third-party modules such as ``lycoris.kohya``
 implement the same functions. The trainer and gen_img talk to every network through
@@ -50,7 +55,7 @@ REQUIRED = {"train": tuple(name for name in vars(TrainableNetwork) if not name.s
             "generate": ()}
 _OPTIONAL = ("apply_to", "prepare_optimizer_params", "save_weights", "get_trainable_params", "prepare_grad_etc",
              "on_epoch_start", "on_step_start", "set_multiplier", "enable_gradient_checkpointing", "load_weights",
-             "merge_to", "pre_calculation", "restore_weights")
+             "merge_to", "pre_calculation", "restore_weights", "apply_max_norm_regularization")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Capabilities:
     exports_diffusers: bool
     #: ``per_encoder_lr = True``: prepare_optimizer_params takes one text-encoder rate per encoder
     per_encoder_lr: bool = False
+    #: kohya's apply_max_norm_regularization(max_norm, device) (--scale_weight_norms)
+    can_max_norm: bool = False
 
 
 class NetworkAdapter:
@@ -90,7 +97,8 @@ class NetworkAdapter:
             per_module=all(isinstance(m, list) for m in modules)
             and all(hasattr(lora, "org_module") and hasattr(lora, "region") for m in modules for lora in m),
             exports_diffusers=bool(getattr(network, "targets", None)),
-            per_encoder_lr=bool(getattr(network, "per_encoder_lr", False)))
+            per_encoder_lr=bool(getattr(network, "per_encoder_lr", False)),
+            can_max_norm="apply_max_norm_regularization" in self._methods)
 
     @property
     def name(self) -> str:
@@ -141,6 +149,14 @@ class NetworkAdapter:
     def enable_gradient_checkpointing(self) -> None:
         if "enable_gradient_checkpointing" in self._methods:
             self._methods["enable_gradient_checkpointing"]()
+
+    def max_norm_regularize(self, max_norm: float, device) -> tuple[int, float, float]:
+        """--scale_weight_norms after an optimizer step: (modules scaled, mean and largest key norm)."""
+        if not self.capabilities.can_max_norm:
+            raise UserError(f"--scale_weight_norms: the network {self.name} has no apply_max_norm_regularization(); "
+                            "train without --scale_weight_norms")
+        scaled, mean, largest = self._methods["apply_max_norm_regularization"](max_norm, device)
+        return int(scaled), float(mean), float(largest)
 
     def trainable_params(self):
         return list(self._methods["get_trainable_params"]())

@@ -1,5 +1,6 @@
-"""Block-wise learning rates for UNet LoRA (kohya's ``down_lr_weight``, ``mid_lr_weight``,
-``up_lr_weight``, ``block_lr_zero_threshold`` network_args).
+"""Block-wise settings of UNet LoRA: learning rates (kohya's ``down_lr_weight``, ``mid_lr_weight``,
+``up_lr_weight``, ``block_lr_zero_threshold`` network_args) and ranks (``block_dims``,
+``block_alphas``, ``conv_block_dims``, ``conv_block_alphas``).
 
 Blocks are numbered as kohya numbers them. SD1/SD2 (25 blocks): 0-11 the input side IN00-IN11
 (``down_blocks_i_{resnets,attentions}_j`` is block 1 + 3i + j, its downsampler 3 + 3i), 12 the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 
 from library.utils.errors import UserError
 
@@ -90,3 +92,66 @@ def block_lr_weights(args: dict[str, str], sgm: bool) -> list[float] | None:
         raise UserError("--network_args block_lr_zero_threshold: expected a number") from exc
     weights = [w if w > threshold else 0.0 for w in down + middle + up]
     return [1.0] + weights + [1.0] if ends else weights
+
+
+def block_count(sgm: bool) -> int:
+    """Blocks in kohya's numbering: 25 for SD1/SD2, 23 for SDXL (with its embedding and output entries)."""
+    side, mid, ends = _LAYOUTS[sgm]
+    return 2 * side + mid + (2 if ends else 0)
+
+
+def _per_block(key: str, text: str | None, count: int, kind) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in str(text).strip("[] ").split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"--network_args {key}={text}: expected {count} comma-separated "
+                        f"{'integers' if kind is int else 'numbers'}") from exc
+    if len(values) != count:
+        layout = "embedding, IN0-8, MID0-2, OUT0-8, output" if count == 23 else "IN0-11, MID, OUT0-11"
+        raise UserError(f"--network_args {key}: {len(values)} values given; this model has {count} blocks "
+                        f"({layout}), one value each")
+    if any(v < 0 for v in values):
+        raise UserError(f"--network_args {key}={text}: values must not be negative")
+    return values
+
+
+@dataclass(frozen=True)
+class BlockRanks:
+    """kohya's ``block_dims`` / ``block_alphas`` / ``conv_block_dims`` / ``conv_block_alphas``: the
+    rank and alpha of UNet LoRA modules per block (0: no LoRA in that block); text encoders and
+    modules outside the numbered blocks keep ``--network_dim``."""
+
+    dims: list[int] | None
+    alphas: list[float] | None
+    conv_dims: list[int] | None
+    conv_alphas: list[float] | None
+    sgm: bool
+
+    def rank(self, lora_name: str, is_conv3: bool, dim: int, alpha: float | None) -> tuple[int, float | None]:
+        index = block_index(lora_name, self.sgm)
+        dims, alphas = (self.conv_dims, self.conv_alphas) if is_conv3 else (self.dims, self.alphas)
+        if index < 0 or dims is None:
+            return dim, alpha
+        return dims[index], (alphas[index] if alphas is not None else alpha)
+
+
+def block_ranks(args: dict[str, str], sgm: bool, alpha: float | None, conv_alpha: float | None) -> BlockRanks | None:
+    """The per-block ranks asked for in ``args``, or None; missing alphas follow ``--network_alpha``
+    (``conv_alpha`` for convs), as in kohya."""
+    keys = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+    if not any(k in args for k in keys):
+        return None
+    n = block_count(sgm)
+    dims = _per_block("block_dims", args.get("block_dims"), n, int)
+    conv_dims = _per_block("conv_block_dims", args.get("conv_block_dims"), n, int)
+    for alphas_key, dims_key, given in (("block_alphas", "block_dims", dims), ("conv_block_alphas", "conv_block_dims",
+                                                                             conv_dims)):
+        if alphas_key in args and given is None:
+            raise UserError(f"--network_args {alphas_key} needs {dims_key} (the ranks those alphas go with)")
+    alphas = _per_block("block_alphas", args.get("block_alphas"), n, float) or \
+        ([alpha] * n if dims is not None else None)
+    conv_alphas = _per_block("conv_block_alphas", args.get("conv_block_alphas"), n, float) or \
+        ([conv_alpha if conv_alpha is not None else 1.0] * n if conv_dims is not None else None)
+    return BlockRanks(dims, alphas, conv_dims, conv_alphas, sgm)

@@ -12,13 +12,17 @@ network_args: ``conv_dim``/``conv_alpha`` (LoRA on 3x3 convs of resnets and samp
 ``loraplus_lr_ratio`` / ``loraplus_unet_lr_ratio`` / ``loraplus_text_encoder_lr_ratio`` (LoRA+, Hayou et
 al. 2024: the ``lora_up`` matrices learn at ``ratio`` times the learning rate); ``down_lr_weight`` /
 ``mid_lr_weight`` / ``up_lr_weight`` / ``block_lr_zero_threshold`` (block-wise UNet learning rates,
-see :mod:`networks.block_lr`).
+see :mod:`networks.block_lr`); ``block_dims`` / ``block_alphas`` / ``conv_block_dims`` /
+``conv_block_alphas`` (rank and alpha per UNet block, 25 values for SD1/SD2, 23 for SDXL);
+``dropout`` (= ``--network_dropout``), ``rank_dropout``, ``module_dropout`` (training-only
+regularisers, see :class:`networks.lora_modules.Dropouts`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file
@@ -27,8 +31,8 @@ from torch import nn
 from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors, save_torch
-from networks.block_lr import block_index, block_lr_weights
-from networks.lora_modules import FusedLoRAModule, LoRAModule
+from networks.block_lr import BlockRanks, block_index, block_lr_weights, block_ranks
+from networks.lora_modules import Dropouts, FusedLoRAModule, LoRAModule
 from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses_sgm_names
 
 logger = logging.getLogger(__name__)
@@ -49,18 +53,21 @@ class LoRANetwork(nn.Module):
     def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, multiplier: float, dim: int,
                  alpha: float | None, conv_dim: int = 0, conv_alpha: float | None = None,
                  module_dims: dict[str, int] | None = None, module_alphas: dict[str, float] | None = None,
-                 block_lr: list[float] | None = None, targets: list | None = None):
+                 block_lr: list[float] | None = None, targets: list | None = None,
+                 ranks: BlockRanks | None = None, dropouts: Dropouts | None = None):
         """``module_dims``/``module_alphas`` (from a file) override the ranks per module and limit
         the network to the modules they name; ``block_lr`` (see :mod:`networks.block_lr`) scales
-        the UNet learning rate per block, and blocks weighted 0 get no LoRA. ``targets`` (from
-        another family's target finder, e.g. :mod:`networks.lora_sd3`) replace SD's."""
+        the UNet learning rate per block, and blocks weighted 0 get no LoRA; ``ranks`` sets UNet
+        ranks per block. ``targets`` (from another family's target finder, e.g.
+        :mod:`networks.lora_sd3`) replace SD's. ``dropouts`` act while training only."""
         super().__init__()
         self.multiplier = multiplier
         self.loraplus: dict[str, float | None] = {}
         self.sgm = uses_sgm_names(unet)
         self.block_lr = block_lr
         if targets is None:
-            targets = find_targets(text_encoders, unet, bool(conv_dim) or module_dims is not None)
+            with_conv = bool(conv_dim) or module_dims is not None or (ranks is not None and ranks.conv_dims is not None)
+            targets = find_targets(text_encoders, unet, with_conv)
         self.targets = targets
         # modules are registered under their kohya names, so state_dict() keys are the file's keys
         self.text_encoder_loras: list[LoRAModule] = []
@@ -74,11 +81,14 @@ class LoRANetwork(nn.Module):
             if t.part == "unet" and self._block_weight(t.name) == 0:
                 continue
             d, a = (conv_dim, conv_alpha) if t.is_conv3 else (t.dim if t.dim is not None else dim, alpha)
+            if ranks is not None and t.part == "unet":
+                d, a = ranks.rank(t.name, t.is_conv3, d, a)
             d, a = _rank(t.name, d, a, module_dims, module_alphas)
             if not d:  # a rank of 0 means no LoRA on that module
                 continue
             module = FusedLoRAModule(t.name, list(t.fused), multiplier, d, a) if t.fused else \
                 LoRAModule(t.name, t.module, multiplier, d, a, swap_out_halves=t.swap_out_halves)
+            module.dropouts = dropouts
             (self.text_encoder_loras if t.part == "te" else self.unet_loras).append(module)
         for lora in self.all_loras():
             if hasattr(self, lora.lora_name):
@@ -143,6 +153,25 @@ class LoRANetwork(nn.Module):
         self.multiplier = multiplier
         for lora in self.all_loras():
             lora.multiplier = multiplier
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float, device) -> tuple[int, float, float]:
+        """kohya's ``--scale_weight_norms``: every module whose update ``scale * up @ down`` has a
+        Frobenius norm above ``max_norm`` gets ``up`` and ``down`` each multiplied by
+        sqrt(max_norm / norm), which brings the norm to ``max_norm``. Returns (modules scaled, mean
+        and largest update norm after scaling)."""
+        scaled, norms = 0, []
+        for lora in self.all_loras():
+            norm = float(lora.delta_weight().float().norm())
+            if norm > max_norm:
+                factor = (max_norm / norm) ** 0.5
+                lora.lora_up.weight.mul_(factor)
+                lora.lora_down.weight.mul_(factor)
+                scaled, norm = scaled + 1, max_norm
+            norms.append(norm)
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
 
     def load_weights(self, file: str) -> str:
         """Load a kohya-format file (non-strict: keys of parts not trained are ignored)."""
@@ -274,29 +303,88 @@ def _add_update(lora, multiplier: float) -> None:
     org.weight += delta.reshape(org.weight.shape).to(org.weight.dtype)
 
 
-def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
-                   unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
-    """The plug-in entry point. ``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya."""
-    if neuron_dropout:
-        raise UserError("--network_dropout is not supported by networks.lora in this version")
-    known = {"conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
-             "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora (known: {sorted(known)})")
+#: network_args every kohya LoRA module takes (training options; none changes the file's layout)
+TRAINING_ARGS = {"dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                 "loraplus_text_encoder_lr_ratio"}
+KNOWN_ARGS = TRAINING_ARGS | {"conv_dim", "conv_alpha", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
+                              "block_lr_zero_threshold", "block_dims", "block_alphas", "conv_block_dims",
+                              "conv_block_alphas"}
+
+
+def _probability(key: str, value) -> float | None:
+    if value is None or value == "" or str(value) == "None":
+        return None
     try:
-        conv_dim = int(kwargs.get("conv_dim", 0) or 0)
-        conv_alpha = float(kwargs["conv_alpha"]) if kwargs.get("conv_alpha") else (1.0 if conv_dim else None)
+        p = float(value)
+    except ValueError as exc:
+        raise UserError(f"{key} {value!r}: expected a probability between 0 and 1") from exc
+    if not 0 <= p < 1:
+        raise UserError(f"{key} {value}: a dropout probability must be at least 0 and below 1")
+    return p or None
+
+
+def parse_dropouts(kwargs: dict, neuron_dropout: float | None) -> Dropouts | None:
+    """``--network_dropout`` (or the network arg ``dropout``, which kohya fills from it) and the
+    ``rank_dropout`` / ``module_dropout`` network args; None when all are off."""
+    neuron = _probability("--network_dropout", neuron_dropout) if neuron_dropout is not None else \
+        _probability("--network_args dropout", kwargs.get("dropout"))
+    dropouts = Dropouts(neuron, _probability("--network_args rank_dropout", kwargs.get("rank_dropout")),
+                        _probability("--network_args module_dropout", kwargs.get("module_dropout")))
+    return dropouts if dropouts.active else None
+
+
+def set_training_options(network: LoRANetwork, kwargs: dict, neuron_dropout: float | None) -> LoRANetwork:
+    """Dropouts and LoRA+ ratios from the network args (for a network built from args or from a file)."""
+    dropouts = parse_dropouts(kwargs, neuron_dropout)
+    for lora in network.all_loras():
+        lora.dropouts = dropouts
+    try:
         plus = {k: float(kwargs[k]) for k in kwargs if k.startswith("loraplus")}
     except ValueError as exc:
-        raise UserError(f"--network_args: conv_dim must be an int, conv_alpha and loraplus_* numbers ({exc})") from exc
-    network = LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4,
-                          network_alpha if network_alpha is not None else 1.0, conv_dim, conv_alpha,
-                          block_lr=block_lr_weights(kwargs, uses_sgm_names(unet)))
+        raise UserError(f"--network_args: loraplus_* ratios must be numbers ({exc})") from exc
     shared = plus.get("loraplus_lr_ratio")
     network.set_loraplus_ratios(plus.get("loraplus_unet_lr_ratio", shared),
                                 plus.get("loraplus_text_encoder_lr_ratio", shared))
     return network
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the network args say about the network's layout, parsed and checked."""
+
+    conv_dim: int
+    conv_alpha: float | None
+    block_lr: list[float] | None
+    ranks: BlockRanks | None
+
+
+def _parse_shape(kwargs: dict, sgm: bool, alpha: float) -> _Shape:
+    unknown = sorted(set(kwargs) - KNOWN_ARGS)
+    if unknown:
+        raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora (known: {sorted(KNOWN_ARGS)})")
+    try:
+        conv_dim = int(kwargs.get("conv_dim", 0) or 0)
+        conv_alpha = float(kwargs["conv_alpha"]) if kwargs.get("conv_alpha") else (1.0 if conv_dim else None)
+    except ValueError as exc:
+        raise UserError(f"--network_args: conv_dim must be an int, conv_alpha a number ({exc})") from exc
+    return _Shape(conv_dim, conv_alpha, block_lr_weights(kwargs, sgm), block_ranks(kwargs, sgm, alpha, conv_alpha))
+
+
+def check_network_args(kwargs: dict, family: str, neuron_dropout: float | None = None) -> None:
+    """The network args checked without a model (the trainer calls this before loading one):
+    unknown keys, numbers, per-block list lengths for ``family`` ("sd" or "sdxl"), dropouts."""
+    _parse_shape(kwargs, family == "sdxl", 1.0)
+    set_training_options(LoRANetwork([], None, 1.0, 1, 1.0, targets=[]), kwargs, neuron_dropout)
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
+                   unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
+    """The plug-in entry point. ``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya."""
+    alpha = network_alpha if network_alpha is not None else 1.0
+    shape = _parse_shape(kwargs, uses_sgm_names(unet), alpha)
+    network = LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4, alpha, shape.conv_dim,
+                          shape.conv_alpha, block_lr=shape.block_lr, ranks=shape.ranks)
+    return set_training_options(network, kwargs, neuron_dropout)
 
 
 def ranks_from_state(state: dict[str, torch.Tensor], file) -> tuple[dict[str, int], dict[str, float]]:
@@ -315,7 +403,8 @@ def ranks_from_state(state: dict[str, torch.Tensor], file) -> tuple[dict[str, in
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None,
                                 for_inference: bool = False, **kwargs):
-    """Build a network whose ranks and alphas are read from a LoRA file (or state dict)."""
+    """Build a network whose ranks and alphas are read from a LoRA file (or state dict); for
+    training (``--dim_from_weights``) the training options in ``kwargs`` apply as well."""
     state = weights_sd if weights_sd is not None else _read_lora_file(file)
     state = to_kohya_names(state, find_targets(_as_list(text_encoder), unet, with_conv=True))
     dims, alphas = ranks_from_state(state, file)
@@ -325,4 +414,7 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     if unknown:
         raise UserError(f"{file}: {len(unknown)} of its {len(dims)} LoRA modules do not exist in this model, e.g. "
                         f"{unknown[:2]} (is it a LoRA for another model family?)")
+    if not for_inference:
+        set_training_options(network, {k: v for k, v in kwargs.items() if k in TRAINING_ARGS},
+                             kwargs.get("neuron_dropout"))
     return network, state

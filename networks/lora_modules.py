@@ -4,9 +4,50 @@ original checkpoint layout stores as one fused matrix (SD3's q/k/v)."""
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Dropouts:
+    """kohya's training-only regularisers of a LoRA module (probabilities in [0, 1); None or 0 = off).
+    They act only while the network is in training mode, and draw from torch's global generator, so a
+    run is reproducible from its seed (and gradient checkpointing replays the same draws)."""
+
+    neuron: float | None = None  # --network_dropout (network arg ``dropout``): each unit of lora_down's output
+    rank: float | None = None  # ``rank_dropout``: whole ranks per sample, the rest scaled up by 1 / (1 - p)
+    module: float | None = None  # ``module_dropout``: the whole update left out for a forward call
+
+    @property
+    def active(self) -> bool:
+        return bool(self.neuron or self.rank or self.module)
+
+
+def skip_module(dropouts: Dropouts | None, training: bool) -> bool:
+    """module_dropout: leave this LoRA out of the current forward call with probability p."""
+    return bool(training and dropouts is not None and dropouts.module and
+                torch.rand(()) < dropouts.module)
+
+
+def drop_down_output(down: torch.Tensor, scale: float, dropouts: Dropouts | None,
+                     training: bool) -> tuple[torch.Tensor, float]:
+    """Neuron and rank dropout on ``lora_down``'s output (rank on dim -1 for Linear, dim 1 for
+    Conv2d outputs); returns the output and the scale to use (rank dropout keeps the expected
+    update unchanged by scaling it by 1 / (1 - p), as kohya does)."""
+    if not training or dropouts is None:
+        return down, scale
+    if dropouts.neuron:
+        down = torch.nn.functional.dropout(down, p=dropouts.neuron)
+    if dropouts.rank:
+        rank_dim = 1 if down.ndim == 4 else down.ndim - 1
+        shape = [down.shape[0] if d == 0 else (down.shape[d] if d == rank_dim else 1) for d in range(down.ndim)]
+        keep = torch.rand(shape, device=down.device) > dropouts.rank
+        down = down * keep.to(down.dtype)
+        scale = scale / (1.0 - dropouts.rank)
+    return down, scale
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -24,6 +65,7 @@ def _init_lora(module: nn.Module, dim: int, alpha: float | None, multiplier: flo
     module.scale = float(alpha) / dim
     module.multiplier = multiplier
     module.enabled = True
+    module.dropouts = None  # Dropouts while training (set by the network)
     module.region = None  # gen_img's regional LoRA: a callable giving the mask the update is multiplied by
 
 
@@ -66,14 +108,15 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
-        if not self.enabled or self.multiplier == 0:
+        if not self.enabled or self.multiplier == 0 or skip_module(self.dropouts, self.training):
             return out
         down = self.lora_down(x.to(self.lora_down.weight.dtype))
+        down, scale = drop_down_output(down, self.scale, self.dropouts, self.training)
         lx = torch.nn.functional.linear(down, _swap_halves(self.lora_up.weight)) if self.swap_out_halves else \
             self.lora_up(down)
         if self.region is not None:
             lx = lx * self.region(lx)
-        return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
+        return out + (lx * (self.multiplier * scale)).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The merged weight update ``scale * up @ down`` in the base module's weight shape."""
@@ -101,6 +144,9 @@ class FusedLoRAModule(nn.Module):
         _init_lora(self, dim, alpha, multiplier)
         self._orgs = list(org_modules)  # a plain list: the base modules are not children
         self._org_forwards: list = []
+        # with dropout, the layers reading one input share one draw, as kohya's single qkv matrix
+        # does: (weak ref to the input, its dropped lora_down output or None when skipped, scale)
+        self._shared: tuple | None = None
 
     def apply_to(self) -> None:
         starts = [sum(self.splits[:i]) for i in range(len(self.splits))]
@@ -114,9 +160,24 @@ class FusedLoRAModule(nn.Module):
             if not self.enabled or self.multiplier == 0:
                 return out
             up = self.lora_up.weight[start:start + self.splits[i]]
-            lx = torch.nn.functional.linear(self.lora_down(x.to(up.dtype)), up)
-            return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
+            down, scale = self._down(x)
+            if down is None:
+                return out
+            lx = torch.nn.functional.linear(down, up)
+            return out + (lx * (self.multiplier * scale)).to(out.dtype)
         return forward
+
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """``lora_down(x)`` and the scale, with the dropouts drawn once per input (None: module dropped)."""
+        inp = x.to(self.lora_down.weight.dtype)
+        if not (self.training and self.dropouts is not None and self.dropouts.active):
+            return self.lora_down(inp), self.scale
+        if self._shared is not None and self._shared[0]() is x:
+            return self._shared[1], self._shared[2]
+        down, scale = (None, self.scale) if skip_module(self.dropouts, True) else \
+            drop_down_output(self.lora_down(inp), self.scale, self.dropouts, True)
+        self._shared = (weakref.ref(x), down, scale)
+        return down, scale
 
     def remove(self) -> None:
         for m, f in zip(self._orgs, self._org_forwards):

@@ -131,3 +131,24 @@ def _split(key: str) -> tuple[str, str | None]:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     return key, None
+
+
+# key fragments that only one model family's LoRA files have (kohya or diffusers/PEFT naming);
+# UNet names in diffusers' layout are shared by SD and SDXL except for the blocks only one has
+_FAMILY_MARKS = (
+    ("sd3", re.compile(r"^(lora_unet_joint_blocks_|transformer\.transformer_blocks\.|lora_te3_)")),
+    ("sdxl", re.compile(r"^(lora_unet_(input_blocks|output_blocks|middle_block)_|lora_te[12]_|text_encoder_2\.)"
+                        r"|(down|up)_blocks[._]\d+[._]attentions[._]\d+[._]transformer_blocks[._][1-9]")),
+    ("sd", re.compile(r"^lora_te_|down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions")),
+)
+
+
+def lora_file_family(keys) -> str | None:
+    """Which model family a LoRA file's keys name ("sd", "sdxl" or "sd3"; None when they do not
+    tell): read before any model loads, to refuse a file of another family early. SD3's CLIP
+    encoders are ``lora_te1_/te2_`` as SDXL's, so SD3's own marks are looked at first."""
+    keys = list(keys)
+    for family, marks in _FAMILY_MARKS:
+        if any(marks.search(k) for k in keys):
+            return family
+    return None

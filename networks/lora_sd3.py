@@ -14,7 +14,7 @@ final_layer adaLN modulation, final_layer linear; default: the final layer at ``
 no embedders, as the project's spec asks (kohya's default leaves the final layer out: pass
 ``emb_dims=[0,0,0,0,0,0]`` for that)); ``train_block_indices``
 (``all``, ``none``, ``0,1,4-5,7``); ``train_t5xxl=True``; ``verbose=True``; plus networks.lora's
-LoRA+ ratios.
+LoRA+ ratios and dropouts (``dropout`` / ``--network_dropout``, ``rank_dropout``, ``module_dropout``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from library.models import sd3_keys
 from library.utils.errors import UserError
-from networks.lora import LoRANetwork, _as_list, _read_lora_file, ranks_from_state
+from networks.lora import TRAINING_ARGS, LoRANetwork, _as_list, _read_lora_file, ranks_from_state, set_training_options
 from networks.lora_names import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ _EMB_MODULES = {
 }
 T5_TARGET = re.compile(r"(^|\.)encoder\.block\.\d+\.layer\.\d+\."
                        r"(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wi|wo))$")
-KNOWN_ARGS = {*LAYER_KINDS, "emb_dims", "train_block_indices", "train_t5xxl", "verbose", "loraplus_lr_ratio",
-              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+KNOWN_ARGS = {*LAYER_KINDS, "emb_dims", "train_block_indices", "train_t5xxl", "verbose", *TRAINING_ARGS}
 
 
 def _kind(original: str) -> str:
@@ -144,11 +143,24 @@ def _targets(text_encoders: list[nn.Module], transformer: nn.Module, dims, emb_d
     return targets + mmdit_targets(transformer, dims, emb_dims, blocks)
 
 
+def check_network_args(kwargs: dict, family: str, neuron_dropout: float | None = None) -> None:
+    """The network args checked without a model (before the trainer loads one): keys, numbers,
+    ``emb_dims``, the syntax of ``train_block_indices`` (its range needs the model), dropouts."""
+    unknown = sorted(set(kwargs) - KNOWN_ARGS)
+    if unknown:
+        raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora_sd3 (known: {sorted(KNOWN_ARGS)})")
+    try:
+        [int(kwargs[k]) for k in LAYER_KINDS if k in kwargs]
+    except ValueError as exc:
+        raise UserError(f"--network_args: {', '.join(LAYER_KINDS)} must be integers ({exc})") from exc
+    parse_emb_dims(kwargs.get("emb_dims"))
+    parse_block_indices(kwargs.get("train_block_indices"), 10**6)
+    set_training_options(LoRANetwork([], None, 1.0, 1, 1.0, targets=[]), kwargs, neuron_dropout)
+
+
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    transformer, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     """The plug-in entry point (``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya)."""
-    if neuron_dropout:
-        raise UserError("--network_dropout is not supported by networks.lora_sd3 in this version")
     unknown = sorted(set(kwargs) - KNOWN_ARGS)
     if unknown:
         raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora_sd3 (known: {sorted(KNOWN_ARGS)})")
@@ -164,10 +176,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                        str(kwargs.get("train_t5xxl", "False")) == "True")
     network = LoRANetwork(_as_list(text_encoder), transformer, multiplier, dim,
                           network_alpha if network_alpha is not None else 1.0, targets=targets)
-    plus = {k: float(kwargs[k]) for k in kwargs if k.startswith("loraplus")}
-    shared = plus.get("loraplus_lr_ratio")
-    network.set_loraplus_ratios(plus.get("loraplus_unet_lr_ratio", shared),
-                                plus.get("loraplus_text_encoder_lr_ratio", shared))
+    set_training_options(network, kwargs, neuron_dropout)
     if str(kwargs.get("verbose", "False")) == "True":
         for m in network.all_loras():
             logger.info("%s: rank %d, alpha %g", m.lora_name, m.lora_down.weight.shape[0], float(m.alpha))
@@ -188,5 +197,8 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     if unknown:
         raise UserError(f"{file}: {len(unknown)} LoRA module(s) do not exist in this SD3 model, e.g. {unknown[:3]} "
                         "(a LoRA for another model?)")
+    if not for_inference:  # --dim_from_weights: the training options still apply
+        set_training_options(network, {k: v for k, v in kwargs.items() if k in TRAINING_ARGS},
+                             kwargs.get("neuron_dropout"))
     return network, state
 

@@ -211,6 +211,17 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_alpha", type=float, help="alpha (default 1); scale = alpha / dim")
     g.add_argument("--network_args", nargs="*", default=[], help="key=value arguments for the network module")
     g.add_argument("--network_weights", help="start from this LoRA file")
+    g.add_argument("--dim_from_weights", action="store_true",
+                   help="build the network with the ranks and alphas of --network_weights (--network_dim is not used)")
+    g.add_argument("--network_dropout", type=float,
+                   help="dropout on each LoRA module's down-projection output while training (e.g. 0.1)")
+    g.add_argument("--scale_weight_norms", type=float,
+                   help="max-norm regularisation: after each step, scale every module whose update norm exceeds "
+                        "this back to it (e.g. 1.0); logs max_norm/keys_scaled and the key norms")
+    g.add_argument("--base_weights", nargs="*", default=[],
+                   help="LoRA files merged into the base model before training (the trained network goes on top)")
+    g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=[],
+                   help="strength of each --base_weights file (default 1.0 each)")
     g.add_argument("--network_train_unet_only", action="store_true")
     g.add_argument("--network_train_text_encoder_only", action="store_true")
     # kohya's LoRA+ flags (the kohya_ss GUI writes these); they are network_args of the same names

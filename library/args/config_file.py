@@ -46,8 +46,7 @@ FOREIGN_KEYS = {
 #: keys kohya acts on that this version cannot honour: refused, since training without them would
 #: not be what was asked
 NOT_YET = {
-    "network_dropout": "network dropout", "scale_weight_norms": "max-norm regularisation",
-    "dim_from_weights": "ranks read from --network_weights", "resume_from_huggingface": "resuming from the Hub",
+    "resume_from_huggingface": "resuming from the Hub",
 }
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 

@@ -37,6 +37,10 @@ class NetworkConfig:
     weights: str | None
     train_unet: bool
     train_text_encoder: bool
+    dropout: float | None = None  # --network_dropout
+    dim_from_weights: bool = False  # build the network from the ranks of `weights`
+    base_weights: tuple[tuple[str, float], ...] = ()  # (LoRA file, strength) merged into the base first
+    scale_weight_norms: float | None = None  # max-norm regularisation after each step
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,29 @@ def _network_args(args: argparse.Namespace) -> dict[str, str]:
     return values
 
 
+def _network_config(args: argparse.Namespace) -> NetworkConfig:
+    """The network flags, checked (files, counts, ranges) before any model loads."""
+    if args.dim_from_weights and not args.network_weights:
+        raise UserError("--dim_from_weights reads the ranks from --network_weights: give that file too")
+    if args.network_dropout is not None and not 0 <= args.network_dropout < 1:
+        raise UserError(f"--network_dropout {args.network_dropout}: a probability at least 0 and below 1")
+    if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
+        raise UserError(f"--scale_weight_norms {args.scale_weight_norms}: the largest update norm allowed, above 0")
+    multipliers = list(args.base_weights_multiplier or [])
+    if len(multipliers) > len(args.base_weights):
+        raise UserError(f"--base_weights_multiplier: {len(multipliers)} values for {len(args.base_weights)} "
+                        "--base_weights file(s); give one per file")
+    for path in args.base_weights:
+        if not Path(path).is_file():
+            raise UserError(f"--base_weights {path}: file not found")
+    base = tuple((path, multipliers[i] if i < len(multipliers) else 1.0) for i, path in enumerate(args.base_weights))
+    return NetworkConfig(args.network_module, args.network_dim, args.network_alpha, _network_args(args),
+                         args.network_weights, train_unet=not args.network_train_text_encoder_only,
+                         train_text_encoder=not args.network_train_unet_only, dropout=args.network_dropout,
+                         dim_from_weights=args.dim_from_weights, base_weights=base,
+                         scale_weight_norms=args.scale_weight_norms)
+
+
 def _save_config(args: argparse.Namespace) -> SaveConfig:
     return SaveConfig(
         Path(args.output_dir), args.output_name, "." + args.save_model_as, _PRECISIONS[args.save_precision],
@@ -332,10 +359,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     prompts = tuple(load_prompt_file(args.sample_prompts)) if args.sample_prompts else ()
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
-        network=NetworkConfig(args.network_module, args.network_dim, args.network_alpha,
-                              _network_args(args), args.network_weights,
-                              train_unet=not args.network_train_text_encoder_only,
-                              train_text_encoder=not args.network_train_unet_only),
+        network=_network_config(args),
         optimizer=_optimizer_config(args), save=_save_config(args),
         sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
                             args.sample_sampler),

@@ -38,10 +38,11 @@ from library.optim import optimizers as optim
 from library.training import saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
+from library.training.network_setup import build_network, check_network_setup, merge_base_weights
 from library.training.validation import Validator, batch_latents, make_noisy_batch
 from library.utils.errors import UserError
 from library.utils.files import atomic_path
-from networks.base import NetworkAdapter, import_network_module
+from networks.base import NetworkAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -166,26 +167,6 @@ class NetworkTrainer:
     def _weight_dtype(self) -> torch.dtype:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision, torch.float32)
 
-    def _build_network(self, models: LoadedModels) -> NetworkAdapter:
-        net_cfg = self.cfg.network
-        module = import_network_module(net_cfg.module)
-        te = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
-        try:
-            network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, models.vae, te, models.denoiser,
-                                            **net_cfg.args)
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise UserError(f"--network_module {net_cfg.module} could not build the network: {exc}") from exc
-        if network is None:
-            raise UserError(f"--network_module {net_cfg.module}: create_network returned nothing")
-        adapter = NetworkAdapter(network)
-        if self.cfg.save.lora_format == "diffusers" and not adapter.capabilities.exports_diffusers:
-            raise UserError(f"--save_lora_format diffusers: {net_cfg.module} networks cannot be written in the "
-                            "diffusers form; use networks.lora / networks.lora_sd3 or the kohya format")
-        adapter.apply_to(te, models.denoiser, net_cfg.train_text_encoder, net_cfg.train_unet)
-        if net_cfg.weights:
-            logger.info("network weights: %s", adapter.load_weights(net_cfg.weights))
-        return adapter
-
     def _read_resume(self) -> None:
         """Find and check the state to resume from (before anything is loaded); it fixes the seed."""
         if not self.cfg.resume:
@@ -211,6 +192,7 @@ class NetworkTrainer:
         models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir,
                                   acc.device if cfg.lowram else None)
         self.family.place(models, acc.device)
+        merge_base_weights(cfg.network, models, acc.device)  # before caching: merged text encoders change outputs
         if cfg.no_half_vae:
             models.vae.to(torch.float32)
         precision.set_attention(models.denoiser, cfg.attention)
@@ -282,6 +264,7 @@ class NetworkTrainer:
         """Train; return the path of the final network file."""
         cfg = self.cfg
         check_file_layout(cfg.model_path, self.family.checkpoint_layouts)  # a wrong file stops before any work
+        check_network_setup(cfg.network, self.family)
         self._read_resume()
         acc = self._make_accelerator()
         self.seed = _same_on_all_processes(acc, self.seed)
@@ -295,7 +278,7 @@ class NetworkTrainer:
             self._check_text_cache(group)
         _warn_unused_attributes(group)
         models = self._load_models(acc, group)
-        adapter = self._build_network(models)
+        adapter = build_network(cfg.network, models, cfg.save.lora_format == "diffusers")
         # the network is not wrapped in DDP (its forward is never called; gradients are averaged
         # explicitly), and the schedule is stepped once per optimizer step whatever the process count
         adapter.net.to(acc.device)
@@ -356,6 +339,7 @@ class _Loop:
         self.train_te = trainer.cfg.network.train_text_encoder
         self.params = adapter.trainable_params()
         self.multiplier = 1.0
+        self.key_norms: tuple[int, float, float] | None = None  # --scale_weight_norms: the last step's result
 
     def train(self, loader, schedule: Schedule, p: Progress) -> Path:
         """Run epochs from ``p`` (a fresh or restored position) until ``schedule.max_steps``."""
@@ -399,7 +383,9 @@ class _Loop:
             p.recent_losses = (p.recent_losses + [loss])[-schedule.batches_per_epoch:]
             average = sum(p.recent_losses) / len(p.recent_losses)
             bar.update(1)
-            bar.set_postfix(avr_loss=f"{average:.4f}")
+            bar.set_postfix(avr_loss=f"{average:.4f}", **({"keys_scaled": self.key_norms[0],
+                                                             "avg_key_norm": f"{self.key_norms[1]:.3f}"}
+                                                            if self.key_norms else {}))
             self._log(p.global_step, loss, average)
             self.checkpointer.on_step(p, is_last=p.global_step >= schedule.max_steps)
             if self.validator and cfg.validate_every_n_steps and p.global_step % cfg.validate_every_n_steps == 0:
@@ -488,6 +474,8 @@ class _Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if sync and self.cfg.network.scale_weight_norms:
+            self.key_norms = self.adapter.max_norm_regularize(self.cfg.network.scale_weight_norms, acc.device)
         if acc.num_processes > 1:
             loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
@@ -517,6 +505,9 @@ class _Loop:
         if not (self.acc.is_main_process and self.cfg.trackers):
             return
         logs = {"loss/current": loss, "loss/average": average}
+        if self.key_norms:  # kohya's names
+            logs.update({"max_norm/keys_scaled": self.key_norms[0], "norm/avg_key_norm": self.key_norms[1],
+                         "max_norm/max_key_norm": self.key_norms[2]})
         for name, lr in zip(self.lr_names, self.scheduler.get_last_lr()):
             logs[f"lr/{name}"] = lr
         self.acc.log(logs, step=step)

@@ -49,7 +49,8 @@ vae = ""
     ("max_train_steps = 10.5", "max_train_steps: expected int"),
     ("gradient_checkpointing = 2", "gradient_checkpointing: expected true or false"),
     ("mixed_precision = 'fp64'", "mixed_precision: 'fp64' is not one of"),
-    ("network_dropout = 0.1", "network_dropout: network dropout is not available in this version"),
+    ("resume_from_huggingface = true", "resume_from_huggingface: resuming from the Hub is not available"),
+    ("network_dropout = 'lots'", "network_dropout: expected float, got 'lots'"),
     ("config_file = 'x.toml'", "config_file cannot be set in a config file"),
 ])
 def test_bad_values_name_the_key_and_value(tmp_path, text, message):
