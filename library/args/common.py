@@ -7,9 +7,20 @@ Dataset flags default to None so that a dataset config's values take precedence 
 from __future__ import annotations
 
 import argparse
+import difflib
 
 from library.optim.optimizers import SCHEDULERS
 from library.sampling.samplers import SAMPLER_NAMES
+
+
+def scheduler_name(text: str) -> str:
+    """``--lr_scheduler``: one of kohya's names, or (as kohya allows) a ``module.Class`` path."""
+    if text in SCHEDULERS or "." in text:
+        return text
+    close = difflib.get_close_matches(text, SCHEDULERS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise argparse.ArgumentTypeError(f"'{text}' is not a scheduler{hint}: choose from {', '.join(SCHEDULERS)}, "
+                                     "or give module.Class")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +121,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "safetensors for load_lora_weights, adapter_config.json + adapter_model.safetensors for PEFT)")
     g.add_argument("--save_every_n_epochs", type=int, help="save every N epochs (name-000001.safetensors)")
     g.add_argument("--save_every_n_steps", type=int, help="save every N steps (name-step00000100.safetensors)")
+    g.add_argument("--save_n_epoch_ratio", type=int,
+                   help="save about N times in the run: every floor(epochs / N) epochs "
+                        "(overrides --save_every_n_epochs)")
     g.add_argument("--save_last_n_epochs", type=int, help="keep only the newest N epoch saves")
     g.add_argument("--save_last_n_steps", type=int, help="keep only the step saves of the last N steps")
     g.add_argument("--save_last_n_epochs_state", type=int, help="like --save_last_n_epochs, for state folders")
@@ -133,6 +147,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="read the model's weights straight onto the GPU instead of into CPU memory first")
     add_attention_args(g, sliced=True)
     g.add_argument("--seed", type=int, help="random seed (random if not given)")
+    g.add_argument("--ddp_timeout", type=int,
+                   help="multi-process: minutes to wait for the other processes (default 30)")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                   help="a DistributedDataParallel option; this trainer averages gradients itself (nothing to tune)")
+    g.add_argument("--ddp_static_graph", action="store_true",
+                   help="a DistributedDataParallel option; this trainer averages gradients itself (nothing to tune)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="apply Adafactor to each tensor during the backward pass (less memory; clipping per tensor)")
@@ -193,7 +213,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unet_lr", type=float)
     g.add_argument("--text_encoder_lr", type=float, nargs="+",
                    help="text-encoder learning rate; two values for SDXL's two encoders (te1 te2)")
-    g.add_argument("--lr_scheduler", default="constant", choices=SCHEDULERS)
+    g.add_argument("--lr_scheduler", default="constant", type=scheduler_name,
+                   help=f"{', '.join(SCHEDULERS)}, or module.Class (as --lr_scheduler_type)")
     g.add_argument("--lr_warmup_steps", default="0", help="warm-up steps: a count, a ratio < 1 of all steps, or N%%")
     g.add_argument("--lr_decay_steps", default="0", help="decay steps of warmup_stable_decay (count, ratio or N%%)")
     g.add_argument("--lr_scheduler_min_lr_ratio", type=float, help="final lr ratio (cosine_with_min_lr, wsd)")
@@ -201,6 +222,14 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_scheduler_args", nargs="*", default=[], help="key=value arguments for the scheduler")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--initial_step", type=int,
+                   help="start counting at this step (of all epochs) without a state folder: names, logs, the LR "
+                        "schedule and the end of the run continue from it; overrides --initial_epoch")
+    g.add_argument("--initial_epoch", type=int, help="start at this epoch (1 = the first), as --initial_step does")
+    g.add_argument("--skip_until_initial_step", action="store_true",
+                   help="with --initial_step/--initial_epoch: also start the data where that step was (the same "
+                        "batches the uninterrupted run would train next); without it the epoch starts from its first "
+                        "batch, as in kohya")
 
 
 def add_network_args(p: argparse.ArgumentParser) -> None:

@@ -93,7 +93,10 @@ def _one(action: argparse.Action, value, where: str):
             raise ValueError(f"{where}: expected a string, got {value!r}")
         value = str(value)
     elif callable(kind):
-        value = kind(str(value)) if not isinstance(value, str) else kind(value)
+        try:
+            value = kind(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     if action.choices and value not in action.choices:
         raise ValueError(f"{where}: {value!r} is not one of {list(action.choices)}")
     return value

@@ -79,6 +79,7 @@ class SaveConfig:
     last_n_epochs_state: int | None = None
     last_n_steps_state: int | None = None
     lora_format: str = "kohya"  # "diffusers": the final file is also written in the diffusers/PEFT form
+    n_epoch_ratio: int | None = None  # --save_n_epoch_ratio: every_n_epochs follows from the run's length
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,11 @@ class TrainingConfig:
     tracker_init: dict = field(default_factory=dict)
     log_config: bool = False
     resume: str | None = None
+    initial_step: int | None = None  # where counting starts without a state (resolved from --initial_epoch later)
+    initial_epoch: int | None = None
+    skip_until_initial_step: bool = False
+    ddp_timeout: int | None = None  # minutes
+    ddp_wrapper_flags: tuple[str, ...] = ()  # --ddp_static_graph etc. given (they tune a wrapper not used here)
     dataset_source: str = ""
     raw_args: dict = field(default_factory=dict)
 
@@ -188,12 +194,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for flag in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
                  "sample_every_n_epochs", "network_dim", "save_last_n_epochs", "save_last_n_steps",
                  "save_last_n_epochs_state", "save_last_n_steps_state", "validate_every_n_steps",
-                 "validate_every_n_epochs", "max_validation_steps"):
+                 "validate_every_n_epochs", "max_validation_steps", "save_n_epoch_ratio", "initial_epoch",
+                 "ddp_timeout"):
         if getattr(args, flag) is not None:
             positive[flag] = getattr(args, flag)
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
+    if args.initial_step is not None and args.initial_step < 0:
+        raise UserError(f"--initial_step must be at least 0 (got {args.initial_step})")
+    if args.resume and (args.initial_step is not None or args.initial_epoch is not None):
+        raise UserError("--resume continues at the step its state folder records; --initial_step / --initial_epoch "
+                        "are for starting from a network file (--network_weights) without a state: give one of them")
+    if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:
+        raise UserError("--skip_until_initial_step needs --initial_step or --initial_epoch (the step to start at)")
     if args.validation_split is not None and not 0 <= args.validation_split < 1:
         raise UserError(f"--validation_split must be in [0, 1) (got {args.validation_split})")
     if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) \
@@ -276,11 +290,16 @@ def _check_files(args: argparse.Namespace) -> None:
 
 
 def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    custom = args.lr_scheduler_type
+    if "." in args.lr_scheduler:  # kohya also takes a module.Class as --lr_scheduler
+        if custom and custom != args.lr_scheduler:
+            raise UserError(f"--lr_scheduler {args.lr_scheduler} and --lr_scheduler_type {custom}: give the "
+                            "scheduler class once")
+        custom = args.lr_scheduler
     return OptimizerConfig(args.optimizer_type, tuple(args.optimizer_args), args.learning_rate, args.unet_lr,
                            text_encoder_rates(args), args.lr_scheduler, args.lr_warmup_steps,
                            args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.max_grad_norm,
-                           args.lr_decay_steps,
-                           args.lr_scheduler_min_lr_ratio, args.lr_scheduler_type, tuple(args.lr_scheduler_args))
+                           args.lr_decay_steps, args.lr_scheduler_min_lr_ratio, custom, tuple(args.lr_scheduler_args))
 
 
 def text_encoder_rates(args: argparse.Namespace) -> float | tuple[float | None, ...] | None:
@@ -338,7 +357,7 @@ def _save_config(args: argparse.Namespace) -> SaveConfig:
         last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
         last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
         last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
-        lora_format=args.save_lora_format,
+        lora_format=args.save_lora_format, n_epoch_ratio=args.save_n_epoch_ratio,
         modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
                    if k.startswith("metadata_") and v is not None})
 
@@ -382,5 +401,8 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
         no_half_vae=args.no_half_vae, fused_backward=args.fused_backward_pass,
         logging_dir=args.logging_dir, log_prefix=args.log_prefix, trackers=_trackers(args),
         tracker_name=args.log_tracker_name, tracker_init=_tracker_init(args), log_config=args.log_config,
-        resume=args.resume, dataset_source=source,
+        resume=args.resume, initial_step=args.initial_step, initial_epoch=args.initial_epoch,
+        skip_until_initial_step=args.skip_until_initial_step, ddp_timeout=args.ddp_timeout, dataset_source=source,
+        ddp_wrapper_flags=tuple(f"--{f}" for f in ("ddp_gradient_as_bucket_view", "ddp_static_graph")
+                                if getattr(args, f)),
         raw_args=vars(args).copy())

@@ -155,6 +155,12 @@ def base_metadata(cfg: TrainingConfig, family_meta: dict[str, str], group: Datas
     return meta
 
 
+def epochs_between_saves(num_epochs: int, ratio: int) -> int:
+    """kohya's ``--save_n_epoch_ratio``: about ``ratio`` saves in the run, every floor(epochs / ratio)
+    epochs (at least every epoch)."""
+    return max(1, num_epochs // ratio)
+
+
 def metadata_for_save(base: dict[str, str], steps: int, epoch: int, minimal: bool) -> dict[str, str]:
     """Base metadata plus progress; with ``--no_metadata`` only kohya's minimum set (and modelspec)."""
     meta = dict(base, ss_steps=str(steps), ss_epoch=str(epoch), ss_training_finished_at=str(time.time()))

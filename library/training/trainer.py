@@ -11,14 +11,16 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 from PIL import PngImagePlugin
 from tqdm import tqdm
 
@@ -151,9 +153,14 @@ class NetworkTrainer:
             if self.resume and self.resume[1].log_dir:
                 log_dir = self.resume[1].log_dir  # continue the same TensorBoard run
             project = ProjectConfiguration(project_dir=log_dir)
+        if cfg.ddp_wrapper_flags:
+            logger.info("%s tune torch's DistributedDataParallel wrapper; this trainer does not wrap the network (its "
+                        "gradients are averaged with one all-reduce per step), so there is nothing for them to change",
+                        " and ".join(cfg.ddp_wrapper_flags))
+        handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout))] if cfg.ddp_timeout else []
         # gradient accumulation is done by the loop itself (it knows where an epoch ends)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=list(cfg.trackers) or None,
-                          project_config=project)
+                          project_config=project, kwargs_handlers=handlers)
         return acc
 
     def _init_trackers(self, acc, progress: Progress) -> None:
@@ -250,6 +257,28 @@ class NetworkTrainer:
         scheduler = optim.build_lr_scheduler(spec, optimizer, initial_lr=o.learning_rate)
         return optimizer, scheduler, lr_names, schedule
 
+    def _start_at_initial_step(self, schedule: Schedule, scheduler) -> Progress:
+        """kohya's ``--initial_step`` / ``--initial_epoch`` without a state: the step counter (file
+        names, logs, the end of the run) and, unlike kohya, the LR schedule continue from that step;
+        the data starts where that step was with ``--skip_until_initial_step`` (found from the
+        sampler's (epoch, index) keys, without reading the skipped batches), else at the start of
+        its epoch, as in kohya."""
+        cfg = self.cfg
+        per_epoch = math.ceil(schedule.batches_per_epoch / cfg.gradient_accumulation_steps)
+        step = cfg.initial_step if cfg.initial_step is not None else (cfg.initial_epoch - 1) * per_epoch
+        if step >= schedule.max_steps:
+            raise UserError(f"--initial_step {step} is at or past the end of the run ({schedule.max_steps} steps); "
+                            "raise --max_train_steps / --max_train_epochs")
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                scheduler.step()
+        epoch, within = divmod(step, per_epoch)
+        batches = within * cfg.gradient_accumulation_steps if cfg.skip_until_initial_step else 0
+        logger.info("starting at step %d (epoch %d, %s)", step, epoch + 1,
+                    f"batch {batches + 1} of it" if cfg.skip_until_initial_step else "from the epoch's first batch")
+        return Progress(step, epoch, batches)
+
     def _restore(self, network, optimizer, scheduler, batches: int) -> Progress:
         if not self.resume:
             return Progress()
@@ -298,11 +327,17 @@ class NetworkTrainer:
                 raise UserError("--fused_backward_pass runs on one process only in this version")
             fused = optim.FusedBackwardPass(optimizer, adapter.trainable_params(), cfg.optimizer.max_grad_norm)
         progress = self._restore(adapter.net, optimizer, scheduler, len(group))
+        if cfg.initial_step is not None or cfg.initial_epoch is not None:
+            progress = self._start_at_initial_step(schedule, scheduler)
         meta = saving.base_metadata(cfg, self.family.metadata(models), group, len(group), schedule.num_epochs,
                                     schedule.max_steps)
         run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
                     "log_dir": acc.project_dir if cfg.logging_dir else None}
-        checkpointer = Checkpointer(cfg.save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
+        save = cfg.save
+        if save.n_epoch_ratio:
+            save = replace(save, every_n_epochs=saving.epochs_between_saves(schedule.num_epochs, save.n_epoch_ratio))
+            logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s)", save.n_epoch_ratio, save.every_n_epochs)
+        checkpointer = Checkpointer(save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
         if acc.is_main_process and cfg.trackers:
             self._init_trackers(acc, progress)
         logger.info("training: %d steps, %d epochs, %d batches per epoch", schedule.max_steps, schedule.num_epochs,
