@@ -44,7 +44,12 @@ CASES = {
     "sd-loha": ("sd", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
     "sd-ia3": ("sd", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
     "sdxl-lora": ("sdxl", "networks.lora", []),
+    "sdxl-locon": ("sdxl", "networks.lora", ["conv_dim=2", "conv_alpha=1"]),
+    "sdxl-loha": ("sdxl", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
+    "sdxl-ia3": ("sdxl", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
     "sd3-lora": ("sd3", "networks.lora_sd3", []),
+    "sd3-loha": ("sd3", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
+    "sd3-ia3": ("sd3", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
 }
 SCRIPTS = {"sd": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "sd3_train_network.py"}
 
