@@ -5,8 +5,12 @@ its starting weights, and the checks that can run before any model is loaded."""
 from __future__ import annotations
 
 import logging
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import toml
+import torch
 from safetensors import safe_open
 
 from library.config.training_config import NetworkConfig
@@ -66,6 +70,64 @@ def merge_base_weights(net_cfg: NetworkConfig, models: LoadedModels, device) -> 
         logger.info("merged %s into the base model at strength %g", Path(path).name, multiplier)
 
 
+def _covered_twice(preset: dict, names_key: str, classes_key: str, model: torch.nn.Module) -> list[str]:
+    """Names a LyCORIS preset lists that one of its target classes already reaches from above."""
+    modules = dict(model.named_modules())
+    classes = set(preset.get(classes_key) or [])
+    twice = []
+    for name in preset.get(names_key) or []:
+        parts = name.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
+        if name in modules and any(type(modules.get(a)).__name__ in classes for a in ancestors):
+            twice.append(name)
+    return twice
+
+
+@contextmanager
+def lycoris_preset_args(module_name: str, args: dict, models: LoadedModels):
+    """LyCORIS's built-in presets name some modules twice on diffusers' models: ``full`` (its
+    default) targets the ``TimestepEmbedding`` class and also lists ``time_embedding.linear_1/2`` by
+    name, and lycoris then stops on the duplicated module name. The same preset is passed as a file
+    without the names its classes already cover (the same modules are trained); the user's args
+    (and the saved metadata) are left as given."""
+    name = args.get("preset", "full")
+    if not module_name.startswith("lycoris") or Path(name).suffix == ".toml":
+        yield args
+        return
+    from lycoris.config import PRESET  # an optional package: only lycoris networks need it
+
+    preset = PRESET.get(name)
+    if preset is None:
+        yield args
+        return
+    twice = {"unet_target_name": _covered_twice(preset, "unet_target_name", "unet_target_module", models.denoiser)}
+    twice["text_encoder_target_name"] = sorted({n for te in models.text_encoders for n in _covered_twice(
+        preset, "text_encoder_target_name", "text_encoder_target_module", te)})
+    if not any(twice.values()):
+        yield args
+        return
+    logger.info("lycoris preset %s: %s are reached through their target classes already; passed once", name,
+                ", ".join(n for names in twice.values() for n in names))
+    fixed = {k: ([n for n in v if n not in twice[k]] if k in twice else v) for k, v in preset.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.toml"
+        path.write_text(toml.dumps(fixed), encoding="utf-8")
+        yield {**args, "preset": str(path)}
+
+
+def _create(module, net_cfg: NetworkConfig, models: LoadedModels, te, kwargs: dict):
+    """The plug-in's network, from its args or (``--dim_from_weights``) from the file's shapes."""
+    with lycoris_preset_args(net_cfg.module, kwargs, models) as plugin_args:
+        if net_cfg.dim_from_weights:
+            if not callable(getattr(module, "create_network_from_weights", None)):
+                raise UserError(f"--dim_from_weights: {net_cfg.module} has no create_network_from_weights()")
+            network, _ = module.create_network_from_weights(1.0, net_cfg.weights, models.vae, te, models.denoiser,
+                                                            **plugin_args)
+            return network
+        return module.create_network(1.0, net_cfg.dim, net_cfg.alpha, models.vae, te, models.denoiser,
+                                     **plugin_args)
+
+
 def build_network(net_cfg: NetworkConfig, models: LoadedModels, diffusers_export: bool) -> NetworkAdapter:
     """The network to train, hooked into the models, with ``--network_weights`` loaded."""
     module = import_network_module(net_cfg.module)
@@ -73,14 +135,7 @@ def build_network(net_cfg: NetworkConfig, models: LoadedModels, diffusers_export
     # passed only when given, so plug-ins written without dropout still build
     kwargs = dict(net_cfg.args, **({"neuron_dropout": net_cfg.dropout} if net_cfg.dropout is not None else {}))
     try:
-        if net_cfg.dim_from_weights:
-            if not callable(getattr(module, "create_network_from_weights", None)):
-                raise UserError(f"--dim_from_weights: {net_cfg.module} has no create_network_from_weights()")
-            network, _ = module.create_network_from_weights(1.0, net_cfg.weights, models.vae, te, models.denoiser,
-                                                            **kwargs)
-        else:
-            network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, models.vae, te, models.denoiser,
-                                            **kwargs)
+        network = _create(module, net_cfg, models, te, kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise UserError(f"--network_module {net_cfg.module} could not build the network: {exc}") from exc
     if network is None:

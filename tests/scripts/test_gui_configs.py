@@ -43,6 +43,7 @@ CASES = {
     "sd-locon": ("sd", "networks.lora", ["conv_dim=2", "conv_alpha=1"]),
     "sd-loha": ("sd", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
     "sd-ia3": ("sd", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
+    "sd-loha-full": ("sd", "lycoris.kohya", ["algo=loha"]),  # lycoris's default preset, full
     "sdxl-lora": ("sdxl", "networks.lora", []),
     "sdxl-locon": ("sdxl", "networks.lora", ["conv_dim=2", "conv_alpha=1"]),
     "sdxl-loha": ("sdxl", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
