@@ -86,14 +86,19 @@ class LoRANetwork(nn.Module):
             d, a = _rank(t.name, d, a, module_dims, module_alphas)
             if not d:  # a rank of 0 means no LoRA on that module
                 continue
-            module = FusedLoRAModule(t.name, list(t.fused), multiplier, d, a) if t.fused else \
-                LoRAModule(t.name, t.module, multiplier, d, a, swap_out_halves=t.swap_out_halves)
+            module = self._make_module(t, multiplier, d, a)
             module.dropouts = dropouts
             (self.text_encoder_loras if t.part == "te" else self.unet_loras).append(module)
         for lora in self.all_loras():
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicate LoRA module name {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
+
+    def _make_module(self, target, multiplier: float, dim: int, alpha: float | None) -> nn.Module:
+        """One module's LoRA (subclasses build other kinds of update on the same targets)."""
+        if target.fused:
+            return FusedLoRAModule(target.name, list(target.fused), multiplier, dim, alpha)
+        return LoRAModule(target.name, target.module, multiplier, dim, alpha, swap_out_halves=target.swap_out_halves)
 
     def _block_weight(self, lora_name: str) -> float:
         if self.block_lr is None:
@@ -203,11 +208,11 @@ class LoRANetwork(nn.Module):
         for loras, lr, name in self._parts(text_encoder_lr, unet_lr, default_lr):
             ratio = self.loraplus.get("unet" if name.startswith("unet") else "textencoder")
             if ratio:
-                base = [p for m in loras for n, p in m.named_parameters() if not n.startswith("lora_up")]
-                plus = [p for m in loras for n, p in m.named_parameters() if n.startswith("lora_up")]
+                base = [p for m in loras for n, p in self._trained(m) if not n.startswith("lora_up")]
+                plus = [p for m in loras for n, p in self._trained(m) if n.startswith("lora_up")]
                 parts = [(base, lr, name), (plus, lr * ratio, f"{name} plus")]
             else:
-                parts = [([p for m in loras for p in m.parameters()], lr, name)]
+                parts = [([p for m in loras for _, p in self._trained(m)], lr, name)]
             for params, group_lr, group_name in parts:
                 if params:
                     groups.append({"params": params, "lr": group_lr})
@@ -247,14 +252,21 @@ class LoRANetwork(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """LoRA needs nothing here: checkpointing of the base model covers the hooked forwards."""
 
+    def _trained(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The parameters of one module that training updates (all of them here)."""
+        return list(module.named_parameters())
+
     def prepare_grad_etc(self, text_encoder, unet) -> None:
-        self.requires_grad_(True)
+        self.requires_grad_(False)
+        for m in self.all_loras():
+            for _, p in self._trained(m):
+                p.requires_grad_(True)
 
     def on_epoch_start(self, text_encoder, unet) -> None:
         self.train()
 
     def get_trainable_params(self):
-        return self.parameters()
+        return [p for m in self.all_loras() for _, p in self._trained(m)]
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         """Write the LoRA (safetensors with metadata and kohya's hashes, or a torch pickle)."""
@@ -380,10 +392,17 @@ def check_network_args(kwargs: dict, family: str, neuron_dropout: float | None =
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     """The plug-in entry point. ``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya."""
+    return build_from_args(LoRANetwork, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout,
+                           kwargs)
+
+
+def build_from_args(cls: type[LoRANetwork], multiplier: float, network_dim: int | None, network_alpha: float | None,
+                    text_encoder, unet, neuron_dropout: float | None, kwargs: dict) -> LoRANetwork:
+    """A network of class ``cls`` (LoRANetwork or a subclass) from kohya's create_network arguments."""
     alpha = network_alpha if network_alpha is not None else 1.0
     shape = _parse_shape(kwargs, uses_sgm_names(unet), alpha)
-    network = LoRANetwork(_as_list(text_encoder), unet, multiplier, network_dim or 4, alpha, shape.conv_dim,
-                          shape.conv_alpha, block_lr=shape.block_lr, ranks=shape.ranks)
+    network = cls(_as_list(text_encoder), unet, multiplier, network_dim or 4, alpha, shape.conv_dim,
+                  shape.conv_alpha, block_lr=shape.block_lr, ranks=shape.ranks)
     return set_training_options(network, kwargs, neuron_dropout)
 
 
@@ -405,11 +424,17 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
                                 for_inference: bool = False, **kwargs):
     """Build a network whose ranks and alphas are read from a LoRA file (or state dict); for
     training (``--dim_from_weights``) the training options in ``kwargs`` apply as well."""
+    return build_from_file(LoRANetwork, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs)
+
+
+def build_from_file(cls: type[LoRANetwork], multiplier: float, file: str | None, text_encoder, unet,
+                    weights_sd: dict | None, for_inference: bool, kwargs: dict) -> tuple[LoRANetwork, dict]:
+    """A network of class ``cls`` shaped like a kohya-format file (see create_network_from_weights)."""
     state = weights_sd if weights_sd is not None else _read_lora_file(file)
     state = to_kohya_names(state, find_targets(_as_list(text_encoder), unet, with_conv=True))
     dims, alphas = ranks_from_state(state, file)
-    network = LoRANetwork(_as_list(text_encoder), unet, multiplier, max(dims.values()), None,
-                          module_dims=dims, module_alphas=alphas)
+    network = cls(_as_list(text_encoder), unet, multiplier, max(dims.values()), None,
+                  module_dims=dims, module_alphas=alphas)
     unknown = sorted(set(dims) - {m.lora_name for m in network.all_loras()})
     if unknown:
         raise UserError(f"{file}: {len(unknown)} of its {len(dims)} LoRA modules do not exist in this model, e.g. "

@@ -44,6 +44,8 @@ CASES = {
     "sd-loha": ("sd", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
     "sd-ia3": ("sd", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
     "sd-loha-full": ("sd", "lycoris.kohya", ["algo=loha"]),  # lycoris's default preset, full
+    "sd-dylora": ("sd", "networks.dylora", ["unit=2"]),
+    "sdxl-lora-fa": ("sdxl", "networks.lora_fa", []),
     "sdxl-lora": ("sdxl", "networks.lora", []),
     "sdxl-locon": ("sdxl", "networks.lora", ["conv_dim=2", "conv_alpha=1"]),
     "sdxl-loha": ("sdxl", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
