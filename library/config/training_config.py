@@ -151,7 +151,7 @@ def _resolution(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
-        parts = [int(x) for x in str(value).split(",")]
+        parts = [int(x) for x in str(value).replace("x", ",").split(",")]  # "W,H" (kohya) or "WxH"
     except ValueError as exc:
         raise UserError(f"--resolution {value!r}: expected 'N' or 'W,H'") from exc
     if len(parts) not in (1, 2) or min(parts) <= 0:

@@ -256,8 +256,9 @@ def _checked_buckets(ds: DatasetConfig, where: str) -> DatasetConfig:
 
 
 def _rounded_buckets(ds: DatasetConfig, where: str) -> DatasetConfig:
-    """kohya's bucket rules: min/max_bucket_reso rounded to the step (with a warning); the
-    resolution must lie between them and be a multiple of the step."""
+    """kohya's bucket rules: min/max_bucket_reso rounded to the step, and a resolution whose sides
+    are not multiples of the step rounded down to them as bucket sides are (each with a warning);
+    the resolution must lie between min and max."""
     if not ds.enable_bucket or ds.bucket_no_upscale:
         return ds
     step = ds.bucket_reso_steps
@@ -267,22 +268,45 @@ def _rounded_buckets(ds: DatasetConfig, where: str) -> DatasetConfig:
                        ds.min_bucket_reso, ds.max_bucket_reso, step, lo, hi)
     w, h = ds.resolution
     if w % step or h % step:
-        raise UserError(f"{where}.resolution {w}x{h} is not a multiple of bucket_reso_steps {step}")
+        if min(w, h) < step:
+            raise UserError(f"{where}.resolution {w}x{h} is smaller than bucket_reso_steps {step}")
+        w, h = w - w % step, h - h % step
+        logger.warning("%s.resolution %dx%d is not a multiple of bucket_reso_steps %d: trained as %dx%d (sides "
+                       "rounded down, as bucket sides are)", where, *ds.resolution, step, w, h)
     if lo > min(w, h) or hi < max(w, h):
         raise UserError(f"{where}: resolution {w}x{h} must lie between min_bucket_reso {lo} and max_bucket_reso {hi}")
-    return replace(ds, min_bucket_reso=lo, max_bucket_reso=hi)
+    return replace(ds, resolution=(w, h), min_bucket_reso=lo, max_bucket_reso=hi)
 
 
-def check_size_multiple(datasets: list[DatasetConfig], multiple: int, family: str) -> None:
-    """Every training size must be a multiple of what the model's UNet and VAE need."""
+def fit_to_family(datasets: list[DatasetConfig], multiple: int, advised: int, family: str) -> list[DatasetConfig]:
+    """Training sizes for a model family: sizes must be multiples of ``multiple`` (what the model
+    needs: a bucket step or a fixed resolution that is not becomes the next safe value, named in a
+    warning); multiples of it that are not multiples of ``advised`` train as given, with kohya's
+    warning."""
+    fitted = []
     for i, ds in enumerate(datasets):
+        where = f"datasets[{i}]"
         if ds.enable_bucket:
-            if ds.bucket_reso_steps % multiple:
-                raise UserError(f"datasets[{i}].bucket_reso_steps {ds.bucket_reso_steps}: {family} models need "
-                                f"multiples of {multiple}")
-        elif ds.resolution[0] % multiple or ds.resolution[1] % multiple:
-            raise UserError(f"datasets[{i}].resolution {ds.resolution[0]}x{ds.resolution[1]}: {family} models need "
-                            f"multiples of {multiple}")
+            step = ds.bucket_reso_steps
+            if step % multiple:
+                safe = -(-step // multiple) * multiple
+                logger.warning("%s.bucket_reso_steps %d: %s images must have sides that are multiples of %d, so %d is "
+                               "used", where, step, family, multiple, safe)
+                ds = _rounded_buckets(replace(ds, bucket_reso_steps=safe), where)
+            elif step % advised:
+                logger.warning("%s.bucket_reso_steps %d is not a multiple of %d, which kohya advises for %s models; "
+                               "it trains as given", where, step, advised, family)
+        else:
+            w, h = ds.resolution
+            if w % multiple or h % multiple:
+                ds = replace(ds, resolution=(max(multiple, w - w % multiple), max(multiple, h - h % multiple)))
+                logger.warning("%s.resolution %dx%d: %s images must have sides that are multiples of %d; trained as "
+                               "%dx%d", where, w, h, family, multiple, *ds.resolution)
+            elif w % advised or h % advised:
+                logger.warning("%s.resolution %dx%d is not a multiple of %d, which kohya advises for %s models; it "
+                               "trains as given", where, w, h, advised, family)
+        fitted.append(ds)
+    return fitted
 
 
 def _build_subset(sub: dict, ds_vals: dict, general: dict, cli: dict) -> SubsetConfig:

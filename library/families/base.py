@@ -45,8 +45,13 @@ class ModelFamily(ABC):
 
     name: str
     latent_channels: int
-    #: every training image size must be a multiple of this (VAE and UNet downsampling)
+    #: every training image size must be a multiple of this (the VAE's 8; SD3: times its patch size)
     size_multiple: int
+    #: the multiple kohya advises for sizes and bucket steps (the denoiser's own downsampling); other
+    #: multiples of ``size_multiple`` train as well and get a warning, as in kohya
+    advised_size_multiple: int = 64
+    #: the family's name in messages
+    title: str = ""
     #: latent cache files are named ``<stem>_<WWWW>x<HHHH>_<cache_suffix>.npz`` (kohya's names)
     cache_suffix: str
     #: single-file layouts (see :func:`library.models.sd_loading.detect_layout`) this family loads

@@ -51,7 +51,9 @@ class SDFamily(ModelFamily):
     textual_inversion_keys = ("",)
     controlnet_supported = True
     text_encoder_replaceable = True  # SD1's CLIP-L (SD2's encoder is wider: refused by its width)
-    size_multiple = 64
+    size_multiple = 8  # the UNet pads what its downsampling does not divide (diffusers)
+    advised_size_multiple = 64
+    title = "SD1.x/2.x"
     scaling_factor = 0.18215
 
     def __init__(self, options: SDOptions = SDOptions()):

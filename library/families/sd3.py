@@ -89,6 +89,8 @@ class SD3Family(ModelFamily):
     name = "sd3"
     latent_channels = 16
     size_multiple = 16  # VAE 8 x patch 2
+    advised_size_multiple = 16
+    title = "SD3"
     cache_suffix = "sd3"
     checkpoint_layouts = ("sd3",)
     default_network_module = "networks.lora_sd3"

@@ -51,7 +51,9 @@ class SDXLFamily(SDFamily):
     checkpoint_layouts = ("sdxl",)
     default_image_size = 1024
     size_conditioning = True
-    size_multiple = 32
+    size_multiple = 8
+    advised_size_multiple = 32
+    title = "SDXL"
     scaling_factor = 0.13025
     textual_inversion_keys = ("clip_l", "clip_g")
     lllite_supported = True

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from library.config.training_config import TrainingConfig, loggable_args
 from library.data.batch import TrainBatch
 from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single, to_device
-from library.data.dataset_config import check_size_multiple
+from library.data.dataset_config import fit_to_family
 from library.data.latent_cache import cache_latents
 from library.data.text_cache import cache_text_outputs, random_caption_options
 from library.families.base import LoadedModels, ModelFamily
@@ -121,8 +121,9 @@ class NetworkTrainer:
     def prepare_data(self, world_size: int = 1, rank: int = 0) -> DatasetGroup:
         """Scan and bucket the images; print the summary. No model is needed for this."""
         cfg = self.cfg
-        check_size_multiple(cfg.datasets, self.family.size_multiple, self.family.name)
-        group, report = build_dataset_group(cfg.datasets, self.seed, cfg.prior_loss_weight, cfg.strict_dataset,
+        datasets = fit_to_family(cfg.datasets, self.family.size_multiple, self.family.advised_size_multiple,
+                                 self.family.title or self.family.name)
+        group, report = build_dataset_group(datasets, self.seed, cfg.prior_loss_weight, cfg.strict_dataset,
                                             world_size, rank)
         if rank == 0:
             self._print_data_summary(group, report)

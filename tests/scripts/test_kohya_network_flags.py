@@ -138,3 +138,22 @@ def test_lora_files_of_another_family_are_refused_early(tiny_default, tmp_path, 
     for flag in ("--base_weights", "--network_weights"):
         message = _stops_before_loading(monkeypatch, tiny_train_args(tiny_default, tmp_path, flag, str(sdxl)))
         assert f"{flag} {sdxl}: its keys are those of a SDXL LoRA, but this script trains SD1.x/2.x" in message
+
+
+def test_sizes_kohya_only_warns_about_train(tiny_default, tmp_path):
+    """bucket_reso_steps 32 on SD1 and a resolution that is not a multiple of it: kohya's warnings,
+    then training at the sizes named."""
+    import toml
+
+    config = tmp_path / "dataset.toml"
+    config.write_text(toml.dumps({"datasets": [{
+        "resolution": [64, 72], "enable_bucket": True, "bucket_reso_steps": 32, "min_bucket_reso": 32,
+        "max_bucket_reso": 128, "subsets": [{"image_dir": str(tiny_default / "train" / "10_sks shape"),
+                                             "caption_extension": ".caption"}]}]}))
+    proc = run_script("train_network.py", "--pretrained_model_name_or_path",
+                      str(tiny_default / "model" / "tiny-sd15.safetensors"), "--dataset_config", str(config),
+                      "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resolution 64x72 is not a multiple of bucket_reso_steps 32: trained as 64x64" in proc.stderr
+    assert "bucket_reso_steps 32 is not a multiple of 64, which kohya advises for SD1.x/2.x models" in proc.stderr
+    assert (tmp_path / "out" / "last.safetensors").is_file()

@@ -90,15 +90,15 @@ def test_empty_subsets_and_datasets(tmp_path):
         build_dataset_group([only_empty], 0, 1.0, False)
 
 
-def test_bucket_rules():
+def test_bucket_rules(caplog):
     raw = {"datasets": [{"resolution": 512, "enable_bucket": True, "min_bucket_reso": 300, "max_bucket_reso": 1000,
                          "subsets": [{"image_dir": "x"}]}]}
     (ds,) = parse_dataset_config(raw, "c.toml", {})
     assert (ds.min_bucket_reso, ds.max_bucket_reso) == (256, 1024)  # rounded to the 64 step
-    raw["datasets"][0]["resolution"] = 520
-    with pytest.raises(UserError, match=r"c.toml: datasets\[0\].resolution 520x520 is not a multiple of "
-                                         r"bucket_reso_steps 64"):
-        parse_dataset_config(raw, "c.toml", {})
+    raw["datasets"][0]["resolution"] = [512, 650]  # kohya warns; the sides round down as bucket sides do
+    (ds,) = parse_dataset_config(raw, "c.toml", {})
+    assert ds.resolution == (512, 640)
+    assert "resolution 512x650 is not a multiple of bucket_reso_steps 64: trained as 512x640" in caplog.text
     raw["datasets"][0].update(resolution=512, min_bucket_reso=640)
     with pytest.raises(UserError, match="must lie between min_bucket_reso 640"):
         parse_dataset_config(raw, "c.toml", {})
@@ -108,14 +108,27 @@ def test_bucket_rules():
             parse_dataset_config(raw, "c.toml", {})
 
 
-def test_family_size_multiple():
-    from library.data.dataset_config import check_size_multiple
+def test_sizes_fit_the_family(caplog):
+    """What a model needs (SD/SDXL: multiples of 8, the VAE; SD3: 16) is made to hold, naming the value
+    used; kohya's advice (64 for SD, 32 for SDXL) only warns."""
+    from library.data.dataset_config import fit_to_family
 
-    check_size_multiple([DatasetConfig((512, 768))], 64, "sd")
-    with pytest.raises(UserError, match=r"resolution 520x512: sd models need multiples of 64"):
-        check_size_multiple([DatasetConfig((520, 512))], 64, "sd")
-    with pytest.raises(UserError, match="bucket_reso_steps 32: sd models need multiples of 64"):
-        check_size_multiple([DatasetConfig((512, 512), enable_bucket=True, bucket_reso_steps=32)], 64, "sd")
+    (ds,) = fit_to_family([DatasetConfig((512, 768))], 8, 64, "SD1.x/2.x")
+    assert ds.resolution == (512, 768) and not caplog.text
+    (ds,) = fit_to_family([DatasetConfig((520, 516))], 8, 64, "SD1.x/2.x")
+    assert ds.resolution == (520, 512)
+    assert "resolution 520x516: SD1.x/2.x images must have sides that are multiples of 8; trained as 520x512" \
+        in caplog.text
+    assert "kohya advises" not in caplog.text
+    caplog.clear()
+    (ds,) = fit_to_family([DatasetConfig((512, 512), enable_bucket=True, bucket_reso_steps=32)], 8, 64, "SD1.x/2.x")
+    assert ds.bucket_reso_steps == 32
+    assert "bucket_reso_steps 32 is not a multiple of 64, which kohya advises for SD1.x/2.x models" in caplog.text
+    caplog.clear()
+    (ds,) = fit_to_family([DatasetConfig((512, 512), enable_bucket=True, bucket_reso_steps=24, min_bucket_reso=240,
+                                         max_bucket_reso=1000)], 16, 16, "SD3")
+    assert (ds.bucket_reso_steps, ds.min_bucket_reso, ds.max_bucket_reso) == (32, 224, 1024)
+    assert "bucket_reso_steps 24: SD3 images must have sides that are multiples of 16, so 32 is used" in caplog.text
 
 
 def test_cache_info_skips_decoding_unchanged_images(tmp_path, monkeypatch):

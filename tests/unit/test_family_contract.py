@@ -154,7 +154,7 @@ def test_sdxl_size_conditioning_reaches_the_unet(tmp_path):
 
 
 def test_sdxl_scaling_factor_and_size_multiple():
-    assert SDXLFamily.scaling_factor == 0.13025 and SDXLFamily.size_multiple == 32
+    assert SDXLFamily.scaling_factor == 0.13025 and SDXLFamily.advised_size_multiple == 32
     assert SDXLFamily.cache_suffix == "sdxl" and SDXLFamily.latent_channels == 4
 
 
