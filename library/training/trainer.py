@@ -37,7 +37,7 @@ from library.maths.rng import SampleRNG
 from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import check_file_layout
 from library.optim import optimizers as optim
-from library.training import saving
+from library.training import kohya_state, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.network_setup import build_network, check_network_setup, merge_base_weights
@@ -116,6 +116,7 @@ class NetworkTrainer:
         self.cfg = config
         self.seed = config.seed
         self.resume: tuple[Path, train_state.TrainState] | None = None
+        self.kohya_resume: kohya_state.KohyaState | None = None  # --resume of a state folder kohya wrote
 
     # ----------------------------------------------------------------- setup
     def prepare_data(self, world_size: int = 1, rank: int = 0) -> DatasetGroup:
@@ -182,6 +183,10 @@ class NetworkTrainer:
         save = self.cfg.save
         folder = train_state.find_latest_state(save.output_dir, save.output_name) if self.cfg.resume == "latest" \
             else Path(self.cfg.resume)
+        self.kohya_resume = kohya_state.read_kohya_state(folder)
+        if self.kohya_resume is not None:
+            logger.info("resuming from kohya's state folder %s (step %d)", folder, self.kohya_resume.global_step)
+            return
         state = train_state.read_train_state(folder)
         if state.seed != self.cfg.seed and self.cfg.raw_args.get("seed") is not None:
             logger.warning("--seed %d differs from the state's seed %d; the state's seed is used", self.cfg.seed,
@@ -261,24 +266,40 @@ class NetworkTrainer:
     def _start_at_initial_step(self, schedule: Schedule, scheduler) -> Progress:
         """kohya's ``--initial_step`` / ``--initial_epoch`` without a state: the step counter (file
         names, logs, the end of the run) and, unlike kohya, the LR schedule continue from that step;
-        the data starts where that step was with ``--skip_until_initial_step`` (found from the
-        sampler's (epoch, index) keys, without reading the skipped batches), else at the start of
+        the data starts where that step was with ``--skip_until_initial_step``, else at the start of
         its epoch, as in kohya."""
         cfg = self.cfg
         per_epoch = math.ceil(schedule.batches_per_epoch / cfg.gradient_accumulation_steps)
         step = cfg.initial_step if cfg.initial_step is not None else (cfg.initial_epoch - 1) * per_epoch
+        return self._start_at(step, schedule, scheduler, cfg.skip_until_initial_step, "--initial_step")
+
+    def _start_at(self, step: int, schedule: Schedule, scheduler, skip_data: bool, flag: str) -> Progress:
+        """Progress at ``step`` with the LR schedule advanced to it; with ``skip_data`` the epoch
+        continues at that step's batch (found from the sampler's (epoch, index) keys, without reading
+        the skipped batches), else from its first batch."""
+        accum = self.cfg.gradient_accumulation_steps
+        per_epoch = math.ceil(schedule.batches_per_epoch / accum)
         if step >= schedule.max_steps:
-            raise UserError(f"--initial_step {step} is at or past the end of the run ({schedule.max_steps} steps); "
+            raise UserError(f"{flag} {step} is at or past the end of the run ({schedule.max_steps} steps); "
                             "raise --max_train_steps / --max_train_epochs")
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step):
                 scheduler.step()
         epoch, within = divmod(step, per_epoch)
-        batches = within * cfg.gradient_accumulation_steps if cfg.skip_until_initial_step else 0
+        batches = within * accum if skip_data else 0
         logger.info("starting at step %d (epoch %d, %s)", step, epoch + 1,
-                    f"batch {batches + 1} of it" if cfg.skip_until_initial_step else "from the epoch's first batch")
+                    f"batch {batches + 1} of it" if skip_data else "from the epoch's first batch")
         return Progress(step, epoch, batches)
+
+    def _restore_kohya(self, network, optimizer, scheduler, schedule: Schedule) -> Progress:
+        """A kohya state: its network weights (they must fit), its optimizer state where the layout
+        matches, and its step (see :mod:`library.training.kohya_state`)."""
+        state = self.kohya_resume
+        kohya_state.load_network(state, network)
+        used = kohya_state.load_optimizer(state, optimizer)
+        logger.info("kohya state: network weights%s loaded", " and optimizer state" if used else "")
+        return self._start_at(state.global_step, schedule, scheduler, True, f"--resume {state.folder}: its step")
 
     def _restore(self, network, optimizer, scheduler, batches: int) -> Progress:
         if not self.resume:
@@ -330,6 +351,8 @@ class NetworkTrainer:
         progress = self._restore(adapter.net, optimizer, scheduler, len(group))
         if cfg.initial_step is not None or cfg.initial_epoch is not None:
             progress = self._start_at_initial_step(schedule, scheduler)
+        elif self.kohya_resume is not None:
+            progress = self._restore_kohya(adapter.net, optimizer, scheduler, schedule)
         meta = saving.base_metadata(cfg, self.family.metadata(models), group, len(group), schedule.num_epochs,
                                     schedule.max_steps)
         run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
