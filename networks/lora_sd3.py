@@ -13,7 +13,9 @@ network_args (kohya's): ``context_attn_dim``, ``context_mlp_dim``, ``context_mod
 final_layer adaLN modulation, final_layer linear; default: the final layer at ``--network_dim``,
 no embedders, as the project's spec asks (kohya's default leaves the final layer out: pass
 ``emb_dims=[0,0,0,0,0,0]`` for that)); ``train_block_indices``
-(``all``, ``none``, ``0,1,4-5,7``); ``train_t5xxl=True``; ``verbose=True``; plus networks.lora's
+(``all``, ``none``, ``0,1,4-5,7``); ``train_t5xxl=True``; ``verbose=True``; ``conv_dim`` /
+``conv_alpha`` are accepted as kohya's are (the GUI's LoCon sends them) with a warning, as there
+are no convolutions to put them on; plus networks.lora's
 LoRA+ ratios and dropouts (``dropout`` / ``--network_dropout``, ``rank_dropout``, ``module_dropout``).
 """
 
@@ -50,7 +52,8 @@ _EMB_MODULES = {
 }
 T5_TARGET = re.compile(r"(^|\.)encoder\.block\.\d+\.layer\.\d+\."
                        r"(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wi|wo))$")
-KNOWN_ARGS = {*LAYER_KINDS, "emb_dims", "train_block_indices", "train_t5xxl", "verbose", *TRAINING_ARGS}
+KNOWN_ARGS = {*LAYER_KINDS, "emb_dims", "train_block_indices", "train_t5xxl", "verbose", "conv_dim", "conv_alpha",
+              *TRAINING_ARGS}
 
 
 def _kind(original: str) -> str:
@@ -164,6 +167,9 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     unknown = sorted(set(kwargs) - KNOWN_ARGS)
     if unknown:
         raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora_sd3 (known: {sorted(KNOWN_ARGS)})")
+    if str(kwargs.get("conv_dim", "0") or "0") not in ("0", "None"):  # the GUI's LoCon type sends it
+        logger.warning("--network_args conv_dim=%s: the MMDiT's blocks have no convolutions, so it changes nothing "
+                       "(the patch embedder's rank is the third value of emb_dims)", kwargs["conv_dim"])
     if not hasattr(getattr(transformer, "config", None), "joint_attention_dim"):
         raise UserError("networks.lora_sd3 is for SD3/SD3.5 MMDiTs; SD1/SDXL models use networks.lora")
     dim = network_dim or 4

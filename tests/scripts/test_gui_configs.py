@@ -51,6 +51,7 @@ CASES = {
     "sdxl-loha": ("sdxl", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
     "sdxl-ia3": ("sdxl", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
     "sd3-lora": ("sd3", "networks.lora_sd3", []),
+    "sd3-locon": ("sd3", "networks.lora_sd3", ["conv_dim=2", "conv_alpha=1"]),  # no convs: a warning says so
     "sd3-loha": ("sd3", "lycoris.kohya", ["algo=loha", "preset=attn-mlp"]),
     "sd3-ia3": ("sd3", "lycoris.kohya", ["algo=ia3", "preset=attn-mlp"]),
 }
@@ -71,6 +72,8 @@ def test_a_gui_config_trains_one_step(case, tiny_default, tiny_family_models, tm
     proc = run_script(SCRIPTS[family], "--config_file", str(config), *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not used by this script: dynamo_backend" in proc.stderr and "epoch (" in proc.stderr
+    if case == "sd3-locon":
+        assert "conv_dim=2: the MMDiT's blocks have no convolutions, so it changes nothing" in proc.stderr
     with safe_open(str(tmp_path / "out" / "gui.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_steps"] == "1" and meta["ss_network_module"] == module
