@@ -345,18 +345,28 @@ def parse_dropouts(kwargs: dict, neuron_dropout: float | None) -> Dropouts | Non
     return dropouts if dropouts.active else None
 
 
-def set_training_options(network: LoRANetwork, kwargs: dict, neuron_dropout: float | None) -> LoRANetwork:
-    """Dropouts and LoRA+ ratios from the network args (for a network built from args or from a file)."""
-    dropouts = parse_dropouts(kwargs, neuron_dropout)
-    for lora in network.all_loras():
-        lora.dropouts = dropouts
+def _loraplus_ratios(kwargs: dict) -> tuple[float | None, float | None]:
+    """LoRA+ ratios (UNet, text encoders) from the network args; the shared one fills either."""
     try:
         plus = {k: float(kwargs[k]) for k in kwargs if k.startswith("loraplus")}
     except ValueError as exc:
         raise UserError(f"--network_args: loraplus_* ratios must be numbers ({exc})") from exc
     shared = plus.get("loraplus_lr_ratio")
-    network.set_loraplus_ratios(plus.get("loraplus_unet_lr_ratio", shared),
-                                plus.get("loraplus_text_encoder_lr_ratio", shared))
+    return plus.get("loraplus_unet_lr_ratio", shared), plus.get("loraplus_text_encoder_lr_ratio", shared)
+
+
+def check_training_options(kwargs: dict, neuron_dropout: float | None) -> None:
+    """The dropouts and LoRA+ ratios checked, without a network."""
+    parse_dropouts(kwargs, neuron_dropout)
+    _loraplus_ratios(kwargs)
+
+
+def set_training_options(network: LoRANetwork, kwargs: dict, neuron_dropout: float | None) -> LoRANetwork:
+    """Dropouts and LoRA+ ratios from the network args (for a network built from args or from a file)."""
+    dropouts = parse_dropouts(kwargs, neuron_dropout)
+    for lora in network.all_loras():
+        lora.dropouts = dropouts
+    network.set_loraplus_ratios(*_loraplus_ratios(kwargs))
     return network
 
 
@@ -386,7 +396,7 @@ def check_network_args(kwargs: dict, family: str, neuron_dropout: float | None =
     """The network args checked without a model (the trainer calls this before loading one):
     unknown keys, numbers, per-block list lengths for ``family`` ("sd" or "sdxl"), dropouts."""
     _parse_shape(kwargs, family == "sdxl", 1.0)
-    set_training_options(LoRANetwork([], None, 1.0, 1, 1.0, targets=[]), kwargs, neuron_dropout)
+    check_training_options(kwargs, neuron_dropout)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,

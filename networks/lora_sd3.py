@@ -28,7 +28,15 @@ from torch import nn
 
 from library.models import sd3_keys
 from library.utils.errors import UserError
-from networks.lora import TRAINING_ARGS, LoRANetwork, _as_list, _read_lora_file, ranks_from_state, set_training_options
+from networks.lora import (
+    TRAINING_ARGS,
+    LoRANetwork,
+    _as_list,
+    _read_lora_file,
+    check_training_options,
+    ranks_from_state,
+    set_training_options,
+)
 from networks.lora_names import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -146,37 +154,35 @@ def _targets(text_encoders: list[nn.Module], transformer: nn.Module, dims, emb_d
     return targets + mmdit_targets(transformer, dims, emb_dims, blocks)
 
 
-def check_network_args(kwargs: dict, family: str, neuron_dropout: float | None = None) -> None:
-    """The network args checked without a model (before the trainer loads one): keys, numbers,
-    ``emb_dims``, the syntax of ``train_block_indices`` (its range needs the model), dropouts."""
+def _layer_dims(kwargs: dict, dim: int) -> dict[str, int]:
     unknown = sorted(set(kwargs) - KNOWN_ARGS)
     if unknown:
         raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora_sd3 (known: {sorted(KNOWN_ARGS)})")
     try:
-        [int(kwargs[k]) for k in LAYER_KINDS if k in kwargs]
+        return {k: int(kwargs[k]) if k in kwargs else dim for k in LAYER_KINDS}
     except ValueError as exc:
         raise UserError(f"--network_args: {', '.join(LAYER_KINDS)} must be integers ({exc})") from exc
+
+
+def check_network_args(kwargs: dict, family: str, neuron_dropout: float | None = None) -> None:
+    """The network args checked without a model (before the trainer loads one): keys, numbers,
+    ``emb_dims``, the syntax of ``train_block_indices`` (its range needs the model), dropouts."""
+    _layer_dims(kwargs, 1)
     parse_emb_dims(kwargs.get("emb_dims"))
     parse_block_indices(kwargs.get("train_block_indices"), 10**6)
-    set_training_options(LoRANetwork([], None, 1.0, 1, 1.0, targets=[]), kwargs, neuron_dropout)
+    check_training_options(kwargs, neuron_dropout)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    transformer, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     """The plug-in entry point (``network_dim`` defaults to 4 and ``network_alpha`` to 1, as in kohya)."""
-    unknown = sorted(set(kwargs) - KNOWN_ARGS)
-    if unknown:
-        raise UserError(f"--network_args: unknown key(s) {unknown} for networks.lora_sd3 (known: {sorted(KNOWN_ARGS)})")
+    dim = network_dim or 4
+    dims = _layer_dims(kwargs, dim)
     if str(kwargs.get("conv_dim", "0") or "0") not in ("0", "None"):  # the GUI's LoCon type sends it
         logger.warning("--network_args conv_dim=%s: the MMDiT's blocks have no convolutions, so it changes nothing "
                        "(the patch embedder's rank is the third value of emb_dims)", kwargs["conv_dim"])
     if not hasattr(getattr(transformer, "config", None), "joint_attention_dim"):
         raise UserError("networks.lora_sd3 is for SD3/SD3.5 MMDiTs; SD1/SDXL models use networks.lora")
-    dim = network_dim or 4
-    try:
-        dims = {k: int(kwargs[k]) if k in kwargs else dim for k in LAYER_KINDS}
-    except ValueError as exc:
-        raise UserError(f"--network_args: {', '.join(LAYER_KINDS)} must be integers ({exc})") from exc
     blocks = parse_block_indices(kwargs.get("train_block_indices"), transformer.config.num_layers)
     targets = _targets(_as_list(text_encoder), transformer, dims, parse_emb_dims(kwargs.get("emb_dims"), dim), blocks,
                        str(kwargs.get("train_t5xxl", "False")) == "True")

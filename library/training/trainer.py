@@ -348,20 +348,8 @@ class NetworkTrainer:
             if acc.num_processes > 1:
                 raise UserError("--fused_backward_pass runs on one process only in this version")
             fused = optim.FusedBackwardPass(optimizer, adapter.trainable_params(), cfg.optimizer.max_grad_norm)
-        progress = self._restore(adapter.net, optimizer, scheduler, len(group))
-        if cfg.initial_step is not None or cfg.initial_epoch is not None:
-            progress = self._start_at_initial_step(schedule, scheduler)
-        elif self.kohya_resume is not None:
-            progress = self._restore_kohya(adapter.net, optimizer, scheduler, schedule)
-        meta = saving.base_metadata(cfg, self.family.metadata(models), group, len(group), schedule.num_epochs,
-                                    schedule.max_steps)
-        run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
-                    "log_dir": acc.project_dir if cfg.logging_dir else None}
-        save = cfg.save
-        if save.n_epoch_ratio:
-            save = replace(save, every_n_epochs=saving.epochs_between_saves(schedule.num_epochs, save.n_epoch_ratio))
-            logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s)", save.n_epoch_ratio, save.every_n_epochs)
-        checkpointer = Checkpointer(save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
+        progress = self._start_position(adapter, optimizer, scheduler, schedule, len(group))
+        checkpointer = self._checkpointer(acc, models, group, adapter, optimizer, scheduler, schedule)
         if acc.is_main_process and cfg.trackers:
             self._init_trackers(acc, progress)
         logger.info("training: %d steps, %d epochs, %d batches per epoch", schedule.max_steps, schedule.num_epochs,
@@ -372,14 +360,41 @@ class NetworkTrainer:
             group, batch_size=1, sampler=EpochSampler(len(group)), collate_fn=collate_single,
             num_workers=cfg.num_workers, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed))
-        validator = None
-        if group.validation is not None:
-            validator = Validator(self.family, models, group.validation, self.seed, cfg.max_validation_steps, acc,
-                                  self._weight_dtype())
-            logger.info("validation: %d held-out image(s), %d batch(es) per pass",
-                        len(group.validation.items), validator.batches)
-        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer, validator, fused)
+        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer,
+                     self._validator(acc, models, group), fused)
         return loop.train(loader, schedule, progress)
+
+    def _start_position(self, adapter: NetworkAdapter, optimizer, scheduler, schedule: Schedule,
+                        batches: int) -> Progress:
+        """Where training starts: step 0, our state, a kohya state, or --initial_step."""
+        progress = self._restore(adapter.net, optimizer, scheduler, batches)
+        if self.cfg.initial_step is not None or self.cfg.initial_epoch is not None:
+            return self._start_at_initial_step(schedule, scheduler)
+        if self.kohya_resume is not None:
+            return self._restore_kohya(adapter.net, optimizer, scheduler, schedule)
+        return progress
+
+    def _checkpointer(self, acc, models: LoadedModels, group: DatasetGroup, adapter: NetworkAdapter, optimizer,
+                      scheduler, schedule: Schedule) -> Checkpointer:
+        cfg = self.cfg
+        meta = saving.base_metadata(cfg, self.family.metadata(models), group, len(group), schedule.num_epochs,
+                                    schedule.max_steps)
+        run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
+                    "log_dir": acc.project_dir if cfg.logging_dir else None}
+        save = cfg.save
+        if save.n_epoch_ratio:
+            save = replace(save, every_n_epochs=saving.epochs_between_saves(schedule.num_epochs, save.n_epoch_ratio))
+            logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s)", save.n_epoch_ratio, save.every_n_epochs)
+        return Checkpointer(save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
+
+    def _validator(self, acc, models: LoadedModels, group: DatasetGroup) -> Validator | None:
+        if group.validation is None:
+            return None
+        validator = Validator(self.family, models, group.validation, self.seed, self.cfg.max_validation_steps, acc,
+                              self._weight_dtype())
+        logger.info("validation: %d held-out image(s), %d batch(es) per pass", len(group.validation.items),
+                    validator.batches)
+        return validator
 
 
 class _Loop:
