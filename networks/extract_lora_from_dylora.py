@@ -19,22 +19,11 @@ if __package__ in (None, ""):  # run as a script: the project root on the path, 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from library.utils.files import save_safetensors, save_torch  # noqa: E402
-
-
-def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not os.path.isfile(path):
-        raise UserError(f"--model {path}: file not found")
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(path), metadata
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+from networks.lora_merge import read_lora  # noqa: E402
 
 
 def leading_ranks(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -54,7 +43,7 @@ def extract(model: str, save_to: str, unit: int) -> list[Path]:
     """Write one file per multiple of ``unit`` below the file's rank; return their paths."""
     if unit < 1:
         raise UserError(f"--unit {unit}: at least 1")
-    state, metadata = read_lora(model)
+    state, metadata = read_lora(model, "--model")
     ranks = [v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")]
     if not ranks:
         raise UserError(f"--model {model}: no LoRA keys (lora_down.weight) in it")

@@ -32,13 +32,22 @@ PROJECT_ROOTS = ("library", "networks", "tools", "finetune")
 
 def _folder(module: str, entry_scripts: set[str]) -> str:
     parts = module.split(".")
+    if module in entry_scripts:
+        return "scripts"
     if parts[0] == "library":
         return ".".join(parts[:2])
     if parts[0] in PROJECT_ROOTS:
         return parts[0]
-    if module in entry_scripts:
-        return "scripts"
     raise KeyError(module)
+
+
+def _entry_scripts(modules: dict[str, Path]) -> set[str]:
+    """Top-level scripts, and the tools kohya keeps in networks/ (merge_lora.py, ...) where its users
+    run them from: modules there with a ``__main__`` block are entry scripts of the top layer."""
+    top = {m for m in modules if "." not in m and m not in PROJECT_ROOTS}
+    tools = {m for m, p in modules.items() if m.startswith("networks.")
+             and '__name__ == "__main__"' in p.read_text(encoding="utf-8")}
+    return top | tools
 
 
 def _rank() -> dict[str, int]:
@@ -72,7 +81,7 @@ def _imports(tree: ast.AST, module: str) -> list[tuple[int, str]]:
 def upward_imports(modules: dict[str, Path] | None = None) -> list[str]:
     """Every import that goes up a layer or sideways into another folder of the same layer."""
     modules = modules or _project_modules()
-    scripts = {m for m in modules if "." not in m and m not in PROJECT_ROOTS}
+    scripts = _entry_scripts(modules)
     rank = _rank()
     problems = []
     for module, path in sorted(modules.items()):

@@ -159,7 +159,7 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
 
 
 def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: torch.dtype | None = None,
-                         bundle_text_encoders: bool = True) -> None:
+                         bundle_text_encoders: bool = True, metadata: dict[str, str] | None = None) -> None:
     """Write an SD3 single file in the original layout (text encoders bundled when present)."""
     state = sd3_keys.mmdit_to_ldm(parts.transformer.state_dict(), parts.transformer.config.num_layers)
     state.update(sd_keys.vae_to_ldm(parts.vae.state_dict(), parts.vae.config))
@@ -171,7 +171,7 @@ def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: t
                               if not (name == "t5xxl" and k == "shared.weight")})
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_safetensors(state, path)
+    save_safetensors(state, path, metadata=metadata)
 
 
 def load_sd3_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SD3Components:

@@ -155,9 +155,11 @@ def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) 
 
 
 def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        tokenizer_dir: str | None = None, device: torch.device | None = None) -> SDComponents:
+                        tokenizer_dir: str | None = None, device: torch.device | None = None,
+                        with_tokenizer: bool = True) -> SDComponents:
     """Load an SD1.x or SD2.x single-file checkpoint (original key layout) into diffusers/transformers
-    modules; the architecture comes from the tensor shapes."""
+    modules; the architecture comes from the tensor shapes. The file tools need no tokenizer
+    (``with_tokenizer=False``: none is looked for)."""
     state = read_state_dict(path, device or "cpu")
     v2 = require_layout(state, ("sd1", "sd2"), path) == "sd2"
     unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
@@ -171,7 +173,7 @@ def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     del vae_ldm
     vae = _build(AutoencoderKL, vae_cfg, vae_state, dtype, "VAE", path)
     text_encoder, unused = _text_encoder_from_ldm(state, v2, dtype, path)
-    tokenizer = resolve_clip_tokenizer(Path(path), tokenizer_dir, v2=v2)
+    tokenizer = resolve_clip_tokenizer(Path(path), tokenizer_dir, v2=v2) if with_tokenizer else None
     return SDComponents(unet, vae, text_encoder, tokenizer, v2=v2, unused=unused)
 
 
