@@ -50,19 +50,34 @@ def choose_rank(s: torch.Tensor, max_rank: int, method: str | None, param: float
     return max(1, min(keep, max_rank, n))
 
 
+def factor(product: torch.Tensor, max_rank: int, method: str | None = None, param: float | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best factors ``up (out, r)``, ``down (r, in)`` of a 2-D update at the chosen rank, and the
+    share of its Frobenius norm they keep (an all-zero update gives zero factors of rank 1..max)."""
+    u, s, vh = torch.linalg.svd(product.float(), full_matrices=False)
+    if not s[0] > 0:
+        r = max(1, min(max_rank, len(s)))
+        return product.new_zeros(product.shape[0], r), product.new_zeros(r, product.shape[1]), 1.0
+    r = choose_rank(s, max_rank, method, param)
+    root = s[:r].sqrt()
+    kept = float((s[:r].square().sum() / s.square().sum()).sqrt())
+    return u[:, :r] * root, root[:, None] * vh[:r], kept
+
+
+def as_module_shapes(up2d: torch.Tensor, down2d: torch.Tensor, like_down: torch.Tensor, like_up: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D factors reshaped as kohya stores a module like ``like_down`` / ``like_up`` (conv kernels)."""
+    r = down2d.shape[0]
+    down = down2d.cpu().reshape(r, *like_down.shape[1:])
+    up = up2d.cpu().reshape(like_up.shape[0], r, *like_up.shape[2:])
+    return down.contiguous(), up.contiguous()
+
+
 def resize_module(down: torch.Tensor, up: torch.Tensor, alpha: float, max_rank: int, method: str | None = None,
                   param: float | None = None, device: str = "cpu") -> Resized:
     """One module at its new rank (see the module docstring); shapes as kohya's (conv kernels kept)."""
-    rank = down.shape[0]
-    scale = alpha / rank
+    scale = alpha / down.shape[0]
     product = up.flatten(1).to(device, torch.float32) @ down.flatten(1).to(device, torch.float32)
-    u, s, vh = torch.linalg.svd(product, full_matrices=False)
-    if not s[0] > 0:  # an untrained module: keep it as zeros at the new rank
-        r = max(1, min(max_rank, rank))
-        return Resized(torch.zeros(r, *down.shape[1:]), torch.zeros(up.shape[0], r, *up.shape[2:]), scale * r, 1.0)
-    r = choose_rank(s, max_rank, method, param)
-    root = s[:r].sqrt()
-    new_up = (u[:, :r] * root).cpu().reshape(up.shape[0], r, *up.shape[2:])
-    new_down = (root[:, None] * vh[:r]).cpu().reshape(r, *down.shape[1:])
-    kept = float((s[:r].square().sum() / s.square().sum()).sqrt())
-    return Resized(new_down.contiguous(), new_up.contiguous(), scale * r, kept)
+    up2d, down2d, kept = factor(product, max_rank, method, param)
+    new_down, new_up = as_module_shapes(up2d, down2d, down, up)
+    return Resized(new_down, new_up, scale * new_down.shape[0], kept)
