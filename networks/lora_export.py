@@ -51,18 +51,22 @@ def peft_state_dict(network) -> dict[str, torch.Tensor]:
     return out
 
 
+def diffusers_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``load_lora_weights`` reads of a :func:`peft_state_dict`: the parts diffusers loads."""
+    skipped = sorted({k.split(".")[0] for k in state} - set(DIFFUSERS_COMPONENTS))
+    if skipped:
+        logger.warning("diffusers form: %s LoRA left out (diffusers' loaders do not read it)", ", ".join(skipped))
+    return {k: v for k, v in state.items() if k.split(".")[0] in DIFFUSERS_COMPONENTS}
+
+
 def write_diffusers_lora(network, folder: Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (all parts diffusers loads) and a PEFT adapter of the
     denoiser (``adapter_config.json`` + ``adapter_model.safetensors``) into ``folder``."""
     state = peft_state_dict(network)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    skipped = sorted({k.split(".")[0] for k in state} - set(DIFFUSERS_COMPONENTS))
-    if skipped:
-        logger.warning("diffusers form: %s LoRA left out (diffusers' loaders do not read it)", ", ".join(skipped))
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v for k, v in state.items() if k.split(".")[0] in DIFFUSERS_COMPONENTS},
-                     folder / "pytorch_lora_weights.safetensors", {"format": "pt"})
+    save_safetensors(diffusers_part(state), folder / "pytorch_lora_weights.safetensors", {"format": "pt"})
     denoiser = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".")[0] in DENOISERS}
     if denoiser:
         ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in denoiser.items() if k.endswith("lora_A.weight")}

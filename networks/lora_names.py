@@ -110,20 +110,59 @@ def find_targets(text_encoders: list[nn.Module], unet: nn.Module | None, with_co
 def to_kohya_names(state: dict[str, torch.Tensor], targets: list[Target]) -> dict[str, torch.Tensor]:
     """Rename a LoRA state dict in any naming this module knows to kohya's; keys it cannot place are
     kept as they are (the caller reports them). PEFT files carry no alpha: their scale is 1, so
-    alpha = rank is added."""
+    alpha = rank is added. diffusers/PEFT LoRAs of layers kohya stores as one matrix (SD3's q/k/v)
+    become one fused module, exactly: a shared ``lora_A`` stays the down projection, separate ones
+    are stacked with a block-diagonal up; rows kohya stores swapped (SD3's final adaLN) are swapped."""
     alias = {a: t.name for t in targets for a in t.aliases}
+    by_peft = {p: (t, i) for t in targets for i, p in enumerate(t.peft)}
     out: dict[str, torch.Tensor] = {}
+    peft_parts: dict[str, tuple[Target, dict[int, dict[str, torch.Tensor]]]] = {}
     for key, value in state.items():
         module, suffix = _split(key)
-        if suffix is None or module not in alias:
+        if suffix in ("lora_A.weight", "lora_B.weight") and module in by_peft:
+            target, index = by_peft[module]
+            peft_parts.setdefault(target.name, (target, {}))[1].setdefault(index, {})[suffix] = value
+        elif suffix is None or module not in alias:
             out[key] = value
-            continue
-        out[f"{alias[module]}.{_SUFFIXES[suffix]}"] = value
+        else:
+            out[f"{alias[module]}.{_SUFFIXES[suffix]}"] = value
+    for name, (target, parts) in peft_parts.items():
+        down, up = _joined(target, parts)
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
     for key, value in list(out.items()):
         name = key.rsplit(".", 2)[0]
         if key.endswith(".lora_down.weight") and f"{name}.alpha" not in out:
             out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
     return out
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _joined(target: Target, parts: dict[int, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's down and up of one target from its PEFT layers' ``lora_A`` / ``lora_B``."""
+    if not target.fused:
+        down, up = parts[0]["lora_A.weight"], parts[0]["lora_B.weight"]
+        return down, (_swap_halves(up) if target.swap_out_halves else up)
+    outs = [m.out_features for m in target.fused]
+    downs = {i: p["lora_A.weight"] for i, p in parts.items()}
+    first = next(iter(downs.values()))
+    if all(torch.equal(d, first) for d in downs.values()):  # one shared down (what kohya's layout is)
+        ups = [parts[i]["lora_B.weight"] if i in parts else first.new_zeros(out, first.shape[0])
+               for i, out in enumerate(outs)]
+        return first, torch.cat(ups, 0)
+    order = sorted(downs)
+    down = torch.cat([downs[i] for i in order], 0)
+    up = down.new_zeros(sum(outs), down.shape[0])
+    column = 0
+    for i in order:
+        b = parts[i]["lora_B.weight"]
+        row = sum(outs[:i])
+        up[row:row + outs[i], column:column + b.shape[1]] = b
+        column += b.shape[1]
+    return down, up
 
 
 def _split(key: str) -> tuple[str, str | None]:

@@ -37,7 +37,7 @@ from networks.lora import (
     ranks_from_state,
     set_training_options,
 )
-from networks.lora_names import Target, find_targets
+from networks.lora_names import Target, find_targets, to_kohya_names
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +197,14 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, transformer,
                                 weights_sd=None, for_inference: bool = False, **kwargs):
-    """A network shaped like the LoRA file (ranks and alphas per module)."""
+    """A network shaped like the LoRA file (ranks and alphas per module); kohya's SD3 names, or the
+    diffusers/PEFT form (separate q/k/v LoRAs become kohya's fused module, exactly)."""
     state = weights_sd if weights_sd is not None else _read_lora_file(file)
-    dims, alphas = ranks_from_state(state, file)
     everything = {k: 1 for k in LAYER_KINDS}
     targets = _targets(_as_list(text_encoder), transformer, everything, [1] * 6,
                        set(range(transformer.config.num_layers)), train_t5=True)
+    state = to_kohya_names(state, targets)
+    dims, alphas = ranks_from_state(state, file)
     network = LoRANetwork(_as_list(text_encoder), transformer, multiplier, max(dims.values()), None,
                           module_dims=dims, module_alphas=alphas, targets=targets)
     unknown = sorted(set(dims) - {m.lora_name for m in network.all_loras()})
