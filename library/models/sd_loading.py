@@ -336,6 +336,13 @@ def _recast_folder(folder: Path, dtype: torch.dtype) -> None:
         save_file(state, str(f), metadata={"format": "pt"})
 
 
+def checkpoint_pickle(state: dict, metadata: dict[str, str] | None) -> dict:
+    """A .ckpt's contents: the state dict, and ``epoch`` / ``global_step`` from the metadata as the
+    original trainers stored them (the rest of the metadata has no place in a pickle)."""
+    extras = {k: int(v) for k, v in (metadata or {}).items() if k in ("epoch", "global_step")}
+    return {"state_dict": state, **extras}
+
+
 def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,
                         metadata: dict[str, str] | None = None) -> None:
     """Write a single-file checkpoint in the original ldm key layout (what A1111/ComfyUI load)."""
@@ -354,4 +361,4 @@ def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: tor
     if str(path).endswith(".safetensors"):
         save_safetensors(state, path, metadata=metadata)
     else:
-        save_torch({"state_dict": state}, path)
+        save_torch(checkpoint_pickle(state, metadata), path)

@@ -23,6 +23,7 @@ from library.models.sd_loading import (
     _build,
     _Cfg,
     _strip,
+    checkpoint_pickle,
     read_state_dict,
     require_layout,
     write_diffusers_folder,
@@ -102,7 +103,7 @@ def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype:
     if Path(path).suffix == ".safetensors":
         save_safetensors(state, path, metadata=metadata)
     else:
-        save_torch({"state_dict": state}, path)
+        save_torch(checkpoint_pickle(state, metadata), path)
 
 
 def load_sdxl_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,
