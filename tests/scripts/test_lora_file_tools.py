@@ -105,3 +105,27 @@ def test_check_lora_weights_and_show_metadata(lora_file, capsys):
     pickle.touch()
     with pytest.raises(UserError, match="only .safetensors files carry metadata"):
         show_metadata.main(["--model", str(pickle)])
+
+
+def _addnet_hash(path) -> str:
+    """AUTOMATIC1111's hash of a LoRA: SHA-256 of the bytes after the safetensors header."""
+    import hashlib
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_written_files_carry_the_hash_automatic1111_computes(lora_file, tmp_path):
+    from networks import merge_lora, svd_merge_lora
+
+    outputs = {"resize": tmp_path / "r.safetensors", "merge": tmp_path / "m.safetensors",
+               "svd": tmp_path / "s.safetensors"}
+    resize_lora.main(["--model", str(lora_file), "--save_to", str(outputs["resize"]), "--new_rank", "3"])
+    merge_lora.main(["--models", str(lora_file), "--ratios", "0.5", "--save_to", str(outputs["merge"])])
+    svd_merge_lora.main(["--models", str(lora_file), "--new_rank", "2", "--save_to", str(outputs["svd"])])
+    for what, path in [("input", lora_file), *outputs.items()]:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert meta["sshs_model_hash"] == _addnet_hash(path), what
