@@ -155,3 +155,44 @@ def block_ranks(args: dict[str, str], sgm: bool, alpha: float | None, conv_alpha
     conv_alphas = _per_block("conv_block_alphas", args.get("conv_block_alphas"), n, float) or \
         ([conv_alpha if conv_alpha is not None else 1.0] * n if conv_dims is not None else None)
     return BlockRanks(dims, alphas, conv_dims, conv_alphas, sgm)
+
+
+# kohya's and the LoRA Block Weight extension's per-block strengths (--lbws): BASE is the text
+# encoders; the long forms give every block, the short ones only the blocks with attention
+_LBW_FULL = {False: ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)],
+             True: ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["MID"] + [f"OUT{i:02d}" for i in range(9)]}
+_LBW_SHORT = {False: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05",
+                      "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"],
+              True: ["BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04",
+                     "OUT05"]}
+
+
+def parse_lbw(text: str, sgm: bool, where: str = "--lbws") -> dict[str, float]:
+    """``[1,0,1,...]`` (or ``1,0,1``) -> block name -> strength; 26 or 17 values for SD1/SD2, 20 or
+    12 for SDXL. Blocks a short list leaves out keep strength 1."""
+    try:
+        values = [float(v) for v in re.split(r"[\s,\[\]]+", text) if v]
+    except ValueError as exc:
+        raise UserError(f"{where} {text}: expected a list of numbers like [1,0,1,...]") from exc
+    for names in (_LBW_FULL[sgm], _LBW_SHORT[sgm]):
+        if len(values) == len(names):
+            return {**dict.fromkeys(_LBW_FULL[sgm], 1.0), **dict(zip(names, values))}
+    sizes = f"{len(_LBW_FULL[sgm])} or {len(_LBW_SHORT[sgm])}"
+    raise UserError(f"{where} {text}: {len(values)} values; {'SDXL' if sgm else 'SD1/SD2'} LoRAs take {sizes} "
+                    f"(BASE, then the blocks: {', '.join(_LBW_SHORT[sgm][1:])} for the short form)")
+
+
+def lbw_block(lora_name: str, sgm: bool) -> str | None:
+    """The LoRA Block Weight name of a module (BASE for text encoders; None outside the blocks)."""
+    if lora_name.startswith("lora_te"):
+        return "BASE"
+    index = block_index(lora_name, sgm)
+    if index < 0:
+        return None
+    if not sgm:  # 0-11 input, 12 middle, 13-24 output
+        return "MID" if index == 12 else (f"IN{index:02d}" if index < 12 else f"OUT{index - 13:02d}")
+    if 1 <= index <= 9:
+        return f"IN{index - 1:02d}"
+    if 10 <= index <= 12:
+        return "MID"
+    return f"OUT{index - 13:02d}" if 13 <= index <= 21 else None

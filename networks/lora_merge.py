@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.utils.errors import UserError
+from networks.block_lr import lbw_block
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -111,3 +112,15 @@ def read_lora(path: str, flag: str = "--models") -> tuple[dict[str, torch.Tensor
         raise
     except Exception as exc:  # a truncated or foreign file: the readers' errors vary
         raise UserError(f"{flag} {path}: cannot be read as a LoRA file ({exc})") from exc
+
+
+def scale_by_blocks(state: dict[str, torch.Tensor], strengths: dict[str, float], sgm: bool) -> dict[str, torch.Tensor]:
+    """A kohya-named LoRA with each module's update multiplied by its block's strength (--lbws;
+    see :func:`networks.block_lr.parse_lbw`); modules outside the named blocks are kept."""
+    out = dict(state)
+    for key, value in state.items():
+        if key.endswith(".lora_up.weight"):
+            block = lbw_block(key[: -len(".lora_up.weight")], sgm)
+            if block is not None and strengths.get(block, 1.0) != 1.0:
+                out[key] = value * strengths[block]
+    return out

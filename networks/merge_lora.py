@@ -38,7 +38,8 @@ from library.models.checkpoints import (  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from library.utils.files import save_safetensors, save_torch  # noqa: E402
 from networks.base import NetworkAdapter, import_network_module  # noqa: E402
-from networks.lora_merge import lora_modules, merge_concat, merge_sum, read_lora  # noqa: E402
+from networks.block_lr import parse_lbw  # noqa: E402
+from networks.lora_merge import lora_modules, merge_concat, merge_sum, read_lora, scale_by_blocks  # noqa: E402
 from networks.lora_names import lora_file_family  # noqa: E402
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,13 +60,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the merge into a checkpoint is computed (cpu, cuda)")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimum metadata")
     p.add_argument("--v2", action="store_true", help="accepted for kohya's commands: SD2 is read from the file")
-    p.add_argument("--lbws", nargs="+", help="per-LoRA block weights (not in this version: refused)")
+    p.add_argument("--lbws", nargs="+",
+                   help="per-LoRA block strengths, one list per LoRA: [BASE,IN01,...] (17 or 26 values for SD1/SD2, "
+                        "12 or 20 for SDXL)")
     return p
 
 
 def _check_args(args: argparse.Namespace) -> list[float]:
-    if args.lbws:
-        raise UserError("--lbws (block weights per LoRA) is not available in this version; merge without it")
     ratios = args.ratios or [1.0] * len(args.models)
     if len(ratios) != len(args.models):
         raise UserError(f"--ratios: {len(ratios)} values for {len(args.models)} --models; give one per LoRA")
@@ -89,6 +90,18 @@ def _one_family(paths: list[str], states: list[dict]) -> str | None:
     return next(iter(named), None)
 
 
+def block_strengths(args, family: str | None) -> list[dict[str, float] | None]:
+    """Each LoRA's --lbws strengths by block name (None: no block weights)."""
+    if not args.lbws:
+        return [None] * len(args.models)
+    if len(args.lbws) != len(args.models):
+        raise UserError(f"--lbws: {len(args.lbws)} lists for {len(args.models)} --models; give one per LoRA")
+    if family == "sd3":
+        raise UserError("--lbws: block weights are defined for SD1/SD2 and SDXL LoRAs (SD3 has none)")
+    return [parse_lbw(text, family == "sdxl", f"--lbws ({Path(path).name})") for text, path in
+            zip(args.lbws, args.models)]
+
+
 def _file_dtype(path: str) -> torch.dtype:
     """The most common floating dtype of a safetensors file's tensors (float32 for pickles)."""
     if not path.endswith(".safetensors"):
@@ -103,7 +116,8 @@ def _file_dtype(path: str) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family: str | None) -> None:
+def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family: str | None,
+                          strengths: list) -> None:
     layout = checkpoint_layout(args.sd_model)
     if family is not None and LAYOUT_FAMILY[layout] != family:
         raise UserError(f"--models are {FAMILY_TITLES[family]} LoRAs, --sd_model {args.sd_model} is an "
@@ -117,9 +131,11 @@ def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family:
         m.to(args.device)
     tes = checkpoint.text_encoders
     te = tes[0] if len(tes) == 1 else tes
-    for path, ratio, state in zip(args.models, ratios, states):
+    for path, ratio, state, blocks in zip(args.models, ratios, states, strengths):
         network, weights = module.create_network_from_weights(ratio, path, None, te, checkpoint.denoiser,
                                                               weights_sd=state, for_inference=True)
+        if blocks is not None:  # on kohya's names, which create_network_from_weights has given the weights
+            weights = scale_by_blocks(weights, blocks, layout == "sdxl")
         NetworkAdapter(network, "generate").merge_to(te, checkpoint.denoiser, weights, PRECISIONS[args.precision],
                                                      args.device)
         print(f"merged {path} at {ratio}")
@@ -131,7 +147,9 @@ def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family:
     print(f"saved {args.save_to}")
 
 
-def merge_into_lora(args, ratios: list[float], states: list[dict], metas: list[dict]) -> None:
+def merge_into_lora(args, ratios: list[float], states: list[dict], metas: list[dict], family: str | None,
+                    strengths: list) -> None:
+    states = [s if b is None else scale_by_blocks(s, b, family == "sdxl") for s, b in zip(states, strengths)]
     loras = [(lora_modules(state, path), ratio) for state, path, ratio in zip(states, args.models, ratios)]
     merged = merge_concat(loras) if args.concat else merge_sum(loras, shuffle=args.shuffle)
     first = next(iter(states[0].values()))
@@ -164,10 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     read = [read_lora(path) for path in args.models]
     states, metas = [s for s, _ in read], [m for _, m in read]
     family = _one_family(args.models, states)
+    strengths = block_strengths(args, family)
     if args.sd_model:
-        merge_into_checkpoint(args, ratios, states, family)
+        merge_into_checkpoint(args, ratios, states, family, strengths)
     else:
-        merge_into_lora(args, ratios, states, metas)
+        merge_into_lora(args, ratios, states, metas, family, strengths)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from tqdm import tqdm  # noqa: E402
 from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from library.utils.files import save_safetensors, save_torch  # noqa: E402
-from networks.lora_merge import lora_modules, read_lora, update_of  # noqa: E402
+from networks.lora_merge import lora_modules, read_lora, scale_by_blocks, update_of  # noqa: E402
 from networks.lora_names import lora_file_family  # noqa: E402
 from networks.lora_resize import as_module_shapes, factor  # noqa: E402
+from networks.merge_lora import block_strengths  # noqa: E402
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_metadata", action="store_true", help="write only the minimum metadata")
     p.add_argument("--v2", action="store_true", help="accepted for kohya's commands (the files say the family)")
     p.add_argument("--sdxl", action="store_true", help="accepted for kohya's commands (the files say the family)")
-    p.add_argument("--lbws", nargs="+", help="per-LoRA block weights (not in this version: refused)")
+    p.add_argument("--lbws", nargs="+", help="per-LoRA block strengths, as networks/merge_lora.py takes them")
     return p
 
 
@@ -71,8 +72,6 @@ def svd_merge(loras: list[tuple[dict, float]], rank: int, conv_rank: int, device
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.lbws:
-        raise UserError("--lbws (block weights per LoRA) is not available in this version; merge without it")
     ratios = args.ratios or [1.0] * len(args.models)
     if len(ratios) != len(args.models):
         raise UserError(f"--ratios: {len(ratios)} values for {len(args.models)} --models; give one per LoRA")
@@ -84,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     families = {lora_file_family(state) for state, _ in read} - {None}
     if len(families) > 1:
         raise UserError(f"--models: LoRAs of different model families ({', '.join(sorted(families))}) cannot be merged")
-    loras = [(lora_modules(state, path), ratio) for (state, _), path, ratio in zip(read, args.models, ratios)]
+    strengths = block_strengths(args, next(iter(families), None))
+    states = [s if b is None else scale_by_blocks(s, b, "sdxl" in families) for (s, _), b in zip(read, strengths)]
+    loras = [(lora_modules(state, path), ratio) for state, path, ratio in zip(states, args.models, ratios)]
     merged = svd_merge(loras, args.new_rank, args.new_conv_rank or args.new_rank, args.device,
                        PRECISIONS[args.precision])
     dtype = PRECISIONS[args.save_precision or "float"]

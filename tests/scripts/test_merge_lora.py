@@ -153,3 +153,27 @@ def test_bad_input_is_refused_before_loading(tmp_path, tiny_sd1, monkeypatch):
     with pytest.raises(UserError, match="broken.safetensors: cannot be read as a LoRA file"):
         merge_lora.main(["--models", str(broken), "--save_to", str(tmp_path / "out.safetensors")])
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_block_weights(tmp_path, tiny_sd1):
+    """--lbws: each module's update times its block's strength (LoRA Block Weight names: BASE = text
+    encoders, IN01 = down_blocks.0.attentions.0, ...), into a LoRA and into a checkpoint alike."""
+    from networks.block_lr import lbw_block, parse_lbw
+
+    a = _lora_file(tmp_path / "a.safetensors", tiny_sd1, 4, 2, 1)
+    assert lbw_block("lora_unet_down_blocks_0_attentions_0_proj_in", False) == "IN01"
+    assert lbw_block("lora_unet_up_blocks_1_attentions_2_proj_out", False) == "OUT05"
+    assert lbw_block("lora_unet_mid_block_attentions_0_proj_in", False) == "MID"
+    assert lbw_block("lora_unet_output_blocks_2_1_proj_in", True) == "OUT02"
+    weights = "[0.5,0,1,1,1,1,1,2,1,1,1,1,1,1,1,1,1]"  # BASE 0.5, IN01 0, MID 2
+    assert parse_lbw(weights, False)["IN00"] == 1.0  # blocks the short form leaves out
+    merge_lora.main(["--models", str(tmp_path / "a.safetensors"), "--lbws", weights, "--save_to",
+                     str(tmp_path / "w.safetensors")])
+    w = lora_modules(load_file(str(tmp_path / "w.safetensors")), "w")
+    strength = parse_lbw(weights, False)
+    for name, value in a.items():
+        torch.testing.assert_close(update_of(*w[name]), strength[lbw_block(name, False)] * update_of(*value),
+                                   rtol=1e-5, atol=1e-7)
+    with pytest.raises(UserError, match="--lbws \\(a.safetensors\\) \\[1,1\\]: 2 values; SD1/SD2 LoRAs take 26 or 17"):
+        merge_lora.main(["--models", str(tmp_path / "a.safetensors"), "--lbws", "[1,1]", "--save_to",
+                         str(tmp_path / "x.safetensors")])
