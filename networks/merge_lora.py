@@ -136,8 +136,12 @@ def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family:
                                                               weights_sd=state, for_inference=True)
         if blocks is not None:  # on kohya's names, which create_network_from_weights has given the weights
             weights = scale_by_blocks(weights, blocks, layout == "sdxl")
-        NetworkAdapter(network, "generate").merge_to(te, checkpoint.denoiser, weights, PRECISIONS[args.precision],
-                                                     args.device)
+        try:
+            NetworkAdapter(network, "generate").merge_to(te, checkpoint.denoiser, weights,
+                                                         PRECISIONS[args.precision], args.device)
+        except RuntimeError as exc:  # shapes of another model (an SD1 LoRA on an SD2 checkpoint)
+            raise UserError(f"--models {path}: its tensors do not fit {args.sd_model} "
+                            f"({str(exc).splitlines()[-1].strip()})") from exc
         print(f"merged {path} at {ratio}")
     for m in checkpoint.modules():
         m.to("cpu")

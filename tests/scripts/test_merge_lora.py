@@ -177,3 +177,12 @@ def test_block_weights(tmp_path, tiny_sd1):
     with pytest.raises(UserError, match="--lbws \\(a.safetensors\\) \\[1,1\\]: 2 values; SD1/SD2 LoRAs take 26 or 17"):
         merge_lora.main(["--models", str(tmp_path / "a.safetensors"), "--lbws", "[1,1]", "--save_to",
                          str(tmp_path / "x.safetensors")])
+
+
+def test_a_lora_of_another_model_is_named(tmp_path, tiny_sd1, tiny_sd2):
+    _lora_file(tmp_path / "sd1.safetensors", tiny_sd1, 4, 1, 1)
+    save_sd_single_file(tmp_path / "sd2.safetensors", tiny_sd2)
+    with pytest.raises(UserError, match="sd1.safetensors: its tensors do not fit"):
+        merge_lora.main(["--sd_model", str(tmp_path / "sd2.safetensors"), "--models", str(tmp_path / "sd1.safetensors"),
+                         "--save_to", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
