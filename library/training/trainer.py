@@ -40,9 +40,10 @@ from library.optim import optimizers as optim
 from library.training import kohya_state, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
+from library.training.interrupt import StopRequest, ignore_interrupts
 from library.training.network_setup import build_network, check_network_setup, merge_base_weights
 from library.training.validation import Validator, batch_latents, make_noisy_batch
-from library.utils.errors import UserError
+from library.utils.errors import Interrupted, UserError
 from library.utils.files import atomic_path
 from networks.base import NetworkAdapter
 
@@ -359,7 +360,7 @@ class NetworkTrainer:
         loader = torch.utils.data.DataLoader(
             group, batch_size=1, sampler=EpochSampler(len(group)), collate_fn=collate_single,
             num_workers=cfg.num_workers, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed))
+            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_interrupts)
         loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer,
                      self._validator(acc, models, group), fused)
         return loop.train(loader, schedule, progress)
@@ -397,6 +398,10 @@ class NetworkTrainer:
         return validator
 
 
+class _Stopped(Exception):
+    """A signal asked the loop to stop after the step it finished."""
+
+
 class _Loop:
     """The epoch/step loop with its saving, sampling and logging side effects."""
 
@@ -414,6 +419,7 @@ class _Loop:
         self.params = adapter.trainable_params()
         self.multiplier = 1.0
         self.key_norms: tuple[int, float, float] | None = None  # --scale_weight_norms: the last step's result
+        self.stop = StopRequest()  # replaced by the active one while training
 
     def train(self, loader, schedule: Schedule, p: Progress) -> Path:
         """Run epochs from ``p`` (a fresh or restored position) until ``schedule.max_steps``."""
@@ -425,16 +431,20 @@ class _Loop:
         if p.batches_done >= schedule.batches_per_epoch:  # the state was saved at the end of an epoch
             p.epoch, p.batches_done, p.epoch_losses = p.epoch + 1, 0, []
         try:
-            for epoch in range(p.epoch, schedule.num_epochs):
-                if p.global_step >= schedule.max_steps:
-                    break
-                if epoch != p.epoch:
-                    p.epoch, p.batches_done, p.epoch_losses = epoch, 0, []
-                self._run_epoch(loader, schedule, p, bar)
-                self._end_epoch(schedule, p)
+            with StopRequest() as self.stop:
+                for epoch in range(p.epoch, schedule.num_epochs):
+                    if p.global_step >= schedule.max_steps:
+                        break
+                    if epoch != p.epoch:
+                        p.epoch, p.batches_done, p.epoch_losses = epoch, 0, []
+                    self._run_epoch(loader, schedule, p, bar)
+                    self._end_epoch(schedule, p)
         except NonFiniteError as exc:
             bar.close()
             raise UserError(self._stop_non_finite(exc, p)) from exc
+        except _Stopped:
+            bar.close()
+            raise Interrupted(self._save_on_stop(p), self.stop.exit_code) from None
         bar.close()
         final = self.checkpointer.on_train_end(p)
         acc.end_training()
@@ -469,6 +479,8 @@ class _Loop:
                 self.sample(epoch=None, step=p.global_step)
             if p.global_step >= schedule.max_steps:
                 break
+            if self._stop_requested():
+                raise _Stopped
 
     def _validate(self, p: Progress, when: str) -> None:
         """Log kohya's loss/validation/<when>_average and _divergence (validation minus training)."""
@@ -483,6 +495,23 @@ class _Loop:
             x = p.global_step if when == "step" else p.epoch + 1
             self.acc.log({f"loss/validation/{when}_average": value,
                           f"loss/validation/{when}_divergence": value - train}, step=x)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asked to stop, agreed by every process (each step, so they stop together)."""
+        asked = self.stop.requested is not None
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([1.0 if asked else 0.0], device=self.acc.device)
+            asked = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return asked
+
+    def _save_on_stop(self, p: Progress) -> str:
+        """The network and a resumable state at the step just finished; what to tell the user."""
+        stem = saving.step_file_name(self.cfg.save.output_name, p.global_step, "")
+        network = self.checkpointer.save_network(stem, p)
+        state = self.checkpointer.save_state(stem, p)
+        self.acc.end_training()
+        return (f"{self.stop.requested or 'a signal'} after step {p.global_step}: saved {network} and the state "
+                f"{state}; continue with --resume {state}")
 
     def _stop_non_finite(self, exc: NonFiniteError, p: Progress) -> str:
         """Keep the weights of the last completed step (they are still finite: the bad step was not

@@ -14,6 +14,15 @@ class UserError(Exception):
     """
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving what it had; the message says what was saved
+    and how to continue, ``code`` is the exit status (128 + the signal's number, as shells report)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run an entry point's ``main``; report :class:`UserError` as ``error: ...`` and exit 2."""
     try:
@@ -21,6 +30,9 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(exc.code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -96,6 +96,29 @@ def test_sigkill_inside_an_epoch_then_resume_latest(reference, tiny_default, tmp
     assert curve == ref_curve
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_state_and_says_how_to_resume(sig, reference, tiny_default, tmp_path):
+    """SIGINT / SIGTERM: the step in progress ends, the network and a state are saved, the message gives
+    the --resume argument, and resuming with it ends bit-identical to the run never stopped."""
+    out = tmp_path / "stopped"
+    args = _args(tiny_default, out, "--save_every_n_steps", "7")
+    proc = _start(args)
+    first = out / "last-step00000007.safetensors"
+    end = time.time() + 240
+    while not first.is_file() and proc.poll() is None and time.time() < end:
+        time.sleep(0.02)
+    assert first.is_file(), "no save at step 7"
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 128 + int(sig), stderr[-2000:]
+    line = next(ln for ln in stderr.splitlines() if ln.startswith("interrupted: "))
+    assert f"{sig.name} after step" in line and "continue with --resume " in line
+    state = Path(line.split("continue with --resume ", 1)[1].strip())
+    assert (state / "train_state.json").is_file() and not (out / "last.safetensors").exists()
+    run_script("train_network.py", *args, "--resume", str(state), check=True)
+    _assert_same_lora(reference / "last.safetensors", out / "last.safetensors")
+
+
 def test_sigkill_after_an_epoch_boundary_then_resume_that_state(reference, tiny_default, tmp_path):
     out = tmp_path / "killed"
     # workers this time (the reference run has none): the data does not depend on them
