@@ -23,6 +23,7 @@ from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.optim.optimizers import check_fused_backward, check_optimizer_name
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
+from library.utils.files import check_writable_folder
 from networks.base import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -279,6 +280,19 @@ def loggable_args(raw: dict) -> dict:
             and isinstance(v, (int, float, str, bool))}
 
 
+def _check_output_folders(args: argparse.Namespace, datasets: list[DatasetConfig]) -> None:
+    """Every folder the run will write into, checked before any model loads (not at the first save,
+    after the work): outputs, samples and states, logs, and the image folders that get cache files."""
+    check_writable_folder(args.output_dir, "--output_dir")
+    if args.logging_dir:
+        check_writable_folder(args.logging_dir, "--logging_dir")
+    if args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk:
+        for i, ds in enumerate(datasets):
+            for j, sub in enumerate(ds.subsets):
+                if sub.image_dir:
+                    check_writable_folder(sub.image_dir, f"datasets[{i}].subsets[{j}].image_dir (its cache files)")
+
+
 def _check_files(args: argparse.Namespace) -> None:
     model = Path(args.pretrained_model_name_or_path)
     if model.suffix in CHECKPOINT_SUFFIXES and not model.is_file():
@@ -369,6 +383,7 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)
     _check_files(args)
     datasets, source = build_datasets(args)
+    _check_output_folders(args, datasets)
     _check_cache_conflicts(args, datasets)
     _check_masks(args, datasets)
     import_network_module(args.network_module)

@@ -24,6 +24,7 @@ from library.sampling.deep_shrink import DeepShrink
 from library.sampling.gradual_latent import GradualLatent, Unsharp
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
+from library.utils.files import check_writable_folder
 
 PYRAMID_DISCOUNTS, OFFSETS = (0.3, 0.8), (-0.1, 0.1)  # kohya's ranges when the flags are not given
 SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "original_height_negative",
@@ -261,6 +262,7 @@ def build_gen_config(args: argparse.Namespace) -> GenConfig:
         output=OutputSettings(a.outdir, a.sequential_file_name, a.use_original_file_name),
         prompter_args=a if a.from_module else None)
     validate(config)
+    check_writable_folder(config.output.outdir, "--outdir")  # before the model loads, not at the first image
     return config
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from library.utils.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -44,3 +46,19 @@ def save_torch(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` atomically (used for ``.ckpt``/``.pt`` outputs)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, a folder a run will write into that cannot be: an existing file, a
+    path under a file, or a folder without write permission (the nearest existing one is checked,
+    as missing folders are created)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {target}: it is a file, not a folder; give a folder (it is made if missing)")
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {target}: {probe} is a file, so the folder cannot be made there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {target}: {probe} is not writable (check its permissions, or choose another folder)")

@@ -157,3 +157,27 @@ def test_sizes_kohya_only_warns_about_train(tiny_default, tmp_path):
     assert "resolution 64x72 is not a multiple of bucket_reso_steps 32: trained as 64x64" in proc.stderr
     assert "bucket_reso_steps 32 is not a multiple of 64, which kohya advises for SD1.x/2.x models" in proc.stderr
     assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_folders_that_cannot_be_written_stop_before_loading(tiny_default, tmp_path, monkeypatch):
+    """An --output_dir or --logging_dir that is a file (or under one) is named at once, not at the
+    first save after the whole run."""
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    message = _stops_before_loading(monkeypatch, tiny_train_args(tiny_default, a_file))
+    assert f"--output_dir {a_file}: it is a file, not a folder" in message
+    message = _stops_before_loading(monkeypatch, tiny_train_args(tiny_default, tmp_path / "out", "--logging_dir",
+                                                                 str(a_file / "logs")))
+    assert f"--logging_dir {a_file / 'logs'}: {a_file} is a file, so the folder cannot be made there" in message
+
+
+def test_gen_img_outdir_that_is_a_file(tmp_path):
+    import gen_img
+    from library.generation.config import build_gen_config
+    from library.utils.errors import UserError
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    args = gen_img.build_parser().parse_args(["--ckpt", "m.safetensors", "--outdir", str(a_file), "--prompt", "a"])
+    with pytest.raises(UserError, match=f"--outdir {a_file}: it is a file"):
+        build_gen_config(args)
