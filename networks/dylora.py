@@ -26,13 +26,14 @@ from torch import nn
 
 from library.utils.errors import UserError
 from networks import lora
+from networks.lora_modules import HookedModule
 
 #: create_network_from_weights reads every rank from the file (a DyLoRA file is a kohya LoRA)
 SHAPE_FROM_FILE = True
 KNOWN_ARGS = {"unit", "conv_dim", "conv_alpha"}
 
 
-class DyLoRAModule(nn.Module):
+class DyLoRAModule(HookedModule):
     """A LoRA update stored as blocks of ``unit`` ranks (``lora_down_<i>``: (unit, in[, k, k]),
     ``lora_up_<i>``: (out, unit[, 1, 1])), saved and loaded as kohya's full ``lora_down.weight`` /
     ``lora_up.weight`` / ``alpha``."""
@@ -55,22 +56,11 @@ class DyLoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha or dim)))
         self.enabled, self.dropouts = True, None
         self.trained_block: int | None = None  # set each training step by the network
-        self._org = [org_module]
-        self._org_forward = None
+        self._hook_into(org_module)
 
     @property
     def blocks(self) -> int:
         return self.dim // self.unit
-
-    def apply_to(self) -> None:
-        org = self._org[0]
-        self._org_forward = org.forward
-        org.forward = self.forward
-
-    def remove(self) -> None:
-        if self._org_forward is not None:
-            self._org[0].forward = self._org_forward
-            self._org_forward = None
 
     def _weights(self, used: int, trained: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """down (r, ...) and up (out, r) of the first ``used`` blocks; with ``trained``, the blocks

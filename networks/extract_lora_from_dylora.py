@@ -20,10 +20,8 @@ if __package__ in (None, ""):  # run as a script: the project root on the path, 
 
 import torch  # noqa: E402
 
-from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors, save_torch  # noqa: E402
-from networks.lora_merge import read_lora  # noqa: E402
+from networks.lora_merge import read_lora, write_lora  # noqa: E402
 
 
 def leading_ranks(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -55,16 +53,12 @@ def extract(model: str, save_to: str, unit: int) -> list[Path]:
     for rank in range(unit, top, unit):
         part = leading_ranks(state, rank)
         path = Path(f"{stem}-{rank:04d}{ext or '.safetensors'}")
-        if path.suffix == ".safetensors":
-            meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-            comment = meta.get("ss_training_comment", "")
-            meta.update({"ss_network_dim": str(rank), "ss_network_module": "networks.lora",
-                         "ss_training_comment": f"rank {rank} of the DyLoRA {Path(model).name} (rank {top}). {comment}"
-                                                .strip()})
-            add_model_hashes(part, meta)
-            save_safetensors(part, path, meta)
-        else:
-            save_torch(part, path)
+        meta = dict(metadata)
+        comment = meta.get("ss_training_comment", "")
+        meta.update({"ss_network_dim": str(rank), "ss_network_module": "networks.lora",
+                     "ss_training_comment": f"rank {rank} of the DyLoRA {Path(model).name} (rank {top}). {comment}"
+                                            .strip()})
+        write_lora(part, path, meta)
         print(f"rank {rank}: {path}")
         written.append(path)
     return written

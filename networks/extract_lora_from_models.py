@@ -24,11 +24,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
-from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.models.checkpoints import LAYOUT_TITLES, checkpoint_layout, read_checkpoint  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors, save_torch  # noqa: E402
 from networks.base import import_network_module  # noqa: E402
+from networks.lora_merge import write_lora  # noqa: E402
 from networks.lora_resize import as_module_shapes, factor  # noqa: E402
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -142,11 +141,7 @@ def _save(args, out: dict, layout: str, module_name: str) -> None:
         meta["ss_v_parameterization"] = str(args.v_parameterization)
         if args.conv_dim:
             meta["ss_network_args"] = f'{{"conv_dim": "{args.conv_dim}", "conv_alpha": "{float(args.conv_dim)}"}}'
-    if args.save_to.endswith(".safetensors"):
-        add_model_hashes(out, meta)
-        save_safetensors(out, args.save_to, meta)
-    else:
-        save_torch(out, args.save_to)
+    write_lora(out, args.save_to, meta)
     print(f"saved {args.save_to}: {len(out) // 3} modules")
 
 

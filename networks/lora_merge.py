@@ -20,7 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
+from library.utils.files import save_safetensors, save_torch
 from networks.block_lr import lbw_block
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -124,3 +126,14 @@ def scale_by_blocks(state: dict[str, torch.Tensor], strengths: dict[str, float],
             if block is not None and strengths.get(block, 1.0) != 1.0:
                 out[key] = value * strengths[block]
     return out
+
+
+def write_lora(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None) -> None:
+    """A kohya-format LoRA file, atomically: safetensors with the metadata and kohya's hashes of
+    this file's tensors (what AUTOMATIC1111 shows), or a torch pickle (no metadata) for other suffixes."""
+    if str(path).endswith(".safetensors"):
+        metadata = {k: v for k, v in (metadata or {}).items() if not k.startswith("sshs_")}
+        add_model_hashes(state, metadata)
+        save_safetensors(state, path, metadata)
+    else:
+        save_torch(state, path)

@@ -69,7 +69,32 @@ def _init_lora(module: nn.Module, dim: int, alpha: float | None, multiplier: flo
     module.region = None  # gen_img's regional LoRA: a callable giving the mask the update is multiplied by
 
 
-class LoRAModule(nn.Module):
+class HookedModule(nn.Module):
+    """A module that takes over one base module's forward (``apply_to``) and gives it back
+    (``remove``); the base module is kept in a list, so it is not registered as a child."""
+
+    def _hook_into(self, org_module: nn.Module) -> None:
+        self._org = [org_module]
+        self._org_forward = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        """Route the base module's forward through this module."""
+        org = self._org[0]
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def remove(self) -> None:
+        """Restore the base module's own forward."""
+        if self._org_forward is not None:
+            self._org[0].forward = self._org_forward
+            self._org_forward = None
+
+
+class LoRAModule(HookedModule):
     """The low-rank update of one Linear or Conv2d, hooked into that module's forward."""
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float, dim: int, alpha: float | None,
@@ -87,24 +112,7 @@ class LoRAModule(nn.Module):
             self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
             self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
         _init_lora(self, dim, alpha, multiplier)
-        self._org = [org_module]  # a list, so the base module is not registered as a child
-        self._org_forward = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base module's forward through this LoRA."""
-        org = self._org[0]
-        self._org_forward = org.forward
-        org.forward = self.forward
-
-    def remove(self) -> None:
-        """Restore the base module's own forward."""
-        if self._org_forward is not None:
-            self._org[0].forward = self._org_forward
-            self._org_forward = None
+        self._hook_into(org_module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)

@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
-from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.models.checkpoints import (  # noqa: E402
     LAYOUT_TITLES,
     checkpoint_layout,
@@ -36,10 +35,16 @@ from library.models.checkpoints import (  # noqa: E402
     write_checkpoint,
 )
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors, save_torch  # noqa: E402
 from networks.base import NetworkAdapter, import_network_module  # noqa: E402
 from networks.block_lr import parse_lbw  # noqa: E402
-from networks.lora_merge import lora_modules, merge_concat, merge_sum, read_lora, scale_by_blocks  # noqa: E402
+from networks.lora_merge import (  # noqa: E402
+    lora_modules,
+    merge_concat,
+    merge_sum,
+    read_lora,
+    scale_by_blocks,
+    write_lora,
+)
 from networks.lora_names import lora_file_family  # noqa: E402
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -172,11 +177,7 @@ def merge_into_lora(args, ratios: list[float], states: list[dict], metas: list[d
                                               m.get("sshs_model_hash")} for p, r, m in zip(args.models, ratios, metas)])
         meta["ss_training_comment"] = ("concatenated" if args.concat else "merged") + " from " + \
             ", ".join(f"{Path(p).name} x {r}" for p, r in zip(args.models, ratios))
-    if args.save_to.endswith(".safetensors"):
-        add_model_hashes(merged, meta)
-        save_safetensors(merged, args.save_to, meta)
-    else:
-        save_torch(merged, args.save_to)
+    write_lora(merged, args.save_to, meta)
     print(f"saved {args.save_to}: {len(merged) // 3} modules, rank {'/'.join(map(str, sorted(ranks)))}")
 
 

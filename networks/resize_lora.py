@@ -21,10 +21,8 @@ if __package__ in (None, ""):  # run as a script: the project root on the path
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors, save_torch  # noqa: E402
-from networks.lora_merge import lora_modules, read_lora  # noqa: E402
+from networks.lora_merge import lora_modules, read_lora, write_lora  # noqa: E402
 from networks.lora_resize import DYNAMIC_METHODS, resize_module  # noqa: E402
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -95,11 +93,7 @@ def _save(args, out: dict, metadata: dict, ranks: list[int]) -> None:
         f"resized to rank {args.new_rank}"
     comment = metadata.get("ss_training_comment", "")
     meta["ss_training_comment"] = f"{how} from {Path(args.model).name}. {comment}".strip()
-    if args.save_to.endswith(".safetensors"):
-        add_model_hashes(out, meta)
-        save_safetensors(out, args.save_to, meta)
-    else:
-        save_torch(out, args.save_to)
+    write_lora(out, args.save_to, meta)
     print(f"saved {args.save_to}")
 
 

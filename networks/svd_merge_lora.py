@@ -21,10 +21,8 @@ if __package__ in (None, ""):  # run as a script: the project root on the path
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from library.maths.metadata import add_model_hashes  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors, save_torch  # noqa: E402
-from networks.lora_merge import lora_modules, read_lora, scale_by_blocks, update_of  # noqa: E402
+from networks.lora_merge import lora_modules, read_lora, scale_by_blocks, update_of, write_lora  # noqa: E402
 from networks.lora_names import lora_file_family  # noqa: E402
 from networks.lora_resize import as_module_shapes, factor  # noqa: E402
 from networks.merge_lora import block_strengths  # noqa: E402
@@ -98,11 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         meta["ss_merged_from"] = json.dumps([{"file": Path(p).name, "ratio": r} for p, r in zip(args.models, ratios)])
         meta["ss_training_comment"] = f"SVD merge at rank {args.new_rank} of " + \
             ", ".join(f"{Path(p).name} x {r}" for p, r in zip(args.models, ratios))
-    if args.save_to.endswith(".safetensors"):
-        add_model_hashes(merged, meta)
-        save_safetensors(merged, args.save_to, meta)
-    else:
-        save_torch(merged, args.save_to)
+    write_lora(merged, args.save_to, meta)
     print(f"saved {args.save_to}: {len(merged) // 3} modules")
 
 
