@@ -80,7 +80,7 @@ def _candidates(subset: SubsetConfig, report: ScanReport, strict: bool):
     folder = Path(subset.image_dir)
     if not folder.is_dir():
         raise UserError(f"image_dir not found: {folder}")
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)):
+    for path in _image_files(folder, report, strict):
         try:
             caption = read_caption_file(str(path), subset.caption_extension, subset.caption.enable_wildcard)
             face = face_info(path.stem)
@@ -90,6 +90,29 @@ def _candidates(subset: SubsetConfig, report: ScanReport, strict: bool):
             yield path, caption, None
         except CaptionError as exc:
             yield path, None, str(exc)
+
+
+def _image_files(folder: Path, report: ScanReport, strict: bool) -> list[Path]:
+    """The image files of a folder, sorted; a dangling link, or a second image with the same stem
+    (``a.png`` beside ``a.jpg``: they would share one caption and one latent cache file), is skipped
+    and named in the report."""
+    files, seen = [], {}
+    for path in sorted(folder.iterdir()):
+        if not is_image_file(path.name):
+            continue
+        if path.is_symlink() and not path.exists():
+            _skip(report, str(path), "a link whose target does not exist", strict)
+            continue
+        if not path.is_file():
+            _skip(report, str(path), "not a file", strict)
+            continue
+        if path.stem in seen:
+            _skip(report, str(path), f"has the same name as {seen[path.stem].name}, so the two would share one caption "
+                  "and one latent cache file; rename one to train both", strict)
+            continue
+        seen[path.stem] = path
+        files.append(path)
+    return files
 
 
 def scan_subset(subset: SubsetConfig, report: ScanReport, strict: bool, min_side: int = 1) -> list[ImageItem]:

@@ -33,23 +33,30 @@ def corpus(tmp_path):
     Image.new("RGB", (64, 64)).save(d / "empty_caption.png")
     (d / "empty_caption.txt").write_text("  \n", encoding="utf-8")
     Image.new("RGB", (10, 10)).save(d / "tiny.png")
+    Image.new("RGB", (64, 64)).save(d / "twin.png")
+    Image.new("RGB", (64, 64)).save(d / "twin.webp")  # same stem: would share twin.png's caption and cache
+    (d / "gone.png").symlink_to(tmp_path / "deleted.png")  # a dangling link
     return d
 
 
 def test_corpus_is_skipped_with_reasons(corpus):
     report = ScanReport()
     items = scan_subset(SubsetConfig(str(corpus), caption_extension=".txt", class_tokens="thing"), report, False)
-    assert sorted(p.rsplit("/", 1)[-1] for p in (it.path for it in items)) == ["good.png", "nocaption.png", "tiny.png"]
+    names = sorted(p.rsplit("/", 1)[-1] for p in (it.path for it in items))
+    assert names == ["good.png", "nocaption.png", "tiny.png", "twin.png"]
     reasons = {p.rsplit("/", 1)[-1]: why for p, why in report.skipped}
-    assert set(reasons) == {"zero.png", "truncated.jpg", "text.png", "latin1.png", "empty_caption.png"}
+    assert set(reasons) == {"zero.png", "truncated.jpg", "text.png", "latin1.png", "empty_caption.png", "twin.webp",
+                            "gone.png"}
     assert "cannot be read as an image" in reasons["zero.png"] and "not UTF-8" in reasons["latin1.png"]
     assert "is empty" in reasons["empty_caption.png"]
-    assert report.class_token_fallbacks == 2  # nocaption.png and tiny.png use class_tokens
+    assert "same name as twin.png" in reasons["twin.webp"] and "link whose target does not exist" in reasons["gone.png"]
+    assert report.class_token_fallbacks == 3  # nocaption.png, tiny.png and twin.png use class_tokens
     assert next(it for it in items if it.path.endswith("nocaption.png")).caption == "thing"
 
 
 def test_strict_stops_at_the_first_bad_file(corpus):
-    with pytest.raises(UserError, match=r"empty_caption.png: .*is empty.*--strict_dataset"):  # first in order
+    # the folder listing is checked first (links, same-stem twins), then each file in order
+    with pytest.raises(UserError, match=r"gone.png: a link whose target does not exist.*--strict_dataset"):
         scan_subset(SubsetConfig(str(corpus), caption_extension=".txt"), ScanReport(), True)
 
 
