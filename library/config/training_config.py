@@ -24,6 +24,7 @@ from library.optim.optimizers import check_fused_backward, check_optimizer_name
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
 from library.utils.files import check_writable_folder
+from library.utils.ranges import TRAINING, check_flags
 from networks.base import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -190,27 +191,12 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[DatasetConfig], str]:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    positive = {"max_train_steps": args.max_train_steps, "vae_batch_size": args.vae_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps}
-    for flag in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
-                 "sample_every_n_epochs", "network_dim", "save_last_n_epochs", "save_last_n_steps",
-                 "save_last_n_epochs_state", "save_last_n_steps_state", "validate_every_n_steps",
-                 "validate_every_n_epochs", "max_validation_steps", "save_n_epoch_ratio", "initial_epoch",
-                 "ddp_timeout"):
-        if getattr(args, flag) is not None:
-            positive[flag] = getattr(args, flag)
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserError(f"--{flag} must be at least 1 (got {value})")
-    if args.initial_step is not None and args.initial_step < 0:
-        raise UserError(f"--initial_step must be at least 0 (got {args.initial_step})")
+    check_flags(vars(args), TRAINING)  # every numeric flag in its range (library/utils/ranges.py)
     if args.resume and (args.initial_step is not None or args.initial_epoch is not None):
         raise UserError("--resume continues at the step its state folder records; --initial_step / --initial_epoch "
                         "are for starting from a network file (--network_weights) without a state: give one of them")
     if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:
         raise UserError("--skip_until_initial_step needs --initial_step or --initial_epoch (the step to start at)")
-    if args.validation_split is not None and not 0 <= args.validation_split < 1:
-        raise UserError(f"--validation_split must be in [0, 1) (got {args.validation_split})")
     if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) \
             and not args.network_train_unet_only:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained text encoder's "

@@ -25,6 +25,7 @@ from library.sampling.gradual_latent import GradualLatent, Unsharp
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
 from library.utils.files import check_writable_folder
+from library.utils.ranges import GENERATION, check_flags
 
 PYRAMID_DISCOUNTS, OFFSETS = (0.3, 0.8), (-0.1, 0.1)  # kohya's ranges when the flags are not given
 SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "original_height_negative",
@@ -224,6 +225,7 @@ class GenConfig:
 def build_gen_config(args: argparse.Namespace) -> GenConfig:
     """The typed config of gen_img.py's flags, validated (UserError naming the flag)."""
     a = args
+    check_flags(vars(a), GENERATION)
     config = GenConfig(
         model=ModelSettings(
             a.ckpt, next((name for name in ("sdxl", "sd3") if getattr(a, name)), None), a.v2, a.v_parameterization,

@@ -17,6 +17,7 @@ from pathlib import Path
 from library.sampling.gradual_latent import Unsharp
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
+from library.utils.ranges import PROMPT_OPTIONS, check
 
 NO_NEGATIVE_SCALE = -1.0
 # Deep Shrink and Gradual Latent line options -> (field of DeepShrink / GradualLatent, parser)
@@ -113,6 +114,12 @@ def parse_gen_line(line: str, source: str = "", index: int = 0) -> GenPrompt:
             raise UserError(f"{source}: unknown option --{opt} (known: {', '.join('--' + o for o in OPTIONS)})")
         if not value:
             raise UserError(f"{source}: option --{opt} has no value")
+        if opt in PROMPT_OPTIONS:
+            for number in value.split(","):  # --d takes a list of seeds
+                try:
+                    check(float(number), PROMPT_OPTIONS[opt], f"{source}: --{opt}")
+                except ValueError:
+                    raise UserError(f"{source}: bad value for --{opt}: {number!r} is not a number") from None
         try:
             prompt = _apply(prompt, opt, value)
         except (ValueError, UserError) as exc:

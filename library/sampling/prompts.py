@@ -10,6 +10,7 @@ import toml
 
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
+from library.utils.ranges import PROMPT_OPTIONS, check
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,16 @@ def _option(prompt: SamplePrompt, opt: str, value: str) -> SamplePrompt:
     opt = opt.lower()
     if opt == "n":
         return replace(prompt, negative_prompt=value)
+    if opt in PROMPT_OPTIONS:  # out of range is an error here (kohya clamps --s and --w/--h silently)
+        check(float(value), PROMPT_OPTIONS[opt], f"--{opt}")
     if opt in ("w", "h"):
-        size = max(64, int(value) // 8 * 8)
-        return replace(prompt, **{"width" if opt == "w" else "height": size})
+        return replace(prompt, **{"width" if opt == "w" else "height": int(value) // 8 * 8})  # kohya rounds down
     if opt == "d":
         return replace(prompt, seed=int(value))
     if opt == "l":
         return replace(prompt, scale=float(value))
     if opt == "s":
-        return replace(prompt, steps=min(1000, max(1, int(value))))
+        return replace(prompt, steps=int(value))
     if opt == "ss":
         return replace(prompt, sampler=canonical_sampler(value))
     raise KeyError(opt)

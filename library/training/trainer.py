@@ -252,7 +252,9 @@ class NetworkTrainer:
         cfg, o = self.cfg, self.cfg.optimizer
         groups, lr_names = adapter.optimizer_groups(o.text_encoder_lr, o.unet_lr, o.learning_rate)
         if not groups:
-            raise UserError("the network has no trainable parameters (check --network_train_* flags)")
+            raise UserError("nothing to train: every part of the network has a learning rate of 0 or no parameters; "
+                            "check --learning_rate / --unet_lr / --text_encoder_lr (a rate of 0 leaves its part out) "
+                            "and --network_train_unet_only / --network_train_text_encoder_only")
         optimizer = optim.build_optimizer(o.optimizer_type, groups, o.learning_rate,
                                           optim.parse_optimizer_args(o.optimizer_args))
         steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
