@@ -30,14 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from library.config.family_options import training_family
-    from library.config.training_config import build_datasets
+    from library.config.training_config import build_datasets, check_latent_caching
     from library.data.dataset import build_dataset_group
+    from library.data.dataset_config import fit_to_family
     from library.data.latent_cache import cache_latents
     from library.models.fingerprint import module_fingerprint
+    from library.utils.ranges import TRAINING, check_flags
 
+    check_flags(vars(args), TRAINING)
     configs, _ = build_datasets(args)
-    group, report = build_dataset_group(configs, args.seed or 0, args.prior_loss_weight, args.strict_dataset)
+    check_latent_caching(configs, "tools/cache_latents.py", to_disk=True)  # the trainer's own refusals
     family = training_family("sdxl" if args.sdxl else "sd", args)
+    configs = fit_to_family(configs, family.size_multiple, family.advised_size_multiple, family.title)  # as training
+    group, report = build_dataset_group(configs, args.seed or 0, args.prior_loss_weight, args.strict_dataset)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -206,14 +206,22 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_cache_conflicts(args: argparse.Namespace, datasets: list[DatasetConfig]) -> None:
-    if not (args.cache_latents or args.cache_latents_to_disk):
-        return
+    if args.cache_latents or args.cache_latents_to_disk:
+        check_latent_caching(datasets, "--cache_latents")
+
+
+def check_latent_caching(datasets: list[DatasetConfig], what: str, to_disk: bool = False) -> None:
+    """What caching latents cannot work with (the trainer's --cache_latents and tools/cache_latents.py
+    both ask this): random crops and colours change the latent every epoch; with ``to_disk`` the
+    image folders must be writable (the cache files go beside the images)."""
     for i, ds in enumerate(datasets):
         for j, sub in enumerate(ds.subsets):
             for key in ("color_aug", "random_crop", "face_crop_aug_range"):
                 if getattr(sub, key):
-                    raise UserError(f"--cache_latents with {key} (datasets[{i}].subsets[{j}], {sub.image_dir}): a "
-                                    f"cached latent fixes one crop and colour; remove --cache_latents or {key}")
+                    raise UserError(f"{what} with {key} (datasets[{i}].subsets[{j}], {sub.image_dir}): a "
+                                    f"cached latent fixes one crop and colour; remove {what} or {key}")
+            if to_disk and sub.image_dir:
+                check_writable_folder(sub.image_dir, f"datasets[{i}].subsets[{j}].image_dir (its cache files)")
 
 
 def _check_masks(args: argparse.Namespace, datasets: list[DatasetConfig]) -> None:

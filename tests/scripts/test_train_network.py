@@ -405,6 +405,8 @@ def test_cache_tool_then_training_reuses_the_files(tiny_default, tmp_path):
     proc = run_script("train_network.py", *common, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
                       "--cache_latents_to_disk", check=True)
     assert "8 loaded from disk, 0 encoded" in proc.stderr
+    refused = run_script("tools/cache_latents.py", *common, "--color_aug")  # the trainer refuses it with caching
+    assert refused.returncode == 2 and "tools/cache_latents.py with color_aug" in refused.stderr
 
 
 def test_masked_loss_training(tiny_default, tmp_path):
