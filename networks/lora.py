@@ -25,13 +25,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
 from library.utils.files import save_safetensors, save_torch
 from networks.block_lr import BlockRanks, block_index, block_lr_weights, block_ranks
+from networks.lora_merge import read_lora
 from networks.lora_modules import Dropouts, FusedLoRAModule, LoRAModule
 from networks.lora_names import find_targets, te_lora_name, to_kohya_names, uses_sgm_names
 
@@ -287,11 +287,8 @@ def _rank(name, dim, alpha, module_dims, module_alphas):
 
 
 def _read_lora_file(file: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(file):
-        raise UserError(f"LoRA file not found: {file}")
-    if file.endswith(".safetensors"):
-        return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True)
+    """A LoRA file's tensors; a missing, damaged or unsafe file is a UserError naming it."""
+    return read_lora(file, "LoRA file")[0]
 
 
 def _as_list(text_encoder) -> list[nn.Module]:

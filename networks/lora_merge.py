@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 
 import torch
 from safetensors import safe_open
@@ -112,8 +113,12 @@ def read_lora(path: str, flag: str = "--models") -> tuple[dict[str, torch.Tensor
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except UserError:
         raise
+    except pickle.UnpicklingError as exc:  # weights_only refuses a pickle that would build Python objects
+        raise UserError(f"{flag} {path}: this pickle holds more than tensors and could run code when loaded, so it "
+                        "is not read; use a .safetensors version of it") from exc
     except Exception as exc:  # a truncated or foreign file: the readers' errors vary
-        raise UserError(f"{flag} {path}: cannot be read as a LoRA file ({exc})") from exc
+        raise UserError(f"{flag} {path}: cannot be read as a LoRA file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); is it complete?") from exc
 
 
 def scale_by_blocks(state: dict[str, torch.Tensor], strengths: dict[str, float], sgm: bool) -> dict[str, torch.Tensor]:

@@ -57,7 +57,8 @@ def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
 
 def run_script(script: str, *args: str, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a project script in a fresh interpreter, offline; returns the completed process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # SDTRAIN_TRACEBACK: a failing script's traceback is printed as well as logged, for the test report
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", SDTRAIN_TRACEBACK="1")
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

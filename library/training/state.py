@@ -100,10 +100,24 @@ def read_train_state(folder: Path) -> TrainState:
 def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler) -> None:
     """Restore network weights, optimizer, scheduler and every RNG from a state folder."""
     folder = Path(folder)
-    network.load_state_dict(load_file(str(folder / "network.safetensors")), strict=True)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
+    network.load_state_dict(_read(folder, "network.safetensors", lambda p: load_file(str(p))), strict=True)
+    optimizer.load_state_dict(_read(folder, "optimizer.pt", _torch_file))
+    scheduler.load_state_dict(_read(folder, "scheduler.pt", _torch_file))
+    _set_rng_state(_read(folder, "rng.pt", _torch_file))
+
+
+def _torch_file(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(folder: Path, name: str, reader):
+    """One file of a state folder; a damaged one is named (a truncated copy, a disk error)."""
+    try:
+        return reader(folder / name)
+    except Exception as exc:  # safetensors' and torch's errors for a damaged file vary
+        raise UserError(f"--resume {folder}: {name} is damaged ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); resume from an earlier state "
+                        "folder") from exc
 
 
 def find_latest_state(output_dir: Path, output_name: str) -> Path:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -36,3 +41,25 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last guard: a bug, or an input no check caught
+        print(f"error: {unexpected_summary(exc)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def unexpected_summary(exc: BaseException) -> str:
+    """One line for an exception no check turned into a message: what and where, with the full
+    traceback written to a log file (printed too when SDTRAIN_TRACEBACK=1)."""
+    text = "".join(traceback.format_exception(exc))
+    if os.environ.get("SDTRAIN_TRACEBACK") == "1":
+        print(text, file=sys.stderr)
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    script = Path(sys.argv[0]).stem or "python"
+    log = Path(tempfile.gettempdir()) / f"sdtrain-{script}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text(text, encoding="utf-8")
+        saved = f"the full traceback is in {log}"
+    except OSError:
+        saved = "set SDTRAIN_TRACEBACK=1 to see the full traceback"
+    detail = str(exc).splitlines()[0] if str(exc) else "no message"
+    return f"unexpected {type(exc).__name__}{where}: {detail} ({saved}; please report it with that file)"
