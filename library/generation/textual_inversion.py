@@ -23,13 +23,14 @@ def read_vectors(path: Path, keys: tuple[str, ...]) -> list[torch.Tensor]:
     """One (N, width) tensor per text encoder (``keys``; ``""`` means the file's single tensor)."""
     if not path.is_file():
         raise UserError(f"--textual_inversion_embeddings {path}: file not found")
-    if path.suffix == ".safetensors":
-        data = load_file(str(path))
-    else:
-        try:
+    try:
+        if path.suffix == ".safetensors":
+            data = load_file(str(path))
+        else:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickles with code in them are refused by weights_only
-            raise UserError(f"--textual_inversion_embeddings {path}: not a readable embedding ({exc})") from exc
+    except Exception as exc:  # a truncated file; pickles with code in them are refused by weights_only
+        raise UserError(f"--textual_inversion_embeddings {path}: not a readable embedding ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from exc
     if isinstance(data, dict) and "string_to_param" in data:
         data = data["string_to_param"]
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
