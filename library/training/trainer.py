@@ -441,6 +441,8 @@ class _Loop:
                         p.epoch, p.batches_done, p.epoch_losses = epoch, 0, []
                     self._run_epoch(loader, schedule, p, bar)
                     self._end_epoch(schedule, p)
+                    if p.global_step < schedule.max_steps and self._stop_requested():
+                        raise _Stopped  # after the epoch's own saves, validation and samples
         except NonFiniteError as exc:
             bar.close()
             raise UserError(self._stop_non_finite(exc, p)) from exc
@@ -481,7 +483,7 @@ class _Loop:
                 self.sample(epoch=None, step=p.global_step)
             if p.global_step >= schedule.max_steps:
                 break
-            if self._stop_requested():
+            if p.batches_done < schedule.batches_per_epoch and self._stop_requested():  # epoch end: see train()
                 raise _Stopped
 
     def _validate(self, p: Progress, when: str) -> None:
