@@ -338,10 +338,6 @@ def _network_config(args: argparse.Namespace) -> NetworkConfig:
     """The network flags, checked (files, counts, ranges) before any model loads."""
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights reads the ranks from --network_weights: give that file too")
-    if args.network_dropout is not None and not 0 <= args.network_dropout < 1:
-        raise UserError(f"--network_dropout {args.network_dropout}: a probability at least 0 and below 1")
-    if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
-        raise UserError(f"--scale_weight_norms {args.scale_weight_norms}: the largest update norm allowed, above 0")
     multipliers = list(args.base_weights_multiplier or [])
     if len(multipliers) > len(args.base_weights):
         raise UserError(f"--base_weights_multiplier: {len(multipliers)} values for {len(args.base_weights)} "

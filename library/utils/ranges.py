@@ -62,10 +62,10 @@ TRAINING = {
     "scale_weight_norms": POSITIVE,
 }
 
-#: gen_img.py's flags
+#: gen_img.py's flags (``vae_batch_size`` below 1 is a share of the batch, as in kohya)
 GENERATION = {
     "steps": Range(1, 1000), "batch_size": COUNT, "images_per_prompt": COUNT, "n_iter": COUNT, "seed": SEED,
-    "scale": NON_NEGATIVE, "strength": PROBABILITY, "vae_batch_size": COUNT, "clip_skip": COUNT,
+    "scale": NON_NEGATIVE, "strength": PROBABILITY, "vae_batch_size": POSITIVE, "clip_skip": COUNT,
     "max_embeddings_multiples": COUNT, "highres_fix_steps": COUNT, "highres_fix_strength": PROBABILITY,
     "network_merge_n_models": COUNT, "ddim_eta": NON_NEGATIVE, "t5xxl_max_token_length": COUNT,
     "flow_shift": POSITIVE,

@@ -122,10 +122,10 @@ def _stops_before_loading(monkeypatch, argv: list[str]) -> str:
     (["--dim_from_weights"], "--dim_from_weights reads the ranks from --network_weights"),
     (["--base_weights", "missing.safetensors"], "--base_weights missing.safetensors: file not found"),
     (["--base_weights_multiplier", "0.5"], "--base_weights_multiplier: 1 values for 0 --base_weights"),
-    (["--network_dropout", "1.0"], "--network_dropout 1.0: a probability"),
+    (["--network_dropout", "1.0"], "--network_dropout 1.0: must be at least 0 and below 1"),
     (["--network_args", "block_dims=1,2,3"], "block_dims: 3 values given; this model has 25 blocks"),
     (["--network_args", "rank_dropout=x"], "rank_dropout 'x': expected a probability"),
-    (["--scale_weight_norms", "0"], "--scale_weight_norms 0.0: the largest update norm allowed, above 0"),
+    (["--scale_weight_norms", "0"], "--scale_weight_norms 0.0: must be above 0"),
 ])
 def test_bad_network_flags_stop_before_loading(tiny_default, tmp_path, monkeypatch, extra, message):
     assert message in _stops_before_loading(monkeypatch, tiny_train_args(tiny_default, tmp_path, *extra))
