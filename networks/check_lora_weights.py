@@ -14,11 +14,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.families import FAMILIES  # noqa: E402
 from library.utils.errors import run_cli  # noqa: E402
 from networks.lora_merge import lora_modules, read_lora  # noqa: E402
 from networks.lora_names import lora_file_family  # noqa: E402
 
-FAMILY_TITLES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
+FAMILY_TITLES = {name: cls.title for name, (cls, _) in FAMILIES.items()}
 
 
 def summary_lines(path: str, show_all: bool = False) -> list[str]:

@@ -23,9 +23,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
+from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import LAYOUT_TITLES, checkpoint_layout, read_checkpoint  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from library.utils.files import save_safetensors  # noqa: E402
@@ -34,9 +34,8 @@ from networks.lora_export import diffusers_part, peft_state_dict, write_diffuser
 from networks.lora_merge import read_lora  # noqa: E402
 from networks.lora_names import lora_file_family  # noqa: E402
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILY_TITLES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
-BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
+PRECISIONS = DTYPE_NAMES
+FAMILY_TITLES = {name: cls.title for name, (cls, _) in FAMILIES.items()}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,7 +83,7 @@ def convert(args: argparse.Namespace) -> Path:
         ranks = sorted({m.lora_down.weight.shape[0] for m in network.all_loras()})
         meta = {"ss_network_module": module_name, "ss_network_dim": str(ranks[-1]) if len(ranks) == 1 else "Dynamic",
                 "ss_network_alpha": "Dynamic", "ss_v2": str(layout == "sd2"),
-                "ss_base_model_version": BASE_VERSIONS[layout],
+                "ss_base_model_version": checkpoint.parts.base_model_version,
                 "ss_training_comment": f"converted from the diffusers/PEFT form: {Path(args.model).name}"}
         network.save_weights(str(out), dtype, meta)
     print(f"saved {out} ({to} form, {len(network.all_loras())} modules)")

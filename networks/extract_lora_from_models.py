@@ -24,14 +24,14 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
+from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import LAYOUT_TITLES, checkpoint_layout, read_checkpoint  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from networks.base import import_network_module  # noqa: E402
 from networks.lora_merge import write_lora  # noqa: E402
 from networks.lora_resize import as_module_shapes, factor  # noqa: E402
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
+PRECISIONS = DTYPE_NAMES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,7 +107,8 @@ def extract(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     layout = _check(args)
     dtype = PRECISIONS[args.load_precision or "float"]
     module_name = FAMILIES[LAYOUT_FAMILY[layout]][0].default_network_module
-    org_net = _network(module_name, read_checkpoint(args.model_org, dtype), args.dim, args.conv_dim)
+    original = read_checkpoint(args.model_org, dtype)
+    org_net = _network(module_name, original, args.dim, args.conv_dim)
     tuned_net = _network(module_name, read_checkpoint(args.model_tuned, dtype), args.dim, args.conv_dim)
     tuned = {m.lora_name: m for m in tuned_net.all_loras()}
     diffs = {m.lora_name: (m, (_weight(tuned[m.lora_name]) - _weight(m)).to(args.device)) for m in org_net.all_loras()}
@@ -128,14 +129,14 @@ def extract(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         down, up = as_module_shapes(up, down, lora.lora_down.weight, lora.lora_up.weight)
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-    _save(args, out, layout, module_name)
+    _save(args, out, layout, module_name, original.parts.base_model_version)
     return out
 
 
-def _save(args, out: dict, layout: str, module_name: str) -> None:
+def _save(args, out: dict, layout: str, module_name: str, base_version: str) -> None:
     out = {k: v.to(PRECISIONS[args.save_precision or "float"]) for k, v in out.items()}
     meta = {"ss_network_module": module_name, "ss_network_dim": str(args.dim), "ss_network_alpha": str(float(args.dim)),
-            "ss_v2": str(layout == "sd2"), "ss_base_model_version": BASE_VERSIONS[layout]}
+            "ss_v2": str(layout == "sd2"), "ss_base_model_version": base_version}
     if not args.no_metadata:
         meta["ss_training_comment"] = f"extracted: {Path(args.model_tuned).name} - {Path(args.model_org).name}"
         meta["ss_v_parameterization"] = str(args.v_parameterization)

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
+from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import (  # noqa: E402
     LAYOUT_TITLES,
     checkpoint_layout,
@@ -47,8 +48,8 @@ from networks.lora_merge import (  # noqa: E402
 )
 from networks.lora_names import lora_file_family  # noqa: E402
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILY_TITLES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
+PRECISIONS = DTYPE_NAMES
+FAMILY_TITLES = {name: cls.title for name, (cls, _) in FAMILIES.items()}
 
 
 def parser() -> argparse.ArgumentParser:

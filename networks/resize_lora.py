@@ -21,11 +21,12 @@ if __package__ in (None, ""):  # run as a script: the project root on the path
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from networks.lora_merge import lora_modules, read_lora, write_lora  # noqa: E402
 from networks.lora_resize import DYNAMIC_METHODS, resize_module  # noqa: E402
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = DTYPE_NAMES
 
 
 def parser() -> argparse.ArgumentParser:

@@ -66,6 +66,19 @@ def run_script(script: str, *args: str, check: bool = False, timeout: int = 600)
     return proc
 
 
+def one_image_per_step(tiny_default: Path, out: Path, **subset_options) -> Path:
+    """A dataset TOML of the tiny default's 8 training images, once each, batch 1 (8 steps an
+    epoch); written into ``out``."""
+    import toml
+
+    out.mkdir(parents=True, exist_ok=True)
+    subset = {"image_dir": str(tiny_default / "train" / "10_sks shape"), "num_repeats": 1, **subset_options}
+    config = out / "dataset.toml"
+    config.write_text(toml.dumps({"general": {"caption_extension": ".caption"},
+                                  "datasets": [{"resolution": 64, "batch_size": 1, "subsets": [subset]}]}))
+    return config
+
+
 def tiny_train_args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
     """train_network.py arguments for a short run on the tiny default."""
     return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),

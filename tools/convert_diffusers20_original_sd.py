@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import (  # noqa: E402
     LAYOUT_TITLES,
     model_layout,
@@ -34,7 +35,7 @@ from library.models.checkpoints import (  # noqa: E402
 from library.models.sd_loading import CHECKPOINT_SUFFIXES  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = DTYPE_NAMES
 
 
 def parser() -> argparse.ArgumentParser:

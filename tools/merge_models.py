@@ -26,12 +26,13 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import LAYOUT_TITLES, checkpoint_layout  # noqa: E402
 from library.models.sd_loading import read_state_dict  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
 from library.utils.files import save_safetensors, save_torch  # noqa: E402
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = DTYPE_NAMES
 DENOISER_PREFIX = "model.diffusion_model."
 
 

@@ -18,7 +18,7 @@ from library.data.dataset_config import (
     metadata_to_config,
     parse_dataset_config,
 )
-from library.maths.precision import check_precision_flags
+from library.maths.precision import DTYPE_NAMES, check_precision_flags
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.optim.optimizers import check_fused_backward, check_optimizer_name
 from library.sampling.prompts import SamplePrompt, load_prompt_file
@@ -146,7 +146,7 @@ class TrainingConfig:
     raw_args: dict = field(default_factory=dict)
 
 
-_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PRECISIONS = {None: None, **DTYPE_NAMES}
 
 
 def _resolution(value: str | None) -> tuple[int, int] | None:

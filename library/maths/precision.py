@@ -10,6 +10,10 @@ from library.utils.errors import UserError
 FP8 = torch.float8_e4m3fn
 
 
+#: the dtype names of kohya's precision flags (--save_precision, --precision, ...)
+DTYPE_NAMES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def store_in_fp8(module: torch.nn.Module) -> int:
     """Keep the weights of every Linear and Conv2d in float8_e4m3fn (embeddings and norms keep their
     dtype); autocast computes in the mixed-precision dtype. Returns the number of modules changed."""

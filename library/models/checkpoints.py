@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,43 @@ from library.utils.errors import UserError
 LAYOUT_TITLES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3"}
 
 
+@dataclass(frozen=True)
+class _LayoutIO:
+    """How one layout is read and written (the trainers' own loaders and savers)."""
+
+    read_file: Callable  # (path, dtype) -> parts, without tokenizers
+    write_file: Callable  # (path, parts, dtype, metadata)
+    read_any: Callable  # (single file or folder, dtype, tokenizer_dir) -> parts with tokenizers
+    write_folder: Callable  # (folder, parts, dtype, prediction_type)
+
+
+def _write_sd3_file(path, parts, dtype, metadata) -> None:
+    if not str(path).endswith(".safetensors"):
+        raise UserError(f"{path}: SD3 checkpoints are written as .safetensors")
+    save_sd3_single_file(path, parts, dtype, metadata=metadata)
+
+
+def _write_sd_folder(folder, parts, dtype, prediction_type) -> None:
+    save_sd_diffusers(folder, parts, dtype, prediction_type=prediction_type or parts.prediction_type or "epsilon")
+
+
+_SD = _LayoutIO(lambda path, dtype: load_sd_single_file(path, dtype, with_tokenizer=False), save_sd_single_file,
+                lambda path, dtype, tok: load_sd_model(str(path), dtype, tok), _write_sd_folder)
+_IO = {
+    "sd1": _SD, "sd2": _SD,
+    "sdxl": _LayoutIO(load_sdxl_single_file, save_sdxl_single_file,
+                      lambda path, dtype, tok: load_sdxl_model(str(path), dtype, tok),
+                      lambda folder, parts, dtype, _: save_sdxl_diffusers(folder, parts, dtype)),
+    "sd3": _LayoutIO(lambda path, dtype: load_sd3_single_file(path, dtype, require_text_encoders=False),
+                     _write_sd3_file, lambda path, dtype, tok: load_sd3_model(str(path), dtype, tok),
+                     lambda folder, parts, dtype, _: save_sd3_diffusers(folder, parts, dtype)),
+}
+
+
 @dataclass
 class Checkpoint:
-    """A loaded single file: its layout and modules; ``text_encoders`` in the order LoRA files
-    number them (``lora_te``/``lora_te1``, ``lora_te2``, ``lora_te3``), bundled ones only."""
+    """A loaded model: its layout and modules (the parts say which is the denoiser and which text
+    encoders are bundled, in the order LoRA files number them)."""
 
     layout: str  # "sd1", "sd2", "sdxl" or "sd3"
     parts: SDComponents | SDXLComponents | SD3Components
@@ -52,16 +86,11 @@ class Checkpoint:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.parts.transformer if self.layout == "sd3" else self.parts.unet
+        return self.parts.denoiser
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        p = self.parts
-        if self.layout in ("sd1", "sd2"):
-            return [p.text_encoder]
-        if self.layout == "sdxl":
-            return [p.text_encoder_1, p.text_encoder_2]
-        return [m for m in (p.clip_l, p.clip_g, p.t5xxl) if m is not None]
+        return self.parts.text_encoder_list
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.denoiser, self.parts.vae, *self.text_encoders]
@@ -89,26 +118,13 @@ def checkpoint_layout(path: str | os.PathLike) -> str:
 def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Load a single file of any family into diffusers/transformers modules (no tokenizers)."""
     layout = checkpoint_layout(path)
-    if layout in ("sd1", "sd2"):
-        parts = load_sd_single_file(path, dtype, with_tokenizer=False)
-    elif layout == "sdxl":
-        parts = load_sdxl_single_file(path, dtype)
-    else:
-        parts = load_sd3_single_file(path, dtype, require_text_encoders=False)
-    return Checkpoint(layout, parts, str(path))
+    return Checkpoint(layout, _IO[layout].read_file(path, dtype), str(path))
 
 
 def write_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = None,
                      metadata: dict[str, str] | None = None) -> None:
     """Write the modules back as a single file in the checkpoint's own layout (atomically)."""
-    if checkpoint.layout in ("sd1", "sd2"):
-        save_sd_single_file(path, checkpoint.parts, dtype, metadata)
-    elif checkpoint.layout == "sdxl":
-        save_sdxl_single_file(path, checkpoint.parts, dtype, metadata)
-    else:
-        if not str(path).endswith(".safetensors"):
-            raise UserError(f"{path}: SD3 checkpoints are written as .safetensors")
-        save_sd3_single_file(path, checkpoint.parts, dtype, metadata=metadata)
+    _IO[checkpoint.layout].write_file(path, checkpoint.parts, dtype, metadata)
 
 
 _PIPELINE_LAYOUTS = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
@@ -137,22 +153,10 @@ def read_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                tokenizer_dir: str | None = None) -> Checkpoint:
     """A single file or diffusers folder of any family, with its tokenizers (for writing a folder)."""
     layout = model_layout(path)
-    if layout in ("sd1", "sd2"):
-        parts = load_sd_model(str(path), dtype, tokenizer_dir)
-    elif layout == "sdxl":
-        parts = load_sdxl_model(str(path), dtype, tokenizer_dir)
-    else:
-        parts = load_sd3_model(str(path), dtype, tokenizer_dir)
-    return Checkpoint(layout, parts, str(path))
+    return Checkpoint(layout, _IO[layout].read_any(path, dtype, tokenizer_dir), str(path))
 
 
 def write_diffusers(checkpoint: Checkpoint, folder: str | os.PathLike, dtype: torch.dtype | None = None,
                     prediction_type: str | None = None) -> None:
     """Write the model as a diffusers pipeline folder of its family (atomically)."""
-    if checkpoint.layout in ("sd1", "sd2"):
-        kind = prediction_type or checkpoint.parts.prediction_type or "epsilon"
-        save_sd_diffusers(folder, checkpoint.parts, dtype, prediction_type=kind)
-    elif checkpoint.layout == "sdxl":
-        save_sdxl_diffusers(folder, checkpoint.parts, dtype)
-    else:
-        save_sd3_diffusers(folder, checkpoint.parts, dtype)
+    _IO[checkpoint.layout].write_folder(folder, checkpoint.parts, dtype, prediction_type)

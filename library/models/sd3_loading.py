@@ -56,6 +56,19 @@ class SD3Components:
     t5xxl: torch.nn.Module | None
     tokenizers: dict = field(default_factory=dict)  # "clip_l", "clip_g", "t5xxl"
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def text_encoder_list(self) -> list[torch.nn.Module]:
+        """The bundled encoders in the order LoRA files number them (te1 CLIP-L, te2 CLIP-G, te3 T5)."""
+        return [m for m in (self.clip_l, self.clip_g, self.t5xxl) if m is not None]
+
+    @property
+    def base_model_version(self) -> str:
+        return f"sd3_{self.model_type()}"  # kohya's ss_base_model_version
+
     def model_type(self) -> str:
         """kohya's name of the MMDiT variant: ``medium`` (SD3), ``5-medium`` or ``5-large`` (SD3.5)."""
         cfg = self.transformer.config

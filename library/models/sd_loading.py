@@ -46,6 +46,19 @@ class SDComponents:
     #: what the model predicts, when its files say so ("epsilon" / "v_prediction"); single files do not
     prediction_type: str | None = None
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def text_encoder_list(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's ss_base_model_version."""
+        return ("sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2") if self.v2 else "sd_v1"
+
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) checkpoint.

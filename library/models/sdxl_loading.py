@@ -48,6 +48,16 @@ class SDXLComponents:
     tokenizer_1: object = None  # CLIP-L's
     tokenizer_2: object = None  # OpenCLIP-G's (same vocabulary, pads with "!")
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def text_encoder_list(self) -> list[torch.nn.Module]:
+        return [self.text_encoder_1, self.text_encoder_2]
+
+    base_model_version = "sdxl_base_v1-0"  # kohya's ss_base_model_version
+
 
 def _text_encoder_2(state: dict, dtype, path) -> tuple[torch.nn.Module, dict]:
     ldm = _strip(state, TE2_PREFIX)

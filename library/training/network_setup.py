@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from library.config.training_config import NetworkConfig
+from library.families import FAMILIES
 from library.families.base import LoadedModels, ModelFamily
 from library.utils.errors import UserError
 from networks.base import NetworkAdapter, import_network_module
@@ -21,7 +22,6 @@ from networks.lora_names import lora_file_family
 
 logger = logging.getLogger(__name__)
 
-_FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
 
 
 def check_network_setup(net_cfg: NetworkConfig, family: ModelFamily) -> None:
@@ -44,9 +44,8 @@ def check_network_setup(net_cfg: NetworkConfig, family: ModelFamily) -> None:
             raise UserError(f"{flag} {path}: not a readable safetensors file ({exc})") from exc
         found = lora_file_family(keys)
         if found is not None and found != family.name:
-            raise UserError(f"{flag} {path}: its keys are those of a {_FAMILY_NAMES[found]} LoRA, but this script "
-                            f"trains {_FAMILY_NAMES.get(family.name, family.name)} models; use a LoRA of this "
-                            "model family")
+            raise UserError(f"{flag} {path}: its keys are those of a {FAMILIES[found][0].title} LoRA, but this "
+                            f"script trains {family.title or family.name} models; use a LoRA of this model family")
 
 
 def merge_base_weights(net_cfg: NetworkConfig, models: LoadedModels, device) -> None:

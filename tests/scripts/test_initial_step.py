@@ -13,19 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import one_image_per_step, run_script
 
 EPOCHS = 4  # 8 batches per epoch (8 images, 1 repeat, batch 1): 32 steps
 
 
 def _args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
-    import toml
-
-    out.mkdir(parents=True, exist_ok=True)
-    subset = {"image_dir": str(tiny_default / "train" / "10_sks shape"), "num_repeats": 1, "shuffle_caption": True}
-    config = out / "dataset.toml"
-    config.write_text(toml.dumps({"general": {"caption_extension": ".caption"},
-                                  "datasets": [{"resolution": 64, "batch_size": 1, "subsets": [subset]}]}))
+    config = one_image_per_step(tiny_default, out, shuffle_caption=True)
     return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
             "--dataset_config", str(config), "--output_dir", str(out), "--output_name", "run",
             "--max_train_epochs", str(EPOCHS), "--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.05",

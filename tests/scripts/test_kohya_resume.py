@@ -17,17 +17,11 @@ from safetensors.torch import load_file
 
 from library.training import kohya_state
 from library.utils.errors import UserError
-from tests.conftest import run_script
+from tests.conftest import one_image_per_step, run_script
 
 
 def _args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
-    import toml
-
-    out.mkdir(parents=True, exist_ok=True)
-    subset = {"image_dir": str(tiny_default / "train" / "10_sks shape"), "num_repeats": 1, "flip_aug": True}
-    config = out / "dataset.toml"
-    config.write_text(toml.dumps({"general": {"caption_extension": ".caption"},
-                                  "datasets": [{"resolution": 64, "batch_size": 1, "subsets": [subset]}]}))
+    config = one_image_per_step(tiny_default, out, flip_aug=True)
     return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
             "--dataset_config", str(config), "--output_dir", str(out), "--output_name", "run",
             "--max_train_steps", "12", "--learning_rate", "2e-3", "--lr_scheduler", "cosine", "--seed", "4",
