@@ -28,7 +28,7 @@ from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
 from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import LAYOUT_TITLES, checkpoint_layout, read_checkpoint  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors  # noqa: E402
+from library.utils.safetensors_io import save_safetensors  # noqa: E402
 from networks.base import NetworkAdapter, import_network_module  # noqa: E402
 from networks.lora_export import diffusers_part, peft_state_dict, write_diffusers_lora  # noqa: E402
 from networks.lora_merge import read_lora  # noqa: E402

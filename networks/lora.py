@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors, save_torch
+from library.utils.files import save_torch
+from library.utils.safetensors_io import save_safetensors
 from networks.block_lr import BlockRanks, block_index, block_lr_weights, block_ranks
 from networks.lora_merge import read_lora
 from networks.lora_modules import Dropouts, FusedLoRAModule, LoRAModule
@@ -273,9 +273,7 @@ class LoRANetwork(nn.Module):
         state = {k: (v.detach().to("cpu", dtype) if dtype is not None else v.detach().cpu())
                  for k, v in self.state_dict().items()}
         if os.path.splitext(file)[1] == ".safetensors":
-            metadata = dict(metadata or {})
-            add_model_hashes(state, metadata)
-            save_safetensors(state, file, metadata)
+            save_safetensors(state, file, metadata, model_hashes=True)
         else:
             save_torch(state, file)
 

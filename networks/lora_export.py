@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from library.utils.errors import UserError
-from library.utils.files import atomic_path, save_safetensors
+from library.utils.files import atomic_path
+from library.utils.safetensors_io import save_safetensors
 
 logger = logging.getLogger(__name__)
 

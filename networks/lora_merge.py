@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors, save_torch
+from library.utils.files import save_torch
+from library.utils.safetensors_io import save_safetensors
 from networks.block_lr import lbw_block
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -137,8 +137,6 @@ def write_lora(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | 
     """A kohya-format LoRA file, atomically: safetensors with the metadata and kohya's hashes of
     this file's tensors (what AUTOMATIC1111 shows), or a torch pickle (no metadata) for other suffixes."""
     if str(path).endswith(".safetensors"):
-        metadata = {k: v for k, v in (metadata or {}).items() if not k.startswith("sshs_")}
-        add_model_hashes(state, metadata)
-        save_safetensors(state, path, metadata)
+        save_safetensors(state, path, metadata, model_hashes=True)
     else:
         save_torch(state, path)

@@ -84,3 +84,18 @@ def tiny_train_args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
             "--dataset_config", str(tiny_default / "dataset.toml"), "--output_dir", str(out),
             "--seed", "1", "--console_log_level", "WARNING", *extra]
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya's (sshs_model_hash, sshs_legacy_hash) of ``tensors``, computed the way kohya's
+    precalculate_safetensors_hashes does: on safetensors' own in-memory serialisation carrying only
+    the ``ss_*`` metadata (the independent reference for our streaming writer)."""
+    import hashlib
+    import struct
+
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + header_len:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

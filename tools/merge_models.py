@@ -30,7 +30,8 @@ from library.maths.precision import DTYPE_NAMES  # noqa: E402
 from library.models.checkpoints import LAYOUT_TITLES, checkpoint_layout  # noqa: E402
 from library.models.sd_loading import read_state_dict  # noqa: E402
 from library.utils.errors import UserError, run_cli  # noqa: E402
-from library.utils.files import save_safetensors, save_torch  # noqa: E402
+from library.utils.files import save_torch  # noqa: E402
+from library.utils.safetensors_io import save_safetensors  # noqa: E402
 
 PRECISIONS = DTYPE_NAMES
 DENOISER_PREFIX = "model.diffusion_model."

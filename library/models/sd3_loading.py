@@ -35,10 +35,10 @@ from library.models.sd_loading import (
     read_state_dict,
     require_layout,
     write_diffusers_folder,
+    write_single_file,
 )
 from library.models.tokenizers import resolve_tokenizer
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors
 
 TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                "t5xxl": "text_encoders.t5xxl.transformer."}
@@ -182,9 +182,7 @@ def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: t
             if module is not None:
                 state.update({TE_PREFIXES[name] + k: v for k, v in module.state_dict().items()
                               if not (name == "t5xxl" and k == "shared.weight")})
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_safetensors(state, path, metadata=metadata)
+    write_single_file(state, path, dtype, metadata)
 
 
 def load_sd3_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SD3Components:

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +14,17 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.maths.noise import SD_SCHEDULE
 from library.models import sd_infer, sd_keys
 from library.models.tokenizers import resolve_tokenizer
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors, save_torch
+from library.utils.files import save_torch
+from library.utils.safetensors_io import read_header, read_tensors, save_safetensors
 
 logger = logging.getLogger(__name__)
 
-_MAX_HEADER = 100 * 1024 * 1024
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -69,12 +66,8 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (check --pretrained_model_name_or_path)")
-    if path.suffix == ".safetensors":
-        _check_safetensors_header(path)
-        try:
-            return load_file(str(path), device=str(device))
-        except Exception as exc:  # noqa: BLE001 - any parse error means a broken file
-            raise UserError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if path.suffix == ".safetensors":  # read tensor by tensor: no mapping of the whole file is kept
+        return read_tensors(path, device)
     try:
         obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001
@@ -85,17 +78,6 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not isinstance(obj, dict):
         raise UserError(f"{path} does not contain a state dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _check_safetensors_header(path: Path) -> None:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8:
-        raise UserError(f"{path} is too short to be a safetensors file ({size} bytes)")
-    (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER or n + 8 > size:
-        raise UserError(f"{path} has a corrupt safetensors header (declared {n} bytes, file {size} bytes)")
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
@@ -135,14 +117,7 @@ def check_file_layout(path: str, accepted: tuple[str, ...]) -> None:
     p = Path(path)
     if p.suffix != ".safetensors" or not p.is_file():
         return
-    _check_safetensors_header(p)
-
-    try:
-        with safe_open(str(p), "pt") as f:
-            keys = dict.fromkeys(f.keys())
-    except Exception as exc:  # noqa: BLE001 - any parse error means a broken file
-        raise UserError(f"{p} is not a readable safetensors file ({exc})") from exc
-    require_layout(keys, accepted, p)
+    require_layout(read_header(p).tensors, accepted, p)
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -345,8 +320,7 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
 def _recast_folder(folder: Path, dtype: torch.dtype) -> None:
     """Store a saved module's safetensors weights in ``dtype`` (floating tensors only)."""
     for f in folder.glob("*.safetensors"):
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
-        save_file(state, str(f), metadata={"format": "pt"})
+        save_safetensors(read_tensors(f), f, {"format": "pt"}, dtype=dtype)
 
 
 def checkpoint_pickle(state: dict, metadata: dict[str, str] | None) -> dict:
@@ -369,9 +343,16 @@ def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: tor
         state.update(sd_keys.open_clip_to_ldm(parts.text_encoder.state_dict(), parts.unused))
     else:
         state.update(sd_keys.clip_to_ldm(parts.text_encoder.state_dict()))
+    write_single_file(state, path, dtype, metadata)
+
+
+def write_single_file(state: dict[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> None:
+    """A single-file checkpoint's tensors to ``.safetensors`` (cast tensor by tensor as they are
+    written, with kohya's model hashes) or to a ``.ckpt`` pickle (cast first: torch.save needs them)."""
+    if str(path).endswith(".safetensors"):
+        save_safetensors(state, path, metadata, dtype=dtype, model_hashes=True)
+        return
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if str(path).endswith(".safetensors"):
-        save_safetensors(state, path, metadata=metadata)
-    else:
-        save_torch(checkpoint_pickle(state, metadata), path)
+    save_torch(checkpoint_pickle(state, metadata), path)

@@ -23,14 +23,13 @@ from library.models.sd_loading import (
     _build,
     _Cfg,
     _strip,
-    checkpoint_pickle,
     read_state_dict,
     require_layout,
     write_diffusers_folder,
+    write_single_file,
 )
 from library.models.tokenizers import resolve_tokenizer
 from library.utils.errors import UserError
-from library.utils.files import save_safetensors, save_torch
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -108,12 +107,7 @@ def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype:
     projection = te2.pop("text_projection.weight").T.contiguous()
     te2_ldm = sd_keys.open_clip_to_ldm(te2, {**parts.unused, "text_projection": projection})
     state.update({TE2_PREFIX + k[len(sd_keys.OPEN_CLIP_PREFIX):]: v for k, v in te2_ldm.items()})
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if Path(path).suffix == ".safetensors":
-        save_safetensors(state, path, metadata=metadata)
-    else:
-        save_torch(checkpoint_pickle(state, metadata), path)
+    write_single_file(state, path, dtype, metadata)
 
 
 def load_sdxl_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,

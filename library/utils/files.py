@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from library.utils.errors import UserError
 
@@ -32,14 +31,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically. Tensors are made contiguous (safetensors requires it)."""
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:

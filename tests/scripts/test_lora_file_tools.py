@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.maths.metadata import add_model_hashes
 from library.utils.errors import UserError
 from networks import check_lora_weights, lora, resize_lora
 from networks.lora_merge import lora_modules, update_of
 from networks.lora_resize import choose_rank
+from tests.conftest import kohya_hashes
 from tools import show_metadata
 
 
@@ -56,9 +56,8 @@ def test_a_lower_rank_is_the_best_approximation(lora_file, tmp_path):
     with safe_open(str(tmp_path / "r2.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "2" and "resized to rank 2 from lora.safetensors" in meta["ss_training_comment"]
-    check = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
-    add_model_hashes(load_file(str(tmp_path / "r2.safetensors")), check)
-    assert check["sshs_model_hash"] == meta["sshs_model_hash"]
+    hashes = kohya_hashes(load_file(str(tmp_path / "r2.safetensors")), meta)
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == hashes
 
 
 def test_dynamic_resize_keeps_the_share_asked(lora_file, tmp_path, capsys):

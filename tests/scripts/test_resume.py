@@ -155,16 +155,13 @@ st.save_state(out / "last-state", net, opt, sched, st.TrainState(3, 0, 3, **info
 _KILL_WHILE_WRITING_LORA = r"""
 import os, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
-import safetensors.torch
-from library.utils import files
+from library.utils import safetensors_io as sio
 path = os.path.join(sys.argv[2], "lora.safetensors")
-files.save_safetensors({"w": torch.ones(4)}, path, {"ss_steps": "1"})
-def dying_save(tensors, filename, metadata=None):
-    with open(filename, "wb") as fh:
-        fh.write(b"partial")
+sio.save_safetensors({"w": torch.ones(4)}, path, {"ss_steps": "1"})
+def dying_bytes(tensor):  # killed after the header is written, before the tensor's bytes
     os.kill(os.getpid(), signal.SIGKILL)
-files.save_file = dying_save
-files.save_safetensors({"w": torch.zeros(4)}, path, {"ss_steps": "2"})
+sio._tensor_bytes = dying_bytes
+sio.save_safetensors({"w": torch.zeros(4)}, path, {"ss_steps": "2"})
 """
 
 
