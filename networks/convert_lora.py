@@ -73,8 +73,8 @@ def convert(args: argparse.Namespace) -> Path:
     out = Path(args.save_to)
     if to == "diffusers":
         if out.suffix == ".safetensors":
-            save_safetensors({k: v.to(dtype) for k, v in diffusers_part(peft_state_dict(network)).items()}, out,
-                             {"format": "pt"})
+            save_safetensors(diffusers_part(peft_state_dict(network)), out, {"format": "pt"}, dtype=dtype,
+                             model_hashes=True)
         else:
             write_diffusers_lora(network, out, dtype)
     else:

@@ -302,12 +302,12 @@ def _base_modules(lora) -> list:
 def _add_update(lora, multiplier: float) -> None:
     """Add ``multiplier`` times the LoRA's update into its base module(s) weights."""
     delta = lora.delta_weight().float() * multiplier
-    if isinstance(lora, FusedLoRAModule):
-        for org, part in zip(lora._orgs, delta.split(lora.splits)):
-            org.weight += part.to(org.weight.dtype)
-        return
-    org = lora._org[0]
-    org.weight += delta.reshape(org.weight.shape).to(org.weight.dtype)
+    parts = delta.split(lora.splits) if isinstance(lora, FusedLoRAModule) else [delta]
+    for org, part in zip(_base_modules(lora), parts):
+        # the sum in float32, rounded once to the weight's dtype (a half-precision model is not
+        # rounded twice), with one layer's float copy at a time
+        weight = org.weight
+        weight.copy_(weight.float() + part.to(weight.device).reshape(weight.shape))
 
 
 #: network_args every kohya LoRA module takes (training options; none changes the file's layout)

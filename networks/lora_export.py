@@ -67,7 +67,8 @@ def write_diffusers_lora(network, folder: Path, dtype: torch.dtype | None = None
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(diffusers_part(state), folder / "pytorch_lora_weights.safetensors", {"format": "pt"})
+    save_safetensors(diffusers_part(state), folder / "pytorch_lora_weights.safetensors", {"format": "pt"},
+                     model_hashes=True)
     denoiser = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".")[0] in DENOISERS}
     if denoiser:
         ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in denoiser.items() if k.endswith("lora_A.weight")}
@@ -77,7 +78,7 @@ def write_diffusers_lora(network, folder: Path, dtype: torch.dtype | None = None
                   "alpha_pattern": {k: r for k, r in ranks.items() if r != rank},
                   "lora_dropout": 0.0, "bias": "none", "task_type": None, "init_lora_weights": True}
         save_safetensors({f"base_model.model.{k}": v for k, v in denoiser.items()},
-                         folder / "adapter_model.safetensors", {"format": "pt"})
+                         folder / "adapter_model.safetensors", {"format": "pt"}, model_hashes=True)
         with atomic_path(folder / "adapter_config.json") as tmp:
             Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return folder

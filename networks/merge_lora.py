@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: the project root on the path
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from library.families import FAMILIES, LAYOUT_FAMILY  # noqa: E402
 from library.maths.precision import DTYPE_NAMES  # noqa: E402
@@ -58,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, help="LoRA files (.safetensors, .ckpt, .pt)")
     p.add_argument("--ratios", type=float, nargs="+", help="one strength per LoRA (default 1.0 each)")
     p.add_argument("--save_to", required=True, help="output file (.safetensors, .ckpt)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float", help="dtype the merge is computed in")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="dtype the model is held in while merging (default: the wider of the checkpoint's and the "
+                        "saved dtype, so memory stays near one model); each layer's sum is computed in float32")
     p.add_argument("--save_precision", choices=list(PRECISIONS),
                    help="dtype of the saved file (default: the dtype of the checkpoint / first LoRA)")
     p.add_argument("--concat", action="store_true", help="LoRA into LoRA: stack the ranks (exact; ranks may differ)")
@@ -122,6 +125,35 @@ def _file_dtype(path: str) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def _hold_dtype(args) -> torch.dtype:
+    """The dtype the model is held in while merging: --precision, else the wider of the file's and
+    the saved dtype (a half-precision file saved as float32 keeps the LoRA's full update)."""
+    if args.precision:
+        return PRECISIONS[args.precision]
+    stored = _file_dtype(args.sd_model)
+    saved = PRECISIONS[args.save_precision] if args.save_precision else stored
+    if stored == saved or torch.finfo(stored).bits != torch.finfo(saved).bits:
+        return max(stored, saved, key=lambda d: torch.finfo(d).bits)
+    return torch.float32  # fp16 <-> bf16: neither holds the other
+
+
+def _fit(module, checkpoint, path: str, ratio: float, state: dict, blocks, sgm: bool):
+    """The network of one LoRA file built on the checkpoint's modules, and its kohya-named weights
+    (block strengths applied)."""
+    tes = checkpoint.text_encoders
+    te = tes[0] if len(tes) == 1 else tes
+    network, weights = module.create_network_from_weights(ratio, path, None, te, checkpoint.denoiser,
+                                                          weights_sd=state, for_inference=True)
+    if blocks is not None:  # on kohya's names, which create_network_from_weights has given the weights
+        weights = scale_by_blocks(weights, blocks, sgm)
+    return network, te, weights
+
+
+def _does_not_fit(path: str, args, exc: Exception) -> UserError:
+    return UserError(f"--models {path}: its tensors do not fit {args.sd_model} "
+                     f"({str(exc).splitlines()[-1].strip()})")
+
+
 def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family: str | None,
                           strengths: list) -> None:
     layout = checkpoint_layout(args.sd_model)
@@ -131,39 +163,47 @@ def merge_into_checkpoint(args, ratios: list[float], states: list[dict], family:
     if args.v2 and layout != "sd2":
         raise UserError(f"--v2 was given but {args.sd_model} is an {LAYOUT_TITLES[layout]} checkpoint; remove --v2")
     save_dtype = PRECISIONS[args.save_precision] if args.save_precision else _file_dtype(args.sd_model)
-    checkpoint = read_checkpoint(args.sd_model, PRECISIONS[args.precision])
     module = import_network_module(FAMILIES[LAYOUT_FAMILY[layout]][0].default_network_module)
+    sgm = layout == "sdxl"
+    # names and shapes checked on a skeleton built from the file's header: a LoRA for another model
+    # stops here, before gigabytes are read
+    skeleton = read_checkpoint(args.sd_model, skeleton=True)
+    for path, ratio, state, blocks in zip(args.models, ratios, states, strengths):
+        network, _, weights = _fit(module, skeleton, path, ratio, state, blocks, sgm)
+        try:
+            network.load_state_dict(weights, strict=False)
+        except RuntimeError as exc:  # shapes of another model (an SD1 LoRA on an SD2 checkpoint)
+            raise _does_not_fit(path, args, exc) from exc
+    del skeleton
+    checkpoint = read_checkpoint(args.sd_model, _hold_dtype(args))
     for m in checkpoint.modules():
         m.to(args.device)
-    tes = checkpoint.text_encoders
-    te = tes[0] if len(tes) == 1 else tes
-    for path, ratio, state, blocks in zip(args.models, ratios, states, strengths):
-        network, weights = module.create_network_from_weights(ratio, path, None, te, checkpoint.denoiser,
-                                                              weights_sd=state, for_inference=True)
-        if blocks is not None:  # on kohya's names, which create_network_from_weights has given the weights
-            weights = scale_by_blocks(weights, blocks, layout == "sdxl")
-        try:
-            NetworkAdapter(network, "generate").merge_to(te, checkpoint.denoiser, weights,
-                                                         PRECISIONS[args.precision], args.device)
-        except RuntimeError as exc:  # shapes of another model (an SD1 LoRA on an SD2 checkpoint)
-            raise UserError(f"--models {path}: its tensors do not fit {args.sd_model} "
-                            f"({str(exc).splitlines()[-1].strip()})") from exc
-        print(f"merged {path} at {ratio}")
+    for path, ratio, state, blocks in tqdm(list(zip(args.models, ratios, states, strengths)), desc="merging",
+                                           unit="LoRA"):
+        network, te, weights = _fit(module, checkpoint, path, ratio, state, blocks, sgm)
+        try:  # each layer's sum is computed in float32 and rounded once to the held dtype
+            NetworkAdapter(network, "generate").merge_to(te, checkpoint.denoiser, weights, torch.float32,
+                                                         args.device)
+        except RuntimeError as exc:
+            raise _does_not_fit(path, args, exc) from exc
+        del network, weights
     for m in checkpoint.modules():
         m.to("cpu")
     trail = [{"file": Path(p).name, "ratio": r} for p, r in zip(args.models, ratios)]
     metadata = None if args.no_metadata else {"merged_loras": json.dumps(trail)}
-    write_checkpoint(checkpoint, args.save_to, save_dtype, metadata)
-    print(f"saved {args.save_to}")
+    write_checkpoint(checkpoint, args.save_to, save_dtype, metadata, progress=True)
+    print(f"saved {args.save_to}: {', '.join(f'{Path(p).name} x {r}' for p, r in zip(args.models, ratios))}")
 
 
 def merge_into_lora(args, ratios: list[float], states: list[dict], metas: list[dict], family: str | None,
                     strengths: list) -> None:
+    first = next(iter(states[0].values())).dtype  # the saved dtype unless --save_precision
+    compute = PRECISIONS[args.precision or "float"]  # the LoRAs are small: computed in float32 by default
+    states = [{k: v.to(compute) if v.is_floating_point() else v for k, v in s.items()} for s in states]
     states = [s if b is None else scale_by_blocks(s, b, family == "sdxl") for s, b in zip(states, strengths)]
     loras = [(lora_modules(state, path), ratio) for state, path, ratio in zip(states, args.models, ratios)]
     merged = merge_concat(loras) if args.concat else merge_sum(loras, shuffle=args.shuffle)
-    first = next(iter(states[0].values()))
-    dtype = PRECISIONS[args.save_precision] if args.save_precision else first.dtype
+    dtype = PRECISIONS[args.save_precision] if args.save_precision else first
     merged = {k: v.to(dtype) for k, v in merged.items()}
     ranks = {v.shape[0] for k, v in merged.items() if k.endswith("lora_down.weight")}
     alphas = {float(v) for k, v in merged.items() if k.endswith(".alpha")}

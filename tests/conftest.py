@@ -55,8 +55,9 @@ def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run_script(script: str, *args: str, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a project script in a fresh interpreter, offline; returns the completed process."""
+def run_script(script: str, *args: str, check: bool = False, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run a project script in a fresh interpreter, offline; returns the completed process. The
+    timeout guards against a hang only (a busy machine may be several times slower than CI)."""
     # SDTRAIN_TRACEBACK: a failing script's traceback is printed as well as logged, for the test report
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", SDTRAIN_TRACEBACK="1")
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
@@ -99,3 +100,20 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
                 metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
     (header_len,) = struct.unpack("<Q", data[:8])
     return hashlib.sha256(data[8 + header_len:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def assert_own_hashes(path) -> None:
+    """A safetensors file's sshs hashes are its own: the model hash is the SHA-256 of its data
+    section (AUTOMATIC1111's definition, from the file's bytes), the legacy hash kohya's."""
+    import hashlib
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    data = Path(path).read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header_len:]).hexdigest(), path
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes(load_file(str(path)), meta), path

@@ -105,13 +105,18 @@ def convert(args: argparse.Namespace) -> Path:
     to_file = target.suffix in CHECKPOINT_SUFFIXES
     if to_file and source.is_file():
         raise UserError(f"{source} and {target} are both single files; one side must be a diffusers folder")
+    if not to_file and target.is_dir() and any(target.iterdir()):
+        raise UserError(f"{target}: the folder exists and is not empty; give a new folder (nothing is overwritten "
+                        "or deleted)")
+    if not to_file and target.exists() and not target.is_dir():
+        raise UserError(f"{target}: a file is in the way of the folder to write; give a new folder")
     load, save = _dtypes(args)
     reference = _reference_folder(args.reference_model)
     tokenizers = args.tokenizer_cache_dir or (str(reference) if reference else None)
     model = read_model(source, load, tokenizers)
     if to_file:
         meta = {k: str(getattr(args, k)) for k in ("epoch", "global_step") if getattr(args, k) is not None}
-        write_checkpoint(model, target, save, meta or None)
+        write_checkpoint(model, target, save, meta or None, progress=True)
     else:
         write_diffusers(model, target, save, "v_prediction" if args.v_parameterization else None)
         if reference is not None and (reference / "scheduler" / "scheduler_config.json").is_file():

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = json.dumps([{"model": Path(m).name, "ratio": r} for m, r in zip(args.models, ratios)] +
                         ([{"unet_only": True}] if args.unet_only else []))
     if args.output.endswith(".safetensors"):
-        save_safetensors(out, args.output, {"merge_recipe": recipe})
+        save_safetensors(out, args.output, {"merge_recipe": recipe}, model_hashes=True)
     else:
         save_torch({"state_dict": out}, args.output)
     print(f"saved {args.output}")

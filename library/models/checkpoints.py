@@ -46,30 +46,32 @@ LAYOUT_TITLES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3"}
 class _LayoutIO:
     """How one layout is read and written (the trainers' own loaders and savers)."""
 
-    read_file: Callable  # (path, dtype) -> parts, without tokenizers
-    write_file: Callable  # (path, parts, dtype, metadata)
+    read_file: Callable  # (path, dtype, device) -> parts, without tokenizers
+    write_file: Callable  # (path, parts, dtype, metadata, progress)
     read_any: Callable  # (single file or folder, dtype, tokenizer_dir) -> parts with tokenizers
     write_folder: Callable  # (folder, parts, dtype, prediction_type)
 
 
-def _write_sd3_file(path, parts, dtype, metadata) -> None:
+def _write_sd3_file(path, parts, dtype, metadata, progress) -> None:
     if not str(path).endswith(".safetensors"):
         raise UserError(f"{path}: SD3 checkpoints are written as .safetensors")
-    save_sd3_single_file(path, parts, dtype, metadata=metadata)
+    save_sd3_single_file(path, parts, dtype, metadata=metadata, progress=progress)
 
 
 def _write_sd_folder(folder, parts, dtype, prediction_type) -> None:
     save_sd_diffusers(folder, parts, dtype, prediction_type=prediction_type or parts.prediction_type or "epsilon")
 
 
-_SD = _LayoutIO(lambda path, dtype: load_sd_single_file(path, dtype, with_tokenizer=False), save_sd_single_file,
+_SD = _LayoutIO(lambda path, dtype, device: load_sd_single_file(path, dtype, device=device, with_tokenizer=False),
+                save_sd_single_file,
                 lambda path, dtype, tok: load_sd_model(str(path), dtype, tok), _write_sd_folder)
 _IO = {
     "sd1": _SD, "sd2": _SD,
     "sdxl": _LayoutIO(load_sdxl_single_file, save_sdxl_single_file,
                       lambda path, dtype, tok: load_sdxl_model(str(path), dtype, tok),
                       lambda folder, parts, dtype, _: save_sdxl_diffusers(folder, parts, dtype)),
-    "sd3": _LayoutIO(lambda path, dtype: load_sd3_single_file(path, dtype, require_text_encoders=False),
+    "sd3": _LayoutIO(lambda path, dtype, device: load_sd3_single_file(path, dtype, require_text_encoders=False,
+                                                                      device=device),
                      _write_sd3_file, lambda path, dtype, tok: load_sd3_model(str(path), dtype, tok),
                      lambda folder, parts, dtype, _: save_sd3_diffusers(folder, parts, dtype)),
 }
@@ -115,16 +117,20 @@ def checkpoint_layout(path: str | os.PathLike) -> str:
     return layout
 
 
-def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a single file of any family into diffusers/transformers modules (no tokenizers)."""
+def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    skeleton: bool = False) -> Checkpoint:
+    """Load a single file of any family into diffusers/transformers modules (no tokenizers).
+    ``skeleton``: the modules on the meta device, built from a safetensors header alone (no
+    tensor is read), to check what will be merged into the model before loading it."""
     layout = checkpoint_layout(path)
-    return Checkpoint(layout, _IO[layout].read_file(path, dtype), str(path))
+    return Checkpoint(layout, _IO[layout].read_file(path, dtype, "meta" if skeleton else None), str(path))
 
 
 def write_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write the modules back as a single file in the checkpoint's own layout (atomically)."""
-    _IO[checkpoint.layout].write_file(path, checkpoint.parts, dtype, metadata)
+                     metadata: dict[str, str] | None = None, progress: bool = False) -> None:
+    """Write the modules back as a single file in the checkpoint's own layout (atomically,
+    tensor by tensor; ``progress`` shows a bar of the bytes written)."""
+    _IO[checkpoint.layout].write_file(path, checkpoint.parts, dtype, metadata, progress)
 
 
 _PIPELINE_LAYOUTS = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}

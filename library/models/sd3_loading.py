@@ -150,9 +150,9 @@ def _text_encoder(name: str, state: dict, separate: str | None, dtype, path) -> 
 
 def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32, clip_l: str | None = None,
                          clip_g: str | None = None, t5xxl: str | None = None,
-                         require_text_encoders: bool = True) -> SD3Components:
+                         require_text_encoders: bool = True, device: torch.device | None = None) -> SD3Components:
     """Load an SD3/SD3.5 single file; text encoders come from the file or the given files."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, device or "cpu")
     require_layout(state, ("sd3",), path)
     encoders = {name: _text_encoder(name, state, sep, dtype, path)
                 for name, sep in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl))}
@@ -172,7 +172,8 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
 
 
 def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: torch.dtype | None = None,
-                         bundle_text_encoders: bool = True, metadata: dict[str, str] | None = None) -> None:
+                         bundle_text_encoders: bool = True, metadata: dict[str, str] | None = None,
+                         progress: bool = False) -> None:
     """Write an SD3 single file in the original layout (text encoders bundled when present)."""
     state = sd3_keys.mmdit_to_ldm(parts.transformer.state_dict(), parts.transformer.config.num_layers)
     state.update(sd_keys.vae_to_ldm(parts.vae.state_dict(), parts.vae.config))
@@ -182,7 +183,7 @@ def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: t
             if module is not None:
                 state.update({TE_PREFIXES[name] + k: v for k, v in module.state_dict().items()
                               if not (name == "t5xxl" and k == "shared.weight")})
-    write_single_file(state, path, dtype, metadata)
+    write_single_file(state, path, dtype, metadata, progress)
 
 
 def load_sd3_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32) -> SD3Components:

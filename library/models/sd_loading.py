@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.maths.noise import SD_SCHEDULE
@@ -62,10 +63,14 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     Pickles are opened with ``weights_only=True``: a file that needs arbitrary code to load is
     refused. A safetensors header larger than 100 MiB, or longer than the file, is refused too.
+    ``device="meta"`` gives the tensors' shapes and dtypes only (from the header of a safetensors
+    file): enough to build a model skeleton and check what will be merged into it before loading.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (check --pretrained_model_name_or_path)")
+    if path.suffix == ".safetensors" and str(device) == "meta":
+        return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in read_header(path).tensors.items()}
     if path.suffix == ".safetensors":  # read tensor by tensor: no mapping of the whole file is kept
         return read_tensors(path, device)
     try:
@@ -299,10 +304,11 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
         if part is None:
             index[name] = [None, None]
             continue
-        part.save_pretrained(str(tmp / name))
-        if dtype is not None and name in modules:
-            _recast_folder(tmp / name, dtype)
         library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
+        if name in modules:
+            _save_module(part, tmp / name, library, dtype)
+        else:
+            part.save_pretrained(str(tmp / name))
         index[name] = [library, type(part).__name__]
     if scheduler is None:
         scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
@@ -317,10 +323,21 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
     tmp.rename(folder)
 
 
-def _recast_folder(folder: Path, dtype: torch.dtype) -> None:
-    """Store a saved module's safetensors weights in ``dtype`` (floating tensors only)."""
-    for f in folder.glob("*.safetensors"):
-        save_safetensors(read_tensors(f), f, {"format": "pt"}, dtype=dtype)
+def _save_module(module: torch.nn.Module, folder: Path, library: str, dtype: torch.dtype | None) -> None:
+    """A diffusers or transformers module as its from_pretrained reads it: the config, and the
+    weights in one safetensors file written tensor by tensor (cast on the way; the libraries' own
+    save_pretrained builds each file's bytes in memory first, a second copy of the model)."""
+    folder.mkdir(parents=True)
+    if library == "diffusers":
+        module.save_config(str(folder))
+        weights = folder / "diffusion_pytorch_model.safetensors"
+    else:
+        module.config.save_pretrained(str(folder))
+        weights = folder / "model.safetensors"
+    state = module.state_dict()
+    for key in getattr(module, "_tied_weights_keys", None) or ():  # {tied: source}: tied again on loading
+        state.pop(key, None)
+    save_safetensors(state, weights, {"format": "pt"}, dtype=dtype)
 
 
 def checkpoint_pickle(state: dict, metadata: dict[str, str] | None) -> dict:
@@ -331,7 +348,7 @@ def checkpoint_pickle(state: dict, metadata: dict[str, str] | None) -> dict:
 
 
 def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: torch.dtype | None = None,
-                        metadata: dict[str, str] | None = None) -> None:
+                        metadata: dict[str, str] | None = None, progress: bool = False) -> None:
     """Write a single-file checkpoint in the original ldm key layout (what A1111/ComfyUI load)."""
     state = {}
     state.update(sd_keys.unet_to_ldm(parts.unet.state_dict(), parts.unet.config))
@@ -343,15 +360,20 @@ def save_sd_single_file(path: str | os.PathLike, parts: SDComponents, dtype: tor
         state.update(sd_keys.open_clip_to_ldm(parts.text_encoder.state_dict(), parts.unused))
     else:
         state.update(sd_keys.clip_to_ldm(parts.text_encoder.state_dict()))
-    write_single_file(state, path, dtype, metadata)
+    write_single_file(state, path, dtype, metadata, progress)
 
 
 def write_single_file(state: dict[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None,
-                      metadata: dict[str, str] | None) -> None:
+                      metadata: dict[str, str] | None, progress: bool = False) -> None:
     """A single-file checkpoint's tensors to ``.safetensors`` (cast tensor by tensor as they are
-    written, with kohya's model hashes) or to a ``.ckpt`` pickle (cast first: torch.save needs them)."""
+    written, with kohya's model hashes) or to a ``.ckpt`` pickle (cast first: torch.save needs them).
+    ``progress``: a bar of the bytes written (safetensors)."""
     if str(path).endswith(".safetensors"):
-        save_safetensors(state, path, metadata, dtype=dtype, model_hashes=True)
+        total = sum(v.numel() * (dtype if dtype is not None and v.is_floating_point() else v.dtype).itemsize
+                    for v in state.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(path).name}",
+                  disable=not progress) as bar:
+            save_safetensors(state, path, metadata, dtype=dtype, model_hashes=True, progress=bar.update)
         return
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

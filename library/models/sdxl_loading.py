@@ -97,7 +97,7 @@ def load_sdxl_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 
 def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype: torch.dtype | None = None,
-                          metadata: dict[str, str] | None = None) -> None:
+                          metadata: dict[str, str] | None = None, progress: bool = False) -> None:
     """Write an SDXL single file in the original SGM layout."""
     state = {}
     state.update(sd_keys.unet_to_ldm(parts.unet.state_dict(), parts.unet.config))
@@ -107,7 +107,7 @@ def save_sdxl_single_file(path: str | os.PathLike, parts: SDXLComponents, dtype:
     projection = te2.pop("text_projection.weight").T.contiguous()
     te2_ldm = sd_keys.open_clip_to_ldm(te2, {**parts.unused, "text_projection": projection})
     state.update({TE2_PREFIX + k[len(sd_keys.OPEN_CLIP_PREFIX):]: v for k, v in te2_ldm.items()})
-    write_single_file(state, path, dtype, metadata)
+    write_single_file(state, path, dtype, metadata, progress)
 
 
 def load_sdxl_diffusers(name_or_path: str, dtype: torch.dtype = torch.float32,

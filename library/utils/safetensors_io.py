@@ -120,7 +120,8 @@ def _order(tensors: Mapping[str, torch.Tensor], dtype_of: Callable) -> list[str]
 
 
 def _header_bytes(entries: dict, metadata: Mapping[str, str] | None) -> bytes:
-    body = ({"__metadata__": dict(metadata)} if metadata else {}) | entries
+    # an empty metadata is written as {} and None not at all, as safetensors does
+    body = ({} if metadata is None else {"__metadata__": dict(metadata)}) | entries
     text = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
     return struct.pack("<Q", len(text)) + text
@@ -164,7 +165,8 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         entries[key] = {"dtype": _NAME_OF[dtype_of(key)], "shape": list(tensors[key].shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
-    metadata = {k: v for k, v in (metadata or {}).items() if not (model_hashes and k.startswith("sshs_"))}
+    if metadata is not None or model_hashes:
+        metadata = {k: v for k, v in (metadata or {}).items() if not (model_hashes and k.startswith("sshs_"))}
     legacy = None
     if model_hashes:  # the legacy window is placed in the file as it would be with ss_* metadata only
         ss_head = _header_bytes(entries, {k: v for k, v in metadata.items() if k.startswith("ss_")})

@@ -39,3 +39,10 @@ def test_bench_gen_img_smoke():
     proc = run_script("bench/bench_gen_img.py", "--tiny", "--size", "64", "--steps", "2", "--images", "1", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ours"]["images_per_s"] > 0 and result["diffusers"]["images_per_s"] > 0
+
+
+def test_bench_file_tools_smoke():
+    proc = run_script("bench/bench_file_tools.py", "--tiny", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tensor_bytes"] > 0
+    assert all(result[tool]["seconds"] > 0 for tool in ("imports", "merge", "to_folder", "to_file"))

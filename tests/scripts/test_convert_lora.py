@@ -15,6 +15,7 @@ from library.models.tiny import make_tiny_sd1, make_tiny_sd3, make_tiny_sdxl
 from library.utils.errors import UserError
 from networks import convert_lora, lora, lora_sd3
 from networks.lora_merge import lora_modules, update_of
+from tests.conftest import assert_own_hashes
 
 FAMILIES = {
     "sd1": (lambda: make_tiny_sd1(seed=0), save_sd_single_file, lambda p: ([p.text_encoder], p.unet), lora),
@@ -46,6 +47,7 @@ def test_kohya_to_diffusers_and_back_keeps_every_update(name, tmp_path):
     convert_lora.main(["--model", str(tmp_path / "kohya.safetensors"), "--sd_model", model,
                        "--save_to", str(tmp_path / "diffusers.safetensors")])
     peft = load_file(str(tmp_path / "diffusers.safetensors"))
+    assert_own_hashes(tmp_path / "diffusers.safetensors")
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in peft)
     convert_lora.main(["--model", str(tmp_path / "diffusers.safetensors"), "--sd_model", model,
                        "--save_to", str(tmp_path / "back.safetensors")])

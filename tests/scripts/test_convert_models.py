@@ -14,6 +14,7 @@ from library.models.sd_loading import save_sd_single_file
 from library.models.sdxl_loading import save_sdxl_single_file
 from library.models.tiny import make_tiny_sd1, make_tiny_sd3, make_tiny_sdxl
 from library.utils.errors import UserError
+from tests.conftest import assert_own_hashes
 from tools import convert_diffusers20_original_sd as convert
 
 
@@ -46,6 +47,7 @@ def test_single_file_to_folder_and_back(name, tmp_path):
     pipe = getattr(diffusers, pipeline).from_pretrained(str(tmp_path / "folder"))  # diffusers' own reader
     assert pipe is not None
     convert.main([str(tmp_path / "folder"), str(tmp_path / "again.safetensors")])
+    assert_own_hashes(tmp_path / "again.safetensors")
     before, after = load_file(str(tmp_path / "model.safetensors")), load_file(str(tmp_path / "again.safetensors"))
     # SDXL's OpenCLIP logit_scale (unused by any pipeline) has no place in a diffusers folder
     lost = {"conditioner.embedders.1.model.logit_scale"} if name == "sdxl" else set()
@@ -74,3 +76,8 @@ def test_precision_reference_and_flags(tmp_path):
         convert.main([str(tmp_path / "model.safetensors"), str(tmp_path / "x.safetensors")])
     with pytest.raises(UserError, match="--fp16 and --bf16: give one precision"):
         convert.main([str(tmp_path / "model.safetensors"), str(tmp_path / "x"), "--fp16", "--bf16"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="mine: the folder exists and is not empty"):
+        convert.main([str(tmp_path / "model.safetensors"), str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -16,6 +16,7 @@ from library.models.tiny import make_tiny_sd1, make_tiny_sd3, make_tiny_sdxl
 from library.utils.errors import UserError
 from networks import lora, lora_sd3, merge_lora
 from networks.lora_merge import lora_modules, update_of
+from tests.conftest import kohya_hashes
 
 RATIO = 0.7
 
@@ -179,10 +180,33 @@ def test_block_weights(tmp_path, tiny_sd1):
                          str(tmp_path / "x.safetensors")])
 
 
-def test_a_lora_of_another_model_is_named(tmp_path, tiny_sd1, tiny_sd2):
+def test_a_lora_of_another_model_is_named(tmp_path, tiny_sd1, tiny_sd2, monkeypatch):
+    """Found on a skeleton of the checkpoint built from its header: no weight is read."""
     _lora_file(tmp_path / "sd1.safetensors", tiny_sd1, 4, 1, 1)
     save_sd_single_file(tmp_path / "sd2.safetensors", tiny_sd2)
+    real = merge_lora.read_checkpoint
+    monkeypatch.setattr(merge_lora, "read_checkpoint", lambda *a, skeleton=False, **k: real(*a, skeleton=True, **k)
+                        if skeleton else pytest.fail("the checkpoint was loaded"))
     with pytest.raises(UserError, match="sd1.safetensors: its tensors do not fit"):
         merge_lora.main(["--sd_model", str(tmp_path / "sd2.safetensors"), "--models", str(tmp_path / "sd1.safetensors"),
                          "--save_to", str(tmp_path / "x.safetensors")])
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_half_precision_file_is_rounded_once(tmp_path, tiny_sd1):
+    """An fp16 checkpoint is held in fp16 (memory of one model); each merged weight is the float32
+    sum rounded once to fp16, and the file carries its own hashes."""
+    save_sd_single_file(tmp_path / "model.safetensors", tiny_sd1, dtype=torch.float16)
+    modules = _lora_file(tmp_path / "lora.safetensors", tiny_sd1, 4, 1, 1)
+    merge_lora.main(["--sd_model", str(tmp_path / "model.safetensors"), "--models", str(tmp_path / "lora.safetensors"),
+                     "--ratios", "0.5", "--save_to", str(tmp_path / "merged.safetensors")])
+    before, after = load_file(str(tmp_path / "model.safetensors")), load_file(str(tmp_path / "merged.safetensors"))
+    assert all(v.dtype == torch.float16 for v in after.values())
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"  # down_blocks.0.attentions.0.proj_in
+    update = update_of(*modules["lora_unet_down_blocks_0_attentions_0_proj_in"]).float()
+    expected = (before[key].float() + 0.5 * update.reshape(before[key].shape)).half()
+    assert torch.equal(after[key], expected)
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes(after, meta)
+    assert '"ratio": 0.5' in meta["merged_loras"]

@@ -14,6 +14,7 @@ from library.models.sd3_loading import save_sd3_single_file
 from library.models.sd_loading import save_sd_single_file
 from library.models.tiny import make_tiny_sd1, make_tiny_sd3
 from library.utils.errors import UserError
+from tests.conftest import assert_own_hashes
 from tools import merge_models
 
 
@@ -23,6 +24,7 @@ def test_weighted_sum_and_unet_only(tmp_path):
     save_sd_single_file(tmp_path / "b.safetensors", b)
     merge_models.main(["--models", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--ratios", "0.25",
                        "0.75", "--output", str(tmp_path / "ab.safetensors")])
+    assert_own_hashes(tmp_path / "ab.safetensors")
     from diffusers import UNet2DConditionModel
 
     a.unet.save_config(str(tmp_path / "cfg"))

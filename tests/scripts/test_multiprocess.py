@@ -29,7 +29,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_default, tmp_pa
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", "29531", str(ROOT / "train_network.py")]
     proc = subprocess.run(launcher + _common(tiny_default, tmp_path / "two") + ["--train_batch_size", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = load_file(str(tmp_path / "one" / "last.safetensors"))
     two = load_file(str(tmp_path / "two" / "last.safetensors"))

@@ -34,6 +34,9 @@ def test_files_are_safetensors_own_bytes(tmp_path, seed):
     # one metadata key: safetensors' writer orders several at random, so only one compares bytewise
     save_safetensors(state, path, {"ss_note": "é\n1"})
     assert path.read_bytes() == save(state, metadata={"ss_note": "é\n1"})
+    for metadata in (None, {}):  # no metadata, and an empty one (written as such by both)
+        save_safetensors(state, path, metadata)
+        assert path.read_bytes() == save(state, metadata=metadata)
     back = read_tensors(path)
     assert list(back) == list(dict(iter_tensors(path)))
     for key, value in state.items():
