@@ -19,6 +19,7 @@ from pathlib import Path
 import toml
 
 from library.utils.errors import UserError
+from library.utils.files import parse_user_file
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +139,7 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     p = _toml_path(path)
     if not p.is_file():
         raise UserError(f"--config_file {p}: file not found")
-    try:
-        raw = _flatten(toml.loads(p.read_text(encoding="utf-8")), {})
-    except toml.TomlDecodeError as exc:
-        raise UserError(f"--config_file {p}: cannot parse: {exc}") from exc
+    raw = _flatten(parse_user_file(p, "--config_file", "toml"), {})
     # keys are the flags' names, old spellings included (caption_extention, use_8bit_adam)
     actions = {opt.lstrip("-"): a for a in parser._actions if a.dest != "help" for opt in a.option_strings}
     values, problems, foreign = {}, [], []

@@ -8,7 +8,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import toml
 import torch
 
 from library.data.dataset_config import (
@@ -23,7 +22,7 @@ from library.models.sd_loading import CHECKPOINT_SUFFIXES
 from library.optim.optimizers import check_fused_backward, check_optimizer_name
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
-from library.utils.files import check_writable_folder
+from library.utils.files import check_writable_folder, parse_user_file
 from library.utils.ranges import TRAINING, check_flags
 from networks.base import import_network_module, parse_network_args
 
@@ -257,7 +256,7 @@ def _tracker_init(args: argparse.Namespace) -> dict:
         p = Path(args.log_tracker_config)
         if not p.is_file():
             raise UserError(f"--log_tracker_config {p}: file not found")
-        init = toml.loads(p.read_text(encoding="utf-8"))
+        init = parse_user_file(p, "--log_tracker_config", "toml")
     if args.wandb_run_name:
         init.setdefault("wandb", {})["name"] = args.wandb_run_name
     return init

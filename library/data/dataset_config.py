@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import toml
 import voluptuous as vol
 
 from library.data.captions import CaptionOptions
 from library.utils.errors import UserError
+from library.utils.files import parse_user_file
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,7 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"dataset config not found: {p} (--dataset_config)")
-    try:
-        if p.suffix.lower() == ".json":
-            return json.loads(p.read_text(encoding="utf-8"))
-        return toml.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, toml.TomlDecodeError) as exc:
-        raise UserError(f"{p}: cannot parse: {exc}") from exc
+    return parse_user_file(p, "--dataset_config")
 
 
 def _check_table(table: Any, allowed: dict, where: str, errors: list[str]) -> dict:

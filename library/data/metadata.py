@@ -13,6 +13,7 @@ from pathlib import Path
 
 from library.data.images import IMAGE_EXTENSIONS
 from library.utils.errors import UserError
+from library.utils.files import read_user_text
 
 
 def read_metadata(path: str) -> dict[str, dict]:
@@ -20,7 +21,7 @@ def read_metadata(path: str) -> dict[str, dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"metadata_file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    text = read_user_text(p, "metadata_file")
     try:
         if p.suffix.lower() == ".jsonl":
             entries = {}

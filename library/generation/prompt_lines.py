@@ -17,6 +17,7 @@ from pathlib import Path
 from library.sampling.gradual_latent import Unsharp
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
+from library.utils.files import read_user_text
 from library.utils.ranges import PROMPT_OPTIONS, check
 
 NO_NEGATIVE_SCALE = -1.0
@@ -132,10 +133,8 @@ def parse_gen_line(line: str, source: str = "", index: int = 0) -> GenPrompt:
 def read_prompt_file(path: str) -> tuple[list[GenPrompt], list[str]]:
     """(prompts, problems): every line that parses, and one message per line that does not."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--from_file {p}: file not found")
     prompts, problems = [], []
-    for n, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(read_user_text(p, "--from_file").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

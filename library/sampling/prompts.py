@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import toml
-
 from library.sampling.samplers import canonical_sampler
 from library.utils.errors import UserError
+from library.utils.files import parse_user_file, read_user_text
 from library.utils.ranges import PROMPT_OPTIONS, check
 
 
@@ -81,15 +79,15 @@ def load_prompt_file(path: str) -> list[SamplePrompt]:
     if not p.is_file():
         raise UserError(f"sample prompt file not found: {p} (--sample_prompts)")
     if p.suffix.lower() == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = parse_user_file(p, "--sample_prompts", "json")
         return [parse_prompt_line(d) if isinstance(d, str) else _from_dict(d, f"{p} entry {i}")
                 for i, d in enumerate(data)]
     if p.suffix.lower() == ".toml":
-        data = toml.loads(p.read_text(encoding="utf-8")).get("prompt", {})
+        data = parse_user_file(p, "--sample_prompts", "toml").get("prompt", {})
         shared = {k: v for k, v in data.items() if k != "subset"}
         return [_from_dict({**shared, **sub}, f"{p} subset {i}") for i, sub in enumerate(data.get("subset", []))]
     prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_user_text(p, "--sample_prompts").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

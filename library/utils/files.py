@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import toml
 import torch
 
 from library.utils.errors import UserError
@@ -53,3 +55,34 @@ def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
         raise UserError(f"{flag} {target}: {probe} is a file, so the folder cannot be made there")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {target}: {probe} is not writable (check its permissions, or choose another folder)")
+
+
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """A text file a user wrote (prompts, configs, metadata) as UTF-8, a BOM allowed; a missing,
+    unreadable or non-UTF-8 file is a UserError naming ``what`` (the flag or key), the file, the
+    line and what to do."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise UserError(f"{what} {p}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"{what} {p}: a folder, not a file") from exc
+    except OSError as exc:
+        raise UserError(f"{what} {p}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = data[: exc.start].count(b"\n") + 1, exc.start - data.rfind(b"\n", 0, exc.start)
+        raise UserError(f"{what} {p}: not UTF-8 text (line {line}, column {column}); re-save it as UTF-8") from exc
+
+
+def parse_user_file(path: str | os.PathLike, what: str, kind: str | None = None):
+    """A JSON or TOML file a user wrote (by ``kind`` or the suffix), parsed; a syntax error is a
+    UserError naming ``what``, the file and the parser's position."""
+    text = read_user_text(path, what)
+    kind = kind or ("json" if Path(path).suffix.lower() == ".json" else "toml")
+    try:
+        return json.loads(text) if kind == "json" else toml.loads(text)
+    except (ValueError, toml.TomlDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{what} {path}: cannot parse as {kind.upper()}: {exc}") from exc

@@ -38,6 +38,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4),
                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2)}, str(made["lora"]))
     made["a_file"].write_text("x", encoding="utf-8")
+    for name, data in (("latin1", b"a prompt\nan \xe9t\xe9 prompt\n"), ("bad_json", b'[{"prompt": '),
+                       ("bad_toml", b"[general\nx = 1\n")):
+        made[name] = root / {"latin1": "latin1.txt", "bad_json": "prompts.json", "bad_toml": "config.toml"}[name]
+        made[name].write_bytes(data)
     made["empty_dir"].mkdir()
     return made
 
@@ -88,6 +92,10 @@ CASES = [
      "exclude each other"),
     ("train_network", lambda t, f: _train(t, f, "--cache_text_encoder_outputs"), "needs --network_train_unet_only"),
     ("train_network", lambda t, f: _train(t, f, "--skip_until_initial_step"), "needs --initial_step"),
+    ("train_network", lambda t, f: _train(t, f, "--sample_prompts", str(f["latin1"])),
+     "latin1.txt: not UTF-8 text (line 2"),
+    ("train_network", lambda t, f: _train(t, f, "--sample_prompts", str(f["bad_json"])), "cannot parse as JSON"),
+    ("train_network", lambda t, f: _train(t, f, "--config_file", str(f["bad_toml"])), "config.toml: cannot parse"),
     ("sdxl_train_network", lambda t, f: _train(t, f), "is not an SDXL checkpoint"),
     ("sd3_train_network", lambda t, f: _train(t, f), "is not an SD3 checkpoint"),
     # generation
@@ -100,11 +108,16 @@ CASES = [
      "--network_weights"),
     ("gen_img", lambda t, f: ["--ckpt", str(t / "model" / "tiny-sd15.safetensors"), "--outdir", str(f["dir"] / "g"),
                               "--prompt", "a", "--W", "100"], "--W 100"),
+    ("gen_img", lambda t, f: ["--ckpt", str(t / "model" / "tiny-sd15.safetensors"), "--outdir", str(f["dir"] / "g"),
+                              "--from_file", str(f["latin1"])], "latin1.txt: not UTF-8 text (line 2, column 4)"),
     # file tools
     ("networks.merge_lora", lambda t, f: ["--models", str(f["evil"]), "--save_to", str(f["dir"] / "m.safetensors")],
      "could run code"),
     ("networks.merge_lora", lambda t, f: ["--models", str(f["lora"]), str(f["sdxl_lora"]), "--save_to",
                                           str(f["dir"] / "m.safetensors")], "different model families"),
+    ("networks.merge_lora", lambda t, f: ["--models", str(f["lora"]), "--sd_model",
+                                          str(t / "model" / "tiny-sd15.safetensors"), "--save_to",
+                                          str(f["dir"] / "m.safetensors")], "its tensors do not fit"),
     ("networks.merge_lora", lambda t, f: ["--models", str(f["lora"]), "--save_to", str(f["lora"])],
      "is one of the inputs"),
     ("networks.merge_lora", lambda t, f: ["--models", str(f["lora"]), "--ratios", "1", "2", "--save_to",
@@ -144,8 +157,13 @@ def _no_model_loads(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
+    real = checkpoints.load_sd_single_file
+
+    def skeleton_only(*args, **kwargs):  # a skeleton from the header reads no weight
+        return real(*args, **kwargs) if kwargs.get("device") == "meta" else refuse()
+
     monkeypatch.setattr(SDFamily, "load", refuse)
-    monkeypatch.setattr(checkpoints, "load_sd_single_file", refuse)
+    monkeypatch.setattr(checkpoints, "load_sd_single_file", skeleton_only)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
