@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     # imported after parsing, so --help and argument errors do not wait for torch and diffusers
     from library.config.family_options import training_family
     from library.config.training_config import build_training_config
-    from library.training.trainer import NetworkTrainer
+    from library.training.trainer import Trainer
     from library.utils.errors import UserError
 
     if args.cpu_offload_checkpointing and args.blocks_to_swap:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.network_module == "networks.lora":
         raise UserError("--network_module networks.lora targets SD1/SDXL UNets; for SD3 use networks.lora_sd3")
     config = build_training_config(args)
-    NetworkTrainer(training_family("sd3", args, config.datasets), config).run()
+    Trainer(training_family("sd3", args, config.datasets), config).run()
 
 
 if __name__ == "__main__":

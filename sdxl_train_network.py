@@ -32,13 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     from library.config.family_options import training_family
     from library.config.training_config import build_training_config
     from library.families.sdxl import check_sdxl_resolution
-    from library.training.trainer import NetworkTrainer
+    from library.training.trainer import Trainer
 
     config = build_training_config(args)
     family = training_family("sdxl", args, config.datasets)
     for i, ds in enumerate(config.datasets):
         check_sdxl_resolution(*ds.resolution, where=f"datasets[{i}].resolution")
-    NetworkTrainer(family, config).run()
+    Trainer(family, config).run()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     # imported after parsing, so --help and argument errors do not wait for torch and diffusers
     from library.config.family_options import training_family
     from library.config.training_config import build_training_config
-    from library.training.trainer import NetworkTrainer
+    from library.training.trainer import Trainer
 
     config = build_training_config(args)
-    NetworkTrainer(training_family("sd", args, config.datasets), config).run()
+    Trainer(training_family("sd", args, config.datasets), config).run()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ full-size SDXL UNet does not fit as fp32 trainable weights here; frozen bf16 wit
 cached text-encoder outputs (so neither mode runs the VAE or the two text encoders per step).
 Each mode runs in its own process so peak RSS is measured separately:
 
-  trainer  the real NetworkTrainer loop with the SDXL family (size conditioning, pooled text)
+  trainer  the real Trainer loop with the SDXL family (size conditioning, pooled text)
   bare     the same modules and LoRA on one fixed batch: UNet forward + backward + AdamW step
 
     .venv/bin/python bench/bench_sdxl_train_step.py           # full size (about 15 minutes, 2 CPU cores)

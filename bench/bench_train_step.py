@@ -4,7 +4,7 @@ Setup (issue #2): SD1.5-architecture UNet with random weights (full size unless 
 batch 1, LoRA dim 16 on the UNet only, AdamW, cached latents, fp32. Two modes, each in its own
 process so peak RSS is measured separately:
 
-  trainer  the real NetworkTrainer loop (data loader, noise, loss, logging, progress bar)
+  trainer  the real Trainer loop (data loader, noise, loss, logging, progress bar)
   bare     the same modules and LoRA, one fixed batch: text encoder forward + UNet forward +
            backward + AdamW step, nothing else
 
@@ -94,7 +94,7 @@ def train_timed(family, size: int, steps: int, warmup: int, flags: list[str]) ->
                 "--output_dir", str(Path(tmp) / "out"), "--network_dim", "16", "--network_alpha", "16",
                 "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(steps + warmup),
                 "--seed", "0", "--console_log_level", "WARNING", *flags])
-            trainer_mod.NetworkTrainer(family, build_training_config(args)).run()
+            trainer_mod.Trainer(family, build_training_config(args)).run()
     finally:
         trainer_mod._Loop._step = original
     return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]

@@ -1,4 +1,4 @@
-"""Saving during training: network files, state folders for resume, and pruning of old ones.
+"""Saving during training: trained files, state folders for resume, and pruning of old ones.
 
 Old files are removed only after the new one is completely written.
 """
@@ -31,12 +31,15 @@ class Progress:
 
 
 class Checkpointer:
-    """Writes network files and state folders with kohya's names, and prunes old ones."""
+    """Writes the trained files and state folders with kohya's names, and prunes old ones.
+    ``trainable`` is what the run trains (a network adapter or the model's weights): it writes its
+    own file; ``state_weights`` names its weights in a state folder."""
 
-    def __init__(self, cfg: SaveConfig, adapter, optimizer, scheduler, base_meta: dict[str, str],
-                 run_info: dict, is_main: bool):
-        self.cfg, self.adapter, self.optimizer, self.scheduler = cfg, adapter, optimizer, scheduler
+    def __init__(self, cfg: SaveConfig, trainable, optimizer, scheduler, base_meta: dict[str, str],
+                 run_info: dict, is_main: bool, state_weights: str = "network.safetensors"):
+        self.cfg, self.trainable, self.optimizer, self.scheduler = cfg, trainable, optimizer, scheduler
         self.base_meta, self.run_info, self.is_main = base_meta, run_info, is_main
+        self.state_weights = state_weights
 
     def _stem(self, step: int | None = None, epoch: int | None = None) -> str:
         name = self.cfg.output_name
@@ -52,7 +55,7 @@ class Checkpointer:
             meta = saving.metadata_for_save(self.base_meta, progress.global_step, progress.epoch + 1,
                                             self.cfg.no_metadata)
             with optimizer_eval_mode(self.optimizer):
-                self.adapter.save(str(path), self.cfg.precision, meta)
+                self.trainable.save(str(path), self.cfg.precision, meta)
             logger.info("saved %s", path)
         return path
 
@@ -62,7 +65,7 @@ class Checkpointer:
             state = TrainState(global_step=progress.global_step, epoch=progress.epoch,
                                batches_done=progress.batches_done, recent_losses=list(progress.recent_losses),
                                epoch_losses=list(progress.epoch_losses), **self.run_info)
-            save_state(folder, self.adapter.net, self.optimizer, self.scheduler, state)
+            save_state(folder, self.trainable.net, self.optimizer, self.scheduler, state, self.state_weights)
             logger.info("saved state %s", folder)
         return folder
 
@@ -95,7 +98,7 @@ class Checkpointer:
         path = self.save_network(self._stem(), progress)
         if self.cfg.lora_format == "diffusers" and self.is_main:
             with optimizer_eval_mode(self.optimizer):
-                folder = write_diffusers_lora(self.adapter.net, self.cfg.output_dir / f"{self._stem()}-diffusers",
+                folder = write_diffusers_lora(self.trainable.net, self.cfg.output_dir / f"{self._stem()}-diffusers",
                                               self.cfg.precision)
             logger.info("saved the diffusers/PEFT form in %s", folder)
         if self.cfg.save_state or self.cfg.save_state_on_train_end:

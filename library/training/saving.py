@@ -79,7 +79,7 @@ def _datasets_info(group: DatasetGroup) -> list[dict]:
 def _training_metadata(cfg: TrainingConfig, num_batches_per_epoch: int, num_epochs: int,
                        max_train_steps: int) -> dict[str, str]:
     """How the run trains: schedule, optimizer, network, precision."""
-    net, opt = cfg.network, cfg.optimizer
+    opt = cfg.optimizer
     optimizer = f"{opt.optimizer_type}({','.join(opt.optimizer_args)})" if opt.optimizer_args else opt.optimizer_type
     return {
         "ss_session_id": str(int(time.time() * 1000) % 2**31), "ss_training_started_at": str(time.time()),
@@ -90,11 +90,7 @@ def _training_metadata(cfg: TrainingConfig, num_batches_per_epoch: int, num_epoc
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
         "ss_max_train_steps": str(max_train_steps), "ss_lr_warmup_steps": str(opt.lr_warmup),
-        "ss_lr_scheduler": opt.lr_scheduler, "ss_network_module": net.module,
-        "ss_network_dim": str(net.dim if net.dim is not None else 4),
-        "ss_network_alpha": str(net.alpha if net.alpha is not None else 1.0),
-        "ss_network_args": json.dumps(net.args), "ss_network_dropout": str(net.dropout),
-        "ss_scale_weight_norms": str(net.scale_weight_norms), "ss_mixed_precision": cfg.mixed_precision,
+        "ss_lr_scheduler": opt.lr_scheduler, "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": str(cfg.full_half == "fp16"), "ss_fp8_base": str(cfg.fp8_base is not None),
         "ss_fp8_base_unet": str(cfg.fp8_base == "unet"), "ss_seed": str(cfg.seed), "ss_lowram": str(cfg.lowram),
         "ss_cache_latents": str(cfg.cache_latents), "ss_optimizer": optimizer,

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from library.utils.errors import UserError
+from library.utils.safetensors_io import read_tensors, save_safetensors
 
 STATE_FILE = "train_state.json"
-_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
+#: the trained weights: a network's, or the model's own (full training)
+WEIGHT_FILES = ("network.safetensors", "model.safetensors")
+_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
 
 
 @dataclass
@@ -58,20 +60,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_state(folder: Path, network: torch.nn.Module, optimizer, scheduler, state: TrainState) -> None:
-    """Write a complete state folder atomically (temporary folder, then rename)."""
+def save_state(folder: Path, network: torch.nn.Module, optimizer, scheduler, state: TrainState,
+               weights: str = "network.safetensors") -> None:
+    """Write a complete state folder atomically (temporary folder, then rename); ``network`` is
+    what is trained (its weights go to ``weights``, one of :data:`WEIGHT_FILES`)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
-              str(tmp / "network.safetensors"))
+    save_safetensors(network.state_dict(), tmp / weights)  # tensor by tensor: no second copy of a full model
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")  # written last
-    for name in _FILES:
+    for name in (weights, *_FILES):
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -88,6 +91,8 @@ def read_train_state(folder: Path) -> TrainState:
     if not folder.is_dir():
         raise UserError(f"--resume {folder}: not a folder")
     missing = [name for name in _FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.insert(0, " or ".join(WEIGHT_FILES))
     if missing:
         raise UserError(f"--resume {folder}: incomplete state folder (missing {', '.join(missing)}); "
                         "it was probably interrupted while saving. Resume from an earlier state.")
@@ -97,10 +102,16 @@ def read_train_state(folder: Path) -> TrainState:
         raise UserError(f"--resume {folder}: {STATE_FILE} is unreadable ({exc})") from exc
 
 
-def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler) -> None:
-    """Restore network weights, optimizer, scheduler and every RNG from a state folder."""
+def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler,
+               weights: str = "network.safetensors") -> None:
+    """Restore the trained weights, optimizer, scheduler and every RNG from a state folder."""
     folder = Path(folder)
-    network.load_state_dict(_read(folder, "network.safetensors", lambda p: load_file(str(p))), strict=True)
+    if not (folder / weights).is_file():
+        other = next((w for w in WEIGHT_FILES if (folder / w).is_file()), None)
+        kind = {"network.safetensors": "a network", "model.safetensors": "the model's own weights"}
+        raise UserError(f"--resume {folder}: this state trained {kind.get(other, 'something else')}, this run "
+                        f"trains {kind[weights]}; resume it with the script that made it")
+    network.load_state_dict(_read(folder, weights, read_tensors), strict=True)
     optimizer.load_state_dict(_read(folder, "optimizer.pt", _torch_file))
     scheduler.load_state_dict(_read(folder, "scheduler.pt", _torch_file))
     _set_rng_state(_read(folder, "rng.pt", _torch_file))

@@ -1,8 +1,10 @@
-"""The network (LoRA) trainer shared by every model family.
+"""The trainer shared by every model family and by everything that can be trained.
 
 Read top to bottom: ``run`` prepares data (before any model is loaded, so bad data fails fast),
-loads the family's models, attaches the network, and loops over epochs calling ``_step``.
-Everything that differs between SD1/SDXL/SD3 is a call on ``self.family``.
+loads the family's models, builds what is trained (a network plug-in or the model's own weights,
+see :mod:`library.training.trained`), and loops over epochs calling ``_step``. Everything that
+differs between SD1/SDXL/SD3 is a call on ``self.family``; everything that differs between
+training a network and training the model is a call on ``self.what`` or on the trainable it built.
 """
 
 from __future__ import annotations
@@ -41,11 +43,10 @@ from library.training import kohya_state, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.interrupt import StopRequest, ignore_interrupts
-from library.training.network_setup import build_network, check_network_setup, merge_base_weights
+from library.training.trained import NetworkTraining
 from library.training.validation import Validator, batch_latents, make_noisy_batch
 from library.utils.errors import Interrupted, UserError
 from library.utils.files import atomic_path
-from networks.base import NetworkAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +110,13 @@ class Schedule:
     batches_per_epoch: int
 
 
-class NetworkTrainer:
-    """Trains a network plug-in on one model family."""
+class Trainer:
+    """Trains ``what`` (a network plug-in, or the model itself) on one model family."""
 
-    def __init__(self, family: ModelFamily, config: TrainingConfig):
+    def __init__(self, family: ModelFamily, config: TrainingConfig, what=None):
         self.family = family
         self.cfg = config
+        self.what = what or NetworkTraining.from_config(config)  # the network trainers' default
         self.seed = config.seed
         self.resume: tuple[Path, train_state.TrainState] | None = None
         self.kohya_resume: kohya_state.KohyaState | None = None  # --resume of a state folder kohya wrote
@@ -196,17 +198,12 @@ class NetworkTrainer:
         self.resume = (folder, state)
         logger.info("resuming from %s (step %d, epoch %d)", folder, state.global_step, state.epoch + 1)
 
-    def _network_fingerprint(self) -> dict:
-        n = self.cfg.network
-        return {"module": n.module, "dim": n.dim, "alpha": n.alpha, "args": n.args, "train_unet": n.train_unet,
-                "train_text_encoder": n.train_text_encoder}
-
     def _load_models(self, acc, group: DatasetGroup) -> LoadedModels:
         cfg = self.cfg
-        models = self.family.load(cfg.model_path, self._weight_dtype(), cfg.tokenizer_dir,
+        models = self.family.load(cfg.model_path, self.what.load_dtype(self._weight_dtype()), cfg.tokenizer_dir,
                                   acc.device if cfg.lowram else None)
         self.family.place(models, acc.device)
-        merge_base_weights(cfg.network, models, acc.device)  # before caching: merged text encoders change outputs
+        self.what.prepare(models, acc.device)  # before caching: merged base weights change text outputs
         if cfg.no_half_vae:
             models.vae.to(torch.float32)
         precision.set_attention(models.denoiser, cfg.attention)
@@ -237,24 +234,22 @@ class NetworkTrainer:
                            self.family.cache_suffix if self.cfg.cache_text_to_disk else None,
                            acc.is_local_main_process)
 
-    def _enable_checkpointing(self, models: LoadedModels, adapter: NetworkAdapter) -> None:
+    def _enable_checkpointing(self, models: LoadedModels, trainable) -> None:
         models.denoiser.enable_gradient_checkpointing()
-        adapter.enable_gradient_checkpointing()
-        if self.cfg.network.train_text_encoder:
+        trainable.enable_gradient_checkpointing()
+        if self.what.trains_text_encoders:
             for te in models.text_encoders:
                 # transformers 5 renamed the method; older versions only have the old name
                 enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
                 enable()
                 te.train()
 
-    def _optimization(self, adapter: NetworkAdapter, batches: int):
+    def _optimization(self, trainable, batches: int):
         """Optimizer, LR schedule, their log names, and the run's length."""
         cfg, o = self.cfg, self.cfg.optimizer
-        groups, lr_names = adapter.optimizer_groups(o.text_encoder_lr, o.unet_lr, o.learning_rate)
+        groups, lr_names = trainable.optimizer_groups(o.text_encoder_lr, o.unet_lr, o.learning_rate)
         if not groups:
-            raise UserError("nothing to train: every part of the network has a learning rate of 0 or no parameters; "
-                            "check --learning_rate / --unet_lr / --text_encoder_lr (a rate of 0 leaves its part out) "
-                            "and --network_train_unet_only / --network_train_text_encoder_only")
+            raise UserError(self.what.nothing_to_train)
         optimizer = optim.build_optimizer(o.optimizer_type, groups, o.learning_rate,
                                           optim.parse_optimizer_args(o.optimizer_args))
         steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
@@ -295,30 +290,29 @@ class NetworkTrainer:
                     f"batch {batches + 1} of it" if skip_data else "from the epoch's first batch")
         return Progress(step, epoch, batches)
 
-    def _restore_kohya(self, network, optimizer, scheduler, schedule: Schedule) -> Progress:
-        """A kohya state: its network weights (they must fit), its optimizer state where the layout
+    def _restore_kohya(self, trainable, optimizer, scheduler, schedule: Schedule) -> Progress:
+        """A kohya state: its trained weights (they must fit), its optimizer state where the layout
         matches, and its step (see :mod:`library.training.kohya_state`)."""
         state = self.kohya_resume
-        kohya_state.load_network(state, network)
-        used = kohya_state.load_optimizer(state, optimizer)
-        logger.info("kohya state: network weights%s loaded", " and optimizer state" if used else "")
+        used = self.what.restore_kohya(state, trainable, optimizer)
+        logger.info("kohya state: %s%s loaded", self.what.weights_title, " and optimizer state" if used else "")
         return self._start_at(state.global_step, schedule, scheduler, True, f"--resume {state.folder}: its step")
 
-    def _restore(self, network, optimizer, scheduler, batches: int) -> Progress:
+    def _restore(self, trainable, optimizer, scheduler, batches: int) -> Progress:
         if not self.resume:
             return Progress()
         folder, state = self.resume
-        train_state.check_compatible(state, self._network_fingerprint(), batches, folder)
-        train_state.load_state(folder, network, optimizer, scheduler)
+        train_state.check_compatible(state, self.what.fingerprint(), batches, folder)
+        train_state.load_state(folder, trainable.net, optimizer, scheduler, self.what.state_weights)
         return Progress(state.global_step, state.epoch, state.batches_done, list(state.recent_losses),
                         list(state.epoch_losses))
 
     # ----------------------------------------------------------------- main
     def run(self) -> Path:
-        """Train; return the path of the final network file."""
+        """Train; return the path of the final file."""
         cfg = self.cfg
         check_file_layout(cfg.model_path, self.family.checkpoint_layouts)  # a wrong file stops before any work
-        check_network_setup(cfg.network, self.family)
+        self.what.check(self.family)
         self._read_resume()
         acc = self._make_accelerator()
         self.seed = _same_on_all_processes(acc, self.seed)
@@ -332,27 +326,27 @@ class NetworkTrainer:
             self._check_text_cache(group)
         _warn_unused_attributes(group)
         models = self._load_models(acc, group)
-        adapter = build_network(cfg.network, models, cfg.save.lora_format == "diffusers")
-        # the network is not wrapped in DDP (its forward is never called; gradients are averaged
-        # explicitly), and the schedule is stepped once per optimizer step whatever the process count
-        adapter.net.to(acc.device)
+        trainable = self.what.build(self.family, models)
+        # what is trained is not wrapped in DDP (gradients are averaged explicitly), and the schedule
+        # is stepped once per optimizer step whatever the process count
+        trainable.net.to(acc.device)
         if cfg.full_half:
-            adapter.net.to(torch.float16 if cfg.full_half == "fp16" else torch.bfloat16)
+            trainable.net.to(torch.float16 if cfg.full_half == "fp16" else torch.bfloat16)
         if cfg.full_half == "fp16":
             precision.allow_fp16_gradients(acc.scaler)
         if cfg.gradient_checkpointing:
-            self._enable_checkpointing(models, adapter)
-        optimizer, scheduler, lr_names, schedule = self._optimization(adapter, len(group))
+            self._enable_checkpointing(models, trainable)
+        optimizer, scheduler, lr_names, schedule = self._optimization(trainable, len(group))
         group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
         optimizer = acc.prepare(optimizer)
-        adapter.prepare_grad_etc(models.text_encoders, models.denoiser)
+        trainable.prepare_grad_etc(models.text_encoders, models.denoiser)
         fused = None
         if cfg.fused_backward:
             if acc.num_processes > 1:
                 raise UserError("--fused_backward_pass runs on one process only in this version")
-            fused = optim.FusedBackwardPass(optimizer, adapter.trainable_params(), cfg.optimizer.max_grad_norm)
-        progress = self._start_position(adapter, optimizer, scheduler, schedule, len(group))
-        checkpointer = self._checkpointer(acc, models, group, adapter, optimizer, scheduler, schedule)
+            fused = optim.FusedBackwardPass(optimizer, trainable.trainable_params(), cfg.optimizer.max_grad_norm)
+        progress = self._start_position(trainable, optimizer, scheduler, schedule, len(group))
+        checkpointer = self._checkpointer(acc, models, group, trainable, optimizer, scheduler, schedule)
         if acc.is_main_process and cfg.trackers:
             self._init_trackers(acc, progress)
         logger.info("training: %d steps, %d epochs, %d batches per epoch", schedule.max_steps, schedule.num_epochs,
@@ -363,32 +357,32 @@ class NetworkTrainer:
             group, batch_size=1, sampler=EpochSampler(len(group)), collate_fn=collate_single,
             num_workers=cfg.num_workers, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_interrupts)
-        loop = _Loop(self, acc, models, adapter, optimizer, scheduler, lr_names, checkpointer,
+        loop = _Loop(self, acc, models, trainable, optimizer, scheduler, lr_names, checkpointer,
                      self._validator(acc, models, group), fused)
         return loop.train(loader, schedule, progress)
 
-    def _start_position(self, adapter: NetworkAdapter, optimizer, scheduler, schedule: Schedule,
-                        batches: int) -> Progress:
+    def _start_position(self, trainable, optimizer, scheduler, schedule: Schedule, batches: int) -> Progress:
         """Where training starts: step 0, our state, a kohya state, or --initial_step."""
-        progress = self._restore(adapter.net, optimizer, scheduler, batches)
+        progress = self._restore(trainable, optimizer, scheduler, batches)
         if self.cfg.initial_step is not None or self.cfg.initial_epoch is not None:
             return self._start_at_initial_step(schedule, scheduler)
         if self.kohya_resume is not None:
-            return self._restore_kohya(adapter.net, optimizer, scheduler, schedule)
+            return self._restore_kohya(trainable, optimizer, scheduler, schedule)
         return progress
 
-    def _checkpointer(self, acc, models: LoadedModels, group: DatasetGroup, adapter: NetworkAdapter, optimizer,
+    def _checkpointer(self, acc, models: LoadedModels, group: DatasetGroup, trainable, optimizer,
                       scheduler, schedule: Schedule) -> Checkpointer:
         cfg = self.cfg
-        meta = saving.base_metadata(cfg, self.family.metadata(models), group, len(group), schedule.num_epochs,
-                                    schedule.max_steps)
-        run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self._network_fingerprint(),
+        meta = saving.base_metadata(cfg, {**self.family.metadata(models), **self.what.metadata()}, group, len(group),
+                                    schedule.num_epochs, schedule.max_steps)
+        run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self.what.fingerprint(),
                     "log_dir": acc.project_dir if cfg.logging_dir else None}
         save = cfg.save
         if save.n_epoch_ratio:
             save = replace(save, every_n_epochs=saving.epochs_between_saves(schedule.num_epochs, save.n_epoch_ratio))
             logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s)", save.n_epoch_ratio, save.every_n_epochs)
-        return Checkpointer(save, adapter, optimizer, scheduler, meta, run_info, acc.is_main_process)
+        return Checkpointer(save, trainable, optimizer, scheduler, meta, run_info, acc.is_main_process,
+                            self.what.state_weights)
 
     def _validator(self, acc, models: LoadedModels, group: DatasetGroup) -> Validator | None:
         if group.validation is None:
@@ -407,18 +401,18 @@ class _Stopped(Exception):
 class _Loop:
     """The epoch/step loop with its saving, sampling and logging side effects."""
 
-    def __init__(self, trainer: NetworkTrainer, acc, models, adapter, optimizer, scheduler, lr_names,
+    def __init__(self, trainer: Trainer, acc, models, trainable, optimizer, scheduler, lr_names,
                  checkpointer: Checkpointer, validator: Validator | None = None,
                  fused: optim.FusedBackwardPass | None = None):
-        self.t, self.acc, self.models, self.adapter = trainer, acc, models, adapter
+        self.t, self.acc, self.models, self.trainable = trainer, acc, models, trainable
         self.fused = fused
         self.validator = validator
         self.optimizer, self.scheduler, self.lr_names = optimizer, scheduler, lr_names
         self.checkpointer = checkpointer
         self.cfg = trainer.cfg
         self.family = trainer.family
-        self.train_te = trainer.cfg.network.train_text_encoder
-        self.params = adapter.trainable_params()
+        self.what = trainer.what
+        self.params = trainable.trainable_params()
         self.multiplier = 1.0
         self.key_norms: tuple[int, float, float] | None = None  # --scale_weight_norms: the last step's result
         self.stop = StopRequest()  # replaced by the active one while training
@@ -456,7 +450,7 @@ class _Loop:
 
     def _run_epoch(self, loader, schedule: Schedule, p: Progress, bar) -> None:
         cfg = self.cfg
-        self.adapter.on_epoch_start(self.models.text_encoders, self.models.denoiser)
+        self.trainable.on_epoch_start(self.models.text_encoders, self.models.denoiser)
         loader.sampler.set_epoch(p.epoch, start=p.batches_done)
         accum, micro = cfg.gradient_accumulation_steps, []
         for i, batch in enumerate(loader, start=p.batches_done):
@@ -490,7 +484,7 @@ class _Loop:
         """Log kohya's loss/validation/<when>_average and _divergence (validation minus training)."""
         self._set_multiplier(1.0)
         with optim.optimizer_eval_mode(self.optimizer):
-            value = self.validator.loss(self.adapter.net)
+            value = self.validator.loss(self.trainable.net)
         train = (sum(p.recent_losses) / len(p.recent_losses)) if when == "step" and p.recent_losses else \
             (sum(p.epoch_losses) / len(p.epoch_losses) if p.epoch_losses else float("nan"))
         logger.info("validation loss at %s %d: %.5f (training %.5f)", when,
@@ -520,7 +514,7 @@ class _Loop:
     def _stop_non_finite(self, exc: NonFiniteError, p: Progress) -> str:
         """Keep the weights of the last completed step (they are still finite: the bad step was not
         applied), then explain. Weights that are not finite are never written."""
-        finite = all(torch.isfinite(t).all() for t in self.adapter.net.state_dict().values())
+        finite = all(torch.isfinite(t).all() for t in self.trainable.net.state_dict().values())
         saved = ""
         if finite and p.global_step > 0:
             stem = saving.step_file_name(self.cfg.save.output_name, p.global_step, "")
@@ -546,7 +540,7 @@ class _Loop:
     def _step(self, batch: TrainBatch, sync: bool, step: int) -> float:
         """Forward and backward on one batch; an optimizer step too when ``sync``."""
         acc, family, models = self.acc, self.family, self.models
-        self.adapter.on_step_start(models.text_encoders, models.denoiser)
+        self.trainable.on_step_start(models.text_encoders, models.denoiser)
         self._set_multiplier(batch.network_multiplier)
         dtype = self.t._weight_dtype()
         rng = SampleRNG(self.t.seed, batch.sample_keys, acc.device)
@@ -554,7 +548,7 @@ class _Loop:
         if batch.conditioning is not None:
             cond = to_device(batch.conditioning, acc.device, dtype)
         else:
-            with torch.set_grad_enabled(self.train_te), acc.autocast():
+            with torch.set_grad_enabled(self.what.trains_text_encoders_at(step)), acc.autocast():
                 cond = family.encode_prompts(models, batch.captions, acc.device)
         cond = family.drop_conditioning(cond, rng)
         noisy = make_noisy_batch(family, batch, latents, rng)
@@ -581,8 +575,8 @@ class _Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if sync and self.cfg.network.scale_weight_norms:
-            self.key_norms = self.adapter.max_norm_regularize(self.cfg.network.scale_weight_norms, acc.device)
+        if sync and (norms := self.what.after_optimizer_step(self.trainable, acc.device)) is not None:
+            self.key_norms = norms
         if acc.num_processes > 1:
             loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
@@ -605,7 +599,7 @@ class _Loop:
     def _set_multiplier(self, value: float) -> None:
         """Datasets may train the network at another strength (kohya's network_multiplier)."""
         if value != self.multiplier:
-            self.adapter.set_multiplier(value)
+            self.trainable.set_multiplier(value)
             self.multiplier = value
 
     def _log(self, step: int, loss: float, average: float) -> None:
@@ -626,8 +620,8 @@ class _Loop:
             return
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         self._set_multiplier(1.0)  # samples show the network at full strength
-        was_training = self.adapter.net.training
-        self.adapter.net.eval()
+        was_training = self.trainable.net.training
+        self.trainable.net.eval()
         try:
             with optim.optimizer_eval_mode(self.optimizer):
                 for i, prompt in enumerate(prompts):
@@ -635,7 +629,7 @@ class _Loop:
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(py_state)
-            self.adapter.net.train(was_training)
+            self.trainable.net.train(was_training)
 
     def _sample_one(self, index: int, prompt, epoch: int | None, step: int) -> None:
         seed = prompt.seed if prompt.seed is not None else random.randint(0, 2**31 - 1)

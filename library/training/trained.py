@@ -1,0 +1,91 @@
+"""What a run trains. The loop in ``trainer.py`` works with one of these and never asks which:
+
+* :class:`NetworkTraining`: a network plug-in (LoRA, LyCORIS, ...) hooked into the frozen model;
+  its trainable is the plug-in wrapped in :class:`networks.base.NetworkAdapter`.
+* :class:`library.training.model_weights.ModelTraining`: the model's own weights (DreamBooth,
+  fine-tuning); its trainable, ``ModelWeights``, answers the loop as the adapter does.
+
+A "what is trained" object is made before any model loads (its checks run first), builds the
+trainable once the models are loaded, and tells the loop the few things that differ: which dtype
+the trained weights are loaded in, whether the text encoders train at a given step, the metadata
+keys describing it, and what a state folder holds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from library.config.training_config import NetworkConfig, TrainingConfig
+from library.families.base import LoadedModels, ModelFamily
+from library.training import kohya_state
+from library.training.network_setup import build_network, check_network_setup, merge_base_weights
+from networks.base import NetworkAdapter
+
+
+class NetworkTraining:
+    """A network plug-in trained on the frozen model (train_network.py and its family twins)."""
+
+    #: the file holding the trained weights in a state folder
+    state_weights = "network.safetensors"
+    weights_title = "network weights"
+    nothing_to_train = ("nothing to train: every part of the network has a learning rate of 0 or no parameters; "
+                        "check --learning_rate / --unet_lr / --text_encoder_lr (a rate of 0 leaves its part out) "
+                        "and --network_train_unet_only / --network_train_text_encoder_only")
+
+    def __init__(self, cfg: NetworkConfig, diffusers_export: bool = False):
+        self.cfg, self.diffusers_export = cfg, diffusers_export
+
+    @classmethod
+    def from_config(cls, config: TrainingConfig) -> NetworkTraining:
+        return cls(config.network, config.save.lora_format == "diffusers")
+
+    def check(self, family: ModelFamily) -> None:
+        """Before any model loads: the plug-in's args and the LoRA files to start from or merge."""
+        check_network_setup(self.cfg, family)
+
+    def load_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The base model is frozen: it is loaded in the mixed-precision dtype."""
+        return weight_dtype
+
+    def prepare(self, models: LoadedModels, device) -> None:
+        """After loading, before caching: ``--base_weights`` merged (they change text outputs)."""
+        merge_base_weights(self.cfg, models, device)
+
+    def build(self, family: ModelFamily, models: LoadedModels) -> NetworkAdapter:
+        return build_network(self.cfg, models, self.diffusers_export)
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Whether a text encoder trains at any step (no text caching then)."""
+        return self.cfg.train_text_encoder
+
+    def trains_text_encoders_at(self, step: int) -> bool:
+        return self.cfg.train_text_encoder
+
+    def fingerprint(self) -> dict:
+        """What a state folder must have been made with to be resumed by this run."""
+        n = self.cfg
+        return {"module": n.module, "dim": n.dim, "alpha": n.alpha, "args": n.args, "train_unet": n.train_unet,
+                "train_text_encoder": n.train_text_encoder}
+
+    def after_optimizer_step(self, trainable: NetworkAdapter, device) -> tuple[int, float, float] | None:
+        """``--scale_weight_norms``: (keys scaled, mean norm, max norm) after each optimizer step."""
+        if self.cfg.scale_weight_norms:
+            return trainable.max_norm_regularize(self.cfg.scale_weight_norms, device)
+        return None
+
+    def metadata(self) -> dict[str, str]:
+        """kohya's ``ss_network_*`` keys."""
+        n = self.cfg
+        return {"ss_network_module": n.module, "ss_network_dim": str(n.dim if n.dim is not None else 4),
+                "ss_network_alpha": str(n.alpha if n.alpha is not None else 1.0),
+                "ss_network_args": json.dumps(n.args), "ss_network_dropout": str(n.dropout),
+                "ss_scale_weight_norms": str(n.scale_weight_norms)}
+
+    def restore_kohya(self, state: kohya_state.KohyaState, trainable: NetworkAdapter, optimizer) -> bool:
+        """A state folder kohya wrote: its network weights (they must fit), its optimizer state
+        where the layout matches (returns whether it was used)."""
+        kohya_state.load_network(state, trainable.net)
+        return kohya_state.load_optimizer(state, optimizer)
