@@ -1,19 +1,22 @@
-"""fine_tune.py: not available in this version yet.
+"""Fine-tune a Stable Diffusion 1.x/2.x model's own weights from caption metadata.
 
-This script keeps kohya-ss/sd-scripts' name so command lines find it; full-weight training is planned
-for a later version. Running it stops with a clear message instead of doing something half-way.
+    accelerate launch fine_tune.py --pretrained_model_name_or_path model.safetensors \
+        --in_json meta_lat.json --train_data_dir images --output_dir out --output_name tuned
+
+The metadata is what kohya's finetune/ scripts write (JSON or JSONL: captions, tags,
+train_resolution), given with --in_json or as metadata_file subsets of a dataset TOML. The UNet
+trains (the text encoder too with --train_text_encoder); the result is a whole checkpoint.
 """
 
 from __future__ import annotations
 
-import sys
+from library.args.model_training import run_model_trainer
+from library.utils.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    print("error: fine_tune.py is not implemented in this version yet; "
-          "train_network.py (SD1.x/2.x LoRA) is available", file=sys.stderr)
-    sys.exit(2)
+    run_model_trainer("fine_tune", "sd", "fine-tuning (full weights) for SD1.x/2.x", argv)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

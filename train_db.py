@@ -1,19 +1,23 @@
-"""train_db.py: not available in this version yet.
+"""DreamBooth: train a Stable Diffusion 1.x/2.x model's own weights on image folders.
 
-This script keeps kohya-ss/sd-scripts' name so command lines find it; full-weight training is planned
-for a later version. Running it stops with a clear message instead of doing something half-way.
+    accelerate launch train_db.py --pretrained_model_name_or_path model.safetensors \
+        --train_data_dir train --reg_data_dir reg --output_dir out --output_name my_model \
+        --prior_loss_weight 1.0 --stop_text_encoder_training 400
+
+Folders are kohya's ``<repeats>_<identifier> <class>`` (or a dataset TOML); regularisation images
+are weighted by --prior_loss_weight. The UNet and the text encoder train (the text encoder until
+--stop_text_encoder_training); the result is a whole checkpoint (--save_model_as).
 """
 
 from __future__ import annotations
 
-import sys
+from library.args.model_training import run_model_trainer
+from library.utils.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    print("error: train_db.py is not implemented in this version yet; "
-          "train_network.py (SD1.x/2.x LoRA) is available", file=sys.stderr)
-    sys.exit(2)
+    run_model_trainer("dreambooth", "sd", "DreamBooth (full weights) for SD1.x/2.x", argv)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

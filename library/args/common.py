@@ -110,15 +110,20 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token_warmup_step", type=float, help="warm-up length: steps, or a ratio < 1 of all steps")
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(p: argparse.ArgumentParser, save_formats: tuple[str, ...] = ("safetensors", "ckpt", "pt"),
+                      network: bool = True) -> None:
+    """The shared training flags; ``save_formats`` are the --save_model_as choices, ``network``
+    adds the flags only a network run has."""
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", help="where models are saved (required)")
     g.add_argument("--output_name", default="last", help="base name of saved files")
-    g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"])
+    g.add_argument("--save_model_as", default="safetensors", choices=list(save_formats))
     g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="dtype of saved weights")
-    g.add_argument("--save_lora_format", choices=["kohya", "diffusers"], default="kohya",
-                   help="diffusers: the final LoRA is also written as <name>-diffusers/ (pytorch_lora_weights."
-                        "safetensors for load_lora_weights, adapter_config.json + adapter_model.safetensors for PEFT)")
+    if network:
+        g.add_argument("--save_lora_format", choices=["kohya", "diffusers"], default="kohya",
+                       help="diffusers: the final LoRA is also written as <name>-diffusers/ (pytorch_lora_weights."
+                            "safetensors for load_lora_weights, adapter_config.json + adapter_model.safetensors for "
+                            "PEFT)")
     g.add_argument("--save_every_n_epochs", type=int, help="save every N epochs (name-000001.safetensors)")
     g.add_argument("--save_every_n_steps", type=int, help="save every N steps (name-step00000100.safetensors)")
     g.add_argument("--save_n_epoch_ratio", type=int,
@@ -138,8 +143,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--full_fp16", action="store_true",
-                   help="keep the network itself in fp16 (GPU, fp16 mixed precision)")
-    g.add_argument("--full_bf16", action="store_true", help="keep the network itself in bf16 (bf16 mixed precision)")
+                   help="keep the trained weights themselves in fp16 (GPU, fp16 mixed precision)")
+    g.add_argument("--full_bf16", action="store_true",
+                   help="keep the trained weights themselves in bf16 (bf16 mixed precision)")
     g.add_argument("--fp8_base", action="store_true", help="store the base model's linear/conv weights in fp8")
     g.add_argument("--fp8_base_unet", action="store_true",
                    help="fp8 for the UNet only (text encoders keep their dtype)")

@@ -58,9 +58,13 @@ def _at_most_two_rates(args: argparse.Namespace) -> None:
 
 def _sd_training(args: argparse.Namespace, datasets) -> SDOptions:
     _at_most_two_rates(args)
+    no_padding = getattr(args, "no_token_padding", False)  # train_db.py's flag
+    if no_padding and (args.max_token_length or 75) != 75:
+        raise UserError(f"--no_token_padding pads each batch to its longest caption within one window of 75 tokens; "
+                        f"it cannot be used with --max_token_length {args.max_token_length}")
     return SDOptions(ddpm=build_ddpm_options(args), v2=args.v2, clip_skip=args.clip_skip,
                      max_token_length=args.max_token_length or 75, weighted_captions=args.weighted_captions,
-                     vae=args.vae)
+                     vae=args.vae, no_token_padding=no_padding)
 
 
 def _sdxl_training(args: argparse.Namespace, datasets) -> SDXLOptions:

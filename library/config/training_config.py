@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from library.config.model_training import ModelTrainConfig, model_training_config
 from library.data.dataset_config import (
     DatasetConfig,
     folders_to_config,
@@ -99,7 +100,7 @@ class TrainingConfig:
     model_path: str
     tokenizer_dir: str | None
     datasets: list[DatasetConfig]
-    network: NetworkConfig
+    network: NetworkConfig | None  # None in the full-weight trainers (see `model`)
     optimizer: OptimizerConfig
     save: SaveConfig
     sample: SampleConfig
@@ -143,6 +144,7 @@ class TrainingConfig:
     ddp_wrapper_flags: tuple[str, ...] = ()  # --ddp_static_graph etc. given (they tune a wrapper not used here)
     dataset_source: str = ""
     raw_args: dict = field(default_factory=dict)
+    model: ModelTrainConfig | None = None  # the full-weight trainers' choices (train_db.py, fine_tune.py)
 
 
 _PRECISIONS = {None: None, **DTYPE_NAMES}
@@ -196,6 +198,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                         "are for starting from a network file (--network_weights) without a state: give one of them")
     if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:
         raise UserError("--skip_until_initial_step needs --initial_step or --initial_epoch (the step to start at)")
+    if not hasattr(args, "network_module"):
+        return  # a full-weight trainer: its own checks are in model_training.py
     if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) \
             and not args.network_train_unet_only:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained text encoder's "
@@ -292,7 +296,7 @@ def _check_files(args: argparse.Namespace) -> None:
         raise UserError(f"--pretrained_model_name_or_path {model}: file not found")
     if args.vae and not Path(args.vae).exists():
         raise UserError(f"--vae {args.vae}: file or folder not found")
-    if args.network_weights and not Path(args.network_weights).is_file():
+    if getattr(args, "network_weights", None) and not Path(args.network_weights).is_file():
         raise UserError(f"--network_weights {args.network_weights}: file not found")
 
 
@@ -353,20 +357,23 @@ def _network_config(args: argparse.Namespace) -> NetworkConfig:
 
 
 def _save_config(args: argparse.Namespace) -> SaveConfig:
+    folder = args.save_model_as.startswith("diffusers")  # a whole model as a diffusers folder: no suffix
     return SaveConfig(
-        Path(args.output_dir), args.output_name, "." + args.save_model_as, _PRECISIONS[args.save_precision],
+        Path(args.output_dir), args.output_name, "" if folder else "." + args.save_model_as,
+        _PRECISIONS[args.save_precision],
         args.save_every_n_epochs, args.save_every_n_steps, args.no_metadata, args.training_comment,
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
         last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
         last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
         last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
-        lora_format=args.save_lora_format, n_epoch_ratio=args.save_n_epoch_ratio,
+        lora_format=getattr(args, "save_lora_format", "kohya"), n_epoch_ratio=args.save_n_epoch_ratio,
         modelspec={k[len("metadata_"):]: v for k, v in vars(args).items()
                    if k.startswith("metadata_") and v is not None})
 
 
-def build_training_config(args: argparse.Namespace) -> TrainingConfig:
-    """Validate flags, dataset config and prompt file; nothing heavy is loaded here."""
+def build_training_config(args: argparse.Namespace, model_kind: str | None = None) -> TrainingConfig:
+    """Validate flags, dataset config and prompt file; nothing heavy is loaded here. ``model_kind``
+    ("dreambooth" / "fine_tune"): a full-weight trainer's flags (no network flags then)."""
 
     _check_numbers(args)
     check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)
@@ -375,14 +382,16 @@ def build_training_config(args: argparse.Namespace) -> TrainingConfig:
     _check_output_folders(args, datasets)
     _check_cache_conflicts(args, datasets)
     _check_masks(args, datasets)
-    import_network_module(args.network_module)
+    if model_kind is None:
+        import_network_module(args.network_module)
     check_optimizer_name(args.optimizer_type)
     if args.fused_backward_pass:
         check_fused_backward(args.optimizer_type, args.gradient_accumulation_steps)
     prompts = tuple(load_prompt_file(args.sample_prompts)) if args.sample_prompts else ()
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
-        network=_network_config(args),
+        network=_network_config(args) if model_kind is None else None,
+        model=model_training_config(args, datasets, model_kind) if model_kind else None,
         optimizer=_optimizer_config(args), save=_save_config(args),
         sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
                             args.sample_sampler),

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from library.models.checkpoints import Checkpoint, write_checkpoint, write_diffusers
 from library.sampling.generate import GenBatch, run_batch
 
 
@@ -27,6 +28,9 @@ class LoadedModels:
     #: what loading found out that the options did not say (SD: "sd1" / "sd2"; SD3: the model type,
     #: e.g. "medium", "5-large"); families keep no such state themselves
     variant: str = ""
+    #: the library/models record the modules came from (same module objects): writing the whole
+    #: model back (full training) goes through it
+    parts: Any = None
 
 
 @dataclass
@@ -157,3 +161,21 @@ class ModelFamily(ABC):
     @abstractmethod
     def metadata(self, models: LoadedModels) -> dict[str, str]:
         """Family-specific training metadata (``ss_base_model_version``, ``modelspec.architecture``, ...)."""
+
+    def model_layout(self, models: LoadedModels) -> str:
+        """The single-file layout these models are written in (library/models/checkpoints.py)."""
+        return self.checkpoint_layouts[0]
+
+    def save_problem(self, models: LoadedModels, as_folder: bool) -> str | None:
+        """Why these models cannot be written in that form (checked before training), or None."""
+        return None
+
+    def save_model(self, models: LoadedModels, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+                   as_folder: bool) -> None:
+        """The whole model (its trained weights as they are now) as a single file in the family's
+        original layout, or as a diffusers folder."""
+        checkpoint = Checkpoint(self.model_layout(models), models.parts, models.source)
+        if as_folder:
+            write_diffusers(checkpoint, path, dtype)
+        else:
+            write_checkpoint(checkpoint, path, dtype, metadata)

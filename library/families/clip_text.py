@@ -80,13 +80,27 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, normalize: str = 
     return (scaled * ratio).to(hidden.dtype)
 
 
+def longest_in_batch(full: torch.Tensor, eos: int) -> int:
+    """The length of the longest ``[BOS] tokens [EOS]`` of a batch of padded ids (kohya's
+    ``--no_token_padding`` pads to it instead of to 77, as diffusers' DreamBooth does)."""
+    return max(row.index(eos, 1) + 1 if eos in row[1:] else len(row) for row in full.tolist())
+
+
 def encode_prompts(tokenizer, encode_window: Callable[[torch.Tensor], torch.Tensor], texts: list[str],
-                   max_token_length: int, weighted: bool, device, normalize: str = "original") -> torch.Tensor:
-    """Encode ``texts`` with windows of 77 tokens; ``encode_window`` maps (B, 77) ids to (B, 77, d)."""
+                   max_token_length: int, weighted: bool, device, normalize: str = "original",
+                   pad_to_longest: bool = False) -> torch.Tensor:
+    """Encode ``texts`` with windows of 77 tokens; ``encode_window`` maps (B, 77) ids to (B, 77, d).
+    ``pad_to_longest`` (one window only): ids cut after the batch's longest caption."""
     pairs = [tokenize_with_weights(tokenizer, t, max_token_length, weighted) for t in texts]
     full = torch.tensor([ids for ids, _ in pairs], device=device)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad_to_longest:
+        length = longest_in_batch(full, eos)
+        hidden = encode_window(full[:, :length])
+        if weighted:
+            hidden = apply_weights(hidden, torch.tensor([w[:length] for _, w in pairs]), normalize)
+        return hidden
     hidden = stitch([encode_window(w) for w in windows(full, bos, eos, pad)])
     if weighted:
         hidden = apply_weights(hidden, torch.tensor([w for _, w in pairs]), normalize)

@@ -32,6 +32,7 @@ class SDOptions:
     vae: str | None = None  # --vae: a separate VAE replaces the checkpoint's
     weighted_captions: bool = False  # (word:1.2) emphasis in captions
     emb_normalize: str = "original"  # what weighting restores afterwards (clip_text.apply_weights)
+    no_token_padding: bool = False  # kohya's DreamBooth switch: captions padded to the batch's longest, not 77
 
 
 class SDFamily(ModelFamily):
@@ -72,7 +73,17 @@ class SDFamily(ModelFamily):
         if parts.prediction_type == "v_prediction" and not self.options.ddpm.v_parameterization:
             raise UserError(f"{name_or_path} is a v-prediction model (its scheduler says so): add --v_parameterization")
         return LoadedModels(denoiser=parts.unet, vae=parts.vae, text_encoders=[parts.text_encoder],
-                            tokenizers=[parts.tokenizer], source=name_or_path, variant="sd2" if parts.v2 else "sd1")
+                            tokenizers=[parts.tokenizer], source=name_or_path, variant="sd2" if parts.v2 else "sd1",
+                            parts=parts)
+
+    def model_layout(self, models: LoadedModels) -> str:
+        return models.variant  # "sd1" / "sd2"
+
+    def save_problem(self, models: LoadedModels, as_folder: bool) -> str | None:
+        if not as_folder and models.variant == "sd2" and not models.parts.unused:
+            return ("an SD2 model read from a diffusers folder lacks its text encoder's last layer, which SD2 single "
+                    "files carry; save it as a folder (--save_model_as diffusers_safetensors)")
+        return None
 
     def encode_images(self, models: LoadedModels, images: torch.Tensor, rng: SampleRNG | None = None) -> torch.Tensor:
         vae = models.vae
@@ -95,12 +106,14 @@ class SDFamily(ModelFamily):
             return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
         return clip_text.encode_prompts(tokenizer, encode_window, captions, self.options.max_token_length,
-                                        self.options.weighted_captions, device, self.options.emb_normalize)
+                                        self.options.weighted_captions, device, self.options.emb_normalize,
+                                        self.options.no_token_padding)
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
         o = self.options
         return {"family": self.name, "encoder": module_fingerprint(models.text_encoders[0]),
                 "clip_skip": o.clip_skip or 1, "max_token_length": o.max_token_length,
+                "no_token_padding": o.no_token_padding,
                 "weighted": o.weighted_captions}
 
     def make_noisy_batch(self, latents: torch.Tensor, rng: SampleRNG, timestep: int | None = None) -> NoisyBatch:

@@ -119,7 +119,8 @@ class SD3Family(ModelFamily):
         tokenizers = [parts.tokenizers["clip_l"], parts.tokenizers["clip_g"]] + (
             [parts.tokenizers["t5xxl"]] if parts.t5xxl is not None else [])
         return SD3Models(denoiser=parts.transformer, vae=parts.vae, text_encoders=encoders,
-                         tokenizers=tokenizers, source=name_or_path, variant=parts.model_type(), pos_embed=pos_embed)
+                         tokenizers=tokenizers, source=name_or_path, variant=parts.model_type(), pos_embed=pos_embed,
+                         parts=parts)
 
     def place(self, models: LoadedModels, device: torch.device) -> None:
         """Everything to ``device``, except the swapped blocks (``--blocks_to_swap``) and T5 when

@@ -75,7 +75,7 @@ class SDXLFamily(SDFamily):
         parts.vae.register_to_config(scaling_factor=self.scaling_factor)
         return LoadedModels(denoiser=parts.unet, vae=parts.vae,
                             text_encoders=[parts.text_encoder_1, parts.text_encoder_2],
-                            tokenizers=[parts.tokenizer_1, parts.tokenizer_2], source=name_or_path)
+                            tokenizers=[parts.tokenizer_1, parts.tokenizer_2], source=name_or_path, parts=parts)
 
     def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> dict:
         """``{"hidden": (B, 75k + 2, 768 + 1280), "pooled": (B, 1280)}`` (widths of the real model)."""

@@ -99,30 +99,32 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
 
 
 _LAYOUT_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3"}
-_LAYOUT_SCRIPTS = {"sd1": "train_network.py", "sd2": "train_network.py", "sdxl": "sdxl_train_network.py",
+#: which script trains a file of each layout (a LoRA; the full-weight trainers pass their own)
+NETWORK_SCRIPTS = {"sd1": "train_network.py", "sd2": "train_network.py", "sdxl": "sdxl_train_network.py",
                    "sd3": "sd3_train_network.py"}
 
 
-def require_layout(state: Mapping[str, torch.Tensor], accepted: tuple[str, ...], path) -> str:
+def require_layout(state: Mapping[str, torch.Tensor], accepted: tuple[str, ...], path,
+                   scripts: Mapping[str, str] = NETWORK_SCRIPTS) -> str:
     """The file's layout if it is one of ``accepted``; otherwise one message saying what the file
-    looks like and which script reads it. Every loader checks its input through this."""
+    looks like and which script reads it (``scripts``). Every loader checks its input through this."""
     layout = detect_layout(state)
     if layout in accepted:
         return layout
     wanted = "/".join(_LAYOUT_NAMES[a] for a in accepted)
-    script = _LAYOUT_SCRIPTS.get(layout)
+    script = scripts.get(layout)
     hint = f"; use {script}" if script else ""
     raise UserError(f"{path} is not an {wanted} checkpoint (it looks like: {layout}){hint}")
 
 
-def check_file_layout(path: str, accepted: tuple[str, ...]) -> None:
+def check_file_layout(path: str, accepted: tuple[str, ...], scripts: Mapping[str, str] = NETWORK_SCRIPTS) -> None:
     """Refuse a single ``.safetensors`` file of another family from its header alone (no tensor is
     read), so a wrong model stops the run before the dataset is scanned or anything is loaded.
     Folders, hub ids and pickles are checked when they are loaded."""
     p = Path(path)
     if p.suffix != ".safetensors" or not p.is_file():
         return
-    require_layout(read_header(p).tensors, accepted, p)
+    require_layout(read_header(p).tensors, accepted, p, scripts)
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 
 from library.config.training_config import NetworkConfig, TrainingConfig
 from library.families.base import LoadedModels, ModelFamily
+from library.models.sd_loading import NETWORK_SCRIPTS
 from library.training import kohya_state
 from library.training.network_setup import build_network, check_network_setup, merge_base_weights
 from networks.base import NetworkAdapter
@@ -30,6 +31,7 @@ class NetworkTraining:
     #: the file holding the trained weights in a state folder
     state_weights = "network.safetensors"
     weights_title = "network weights"
+    layout_scripts = NETWORK_SCRIPTS
     nothing_to_train = ("nothing to train: every part of the network has a learning rate of 0 or no parameters; "
                         "check --learning_rate / --unet_lr / --text_encoder_lr (a rate of 0 leaves its part out) "
                         "and --network_train_unet_only / --network_train_text_encoder_only")
@@ -49,7 +51,7 @@ class NetworkTraining:
         """The base model is frozen: it is loaded in the mixed-precision dtype."""
         return weight_dtype
 
-    def prepare(self, models: LoadedModels, device) -> None:
+    def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
         """After loading, before caching: ``--base_weights`` merged (they change text outputs)."""
         merge_base_weights(self.cfg, models, device)
 
@@ -63,6 +65,9 @@ class NetworkTraining:
 
     def trains_text_encoders_at(self, step: int) -> bool:
         return self.cfg.train_text_encoder
+
+    def check_schedule(self, max_steps: int) -> None:
+        """Nothing in a network run depends on the run's length."""
 
     def fingerprint(self) -> dict:
         """What a state folder must have been made with to be resumed by this run."""

@@ -203,7 +203,8 @@ class Trainer:
         models = self.family.load(cfg.model_path, self.what.load_dtype(self._weight_dtype()), cfg.tokenizer_dir,
                                   acc.device if cfg.lowram else None)
         self.family.place(models, acc.device)
-        self.what.prepare(models, acc.device)  # before caching: merged base weights change text outputs
+        # before caching: merged base weights change text outputs
+        self.what.prepare(models, acc.device, self._weight_dtype())
         if cfg.no_half_vae:
             models.vae.to(torch.float32)
         precision.set_attention(models.denoiser, cfg.attention)
@@ -311,7 +312,8 @@ class Trainer:
     def run(self) -> Path:
         """Train; return the path of the final file."""
         cfg = self.cfg
-        check_file_layout(cfg.model_path, self.family.checkpoint_layouts)  # a wrong file stops before any work
+        # a wrong file stops before any work, naming the script that trains it
+        check_file_layout(cfg.model_path, self.family.checkpoint_layouts, self.what.layout_scripts)
         self.what.check(self.family)
         self._read_resume()
         acc = self._make_accelerator()
@@ -337,6 +339,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, trainable)
         optimizer, scheduler, lr_names, schedule = self._optimization(trainable, len(group))
+        self.what.check_schedule(schedule.max_steps)
         group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
         optimizer = acc.prepare(optimizer)
         trainable.prepare_grad_etc(models.text_encoders, models.denoiser)

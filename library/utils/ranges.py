@@ -59,7 +59,7 @@ TRAINING = {
     "caption_tag_dropout_rate": PROBABILITY, "multires_noise_discount": PROBABILITY,
     "min_timestep": Range(0, 1000), "max_timestep": Range(0, 1000), "seed": SEED, "validation_seed": SEED,
     "network_dropout": Range(0, 1, below=True), "validation_split": Range(0, 1, below=True),
-    "scale_weight_norms": POSITIVE,
+    "scale_weight_norms": POSITIVE, "stop_text_encoder_training": Range(-1),
 }
 
 #: gen_img.py's flags (``vae_batch_size`` below 1 is a share of the batch, as in kohya)

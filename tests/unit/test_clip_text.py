@@ -84,3 +84,20 @@ def test_emb_normalize_modes_hand_checked():
     assert not torch.allclose(original, absolute)
     same = torch.ones(1, 5)
     assert all(clip_text.apply_weights(hidden, same, m) is hidden for m in ("original", "abs", "none"))
+
+
+def test_no_token_padding_cuts_after_the_longest_caption(tiny_sd1):
+    """--no_token_padding: ids end after the batch's longest caption; CLIP's causal attention makes
+    those positions equal to the same positions of the 77-token encoding."""
+    tok, te = tiny_sd1.tokenizer, tiny_sd1.text_encoder
+    captions = ["a b", "a b c d e"]
+    full = torch.tensor([clip_text.tokenize_with_weights(tok, c, 75, False)[0] for c in captions])
+    length = clip_text.longest_in_batch(full, tok.eos_token_id)
+    assert length == len(tok("a b c d e").input_ids)  # BOS, its tokens, EOS
+    with torch.no_grad():
+        short = clip_text.encode_prompts(tok, lambda ids: te(ids).last_hidden_state, captions, 75, False, "cpu",
+                                         pad_to_longest=True)
+        padded = clip_text.encode_prompts(tok, lambda ids: te(ids).last_hidden_state, captions, 75, False, "cpu")
+    assert short.shape[1] == length
+    # equal up to float32 rounding: the shorter sequence is multiplied in other blocks (about 1e-6 here)
+    torch.testing.assert_close(short, padded[:, :length], rtol=1e-5, atol=1e-5)

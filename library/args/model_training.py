@@ -1,0 +1,65 @@
+"""argparse for the full-weight trainers (train_db.py, fine_tune.py): the shared training flags
+without the network ones, plus what kohya's two scripts add."""
+
+from __future__ import annotations
+
+import argparse
+
+from library.args.common import (
+    add_caption_args,
+    add_config_file_args,
+    add_dataset_args,
+    add_logging_args,
+    add_model_args,
+    add_noise_loss_args,
+    add_optimizer_args,
+    add_sample_args,
+    add_training_args,
+)
+from library.config.model_training import SAVE_FORMATS
+
+
+def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
+    """DreamBooth trains the text encoder unless told to stop; fine-tuning only when asked (kohya)."""
+    g = p.add_argument_group("what is trained")
+    if kind == "dreambooth":
+        g.add_argument("--stop_text_encoder_training", type=int,
+                       help="train the text encoder for the first N steps only (-1: never; default: every step)")
+        g.add_argument("--no_token_padding", action="store_true",
+                       help="pad each batch's captions to its longest, not to 77 tokens (diffusers' DreamBooth)")
+    else:
+        g.add_argument("--train_text_encoder", action="store_true",
+                       help="train the text encoder as well as the UNet")
+    g.add_argument("--learning_rate_te", dest="text_encoder_lr", type=float, nargs=1,
+                   help="the text encoder's learning rate (default --learning_rate)")
+
+
+def model_training_parser(description: str, kind: str) -> argparse.ArgumentParser:
+    """The full parser of a full-weight trainer (``kind``: "dreambooth" or "fine_tune")."""
+    p = argparse.ArgumentParser(description=description)
+    for add in (add_model_args, add_dataset_args, add_caption_args):
+        add(p)
+    add_training_args(p, SAVE_FORMATS, network=False)
+    for add in (add_noise_loss_args, add_optimizer_args, add_sample_args, add_logging_args, add_config_file_args):
+        add(p)
+    add_text_encoder_args(p, kind)
+    p.set_defaults(log_tracker_name={"dreambooth": "dreambooth", "fine_tune": "finetuning"}[kind])
+    return p
+
+
+def run_model_trainer(kind: str, family: str, description: str, argv: list[str] | None) -> None:
+    """An entry script's main(): parse, build the config, train the model's own weights."""
+    from library.args.config_file import parse_args_with_config
+    from library.utils.log import setup_logging
+
+    args = parse_args_with_config(model_training_parser(description, kind), argv,
+                                  required=("pretrained_model_name_or_path", "output_dir"))
+    setup_logging(args.console_log_level, args.console_log_file)
+    # imported after parsing, so --help and argument errors do not wait for torch and diffusers
+    from library.config.family_options import training_family
+    from library.config.training_config import build_training_config
+    from library.training.model_weights import ModelTraining
+    from library.training.trainer import Trainer
+
+    config = build_training_config(args, kind)
+    Trainer(training_family(family, args, config.datasets), config, ModelTraining(config.model)).run()

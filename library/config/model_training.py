@@ -1,0 +1,85 @@
+"""The full-weight trainers' own choices (train_db.py, fine_tune.py), checked before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+from library.data.dataset_config import DatasetConfig
+from library.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+#: kohya's --save_model_as values for whole models; the diffusers ones are folders
+SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
+#: which script trains which kind of dataset (kohya's split between the two)
+SCRIPTS = {"dreambooth": "train_db.py", "fine_tune": "fine_tune.py"}
+
+
+@dataclass(frozen=True)
+class ModelTrainConfig:
+    """What a full-weight run trains and how it is written."""
+
+    kind: str  # "dreambooth" (image folders, class tokens, regularisation) or "fine_tune" (metadata JSON)
+    train_text_encoder: bool  # whether the text encoder is in the optimizer at all
+    stop_text_encoder_training: int | None  # it trains for steps 1..N only (None: every step)
+    save_as: str  # one of SAVE_FORMATS
+
+    @property
+    def as_folder(self) -> bool:
+        return self.save_as.startswith("diffusers")
+
+    def trains_text_encoder_at(self, step: int) -> bool:
+        """Whether the text encoder trains in ``step`` (counted from 1)."""
+        stop = self.stop_text_encoder_training
+        return self.train_text_encoder and (stop is None or step <= stop)
+
+
+def _check_datasets(kind: str, datasets: list[DatasetConfig], from_json: bool) -> None:
+    """train_db.py takes folders, fine_tune.py metadata, as in kohya; each points to the other."""
+    subsets = [(i, j, sub) for i, ds in enumerate(datasets) for j, sub in enumerate(ds.subsets)]
+    if kind == "dreambooth":
+        metadata = [f"datasets[{i}].subsets[{j}]" for i, j, sub in subsets if sub.metadata_file]
+        if from_json or metadata:
+            where = "--in_json" if from_json else ", ".join(metadata)
+            raise UserError(f"{where}: fine-tuning metadata; train_db.py trains DreamBooth folders (class tokens, "
+                            "caption files, regularisation images). Use fine_tune.py for metadata datasets")
+    else:
+        folders = [f"datasets[{i}].subsets[{j}] ({sub.image_dir})" for i, j, sub in subsets if not sub.metadata_file]
+        if folders:
+            raise UserError(f"{', '.join(folders)}: no metadata_file; fine_tune.py trains from captions in a metadata "
+                            "JSON (--in_json, or metadata_file in the dataset config). Use train_db.py for DreamBooth "
+                            "folders")
+    for i, ds in enumerate(datasets):
+        if float(ds.network_multiplier) != 1.0:
+            raise UserError(f"datasets[{i}].network_multiplier {ds.network_multiplier}: a network's strength; a "
+                            "full-weight run has no network (remove the key)")
+    preserved = [f"datasets[{i}].subsets[{j}]" for i, j, sub in subsets
+                 if sub.custom_attributes.get("diff_output_preservation")]
+    if preserved:
+        raise UserError(f"{', '.join(preserved)}: diff_output_preservation compares with the base model's own "
+                        "output, which full-weight training changes; it works with network training only")
+
+
+def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig], kind: str) -> ModelTrainConfig:
+    """The choices of train_db.py (``kind="dreambooth"``) or fine_tune.py (``"fine_tune"``)."""
+    _check_datasets(kind, datasets, bool(args.in_json) and not args.dataset_config)
+    if kind == "dreambooth":
+        stop = args.stop_text_encoder_training
+        train_te = stop is None or stop > 0  # kohya: -1 (and 0) never train it
+        stop = stop if train_te else None
+    else:
+        train_te, stop = bool(args.train_text_encoder), None
+    if getattr(args, "no_token_padding", False) and (args.cache_text_encoder_outputs
+                                                     or args.cache_text_encoder_outputs_to_disk):
+        raise UserError("--no_token_padding makes a caption's encoding depend on the batch it is in, so it cannot be "
+                        "cached: remove --cache_text_encoder_outputs or --no_token_padding")
+    if args.fp8_base or args.fp8_base_unet:
+        raise UserError("--fp8_base / --fp8_base_unet store frozen weights in fp8; a full-weight run trains the "
+                        "model's own weights, which cannot be fp8 (remove the flag)")
+    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and train_te:
+        flag = "--stop_text_encoder_training -1" if kind == "dreambooth" else "no --train_text_encoder"
+        raise UserError("--cache_text_encoder_outputs: the text encoder is trained in this run, so its outputs change; "
+                        f"cache only with a frozen text encoder ({flag})")
+    return ModelTrainConfig(kind, train_te, stop, args.save_model_as)

@@ -1,0 +1,166 @@
+"""train_db.py and fine_tune.py: the model's own weights trained on the one trainer. The saved
+single file opens in diffusers' from_single_file with every tensor as trained, the text encoder
+stops changing at --stop_text_encoder_training, frozen parts keep their bytes, a resumed run ends
+bit-identical, fine_tune.py trains from a metadata JSON into a diffusers folder, and bad input is
+refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.utils.errors import run_cli
+from tests.conftest import run_script
+
+TE, UNET, VAE = "cond_stage_model.", "model.diffusion_model.", "first_stage_model."
+
+
+def _db_args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
+            "--dataset_config", str(tiny_default / "dataset.toml"), "--output_dir", str(out), "--seed", "3",
+            "--max_train_steps", "4", "--learning_rate", "1e-3", "--console_log_level", "WARNING", *extra]
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def dreambooth(tiny_default, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("db")
+    run_script("train_db.py", *_db_args(tiny_default, out, "--stop_text_encoder_training", "2", "--no_token_padding",
+                                        "--save_every_n_steps", "2", "--save_state", "--sample_prompts",
+                                        str(tiny_default / "prompts.txt"), "--sample_every_n_steps", "4"), check=True)
+    return out
+
+
+def test_dreambooth_trains_the_model_and_stops_the_text_encoder(tiny_default, dreambooth, tmp_path):
+    base = load_file(str(tiny_default / "model" / "tiny-sd15.safetensors"))
+    mid = load_file(str(dreambooth / "last-step00000002.safetensors"))
+    final = load_file(str(dreambooth / "last.safetensors"))
+    assert final.keys() == base.keys()
+    assert not _same(_part(mid, TE), _part(base, TE))  # the text encoder trained in steps 1-2 ...
+    assert _same(_part(mid, TE), _part(final, TE))  # ... and not after --stop_text_encoder_training 2
+    assert not _same(_part(mid, UNET), _part(final, UNET))  # the UNet kept training
+    assert _same(_part(final, VAE), _part(base, VAE))  # the VAE never trains
+    assert len(list((dreambooth / "sample").glob("*.png"))) == 2
+    with safe_open(str(dreambooth / "last.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_training_kind"] == "dreambooth" and meta["ss_steps"] == "4" and len(meta["sshs_model_hash"]) == 64
+    # diffusers' own single-file reader sees exactly the trained UNet
+    from diffusers import UNet2DConditionModel
+
+    from library.models.sd_loading import load_sd_single_file
+
+    ours = load_sd_single_file(str(dreambooth / "last.safetensors"), with_tokenizer=False)
+    ours.unet.save_config(str(tmp_path / "cfg"))
+    theirs = UNet2DConditionModel.from_single_file(str(dreambooth / "last.safetensors"), config=str(tmp_path / "cfg"))
+    mine = ours.unet.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in theirs.state_dict().items())
+    # and gen_img generates with it
+    run_script("gen_img.py", "--ckpt", str(dreambooth / "last.safetensors"), "--tokenizer_cache_dir",
+               str(tiny_default / "model"), "--outdir", str(tmp_path / "gen"), "--prompt", "sks shape", "--W", "64",
+               "--H", "64", "--steps", "2", check=True)
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+
+
+def test_dreambooth_resumes_bit_identically(tiny_default, dreambooth, tmp_path):
+    out = tmp_path / "resumed"
+    run_script("train_db.py", *_db_args(tiny_default, out, "--stop_text_encoder_training", "2", "--no_token_padding",
+                                        "--resume",
+                                        str(dreambooth / "last-step00000002-state")), check=True)
+    assert _same(load_file(str(out / "last.safetensors")), load_file(str(dreambooth / "last.safetensors")))
+
+
+def _metadata(tiny_default: Path, path: Path) -> Path:
+    """kohya's finetune/ metadata for the tiny default's training images (keys relative to the folder)."""
+    folder = next((tiny_default / "train").iterdir())
+    meta = {p.stem: {"caption": "sks shape", "tags": "red, circle"} for p in sorted(folder.glob("*.png"))}
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def test_fine_tune_from_metadata_into_a_diffusers_folder(tiny_default, tmp_path):
+    folder = _metadata(tiny_default, tmp_path / "meta.json")
+    out = tmp_path / "ft"
+    run_script("fine_tune.py", "--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"),
+               "--in_json", str(tmp_path / "meta.json"), "--train_data_dir", str(folder), "--resolution", "64",
+               "--train_batch_size", "2", "--output_dir", str(out), "--max_train_steps", "2", "--learning_rate",
+               "1e-3", "--save_model_as", "diffusers_safetensors", "--console_log_level", "WARNING", check=True)
+    from diffusers import StableDiffusionPipeline
+
+    from library.models.sd_loading import load_sd_model, load_sd_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "last"), safety_checker=None)
+    base = load_sd_single_file(str(tiny_default / "model" / "tiny-sd15.safetensors"), with_tokenizer=False)
+    ours = load_sd_model(str(out / "last"))
+    assert _same(pipe.text_encoder.state_dict(), base.text_encoder.state_dict())  # no --train_text_encoder
+    assert _same(pipe.unet.state_dict(), ours.unet.state_dict())
+    assert not _same(pipe.unet.state_dict(), base.unet.state_dict())
+
+
+def test_prior_loss_weight_weighs_the_regularisation_images(tiny_default):
+    from library.args.model_training import model_training_parser
+    from library.config.family_options import training_family
+    from library.config.training_config import build_training_config
+    from library.training.model_weights import ModelTraining
+    from library.training.trainer import Trainer
+
+    args = model_training_parser("t", "dreambooth").parse_args(
+        _db_args(tiny_default, tiny_default / "unused", "--prior_loss_weight", "0.3"))
+    config = build_training_config(args, "dreambooth")
+    group = Trainer(training_family("sd", args, config.datasets), config, ModelTraining(config.model)).prepare_data()
+    weights = {}
+    for index in range(len(group)):
+        batch = group[(0, index)]
+        for path, weight in zip(batch.paths, batch.loss_weights.tolist()):
+            weights[Path(path).parent.name] = weight
+    assert weights == {"10_sks shape": 1.0, "1_shape": pytest.approx(0.3)}
+
+
+@pytest.mark.parametrize("script, extra, message", [
+    ("train_db", ["--in_json", "meta.json", "--dataset_config", "", "--resolution", "64"],
+     "--in_json: fine-tuning metadata"),
+    ("fine_tune", [], "no metadata_file; fine_tune.py trains from captions"),
+    ("train_db", ["--cache_text_encoder_outputs"], "the text encoder is trained in this run"),
+    ("train_db", ["--no_token_padding", "--max_token_length", "150"], "--no_token_padding pads each batch"),
+    ("train_db", ["--fp8_base", "--mixed_precision", "bf16"], "cannot be fp8"),
+    ("train_db", ["--stop_text_encoder_training", "-2"], "--stop_text_encoder_training -2: must be at least -1"),
+    ("train_db", ["--save_model_as", "pt"], "invalid choice: 'pt'"),
+    ("train_db", ["--network_module", "networks.lora"], "unrecognized arguments: --network_module"),
+])
+def test_bad_input_is_refused_before_loading(script, extra, message, tiny_default, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from library.families.sd import SDFamily
+
+    monkeypatch.setattr(SDFamily, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    _metadata(tiny_default, tmp_path / "meta.json")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(importlib.import_module(script).main, _db_args(tiny_default, tmp_path / "out", *extra))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and message in err, err[-2000:]
+
+
+def test_an_sdxl_file_is_pointed_elsewhere(tiny_default, tmp_path, capsys):
+    import train_db
+    from library.models.sdxl_loading import save_sdxl_single_file
+    from library.models.tiny import make_tiny_sdxl
+
+    save_sdxl_single_file(tmp_path / "xl.safetensors", make_tiny_sdxl(0))
+    args = _db_args(tiny_default, tmp_path / "o")
+    args[1] = str(tmp_path / "xl.safetensors")
+    with pytest.raises(SystemExit):
+        run_cli(train_db.main, args)
+    err = capsys.readouterr().err
+    assert "is not an SD1.x/SD2.x checkpoint (it looks like: sdxl)" in err and "sdxl_train_network.py for a LoRA" in err
