@@ -106,15 +106,20 @@ def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler,
                weights: str = "network.safetensors") -> None:
     """Restore the trained weights, optimizer, scheduler and every RNG from a state folder."""
     folder = Path(folder)
-    if not (folder / weights).is_file():
-        other = next((w for w in WEIGHT_FILES if (folder / w).is_file()), None)
-        kind = {"network.safetensors": "a network", "model.safetensors": "the model's own weights"}
-        raise UserError(f"--resume {folder}: this state trained {kind.get(other, 'something else')}, this run "
-                        f"trains {kind[weights]}; resume it with the script that made it")
+    check_weights_kind(folder, weights)
     network.load_state_dict(_read(folder, weights, read_tensors), strict=True)
     optimizer.load_state_dict(_read(folder, "optimizer.pt", _torch_file))
     scheduler.load_state_dict(_read(folder, "scheduler.pt", _torch_file))
     _set_rng_state(_read(folder, "rng.pt", _torch_file))
+
+
+def check_weights_kind(folder: Path, weights: str) -> None:
+    """Refuse a state of the other kind of run (a network's state for a full run, or back)."""
+    if not (Path(folder) / weights).is_file():
+        other = next((w for w in WEIGHT_FILES if (Path(folder) / w).is_file()), None)
+        kind = {"network.safetensors": "a network", "model.safetensors": "the model's own weights"}
+        raise UserError(f"--resume {folder}: this state trained {kind.get(other, 'something else')}, this run "
+                        f"trains {kind[weights]}; resume it with the script that made it")
 
 
 def _torch_file(path: Path):

@@ -303,6 +303,7 @@ class Trainer:
         if not self.resume:
             return Progress()
         folder, state = self.resume
+        train_state.check_weights_kind(folder, self.what.state_weights)
         train_state.check_compatible(state, self.what.fingerprint(), batches, folder)
         train_state.load_state(folder, trainable.net, optimizer, scheduler, self.what.state_weights)
         return Progress(state.global_step, state.epoch, state.batches_done, list(state.recent_losses),
