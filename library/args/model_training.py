@@ -29,13 +29,14 @@ def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
                        help="pad each batch's captions to its longest, not to 77 tokens (diffusers' DreamBooth)")
     else:
         g.add_argument("--train_text_encoder", action="store_true",
-                       help="train the text encoder as well as the UNet")
+                       help="train the text encoder(s) as well as the UNet")
     g.add_argument("--learning_rate_te", dest="text_encoder_lr", type=float, nargs=1,
-                   help="the text encoder's learning rate (default --learning_rate)")
+                   help="the text encoder's learning rate (default --learning_rate; SDXL: both encoders)")
 
 
-def model_training_parser(description: str, kind: str) -> argparse.ArgumentParser:
-    """The full parser of a full-weight trainer (``kind``: "dreambooth" or "fine_tune")."""
+def model_training_parser(description: str, kind: str, add_family_args=None) -> argparse.ArgumentParser:
+    """The full parser of a full-weight trainer (``kind``: "dreambooth", "fine_tune" or "sdxl");
+    ``add_family_args(parser)`` adds the flags of the script's model family."""
     p = argparse.ArgumentParser(description=description)
     for add in (add_model_args, add_dataset_args, add_caption_args):
         add(p)
@@ -43,16 +44,20 @@ def model_training_parser(description: str, kind: str) -> argparse.ArgumentParse
     for add in (add_noise_loss_args, add_optimizer_args, add_sample_args, add_logging_args, add_config_file_args):
         add(p)
     add_text_encoder_args(p, kind)
-    p.set_defaults(log_tracker_name={"dreambooth": "dreambooth", "fine_tune": "finetuning"}[kind])
+    if add_family_args is not None:
+        add_family_args(p)
+    p.set_defaults(log_tracker_name={"dreambooth": "dreambooth", "fine_tune": "finetuning", "sdxl": "finetuning"}[kind])
     return p
 
 
-def run_model_trainer(kind: str, family: str, description: str, argv: list[str] | None) -> None:
-    """An entry script's main(): parse, build the config, train the model's own weights."""
+def run_model_trainer(kind: str, family: str, description: str, argv: list[str] | None, add_family_args=None,
+                      check=None) -> None:
+    """An entry script's main(): parse (with ``add_family_args``), build the config (``check(config)``
+    for a family's own advice), train the model's own weights."""
     from library.args.config_file import parse_args_with_config
     from library.utils.log import setup_logging
 
-    args = parse_args_with_config(model_training_parser(description, kind), argv,
+    args = parse_args_with_config(model_training_parser(description, kind, add_family_args), argv,
                                   required=("pretrained_model_name_or_path", "output_dir"))
     setup_logging(args.console_log_level, args.console_log_file)
     # imported after parsing, so --help and argument errors do not wait for torch and diffusers
@@ -62,4 +67,6 @@ def run_model_trainer(kind: str, family: str, description: str, argv: list[str] 
     from library.training.trainer import Trainer
 
     config = build_training_config(args, kind)
+    if check is not None:
+        check(config)
     Trainer(training_family(family, args, config.datasets), config, ModelTraining(config.model)).run()

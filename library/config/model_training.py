@@ -13,18 +13,21 @@ logger = logging.getLogger(__name__)
 
 #: kohya's --save_model_as values for whole models; the diffusers ones are folders
 SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
-#: which script trains which kind of dataset (kohya's split between the two)
-SCRIPTS = {"dreambooth": "train_db.py", "fine_tune": "fine_tune.py"}
+#: kohya's --block_lr: one rate per SDXL UNet block (embeddings, 9 input, 3 middle, 9 output, out)
+SDXL_BLOCK_LR_COUNT = 23
 
 
 @dataclass(frozen=True)
 class ModelTrainConfig:
     """What a full-weight run trains and how it is written."""
 
-    kind: str  # "dreambooth" (image folders, class tokens, regularisation) or "fine_tune" (metadata JSON)
+    #: "dreambooth" (train_db.py: image folders, class tokens, regularisation), "fine_tune" (fine_tune.py:
+    #: metadata JSON) or "sdxl" (sdxl_train.py: either kind of dataset, as kohya's)
+    kind: str
     train_text_encoder: bool  # whether the text encoder is in the optimizer at all
     stop_text_encoder_training: int | None  # it trains for steps 1..N only (None: every step)
     save_as: str  # one of SAVE_FORMATS
+    block_lr: tuple[float, ...] | None = None  # SDXL: a rate per UNet block (kohya's --block_lr)
 
     @property
     def as_folder(self) -> bool:
@@ -45,7 +48,7 @@ def _check_datasets(kind: str, datasets: list[DatasetConfig], from_json: bool) -
             where = "--in_json" if from_json else ", ".join(metadata)
             raise UserError(f"{where}: fine-tuning metadata; train_db.py trains DreamBooth folders (class tokens, "
                             "caption files, regularisation images). Use fine_tune.py for metadata datasets")
-    else:
+    elif kind == "fine_tune":
         folders = [f"datasets[{i}].subsets[{j}] ({sub.image_dir})" for i, j, sub in subsets if not sub.metadata_file]
         if folders:
             raise UserError(f"{', '.join(folders)}: no metadata_file; fine_tune.py trains from captions in a metadata "
@@ -63,7 +66,8 @@ def _check_datasets(kind: str, datasets: list[DatasetConfig], from_json: bool) -
 
 
 def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig], kind: str) -> ModelTrainConfig:
-    """The choices of train_db.py (``kind="dreambooth"``) or fine_tune.py (``"fine_tune"``)."""
+    """The choices of train_db.py (``kind="dreambooth"``), fine_tune.py (``"fine_tune"``) or
+    sdxl_train.py (``"sdxl"``)."""
     _check_datasets(kind, datasets, bool(args.in_json) and not args.dataset_config)
     if kind == "dreambooth":
         stop = args.stop_text_encoder_training
@@ -82,4 +86,18 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
         flag = "--stop_text_encoder_training -1" if kind == "dreambooth" else "no --train_text_encoder"
         raise UserError("--cache_text_encoder_outputs: the text encoder is trained in this run, so its outputs change; "
                         f"cache only with a frozen text encoder ({flag})")
-    return ModelTrainConfig(kind, train_te, stop, args.save_model_as)
+    return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)))
+
+
+def _block_lr(text: str | None) -> tuple[float, ...] | None:
+    """kohya's ``--block_lr "lr0,lr1,...,lr22"``: 23 non-negative rates (0 freezes a block)."""
+    if text is None:
+        return None
+    try:
+        rates = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise UserError(f"--block_lr {text!r}: comma-separated numbers expected") from exc
+    if len(rates) != SDXL_BLOCK_LR_COUNT or min(rates) < 0:
+        raise UserError(f"--block_lr: {len(rates)} values given; give {SDXL_BLOCK_LR_COUNT} rates of at least 0 "
+                        "(time/label embeddings, input blocks 0-8, middle block 0-2, output blocks 0-8, out)")
+    return rates

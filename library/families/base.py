@@ -14,6 +14,7 @@ import torch
 
 from library.models.checkpoints import Checkpoint, write_checkpoint, write_diffusers
 from library.sampling.generate import GenBatch, run_batch
+from library.utils.errors import UserError
 
 
 @dataclass
@@ -165,6 +166,10 @@ class ModelFamily(ABC):
     def model_layout(self, models: LoadedModels) -> str:
         """The single-file layout these models are written in (library/models/checkpoints.py)."""
         return self.checkpoint_layouts[0]
+
+    def block_lr_index(self, models: LoadedModels, parameter: str) -> int:
+        """kohya's ``--block_lr`` index of a denoiser parameter (defined for SDXL only)."""
+        raise UserError(f"--block_lr: per-block rates are defined for SDXL's UNet, not for {self.title or self.name}")
 
     def save_problem(self, models: LoadedModels, as_folder: bool) -> str | None:
         """Why these models cannot be written in that form (checked before training), or None."""

@@ -23,6 +23,7 @@ from library.families.base import LoadedModels, NoisyBatch
 from library.families.sd import SDFamily
 from library.maths.noise import DDPMOptions
 from library.models.fingerprint import module_fingerprint
+from library.models.sd_keys import unet_module_to_ldm
 from library.models.sd_loading import load_vae
 from library.models.sdxl_loading import load_sdxl_model
 from library.sampling.samplers import build_scheduler
@@ -76,6 +77,21 @@ class SDXLFamily(SDFamily):
         return LoadedModels(denoiser=parts.unet, vae=parts.vae,
                             text_encoders=[parts.text_encoder_1, parts.text_encoder_2],
                             tokenizers=[parts.tokenizer_1, parts.tokenizer_2], source=name_or_path, parts=parts)
+
+    def model_layout(self, models: LoadedModels) -> str:
+        return "sdxl"  # not SD's variant-based layout
+
+    def block_lr_index(self, models: LoadedModels, parameter: str) -> int:
+        """kohya's ``--block_lr`` index of a UNet parameter, from its SGM name: 0 the time and size
+        embeddings, 1-9 input blocks 0-8, 10-12 the middle block's parts, 13-21 output blocks 0-8,
+        22 the output layers."""
+        module, _ = parameter.rsplit(".", 1)
+        ldm = unet_module_to_ldm(module, models.denoiser.config)
+        top, _, rest = ldm.partition(".")
+        first = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+        if top in first:
+            return first[top] + int(rest.split(".")[0])
+        return 0 if top in ("time_embed", "label_emb") else 22
 
     def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> dict:
         """``{"hidden": (B, 75k + 2, 768 + 1280), "pooled": (B, 1280)}`` (widths of the real model)."""

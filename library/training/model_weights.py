@@ -39,11 +39,8 @@ class ModelWeights:
         """One group for the denoiser, one per trained text encoder (kohya's ``lr/unet``,
         ``lr/textencoder``); a rate of 0 leaves that part frozen."""
         rates = text_encoder_lr if isinstance(text_encoder_lr, tuple) else (text_encoder_lr,)
-        groups, names = [], []
         unet = default_lr if unet_lr is None else unet_lr
-        if unet:
-            groups.append({"params": list(self.models.denoiser.parameters()), "lr": unet})
-            names.append("unet")
+        groups, names = self._denoiser_groups(unet) if unet else ([], [])
         if self.cfg.train_text_encoder:
             encoders = self.models.text_encoders
             for i, te in enumerate(encoders):
@@ -56,6 +53,26 @@ class ModelWeights:
                     te.requires_grad_(False)
         if not unet:
             self.models.denoiser.requires_grad_(False)
+        return groups, names
+
+    def _denoiser_groups(self, rate: float) -> tuple[list[dict], list[str]]:
+        """The denoiser in one group, or (SDXL's ``--block_lr``) one group per block at its rate,
+        the blocks at 0 frozen."""
+        denoiser = self.models.denoiser
+        if self.cfg.block_lr is None:
+            return [{"params": list(denoiser.parameters()), "lr": rate}], ["unet"]
+        blocks: dict[int, list] = {}
+        for name, param in denoiser.named_parameters():
+            blocks.setdefault(self.family.block_lr_index(self.models, name), []).append(param)
+        groups, names = [], []
+        for index in sorted(blocks):
+            block_rate = self.cfg.block_lr[index]
+            if block_rate:
+                groups.append({"params": blocks[index], "lr": block_rate})
+                names.append(f"unet_block{index:02d}")
+            else:
+                for param in blocks[index]:
+                    param.requires_grad_(False)
         return groups, names
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
@@ -87,7 +104,7 @@ class ModelTraining:
     state_weights = "model.safetensors"
     weights_title = "model weights"
     layout_scripts = {"sd1": "train_db.py or fine_tune.py", "sd2": "train_db.py or fine_tune.py",
-                      "sdxl": "sdxl_train_network.py for a LoRA (SDXL full-weight training is not in this version yet)",
+                      "sdxl": "sdxl_train.py",
                       "sd3": "sd3_train_network.py for a LoRA (SD3 full-weight training is not in this version yet)"}
     nothing_to_train = ("nothing to train: the UNet and the text encoder all have a learning rate of 0; check "
                         "--learning_rate / --unet_lr / --learning_rate_te")

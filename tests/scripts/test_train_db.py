@@ -182,4 +182,4 @@ def test_an_sdxl_file_is_pointed_elsewhere(tiny_default, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(train_db.main, args)
     err = capsys.readouterr().err
-    assert "is not an SD1.x/SD2.x checkpoint (it looks like: sdxl)" in err and "sdxl_train_network.py for a LoRA" in err
+    assert "is not an SD1.x/SD2.x checkpoint (it looks like: sdxl); use sdxl_train.py" in err
