@@ -34,6 +34,19 @@ def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
                    help="the text encoder's learning rate (default --learning_rate; SDXL: both encoders)")
 
 
+def add_ema_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("moving average of the weights (EMA)")
+    g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the trained weights")
+    g.add_argument("--ema_decay", type=float,
+                   help="its decay per update (default 0.9999; warmed up over the first updates)")
+    g.add_argument("--ema_update_every", type=int, help="update it every N optimizer steps (default 1)")
+    g.add_argument("--ema_cpu", action="store_true",
+                   help="keep it in CPU memory (saves GPU memory, costs a copy per update)")
+    g.add_argument("--ema_save_mode", choices=["ema", "both"],
+                   help="ema (default): saved models are the average; both: the trained weights, and the average as "
+                        "<name>-ema next to them")
+
+
 def model_training_parser(description: str, kind: str, add_family_args=None) -> argparse.ArgumentParser:
     """The full parser of a full-weight trainer (``kind``: "dreambooth", "fine_tune" or "sdxl");
     ``add_family_args(parser)`` adds the flags of the script's model family."""
@@ -44,6 +57,7 @@ def model_training_parser(description: str, kind: str, add_family_args=None) -> 
     for add in (add_noise_loss_args, add_optimizer_args, add_sample_args, add_logging_args, add_config_file_args):
         add(p)
     add_text_encoder_args(p, kind)
+    add_ema_args(p)
     if add_family_args is not None:
         add_family_args(p)
     p.set_defaults(log_tracker_name={"dreambooth": "dreambooth", "fine_tune": "finetuning", "sdxl": "finetuning"}[kind])

@@ -18,6 +18,16 @@ SDXL_BLOCK_LR_COUNT = 23
 
 
 @dataclass(frozen=True)
+class EMAOptions:
+    """``--ema``: a moving average of the trained weights (library/training/ema.py)."""
+
+    decay: float
+    update_every: int  # optimizer steps between updates
+    on_cpu: bool  # the averages in CPU memory instead of next to the weights
+    save_mode: str  # "ema": saved models are the averages; "both": the weights, and the averages as <name>-ema
+
+
+@dataclass(frozen=True)
 class ModelTrainConfig:
     """What a full-weight run trains and how it is written."""
 
@@ -28,6 +38,7 @@ class ModelTrainConfig:
     stop_text_encoder_training: int | None  # it trains for steps 1..N only (None: every step)
     save_as: str  # one of SAVE_FORMATS
     block_lr: tuple[float, ...] | None = None  # SDXL: a rate per UNet block (kohya's --block_lr)
+    ema: EMAOptions | None = None
 
     @property
     def as_folder(self) -> bool:
@@ -86,7 +97,19 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
         flag = "--stop_text_encoder_training -1" if kind == "dreambooth" else "no --train_text_encoder"
         raise UserError("--cache_text_encoder_outputs: the text encoder is trained in this run, so its outputs change; "
                         f"cache only with a frozen text encoder ({flag})")
-    return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)))
+    return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)),
+                            _ema(args))
+
+
+def _ema(args: argparse.Namespace) -> EMAOptions | None:
+    tuned = [f"--{k}" for k in ("ema_decay", "ema_update_every", "ema_save_mode") if getattr(args, k) is not None]
+    tuned += ["--ema_cpu"] if args.ema_cpu else []
+    if not args.ema:
+        if tuned:
+            raise UserError(f"{', '.join(tuned)}: set how the moving average works; add --ema to keep one")
+        return None
+    return EMAOptions(0.9999 if args.ema_decay is None else args.ema_decay, args.ema_update_every or 1,
+                      args.ema_cpu, args.ema_save_mode or "ema")
 
 
 def _block_lr(text: str | None) -> tuple[float, ...] | None:

@@ -33,13 +33,12 @@ class Progress:
 class Checkpointer:
     """Writes the trained files and state folders with kohya's names, and prunes old ones.
     ``trainable`` is what the run trains (a network adapter or the model's weights): it writes its
-    own file; ``state_weights`` names its weights in a state folder."""
+    own file; ``what`` (library/training/trained.py) says what a state folder holds besides."""
 
     def __init__(self, cfg: SaveConfig, trainable, optimizer, scheduler, base_meta: dict[str, str],
-                 run_info: dict, is_main: bool, state_weights: str = "network.safetensors"):
+                 run_info: dict, is_main: bool, what):
         self.cfg, self.trainable, self.optimizer, self.scheduler = cfg, trainable, optimizer, scheduler
-        self.base_meta, self.run_info, self.is_main = base_meta, run_info, is_main
-        self.state_weights = state_weights
+        self.base_meta, self.run_info, self.is_main, self.what = base_meta, run_info, is_main, what
 
     def _stem(self, step: int | None = None, epoch: int | None = None) -> str:
         name = self.cfg.output_name
@@ -65,7 +64,8 @@ class Checkpointer:
             state = TrainState(global_step=progress.global_step, epoch=progress.epoch,
                                batches_done=progress.batches_done, recent_losses=list(progress.recent_losses),
                                epoch_losses=list(progress.epoch_losses), **self.run_info)
-            save_state(folder, self.trainable.net, self.optimizer, self.scheduler, state, self.state_weights)
+            save_state(folder, self.trainable.net, self.optimizer, self.scheduler, state, self.what.state_weights,
+                       self.what.extra_state(self.trainable))
             logger.info("saved state %s", folder)
         return folder
 
@@ -109,12 +109,13 @@ class Checkpointer:
         if not self.is_main:
             return
         target = self.cfg.output_dir / (f"{stem}-state" if state else f"{stem}{self.cfg.extension}")
-        if target.is_dir():
-            shutil.rmtree(target)
-            logger.info("removed old state %s", target)
-        elif target.is_file():
-            target.unlink()
-            logger.info("removed old file %s", target)
+        for old in [target] + ([] if state else self.what.companion_files(target)):
+            if old.is_dir():
+                shutil.rmtree(old)
+                logger.info("removed old %s %s", "state" if state else "save", old)
+            elif old.is_file():
+                old.unlink()
+                logger.info("removed old file %s", old)
 
     def _prune_epochs(self, epoch: int, every: int, keep: int | None, state: bool) -> None:
         """Keep the newest ``keep`` epoch saves: remove the one from ``keep`` saves ago."""

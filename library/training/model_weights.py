@@ -9,12 +9,15 @@ groups, and its own file (the whole model, written through the family in the lay
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from library.config.model_training import ModelTrainConfig
 from library.families.base import LoadedModels, ModelFamily
 from library.training import kohya_state
+from library.training.ema import WeightEMA
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class ModelWeights:
             module.requires_grad_(False)
         self.net.requires_grad_(True)
         self.net.train()
+        self.ema: WeightEMA | None = None  # made once the trained parameters are known
 
     def optimizer_groups(self, text_encoder_lr, unet_lr: float | None, default_lr: float):
         """One group for the denoiser, one per trained text encoder (kohya's ``lr/unet``,
@@ -91,11 +95,29 @@ class ModelWeights:
         """Nothing more: the trainer turns it on in the denoiser and the trained text encoders."""
 
     def prepare_grad_etc(self, text_encoders, denoiser) -> None:
-        """Nothing: requires_grad was set when this was built."""
+        """After the optimizer groups (which freeze parts at rate 0): the moving average of what trains."""
+        ema = self.cfg.ema
+        if ema is not None:
+            trained = {name: p for name, p in self.net.named_parameters() if p.requires_grad}
+            self.ema = WeightEMA(trained, ema.decay, ema.update_every, ema.on_cpu)
 
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
-        """The whole model as it is now, in the family's single-file layout or a diffusers folder."""
-        self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder)
+        """The whole model in the family's single-file layout or as a diffusers folder: the trained
+        weights, or with ``--ema`` their average (``--ema_save_mode both``: the weights, and the
+        average as ``<name>-ema``)."""
+        if self.ema is None or self.cfg.ema.save_mode == "both":
+            self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder)
+        if self.ema is not None:
+            target = path if self.cfg.ema.save_mode == "ema" else ema_path(path)
+            with self.ema.applied():
+                self.family.save_model(self.models, str(target), dtype, {**(metadata or {}), "ss_ema": "True"},
+                                       self.cfg.as_folder)
+
+
+def ema_path(path) -> Path:
+    """Where ``--ema_save_mode both`` writes the average: ``<stem>-ema<suffix>`` (a folder: ``<name>-ema``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-ema{path.suffix}") if path.suffix else path.with_name(f"{path.name}-ema")
 
 
 class ModelTraining:
@@ -147,15 +169,41 @@ class ModelTraining:
                            "encoder trains for the whole run", stop, max_steps)
 
     def fingerprint(self) -> dict:
+        ema = self.cfg.ema
         return {"trained": "model", "kind": self.cfg.kind, "train_text_encoder": self.cfg.train_text_encoder,
-                "stop_text_encoder_training": self.cfg.stop_text_encoder_training}
+                "stop_text_encoder_training": self.cfg.stop_text_encoder_training,
+                "block_lr": list(self.cfg.block_lr) if self.cfg.block_lr else None,
+                "ema": [ema.decay, ema.update_every] if ema else None}
 
-    def after_optimizer_step(self, trainable: ModelWeights, device) -> None:
-        return None
+    def after_optimizer_step(self, trainable: ModelWeights, device, step: int) -> None:
+        if trainable.ema is not None:
+            trainable.ema.after_step(step)
+
+    def sampling_weights(self, trainable: ModelWeights):
+        """Sample images show the moving average when there is one (what ``--ema`` saves)."""
+        return trainable.ema.applied() if trainable.ema is not None else nullcontext()
+
+    def extra_state(self, trainable: ModelWeights) -> dict[str, torch.Tensor]:
+        return trainable.ema.state_dict() if trainable.ema is not None else {}
+
+    def load_extra_state(self, trainable: ModelWeights, state: dict[str, torch.Tensor] | None, folder) -> None:
+        if trainable.ema is None:
+            return
+        try:
+            trainable.ema.load_state_dict(state or {})
+        except KeyError as exc:
+            raise UserError(f"--resume {folder}: {exc.args[0]}; it was saved without --ema (or other parts "
+                            "trained): resume without --ema, or from a state of an --ema run") from exc
+
+    def companion_files(self, path) -> list:
+        ema = self.cfg.ema
+        return [ema_path(path)] if ema is not None and ema.save_mode == "both" else []
 
     def metadata(self) -> dict[str, str]:
+        ema = self.cfg.ema
         return {"ss_training_kind": self.cfg.kind, "ss_train_text_encoder": str(self.cfg.train_text_encoder),
-                "ss_stop_text_encoder_training": str(self.cfg.stop_text_encoder_training)}
+                "ss_stop_text_encoder_training": str(self.cfg.stop_text_encoder_training),
+                "ss_ema_decay": str(ema.decay if ema else None)}
 
     def restore_kohya(self, state: kohya_state.KohyaState, trainable: ModelWeights, optimizer) -> bool:
         raise UserError(f"--resume {state.folder}: a state folder kohya's scripts wrote; full-weight runs resume from "

@@ -25,6 +25,7 @@ from library.utils.safetensors_io import read_tensors, save_safetensors
 STATE_FILE = "train_state.json"
 #: the trained weights: a network's, or the model's own (full training)
 WEIGHT_FILES = ("network.safetensors", "model.safetensors")
+EXTRA_FILE = "extra.safetensors"
 _FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
 
 
@@ -61,20 +62,25 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_state(folder: Path, network: torch.nn.Module, optimizer, scheduler, state: TrainState,
-               weights: str = "network.safetensors") -> None:
+               weights: str = "network.safetensors", extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write a complete state folder atomically (temporary folder, then rename); ``network`` is
-    what is trained (its weights go to ``weights``, one of :data:`WEIGHT_FILES`)."""
+    what is trained (its weights go to ``weights``, one of :data:`WEIGHT_FILES`); ``extra``: more
+    tensors the run needs to continue (the moving averages of ``--ema``), in ``extra.safetensors``."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_safetensors(network.state_dict(), tmp / weights)  # tensor by tensor: no second copy of a full model
+    written = [weights]
+    if extra:
+        save_safetensors(extra, tmp / EXTRA_FILE)
+        written.append(EXTRA_FILE)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")  # written last
-    for name in (weights, *_FILES):
+    for name in (*written, *_FILES):
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -111,6 +117,12 @@ def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler,
     optimizer.load_state_dict(_read(folder, "optimizer.pt", _torch_file))
     scheduler.load_state_dict(_read(folder, "scheduler.pt", _torch_file))
     _set_rng_state(_read(folder, "rng.pt", _torch_file))
+
+
+def read_extra_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The state folder's extra tensors (see :func:`save_state`), or None when it has none."""
+    path = Path(folder) / EXTRA_FILE
+    return _read(Path(folder), EXTRA_FILE, read_tensors) if path.is_file() else None
 
 
 def check_weights_kind(folder: Path, weights: str) -> None:

@@ -14,6 +14,7 @@ keys describing it, and what a state folder holds.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import torch
 
@@ -75,11 +76,26 @@ class NetworkTraining:
         return {"module": n.module, "dim": n.dim, "alpha": n.alpha, "args": n.args, "train_unet": n.train_unet,
                 "train_text_encoder": n.train_text_encoder}
 
-    def after_optimizer_step(self, trainable: NetworkAdapter, device) -> tuple[int, float, float] | None:
+    def after_optimizer_step(self, trainable: NetworkAdapter, device, step: int) -> tuple[int, float, float] | None:
         """``--scale_weight_norms``: (keys scaled, mean norm, max norm) after each optimizer step."""
         if self.cfg.scale_weight_norms:
             return trainable.max_norm_regularize(self.cfg.scale_weight_norms, device)
         return None
+
+    def sampling_weights(self, trainable: NetworkAdapter):
+        """The weights sample images are made with: the network as it is."""
+        return nullcontext()
+
+    def extra_state(self, trainable: NetworkAdapter) -> dict[str, torch.Tensor]:
+        """What a state folder holds beyond the weights, optimizer, scheduler and RNG: nothing."""
+        return {}
+
+    def load_extra_state(self, trainable: NetworkAdapter, state: dict[str, torch.Tensor] | None, folder) -> None:
+        """Nothing to restore."""
+
+    def companion_files(self, path) -> list:
+        """Files written next to each saved file (pruned with it): none."""
+        return []
 
     def metadata(self) -> dict[str, str]:
         """kohya's ``ss_network_*`` keys."""

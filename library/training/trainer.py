@@ -306,6 +306,7 @@ class Trainer:
         train_state.check_weights_kind(folder, self.what.state_weights)
         train_state.check_compatible(state, self.what.fingerprint(), batches, folder)
         train_state.load_state(folder, trainable.net, optimizer, scheduler, self.what.state_weights)
+        self.what.load_extra_state(trainable, train_state.read_extra_state(folder), folder)
         return Progress(state.global_step, state.epoch, state.batches_done, list(state.recent_losses),
                         list(state.epoch_losses))
 
@@ -385,8 +386,7 @@ class Trainer:
         if save.n_epoch_ratio:
             save = replace(save, every_n_epochs=saving.epochs_between_saves(schedule.num_epochs, save.n_epoch_ratio))
             logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s)", save.n_epoch_ratio, save.every_n_epochs)
-        return Checkpointer(save, trainable, optimizer, scheduler, meta, run_info, acc.is_main_process,
-                            self.what.state_weights)
+        return Checkpointer(save, trainable, optimizer, scheduler, meta, run_info, acc.is_main_process, self.what)
 
     def _validator(self, acc, models: LoadedModels, group: DatasetGroup) -> Validator | None:
         if group.validation is None:
@@ -579,7 +579,7 @@ class _Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if sync and (norms := self.what.after_optimizer_step(self.trainable, acc.device)) is not None:
+        if sync and (norms := self.what.after_optimizer_step(self.trainable, acc.device, step)) is not None:
             self.key_norms = norms
         if acc.num_processes > 1:
             loss = acc.reduce(loss.detach(), reduction="mean")
@@ -627,7 +627,7 @@ class _Loop:
         was_training = self.trainable.net.training
         self.trainable.net.eval()
         try:
-            with optim.optimizer_eval_mode(self.optimizer):
+            with optim.optimizer_eval_mode(self.optimizer), self.what.sampling_weights(self.trainable):
                 for i, prompt in enumerate(prompts):
                     self._sample_one(i, prompt, epoch, step)
         finally:

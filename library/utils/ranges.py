@@ -60,6 +60,7 @@ TRAINING = {
     "min_timestep": Range(0, 1000), "max_timestep": Range(0, 1000), "seed": SEED, "validation_seed": SEED,
     "network_dropout": Range(0, 1, below=True), "validation_split": Range(0, 1, below=True),
     "scale_weight_norms": POSITIVE, "stop_text_encoder_training": Range(-1),
+    "ema_decay": Range(0, 1, below=True), "ema_update_every": COUNT,
 }
 
 #: gen_img.py's flags (``vae_batch_size`` below 1 is a share of the batch, as in kohya)

@@ -183,3 +183,34 @@ def test_an_sdxl_file_is_pointed_elsewhere(tiny_default, tmp_path, capsys):
         run_cli(train_db.main, args)
     err = capsys.readouterr().err
     assert "is not an SD1.x/SD2.x checkpoint (it looks like: sdxl); use sdxl_train.py" in err
+
+
+def test_ema_is_saved_restored_and_pruned(tiny_default, tmp_path):
+    """--ema --ema_save_mode both: every save has the weights and their average (<name>-ema); the
+    average equals one recomputed by hand from the saved weights of every step (diffusers' warm-up
+    decay), --save_last_n_steps prunes both files, and a resumed run ends with both bit-identical."""
+    ema = ["--ema", "--ema_decay", "0.5", "--ema_save_mode", "both", "--save_every_n_steps", "1", "--save_state",
+           "--stop_text_encoder_training", "-1"]
+    run_script("train_db.py", *_db_args(tiny_default, tmp_path / "run", *ema, "--save_last_n_steps", "1"), check=True)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("*.safetensors")) == [
+        "last-ema.safetensors", "last-step00000002-ema.safetensors", "last-step00000002.safetensors",
+        "last-step00000003-ema.safetensors", "last-step00000003.safetensors", "last.safetensors"]
+    # the average by hand, from the base and the weights after steps 1-4 (a run that keeps every save)
+    run_script("train_db.py", *_db_args(tiny_default, tmp_path / "all", *ema), check=True)
+    steps = [load_file(str(tmp_path / "all" / f"last-step0000000{i}.safetensors")) for i in (1, 2, 3)]
+    steps.append(load_file(str(tmp_path / "all" / "last.safetensors")))
+    average = {k: v.clone() for k, v in _part(load_file(str(tiny_default / "model" / "tiny-sd15.safetensors")),
+                                                 UNET).items()}
+    for n, weights in enumerate(steps):
+        d = min(0.5, (1 + n) / (10 + n))
+        for key in average:
+            average[key].mul_(d).add_(weights[key], alpha=1 - d)
+    saved = load_file(str(tmp_path / "all" / "last-ema.safetensors"))
+    for key, value in average.items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=1e-7, msg=key)
+    assert _same(_part(saved, TE), _part(steps[-1], TE))  # the frozen text encoder is not averaged
+    run_script("train_db.py", *_db_args(tiny_default, tmp_path / "resumed", *ema, "--save_last_n_steps", "1",
+                                        "--resume", str(run / "last-step00000002-state")), check=True)
+    for name in ("last.safetensors", "last-ema.safetensors"):
+        assert _same(load_file(str(tmp_path / "resumed" / name)), load_file(str(run / name))), name

@@ -1,0 +1,67 @@
+"""An exponential moving average (EMA) of the trained weights, for full-weight runs (``--ema``).
+
+kohya's trainers have none; OneTrainer and diffusers do. After every ``update_every``-th optimizer
+step each average moves toward its weight: ``ema = d * ema + (1 - d) * weight``, with
+``d = min(decay, (1 + n) / (10 + n))`` for the n-th update (diffusers' warm-up, so a short run's
+average is not stuck at the starting weights). The averages are float32, on the weights' device or
+in CPU memory (``--ema_cpu``), and are swapped into the model for sample images and for saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of update number ``updates`` (counted from 0), warmed up as diffusers' EMAModel does."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+class WeightEMA:
+    """Moving averages of ``params`` (named, for state files)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float, update_every: int, on_cpu: bool):
+        self.params, self.decay, self.update_every = params, decay, update_every
+        self.averages = {name: p.detach().to("cpu" if on_cpu else p.device, torch.float32, copy=True)
+                         for name, p in params.items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (counted from 1): update every ``update_every`` steps."""
+        if step % self.update_every:
+            return
+        d = ema_decay(self.decay, self.updates)
+        for name, p in self.params.items():
+            average = self.averages[name]
+            average.mul_(d).add_(p.detach().to(average.device, torch.float32), alpha=1 - d)
+        self.updates += 1
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self) -> Iterator[None]:
+        """The averages in place of the weights for the block (a copy of them in the weights'
+        dtype exists meanwhile), the weights restored afterwards."""
+        kept = {}
+        for name, p in self.params.items():
+            kept[name] = p.data
+            p.data = self.averages[name].to(p.device, p.dtype)
+        try:
+            yield
+        finally:
+            for name, p in self.params.items():
+                p.data = kept[name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**{f"ema.{k}": v for k, v in self.averages.items()}, "ema_updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.averages if f"ema.{k}" not in state]
+        if missing or "ema_updates" not in state:
+            raise KeyError(f"the state has no moving averages for {missing[:3] or ['ema_updates']}")
+        for name, average in self.averages.items():
+            average.copy_(state[f"ema.{name}"])
+        self.updates = int(state["ema_updates"])
