@@ -69,12 +69,24 @@ def make_dataset(root: Path, size: int, count: int) -> Path:
     return root
 
 
-def train_timed(family, size: int, steps: int, warmup: int, flags: list[str]) -> list[float]:
-    """Run the real trainer with ``family`` on a small generated dataset; per-step wall times after
-    warm-up. A step's time is the time between the ends of consecutive steps, so data loading,
-    logging and the progress bar count too. Shared by the SD1.5, SDXL and SD3 benchmarks."""
+def network_run(family, data: Path, out: Path, total_steps: int, flags: list[str]) -> None:
+    """The LoRA trainer: dim 16 on the UNet only, AdamW."""
     from library.args.common import network_training_parser
     from library.config.training_config import build_training_config
+    from library.training.trainer import Trainer
+
+    args = network_training_parser("bench").parse_args([
+        "--pretrained_model_name_or_path", "random", "--train_data_dir", str(data), "--output_dir", str(out),
+        "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only", "--optimizer_type", "AdamW",
+        "--max_train_steps", str(total_steps), "--seed", "0", "--console_log_level", "WARNING", *flags])
+    Trainer(family, build_training_config(args)).run()
+
+
+def train_timed(family, size: int, steps: int, warmup: int, flags: list[str], run=network_run) -> list[float]:
+    """Run the real trainer with ``family`` on a small generated dataset (``run`` builds the config
+    and trains); per-step wall times after warm-up. A step's time is the time between the ends of
+    consecutive steps, so data loading, logging and the progress bar count too. Shared by the
+    SD1.5, SDXL, SD3 and full-weight benchmarks."""
     from library.training import trainer as trainer_mod
 
     ends: list[float] = []
@@ -89,12 +101,7 @@ def train_timed(family, size: int, steps: int, warmup: int, flags: list[str]) ->
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = make_dataset(Path(tmp) / "data", size, 4)
-            args = network_training_parser("bench").parse_args([
-                "--pretrained_model_name_or_path", "random", "--train_data_dir", str(data), "--resolution", str(size),
-                "--output_dir", str(Path(tmp) / "out"), "--network_dim", "16", "--network_alpha", "16",
-                "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(steps + warmup),
-                "--seed", "0", "--console_log_level", "WARNING", *flags])
-            trainer_mod.Trainer(family, build_training_config(args)).run()
+            run(family, data, Path(tmp) / "out", steps + warmup, ["--resolution", str(size), *flags])
     finally:
         trainer_mod._Loop._step = original
     return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]

@@ -46,3 +46,11 @@ def test_bench_file_tools_smoke():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tensor_bytes"] > 0
     assert all(result[tool]["seconds"] > 0 for tool in ("imports", "merge", "to_folder", "to_file"))
+
+
+def test_bench_full_train_step_smoke():
+    proc = run_script("bench/bench_full_train_step.py", "--tiny", "--size", "64", "--steps", "2", "--warmup", "1",
+                      check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(result[m]["steps"] == 2 and result[m]["median_s"] > 0
+               for m in ("bare_adamw", "trainer_adamw", "trainer_adafactor", "trainer_fused"))

@@ -217,3 +217,35 @@ def test_sdxl_learns_the_content(tmp_path_factory, capsys):
     assert loss["control"] > 0.95 * loss["base"]
     assert all(t < 0.7 * b for t, b in zip(dist["trained"], dist["base"]))
     assert sum(dist["control"]) > 0.95 * sum(dist["base"])
+
+
+def test_full_training_learns_the_content(tiny_default, tmp_path, capsys):
+    """train_db.py (the model's own weights): the same two measures. The control is the base UNet
+    moved by random noise of each tensor's trained change in size, the full-weight analogue of
+    the random LoRA."""
+    from library.models.sd_loading import load_sd_model
+
+    run_script("train_db.py", *tiny_train_args(
+        tiny_default, tmp_path, "--output_name", "learned", "--learning_rate", "1e-4", "--max_train_epochs", "2",
+        "--cache_latents", "--seed", "42", "--stop_text_encoder_training", "-1"), check=True)
+    base = _load(tiny_default)
+    trained = load_sd_model(str(tmp_path / "learned.safetensors"), tokenizer_dir=str(tiny_default / "model"))
+    control = _load(tiny_default)
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for (name, p), q in zip(control.unet.named_parameters(), trained.unet.parameters()):
+            change = q - base.unet.state_dict()[name]
+            p.add_(torch.randn(p.shape, generator=gen) * change.std() if change.numel() > 1 else change)
+    latents = _training_latents(base, tiny_default)
+    models = {"base": base, "trained": trained, "control": control}
+    loss = {name: _denoising_loss(m, latents) for name, m in models.items()}
+    dist = {name: _generation_distances(m, latents) for name, m in models.items()}
+    with capsys.disabled():
+        print(f"\n[learning full] denoising loss on the training images: {loss}")
+        for name, d in dist.items():
+            print(f"[learning full] {name:8s} distance of generated latents to the training set per seed: "
+                  + ", ".join(f"{x:.1f}" for x in d))
+    assert loss["trained"] < 0.7 * loss["base"]
+    assert loss["control"] > 0.95 * loss["base"]
+    assert all(t < 0.8 * b for t, b in zip(dist["trained"], dist["base"]))
+    assert sum(dist["control"]) > 0.95 * sum(dist["base"])

@@ -1,0 +1,129 @@
+"""Benchmark: full-weight training step time and peak memory, trainer vs bare compute (issue #13).
+
+SD1.5-architecture UNet with random weights (full size unless --tiny), 256 px, batch 1, the UNet
+trained (text encoder frozen), cached latents, fp32. Each mode in its own process, so peak RSS is
+its own:
+
+  bare_adamw        UNet forward + backward + gradient clipping + AdamW step on one fixed batch
+  trainer_adamw     the real Trainer with ModelTraining (train_db.py's path) and AdamW
+  trainer_adafactor the trainer with Adafactor (a plain step after the whole backward)
+  trainer_fused     the trainer with Adafactor and --fused_backward_pass (each tensor stepped
+                    inside backward, its gradient freed at once)
+
+    .venv/bin/python bench/bench_full_train_step.py          # full size (about 6 minutes, 2 CPU cores)
+    .venv/bin/python bench/bench_full_train_step.py --tiny   # smoke (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.bench_train_step import build_models, print_result, run_children, train_timed  # noqa: E402
+
+ADAFACTOR = ["--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
+             "warmup_init=False"]
+FLAGS = {"trainer_adamw": ["--optimizer_type", "AdamW"], "trainer_adafactor": ADAFACTOR,
+         "trainer_fused": [*ADAFACTOR, "--fused_backward_pass"]}
+
+
+def model_run(family, data: Path, out: Path, total_steps: int, flags: list[str]) -> None:
+    """train_db.py's path: the UNet's own weights, the text encoder frozen."""
+    from library.args.model_training import model_training_parser
+    from library.config.training_config import build_training_config
+    from library.training.model_weights import ModelTraining
+    from library.training.trainer import Trainer
+
+    args = model_training_parser("bench", "dreambooth").parse_args([
+        "--pretrained_model_name_or_path", "random", "--train_data_dir", str(data), "--output_dir", str(out),
+        "--stop_text_encoder_training", "-1", "--learning_rate", "1e-6", "--max_train_steps", str(total_steps),
+        "--seed", "0", "--console_log_level", "WARNING", "--cache_latents", *flags])
+    config = build_training_config(args, "dreambooth")
+    Trainer(family, config, ModelTraining(config.model)).run()
+
+
+def run_trainer(parts, mode: str, size: int, steps: int, warmup: int) -> list[float]:
+    from library.families.base import LoadedModels
+    from library.families.sd import SDFamily
+
+    class InMemorySD(SDFamily):
+        def load(self, name_or_path, dtype, tokenizer_dir, device=None):
+            return LoadedModels(parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], source="random",
+                                variant="sd1", parts=parts)
+
+    return train_timed(InMemorySD(), size, steps, warmup, FLAGS[mode], run=model_run)
+
+
+def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
+    import torch
+
+    from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+
+    unet = parts.unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, size // 8, size // 8) * 0.18215
+    ids = parts.tokenizer(["a photo of sks bench"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    alphas = scaled_linear_alphas_cumprod()
+    times = []
+    for i in range(steps + warmup):
+        start = time.perf_counter()
+        with torch.no_grad():
+            cond = parts.text_encoder(ids).last_hidden_state
+        t = torch.randint(0, 1000, (1,))
+        noisy, target = ddpm_noisy_and_target(alphas, latents, torch.randn_like(latents), t, False)
+        loss = ((unet(noisy, t, cond).sample - target) ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def child(mode: str, tiny: bool, size: int, steps: int, warmup: int) -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    parts = build_models(tiny)
+    times = run_bare(parts, size, steps, warmup) if mode == "bare_adamw" else \
+        run_trainer(parts, mode, size, steps, warmup)
+    print_result(times, mode=mode)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model (smoke test)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4, help="measured steps per mode")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--child", choices=["bare_adamw", *FLAGS], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a.child, a.tiny, a.size, a.steps, a.warmup)
+        return
+    modes = ["bare_adamw", *FLAGS]
+    results = run_children(__file__, modes, ["--size", str(a.size), "--steps", str(a.steps), "--warmup",
+                                             str(a.warmup)] + (["--tiny"] if a.tiny else []))
+    print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet trained whole, {a.size}px, batch 1, fp32, cached latents")
+    for mode in modes:
+        r = results[mode]
+        print(f"{mode:17s}: {r['median_s']:.3f} s/step (median of {r['steps']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
+    overhead = results["trainer_adamw"]["median_s"] / results["bare_adamw"]["median_s"] - 1
+    saved = results["trainer_adafactor"]["peak_rss_gib"] - results["trainer_fused"]["peak_rss_gib"]
+    print(f"trainer overhead (AdamW): {overhead * 100:+.1f}% (target within 5%); fused backward saves "
+          f"{saved:.2f} GiB of peak RSS against plain Adafactor")
+    print(json.dumps({**results, "overhead": overhead, "fused_saves_gib": saved}))
+
+
+if __name__ == "__main__":
+    main()
