@@ -226,7 +226,7 @@ def test_full_training_learns_the_content(tiny_default, tmp_path, capsys):
     from library.models.sd_loading import load_sd_model
 
     run_script("train_db.py", *tiny_train_args(
-        tiny_default, tmp_path, "--output_name", "learned", "--learning_rate", "1e-4", "--max_train_epochs", "2",
+        tiny_default, tmp_path, "--output_name", "learned", "--learning_rate", "2e-4", "--max_train_epochs", "1",
         "--cache_latents", "--seed", "42", "--stop_text_encoder_training", "-1"), check=True)
     base = _load(tiny_default)
     trained = load_sd_model(str(tmp_path / "learned.safetensors"), tokenizer_dir=str(tiny_default / "model"))
