@@ -7,6 +7,7 @@ import pytest
 
 import gen_img
 from library.args.common import network_training_parser
+from library.args.model_training import model_training_parser
 from library.config.training_config import build_training_config
 from library.generation.prompt_lines import parse_gen_line
 from library.sampling.prompts import load_prompt_file, parse_prompt_line
@@ -23,6 +24,8 @@ def test_every_flag_in_the_tables_exists():
     sd3 = network_training_parser("t")
     add_sd3_args(sd3)
     dests |= {a.dest for a in sd3._actions}
+    for kind in ("dreambooth", "fine_tune"):  # the full-weight trainers
+        dests |= {a.dest for a in model_training_parser("t", kind)._actions}
     assert set(TRAINING) <= dests, set(TRAINING) - dests
     gen = {a.dest for a in gen_img.build_parser()._actions}
     assert set(GENERATION) <= gen, set(GENERATION) - gen
