@@ -50,7 +50,7 @@ def model_run(family, data: Path, out: Path, total_steps: int, flags: list[str])
     Trainer(family, config, ModelTraining(config.model)).run()
 
 
-def run_trainer(parts, mode: str, size: int, steps: int, warmup: int) -> list[float]:
+def run_trainer(parts, mode: str, size: int, steps: int, warmup: int, extra: list[str]) -> list[float]:
     from library.families.base import LoadedModels
     from library.families.sd import SDFamily
 
@@ -59,7 +59,7 @@ def run_trainer(parts, mode: str, size: int, steps: int, warmup: int) -> list[fl
             return LoadedModels(parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], source="random",
                                 variant="sd1", parts=parts)
 
-    return train_timed(InMemorySD(), size, steps, warmup, FLAGS[mode], run=model_run)
+    return train_timed(InMemorySD(), size, steps, warmup, FLAGS[mode] + extra, run=model_run)
 
 
 def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
@@ -90,13 +90,13 @@ def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def child(mode: str, tiny: bool, size: int, steps: int, warmup: int) -> None:
+def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, extra: list[str]) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 2)
     parts = build_models(tiny)
     times = run_bare(parts, size, steps, warmup) if mode == "bare_adamw" else \
-        run_trainer(parts, mode, size, steps, warmup)
+        run_trainer(parts, mode, size, steps, warmup, extra)
     print_result(times, mode=mode)
 
 
@@ -106,19 +106,25 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="measured steps per mode")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="the trainer modes with gradient checkpointing (activations no longer hide the gradients' "
+                        "memory); the bare mode is left out then")
     p.add_argument("--child", choices=["bare_adamw", *FLAGS], help=argparse.SUPPRESS)
     a = p.parse_args()
+    extra = ["--gradient_checkpointing"] if a.gradient_checkpointing else []
     if a.child:
-        child(a.child, a.tiny, a.size, a.steps, a.warmup)
+        child(a.child, a.tiny, a.size, a.steps, a.warmup, extra)
         return
-    modes = ["bare_adamw", *FLAGS]
+    modes = list(FLAGS) if a.gradient_checkpointing else ["bare_adamw", *FLAGS]
     results = run_children(__file__, modes, ["--size", str(a.size), "--steps", str(a.steps), "--warmup",
-                                             str(a.warmup)] + (["--tiny"] if a.tiny else []))
-    print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet trained whole, {a.size}px, batch 1, fp32, cached latents")
+                                             str(a.warmup)] + (["--tiny"] if a.tiny else []) + extra)
+    print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet trained whole, {a.size}px, batch 1, fp32, cached latents"
+          + (", gradient checkpointing" if extra else ""))
     for mode in modes:
         r = results[mode]
         print(f"{mode:17s}: {r['median_s']:.3f} s/step (median of {r['steps']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
-    overhead = results["trainer_adamw"]["median_s"] / results["bare_adamw"]["median_s"] - 1
+    overhead = results["trainer_adamw"]["median_s"] / results["bare_adamw"]["median_s"] - 1 \
+        if "bare_adamw" in results else float("nan")
     saved = results["trainer_adafactor"]["peak_rss_gib"] - results["trainer_fused"]["peak_rss_gib"]
     print(f"trainer overhead (AdamW): {overhead * 100:+.1f}% (target within 5%); fused backward saves "
           f"{saved:.2f} GiB of peak RSS against plain Adafactor")
