@@ -75,7 +75,12 @@ def _candidates(subset: SubsetConfig, report: ScanReport, strict: bool):
             if path is None:
                 _skip(report, key, f"listed in {subset.metadata_file} but no such image file", strict)
                 continue
-            yield path, caption or None, None
+            # no caption and no tags: kohya stops with an assertion; here the image is skipped and named,
+            # unless the subset gives class_tokens to use instead
+            missing = None if caption or subset.class_tokens else (
+                f"its entry in {subset.metadata_file} has no caption and no tags (add one, or class_tokens to the "
+                "subset)")
+            yield path, caption or None, missing
         return
     folder = Path(subset.image_dir)
     if not folder.is_dir():

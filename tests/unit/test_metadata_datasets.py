@@ -35,6 +35,20 @@ def test_json_keys_file_names_stems_and_absolute(images, tmp_path):
     assert report.skipped == [("missing.png", f"listed in {path} but no such image file")]
 
 
+def test_an_entry_without_caption_or_tags_is_skipped_and_named(images, tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps({"a": {"caption": "a cat"}, "b": {"tags": " "}, "c": {}}), encoding="utf-8")
+    report = ScanReport()
+    items = scan_subset(SubsetConfig(str(images), metadata_file=str(path)), report, strict=False)
+    assert [it.caption for it in items] == ["a cat"]
+    assert [(p.rsplit("/", 1)[-1], "no caption and no tags" in why) for p, why in report.skipped] == \
+        [("b.png", True), ("c.png", True)]
+    # with class_tokens the subset gives them a caption instead (as for image folders)
+    tokens = scan_subset(SubsetConfig(str(images), metadata_file=str(path), class_tokens="sks"), ScanReport(),
+                         strict=False)
+    assert [it.caption for it in tokens] == ["a cat", "sks", "sks"]
+
+
 def test_jsonl_and_in_json(images, tmp_path):
     path = tmp_path / "meta.jsonl"
     path.write_text("\n".join(json.dumps({"image_path": str(images / f"{n}.png"), "caption": n}) for n in "abc"),
