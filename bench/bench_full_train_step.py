@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_train_step import build_models, print_result, run_children, train_timed  # noqa: E402
+from bench.bench_train_step import (  # noqa: E402
+    bare_step,
+    build_models,
+    print_result,
+    run_children,
+    train_timed,
+)
 
 ADAFACTOR = ["--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
              "warmup_init=False"]
@@ -65,10 +71,11 @@ def run_trainer(parts, mode: str, size: int, steps: int, warmup: int, extra: lis
 def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
     import torch
 
-    from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+    from library.maths.noise import scaled_linear_alphas_cumprod
 
     unet = parts.unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6)
     torch.manual_seed(0)
     latents = torch.randn(1, 4, size // 8, size // 8) * 0.18215
     ids = parts.tokenizer(["a photo of sks bench"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -78,13 +85,7 @@ def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
         start = time.perf_counter()
         with torch.no_grad():
             cond = parts.text_encoder(ids).last_hidden_state
-        t = torch.randint(0, 1000, (1,))
-        noisy, target = ddpm_noisy_and_target(alphas, latents, torch.randn_like(latents), t, False)
-        loss = ((unet(noisy, t, cond).sample - target) ** 2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_step(unet, params, opt, alphas, latents, cond)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times

@@ -125,7 +125,7 @@ def run_bare(parts, size: int, steps: int, warmup: int, uncached: bool = False) 
     """The same work without the trainer around it."""
     import torch
 
-    from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
+    from library.maths.noise import scaled_linear_alphas_cumprod
     from networks import lora
 
     net = lora.create_network(1.0, 16, 16, parts.vae, parts.text_encoder, parts.unet)
@@ -144,16 +144,25 @@ def run_bare(parts, size: int, steps: int, warmup: int, uncached: bool = False) 
             cond = parts.text_encoder(ids).last_hidden_state
             if uncached:
                 latents = parts.vae.encode(pixels).latent_dist.sample() * 0.18215
-        t = torch.randint(0, 1000, (1,))
-        noisy, target = ddpm_noisy_and_target(alphas, latents, torch.randn_like(latents), t, False)
-        loss = ((parts.unet(noisy, t, cond).sample - target) ** 2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_step(parts.unet, list(net.parameters()), opt, alphas, latents, cond)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+def bare_step(unet, params: list, opt, alphas, latents, cond) -> None:
+    """One training step with nothing around it: noise, UNet forward, MSE, backward, clipping, step."""
+    import torch
+
+    from library.maths.noise import ddpm_noisy_and_target
+
+    t = torch.randint(0, 1000, (1,))
+    noisy, target = ddpm_noisy_and_target(alphas, latents, torch.randn_like(latents), t, False)
+    loss = ((unet(noisy, t, cond).sample - target) ** 2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def print_result(times: list[float], **fields) -> None:

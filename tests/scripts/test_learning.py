@@ -75,6 +75,18 @@ def _generation_distances(model, latents) -> list[float]:
     return out
 
 
+def _measure(models: dict, latents, capsys, tag: str) -> tuple[dict, dict]:
+    """Each SD1 model's denoising loss and generation distances, printed in the test output."""
+    loss = {name: _denoising_loss(m, latents) for name, m in models.items()}
+    dist = {name: _generation_distances(m, latents) for name, m in models.items()}
+    with capsys.disabled():
+        print(f"\n[{tag}] denoising loss on the training images: {loss}")
+        for name, d in dist.items():
+            print(f"[{tag}] {name:8s} distance of generated latents to the training set per seed: "
+                  + ", ".join(f"{x:.1f}" for x in d))
+    return loss, dist
+
+
 def _random_like(state: dict) -> dict:
     gen = torch.Generator().manual_seed(99)
     return {k: (torch.randn(v.shape, generator=gen) * v.std() if k.endswith("lora_up.weight") else v.clone())
@@ -89,16 +101,9 @@ def test_lora_training_learns_the_content(tiny_default, tmp_path, capsys):
         "--learning_rate", "1e-3", "--max_train_epochs", "4", "--cache_latents", "--seed", "42"), check=True)
     trained = load_file(str(tmp_path / "learned.safetensors"))
     base = _load(tiny_default)
-    latents = _training_latents(base, tiny_default)
     models = {"base": base, "trained": _load(tiny_default, trained),
               "control": _load(tiny_default, _random_like(trained))}
-    loss = {name: _denoising_loss(m, latents) for name, m in models.items()}
-    dist = {name: _generation_distances(m, latents) for name, m in models.items()}
-    with capsys.disabled():
-        print(f"\n[learning] denoising loss on the training images: {loss}")
-        for name, d in dist.items():
-            print(f"[learning] {name:8s} distance of generated latents to the training set per seed: "
-                  + ", ".join(f"{x:.1f}" for x in d))
+    loss, dist = _measure(models, _training_latents(base, tiny_default), capsys, "learning")
     # the tiny MMDiT learns more slowly than the tiny UNet (a full fine-tune of it gains about as much
     # in as many steps), so the margins are smaller than SD1's; every seed must still move toward the
     # training images, and the control must not
@@ -236,15 +241,8 @@ def test_full_training_learns_the_content(tiny_default, tmp_path, capsys):
         for (name, p), q in zip(control.unet.named_parameters(), trained.unet.parameters()):
             change = q - base.unet.state_dict()[name]
             p.add_(torch.randn(p.shape, generator=gen) * change.std() if change.numel() > 1 else change)
-    latents = _training_latents(base, tiny_default)
     models = {"base": base, "trained": trained, "control": control}
-    loss = {name: _denoising_loss(m, latents) for name, m in models.items()}
-    dist = {name: _generation_distances(m, latents) for name, m in models.items()}
-    with capsys.disabled():
-        print(f"\n[learning full] denoising loss on the training images: {loss}")
-        for name, d in dist.items():
-            print(f"[learning full] {name:8s} distance of generated latents to the training set per seed: "
-                  + ", ".join(f"{x:.1f}" for x in d))
+    loss, dist = _measure(models, _training_latents(base, tiny_default), capsys, "learning full")
     assert loss["trained"] < 0.7 * loss["base"]
     assert loss["control"] > 0.95 * loss["base"]
     assert all(t < 0.8 * b for t, b in zip(dist["trained"], dist["base"]))
