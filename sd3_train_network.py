@@ -7,42 +7,11 @@
 
 from __future__ import annotations
 
-import argparse
-
 from library.args.common import network_training_parser
 from library.args.config_file import parse_args_with_config
+from library.args.sd3 import add_sd3_args
 from library.utils.errors import run_cli
 from library.utils.log import setup_logging
-
-
-def add_sd3_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("SD3")
-    g.add_argument("--clip_l", help="CLIP-L file, when the checkpoint does not bundle it")
-    g.add_argument("--clip_g", help="CLIP-G file, when the checkpoint does not bundle it")
-    g.add_argument("--t5xxl", help="T5-XXL file, when the checkpoint does not bundle it (without one T5 is zeros)")
-    g.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 tokens per caption")
-    g.add_argument("--t5xxl_device", help="keep T5 on this device (e.g. cpu); its outputs are moved")
-    g.add_argument("--t5xxl_dtype", choices=["fp32", "fp16", "bf16"], help="keep T5 in this dtype")
-    g.add_argument("--apply_lg_attn_mask", action="store_true", help="mask CLIP-L/G padding in their attention")
-    g.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in its attention")
-    for name in ("clip_l", "clip_g", "t5"):
-        g.add_argument(f"--{name}_dropout_rate", type=float, default=0.0,
-                       help=f"zero the {name} output of a caption with this probability")
-    g.add_argument("--weighting_scheme", default="uniform",
-                   choices=["uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap"],
-                   help="timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap)")
-    g.add_argument("--logit_mean", type=float, default=0.0)
-    g.add_argument("--logit_std", type=float, default=1.0)
-    g.add_argument("--mode_scale", type=float, default=1.29)
-    g.add_argument("--training_shift", type=float, default=1.0, help="timestep shift; > 1 favours noisier steps")
-    g.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
-                   help="probability of a random positional-embedding window per step (SD3.5)")
-    g.add_argument("--enable_scaled_pos_embed", action="store_true",
-                   help="positional embeddings scaled per training resolution (SD3.5, multi-resolution)")
-    g.add_argument("--blocks_to_swap", type=int,
-                   help="keep the last N transformer blocks in CPU memory, moved in just in time")
-    g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="(kohya's; not available in this version, and it excludes --blocks_to_swap)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,12 +26,6 @@ def main(argv: list[str] | None = None) -> None:
     from library.training.trainer import Trainer
     from library.utils.errors import UserError
 
-    if args.cpu_offload_checkpointing and args.blocks_to_swap:
-        raise UserError("--cpu_offload_checkpointing and --blocks_to_swap cannot be used together: both move "
-                        "memory to the CPU in ways that conflict; keep --blocks_to_swap")
-    if args.cpu_offload_checkpointing:
-        raise UserError("--cpu_offload_checkpointing is not available in this version; use --blocks_to_swap N "
-                        "or --gradient_checkpointing")
     if args.network_module == "networks.lora":
         raise UserError("--network_module networks.lora targets SD1/SDXL UNets; for SD3 use networks.lora_sd3")
     config = build_training_config(args)

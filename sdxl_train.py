@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from library.args.model_training import run_model_trainer
+from library.args.model_training import add_per_encoder_rates, run_model_trainer
 from library.utils.errors import run_cli
 
 
 def add_sdxl_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SDXL")
-    g.add_argument("--learning_rate_te1", dest="text_encoder_lr1", type=float,
-                   help="CLIP-L's learning rate (default --learning_rate_te, else --learning_rate)")
-    g.add_argument("--learning_rate_te2", dest="text_encoder_lr2", type=float,
-                   help="OpenCLIP bigG's learning rate (default --learning_rate_te, else --learning_rate)")
+    add_per_encoder_rates(g, ("CLIP-L", "OpenCLIP bigG"))
     g.add_argument("--block_lr", help="23 comma-separated UNet rates: time/label embeddings, input blocks 0-8, "
                                       "middle block 0-2, output blocks 0-8, out (0 freezes a block)")
 

@@ -16,7 +16,7 @@ from library.args.common import (
     add_sample_args,
     add_training_args,
 )
-from library.config.model_training import SAVE_FORMATS
+from library.config.model_training import SAVE_FORMATS, SHARDING_FLAGS
 
 
 def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -29,9 +29,29 @@ def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
                        help="pad each batch's captions to its longest, not to 77 tokens (diffusers' DreamBooth)")
     else:
         g.add_argument("--train_text_encoder", action="store_true",
-                       help="train the text encoder(s) as well as the UNet")
+                       help="train the text encoder(s) as well as the UNet / MMDiT (SD3: CLIP-L and CLIP-G; "
+                            "T5-XXL stays frozen)")
     g.add_argument("--learning_rate_te", dest="text_encoder_lr", type=float, nargs=1,
-                   help="the text encoder's learning rate (default --learning_rate; SDXL: both encoders)")
+                   help="the text encoder's learning rate (default --learning_rate; SDXL, SD3: both CLIPs)")
+
+
+def add_per_encoder_rates(group, names: tuple[str, str]) -> None:
+    """kohya's ``--learning_rate_te1`` / ``--learning_rate_te2`` (SDXL's and SD3's two CLIP encoders)."""
+    for i, name in enumerate(names, start=1):
+        group.add_argument(f"--learning_rate_te{i}", dest=f"text_encoder_lr{i}", type=float,
+                           help=f"{name}'s learning rate (default --learning_rate_te, else --learning_rate; 0 "
+                                "freezes it)")
+
+
+def add_sharding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sharded training (kohya's DeepSpeed flags; not in this version: refused with advice)")
+    for name in SHARDING_FLAGS:
+        if name in ("zero_stage",):
+            g.add_argument(f"--{name}", type=int, help="(not in this version)")
+        elif name.endswith(("_device", "_path")):
+            g.add_argument(f"--{name}", help="(not in this version)")
+        else:
+            g.add_argument(f"--{name}", action="store_true", help="(not in this version)")
 
 
 def add_ema_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +68,7 @@ def add_ema_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_training_parser(description: str, kind: str, add_family_args=None) -> argparse.ArgumentParser:
-    """The full parser of a full-weight trainer (``kind``: "dreambooth", "fine_tune" or "sdxl");
+    """The full parser of a full-weight trainer (``kind``: "dreambooth", "fine_tune", "sdxl" or "sd3");
     ``add_family_args(parser)`` adds the flags of the script's model family."""
     p = argparse.ArgumentParser(description=description)
     for add in (add_model_args, add_dataset_args, add_caption_args):
@@ -58,9 +78,14 @@ def model_training_parser(description: str, kind: str, add_family_args=None) -> 
         add(p)
     add_text_encoder_args(p, kind)
     add_ema_args(p)
+    p.add_argument_group("memory").add_argument(
+        "--fused_optimizer_groups", type=int,
+        help="step the model in N parts, each as soon as its gradients are complete (any per-parameter optimizer; "
+             "about 1/N of the gradients held at a time; excludes --fused_backward_pass)")
+    add_sharding_args(p)
     if add_family_args is not None:
         add_family_args(p)
-    p.set_defaults(log_tracker_name={"dreambooth": "dreambooth", "fine_tune": "finetuning", "sdxl": "finetuning"}[kind])
+    p.set_defaults(log_tracker_name="dreambooth" if kind == "dreambooth" else "finetuning")
     return p
 
 

@@ -84,6 +84,10 @@ def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
                         "--weighting_scheme, --training_shift, --ip_noise_gamma instead)")
     if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":
         raise UserError(f"--loss_type {args.loss_type} on SD3 uses a constant c: add --huber_schedule constant")
+    if args.cpu_offload_checkpointing:
+        also = " (and it cannot be combined with --blocks_to_swap)" if args.blocks_to_swap else ""
+        raise UserError(f"--cpu_offload_checkpointing is not available in this version{also}; use --blocks_to_swap N "
+                        "or --gradient_checkpointing")
     flow = FlowOptions(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.training_shift,
                        args.min_timestep, args.max_timestep, args.loss_type, args.huber_c)
     sizes = tuple(patched_side(*ds.resolution) for ds in datasets) if args.enable_scaled_pos_embed else ()
@@ -95,7 +99,8 @@ def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
         pos_emb_random_crop_rate=args.pos_emb_random_crop_rate, scaled_pos_embed_sizes=sizes,
         blocks_to_swap=args.blocks_to_swap or 0, t5xxl_device=args.t5xxl_device,
         t5xxl_dtype=_DTYPES[args.t5xxl_dtype], ip_noise_gamma=args.ip_noise_gamma,
-        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
+        save_clip=getattr(args, "save_clip", False), save_t5xxl=getattr(args, "save_t5xxl", False))
 
 
 _TRAINING = {"sd": _sd_training, "sdxl": _sdxl_training, "sd3": _sd3_training}

@@ -13,6 +13,11 @@ logger = logging.getLogger(__name__)
 
 #: kohya's --save_model_as values for whole models; the diffusers ones are folders
 SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
+#: kohya's DeepSpeed flags (its deepspeed_utils): parsed so that a kohya command or config gets an
+#: answer naming them, and refused by :func:`model_training_config`
+SHARDING_FLAGS = ("deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
+                  "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                  "fp16_master_weights_and_gradients")
 #: kohya's --block_lr: one rate per SDXL UNet block (embeddings, 9 input, 3 middle, 9 output, out)
 SDXL_BLOCK_LR_COUNT = 23
 
@@ -32,7 +37,7 @@ class ModelTrainConfig:
     """What a full-weight run trains and how it is written."""
 
     #: "dreambooth" (train_db.py: image folders, class tokens, regularisation), "fine_tune" (fine_tune.py:
-    #: metadata JSON) or "sdxl" (sdxl_train.py: either kind of dataset, as kohya's)
+    #: metadata JSON), "sdxl" or "sd3" (sdxl_train.py, sd3_train.py: either kind of dataset, as kohya's)
     kind: str
     train_text_encoder: bool  # whether the text encoder is in the optimizer at all
     stop_text_encoder_training: int | None  # it trains for steps 1..N only (None: every step)
@@ -77,9 +82,10 @@ def _check_datasets(kind: str, datasets: list[DatasetConfig], from_json: bool) -
 
 
 def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig], kind: str) -> ModelTrainConfig:
-    """The choices of train_db.py (``kind="dreambooth"``), fine_tune.py (``"fine_tune"``) or
-    sdxl_train.py (``"sdxl"``)."""
+    """The choices of train_db.py (``kind="dreambooth"``), fine_tune.py (``"fine_tune"``),
+    sdxl_train.py (``"sdxl"``) or sd3_train.py (``"sd3"``)."""
     _check_datasets(kind, datasets, bool(args.in_json) and not args.dataset_config)
+    _refuse_sharding(args)
     if kind == "dreambooth":
         stop = args.stop_text_encoder_training
         train_te = stop is None or stop > 0  # kohya: -1 (and 0) never train it
@@ -99,6 +105,18 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
                         f"cache only with a frozen text encoder ({flag})")
     return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)),
                             _ema(args))
+
+
+def _refuse_sharding(args: argparse.Namespace) -> None:
+    """kohya's DeepSpeed flags: sharding weights and optimizer state over GPUs is not in this
+    version (it is planned on accelerate's DeepSpeed / FSDP plugins), so they stop the run with what
+    works instead rather than train unsharded as if they had been honoured."""
+    given = [f"--{name}" for name in SHARDING_FLAGS if getattr(args, name, None) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)}: sharded training (DeepSpeed ZeRO / FSDP) is not in this version. On one "
+                        "GPU, --full_bf16, --gradient_checkpointing and --fused_backward_pass (Adafactor) or "
+                        "--fused_optimizer_groups N cut memory (SD3 also --blocks_to_swap); several GPUs train "
+                        "data-parallel with accelerate launch --num_processes N")
 
 
 def _ema(args: argparse.Namespace) -> EMAOptions | None:

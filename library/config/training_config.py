@@ -20,7 +20,7 @@ from library.data.dataset_config import (
 )
 from library.maths.precision import DTYPE_NAMES, check_precision_flags
 from library.models.sd_loading import CHECKPOINT_SUFFIXES
-from library.optim.optimizers import check_fused_backward, check_optimizer_name
+from library.optim.optimizers import check_fused_backward, check_fused_optimizer_groups, check_optimizer_name
 from library.sampling.prompts import SamplePrompt, load_prompt_file
 from library.utils.errors import UserError
 from library.utils.files import check_writable_folder, parse_user_file
@@ -132,6 +132,7 @@ class TrainingConfig:
     attention: str = "sdpa"
     no_half_vae: bool = False
     fused_backward: bool = False
+    fused_optimizer_groups: int | None = None  # --fused_optimizer_groups N (full-weight trainers)
     trackers: tuple[str, ...] = ()
     tracker_name: str = "network_train"
     tracker_init: dict = field(default_factory=dict)
@@ -387,6 +388,10 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
     check_optimizer_name(args.optimizer_type)
     if args.fused_backward_pass:
         check_fused_backward(args.optimizer_type, args.gradient_accumulation_steps)
+    fused_groups = getattr(args, "fused_optimizer_groups", None)  # the full-weight trainers' flag
+    if fused_groups is not None:
+        check_fused_optimizer_groups(fused_groups, args.optimizer_type, args.gradient_accumulation_steps,
+                                     args.fused_backward_pass)
     prompts = tuple(load_prompt_file(args.sample_prompts)) if args.sample_prompts else ()
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
@@ -411,7 +416,7 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
         full_half="fp16" if args.full_fp16 else ("bf16" if args.full_bf16 else None),
         fp8_base="unet" if args.fp8_base_unet else ("all" if args.fp8_base else None),
         attention="xformers" if args.xformers else ("mem_eff" if args.mem_eff_attn else "sdpa"),
-        no_half_vae=args.no_half_vae, fused_backward=args.fused_backward_pass,
+        no_half_vae=args.no_half_vae, fused_backward=args.fused_backward_pass, fused_optimizer_groups=fused_groups,
         logging_dir=args.logging_dir, log_prefix=args.log_prefix, trackers=_trackers(args),
         tracker_name=args.log_tracker_name, tracker_init=_tracker_init(args), log_config=args.log_config,
         resume=args.resume, initial_step=args.initial_step, initial_epoch=args.initial_epoch,

@@ -171,14 +171,21 @@ class ModelFamily(ABC):
         """kohya's ``--block_lr`` index of a denoiser parameter (defined for SDXL only)."""
         raise UserError(f"--block_lr: per-block rates are defined for SDXL's UNet, not for {self.title or self.name}")
 
-    def save_problem(self, models: LoadedModels, as_folder: bool) -> str | None:
-        """Why these models cannot be written in that form (checked before training), or None."""
+    def trainable_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
+        """The text encoders a full-weight run trains with ``--train_text_encoder`` (all of them
+        here; SD3 keeps T5 frozen)."""
+        return list(models.text_encoders)
+
+    def save_problem(self, models: LoadedModels, save_as: str) -> str | None:
+        """Why these models cannot be written as ``save_as`` (a ``--save_model_as`` value; checked
+        before training), or None."""
         return None
 
     def save_model(self, models: LoadedModels, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
-                   as_folder: bool) -> None:
+                   as_folder: bool, trained_text_encoders: bool = False) -> None:
         """The whole model (its trained weights as they are now) as a single file in the family's
-        original layout, or as a diffusers folder."""
+        original layout, or as a diffusers folder (``trained_text_encoders``: whether they
+        changed, for families whose files may leave unchanged ones out)."""
         checkpoint = Checkpoint(self.model_layout(models), models.parts, models.source)
         if as_folder:
             write_diffusers(checkpoint, path, dtype)

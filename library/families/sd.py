@@ -79,8 +79,8 @@ class SDFamily(ModelFamily):
     def model_layout(self, models: LoadedModels) -> str:
         return models.variant  # "sd1" / "sd2"
 
-    def save_problem(self, models: LoadedModels, as_folder: bool) -> str | None:
-        if not as_folder and models.variant == "sd2" and not models.parts.unused:
+    def save_problem(self, models: LoadedModels, save_as: str) -> str | None:
+        if not save_as.startswith("diffusers") and models.variant == "sd2" and not models.parts.unused:
             return ("an SD2 model read from a diffusers folder lacks its text encoder's last layer, which SD2 single "
                     "files carry; save it as a folder (--save_model_as diffusers_safetensors)")
         return None
@@ -209,7 +209,7 @@ class SDFamily(ModelFamily):
             "ss_max_token_length": str(self.options.max_token_length),
             **self._vae_metadata(),
             "ss_weighted_captions": str(self.options.weighted_captions),
-            "modelspec.architecture": f"{arch}/lora",
+            "modelspec.architecture": arch,
             "modelspec.implementation": "diffusers",
             "modelspec.prediction_type": "v" if v else "epsilon",
         }

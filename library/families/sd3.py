@@ -26,7 +26,7 @@ from library.maths.loss import apply_mask, elementwise_loss, per_sample_mean
 from library.maths.rng import SampleRNG
 from library.models.block_swap import BlockSwap, install_block_swap
 from library.models.fingerprint import module_fingerprint
-from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, load_sd3_model
+from library.models.sd3_loading import SD3_VAE_SCALE, SD3_VAE_SHIFT, load_sd3_model, save_sd3_single_file
 from library.models.sd3_pos_embed import PosEmbedOptions
 from library.models.sd_loading import load_vae
 from library.utils.errors import UserError
@@ -61,6 +61,9 @@ class SD3Options:
     t5xxl_dtype: torch.dtype | None = None
     ip_noise_gamma: float | None = None
     ip_noise_gamma_random_strength: bool = False
+    # what full-weight saves bundle beyond the encoders the base file held and those that trained
+    save_clip: bool = False
+    save_t5xxl: bool = False
 
 
 @dataclass
@@ -267,6 +270,32 @@ class SD3Family(ModelFamily):
         return {"prompt_embeds": context[:n], "pooled_prompt_embeds": pooled[:n],
                 "negative_prompt_embeds": context[n:], "negative_pooled_prompt_embeds": pooled[n:]}
 
+    # ----------------------------------------------------------------- full-weight training
+    def trainable_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
+        """CLIP-L and CLIP-G; T5-XXL stays frozen (kohya's sd3_train.py trains no T5 either)."""
+        return list(models.text_encoders[:2])
+
+    def save_problem(self, models: LoadedModels, save_as: str) -> str | None:
+        if save_as == "ckpt":
+            return "SD3 models are written as .safetensors single files or diffusers folders (no .ckpt)"
+        return None
+
+    def save_model(self, models: LoadedModels, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+                   as_folder: bool, trained_text_encoders: bool = False) -> None:
+        """A single file bundles the encoders the base file bundled, the trained CLIPs, and those
+        --save_clip / --save_t5xxl ask for; encoders that came from separate files and did not
+        change stay out, as kohya writes them (users keep loading them with --clip_l etc.).
+        A diffusers folder holds every encoder, as the pipeline needs."""
+        if as_folder:
+            return super().save_model(models, path, dtype, metadata, as_folder)
+        o, parts = self.options, models.parts
+        names = set(parts.bundled)
+        if trained_text_encoders or o.save_clip:
+            names |= {"clip_l", "clip_g"}
+        if o.save_t5xxl:
+            names.add("t5xxl")
+        save_sd3_single_file(path, parts, dtype, bundle_text_encoders=names, metadata=metadata)
+
     def metadata(self, models: LoadedModels) -> dict[str, str]:
         o = self.options
         return {
@@ -276,7 +305,7 @@ class SD3Family(ModelFamily):
             "ss_apply_lg_attn_mask": str(o.apply_lg_attn_mask), "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask),
             "ss_clip_l_dropout_rate": str(o.clip_l_dropout_rate), "ss_clip_g_dropout_rate": str(o.clip_g_dropout_rate),
             "ss_t5_dropout_rate": str(o.t5_dropout_rate),
-            "modelspec.architecture": f"stable-diffusion-3-{models.variant}/lora",
+            "modelspec.architecture": f"stable-diffusion-3-{models.variant}",
             "modelspec.implementation": "https://github.com/Stability-AI/sd3.5",
             "modelspec.prediction_type": "flow",
         }

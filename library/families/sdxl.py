@@ -161,7 +161,7 @@ class SDXLFamily(SDFamily):
             "ss_max_token_length": str(self.options.max_token_length),
             **self._vae_metadata(),
             "ss_weighted_captions": str(self.options.weighted_captions),
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.prediction_type": "v" if v else "epsilon",
         }

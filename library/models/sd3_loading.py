@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class SD3Components:
     clip_g: torch.nn.Module | None
     t5xxl: torch.nn.Module | None
     tokenizers: dict = field(default_factory=dict)  # "clip_l", "clip_g", "t5xxl"
+    #: the encoders the loaded single file itself held (not given as separate files)
+    bundled: frozenset[str] = frozenset(TE_PREFIXES)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -154,6 +157,7 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     """Load an SD3/SD3.5 single file; text encoders come from the file or the given files."""
     state = read_state_dict(path, device or "cpu")
     require_layout(state, ("sd3",), path)
+    bundled = frozenset(name for name, prefix in TE_PREFIXES.items() if any(k.startswith(prefix) for k in state))
     encoders = {name: _text_encoder(name, state, sep, dtype, path)
                 for name, sep in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl))}
     missing = [name for name in ("clip_l", "clip_g") if encoders[name] is None]
@@ -168,21 +172,23 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     vae_cfg = sd_infer.infer_vae_config(vae_ldm)
     vae_cfg.update(scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT)
     vae = _build(AutoencoderKL, vae_cfg, sd_keys.vae_from_ldm(vae_ldm, _Cfg(vae_cfg)), dtype, "VAE", path)
-    return SD3Components(transformer, vae, encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"])
+    return SD3Components(transformer, vae, encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"],
+                         bundled=bundled)
 
 
 def save_sd3_single_file(path: str | os.PathLike, parts: SD3Components, dtype: torch.dtype | None = None,
-                         bundle_text_encoders: bool = True, metadata: dict[str, str] | None = None,
+                         bundle_text_encoders: bool | Collection[str] = True, metadata: dict[str, str] | None = None,
                          progress: bool = False) -> None:
-    """Write an SD3 single file in the original layout (text encoders bundled when present)."""
+    """Write an SD3 single file in the original layout, with the text encoders present
+    (``bundle_text_encoders``: all, none, or the names of those to write)."""
     state = sd3_keys.mmdit_to_ldm(parts.transformer.state_dict(), parts.transformer.config.num_layers)
     state.update(sd_keys.vae_to_ldm(parts.vae.state_dict(), parts.vae.config))
-    if bundle_text_encoders:
-        for name in TE_PREFIXES:
-            module = getattr(parts, name)
-            if module is not None:
-                state.update({TE_PREFIXES[name] + k: v for k, v in module.state_dict().items()
-                              if not (name == "t5xxl" and k == "shared.weight")})
+    names = TE_PREFIXES if bundle_text_encoders is True else (bundle_text_encoders or ())
+    for name in TE_PREFIXES:
+        module = getattr(parts, name)
+        if name in names and module is not None:
+            state.update({TE_PREFIXES[name] + k: v for k, v in module.state_dict().items()
+                          if not (name == "t5xxl" and k == "shared.weight")})
     write_single_file(state, path, dtype, metadata, progress)
 
 

@@ -223,6 +223,27 @@ def check_fused_backward(optimizer_type: str, gradient_accumulation_steps: int) 
         raise UserError("--fused_backward_pass cannot accumulate gradients: use --gradient_accumulation_steps 1")
 
 
+#: optimizers whose step looks at every parameter at once (a global estimate of the step size),
+#: which stepping a part of the model at a time would change
+_GLOBAL_STEP_OPTIMIZERS = ("dadapt", "prodigy")
+
+
+def check_fused_optimizer_groups(groups: int, optimizer_type: str, gradient_accumulation_steps: int,
+                                 fused_backward: bool) -> None:
+    """kohya's ``--fused_optimizer_groups N``: N parts of the model, each stepped as soon as its
+    gradients are complete."""
+    if groups < 1:
+        raise UserError(f"--fused_optimizer_groups {groups}: must be 1 or more")
+    if fused_backward:
+        raise UserError("--fused_optimizer_groups and --fused_backward_pass both step the optimizer inside "
+                        "backward; use one of them")
+    if gradient_accumulation_steps != 1:
+        raise UserError("--fused_optimizer_groups cannot accumulate gradients: use --gradient_accumulation_steps 1")
+    if optimizer_type.lower().startswith(_GLOBAL_STEP_OPTIMIZERS):
+        raise UserError(f"--fused_optimizer_groups: {optimizer_type} estimates its step size from all parameters "
+                        "at once, which stepping one part at a time would change; use AdamW, Adafactor, Lion, ...")
+
+
 class FusedBackwardPass:
     """Apply the optimizer to each parameter as soon as its gradient is complete, then free that
     gradient, so the gradients of the whole network are never held at once (kohya's
@@ -244,8 +265,22 @@ class FusedBackwardPass:
             return
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_([param], self.max_norm)
+        self._state_beside(param)
         self.optimizer.step()
         param.grad = None
+
+    def _state_beside(self, param: torch.Tensor) -> None:
+        """The parameter's optimizer state where it is stepped now: a resumed state is loaded where
+        the parameter was at load time, which for a swapped block (host memory) is not where its
+        fused step runs (the device, while the block is resident)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        state = inner.state.get(param)
+        for key, value in (state or {}).items():
+            if isinstance(value, torch.Tensor) and value.device != param.device:
+                state[key] = value.to(param.device)
+
+    def finish(self) -> None:
+        """After backward: nothing left (every gradient was applied as it came)."""
 
     def take_non_finite(self) -> list[int]:
         """Indices of the tensors whose gradient was not finite since the last call (not applied)."""
@@ -255,3 +290,52 @@ class FusedBackwardPass:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class FusedOptimizerGroups(FusedBackwardPass):
+    """kohya's ``--fused_optimizer_groups N`` with any per-parameter optimizer (AdamW, ...): the
+    trained tensors in N consecutive parts, and a part is stepped, and its gradients freed, as soon
+    as the last of its gradients is complete, so about one part's gradients exist at a time instead
+    of the whole model's. One optimizer and one LR schedule, not kohya's N of each: a part's step
+    hides the other parts' gradients for its duration, so the optimizer touches that part only.
+    Clipping is per tensor, as in kohya. A part holding tensors that got no gradient this step
+    (a layer whose output is not used) is stepped by :meth:`finish` after backward."""
+
+    def __init__(self, optimizer, params: list[torch.Tensor], groups: int, max_norm: float):
+        self.optimizer, self.max_norm, self.params = optimizer, max_norm, params
+        self.non_finite: list[int] = []
+        size = -(-len(params) // groups)
+        self.parts = [params[i:i + size] for i in range(0, len(params), size)]
+        self.part_of = {id(p): k for k, part in enumerate(self.parts) for p in part}
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.pending = [len(part) for part in self.parts]
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+
+    def _ready(self, param: torch.Tensor) -> None:
+        k = self.part_of[id(param)]
+        self.pending[k] -= 1
+        if self.pending[k] == 0:
+            self._step_part(k)
+
+    def _step_part(self, k: int) -> None:
+        part = [p for p in self.parts[k] if p.grad is not None]
+        for p in part:
+            if not torch.isfinite(p.grad).all():
+                self.non_finite.append(self.index[id(p)])
+                p.grad = None
+            elif self.max_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p], self.max_norm)
+        hidden = [(p, p.grad) for p in self.params if p.grad is not None and self.part_of[id(p)] != k]
+        for p, _ in hidden:
+            p.grad = None
+        self.optimizer.step()
+        for p in self.parts[k]:
+            p.grad = None
+        for p, grad in hidden:
+            p.grad = grad
+        self.pending[k] = len(self.parts[k])
+
+    def finish(self) -> None:
+        for k, part in enumerate(self.parts):
+            if self.pending[k] != len(part):
+                self._step_part(k)

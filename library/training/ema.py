@@ -43,17 +43,19 @@ class WeightEMA:
     @contextmanager
     @torch.no_grad()
     def applied(self) -> Iterator[None]:
-        """The averages in place of the weights for the block (a copy of them in the weights'
-        dtype exists meanwhile), the weights restored afterwards."""
+        """The averages copied into the weights for the block (a copy of the weights is kept
+        meanwhile), the weights copied back afterwards. Copies, not a swap of tensors: block swap
+        moves weights between devices while the block runs, so the tensor a parameter holds
+        afterwards may not be the one it held before."""
         kept = {}
         for name, p in self.params.items():
-            kept[name] = p.data
-            p.data = self.averages[name].to(p.device, p.dtype)
+            kept[name] = p.detach().clone()
+            p.data.copy_(self.averages[name])
         try:
             yield
         finally:
             for name, p in self.params.items():
-                p.data = kept[name]
+                p.data.copy_(kept[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"ema.{k}": v for k, v in self.averages.items()}, "ema_updates": torch.tensor(self.updates)}

@@ -29,8 +29,9 @@ class ModelWeights:
     def __init__(self, family: ModelFamily, models: LoadedModels, cfg: ModelTrainConfig):
         self.family, self.models, self.cfg = family, models, cfg
         trained = {"unet": models.denoiser}
-        if cfg.train_text_encoder:
-            trained |= {f"text_encoder{i}": te for i, te in enumerate(models.text_encoders)}
+        #: the text encoders in the optimizer (SD3: the CLIPs, never T5)
+        self.text_encoders = family.trainable_text_encoders(models) if cfg.train_text_encoder else []
+        trained |= {f"text_encoder{i}": te for i, te in enumerate(self.text_encoders)}
         # what the loop calls the network: state folders hold its state_dict, samples toggle its mode
         self.net = torch.nn.ModuleDict(trained)
         for module in [models.denoiser, models.vae, *models.text_encoders]:
@@ -45,16 +46,15 @@ class ModelWeights:
         rates = text_encoder_lr if isinstance(text_encoder_lr, tuple) else (text_encoder_lr,)
         unet = default_lr if unet_lr is None else unet_lr
         groups, names = self._denoiser_groups(unet) if unet else ([], [])
-        if self.cfg.train_text_encoder:
-            encoders = self.models.text_encoders
-            for i, te in enumerate(encoders):
-                rate = rates[min(i, len(rates) - 1)]
-                rate = default_lr if rate is None else rate
-                if rate:
-                    groups.append({"params": list(te.parameters()), "lr": rate})
-                    names.append("textencoder" if len(encoders) == 1 else f"textencoder{i + 1}")
-                else:
-                    te.requires_grad_(False)
+        encoders = self.text_encoders
+        for i, te in enumerate(encoders):
+            rate = rates[min(i, len(rates) - 1)]
+            rate = default_lr if rate is None else rate
+            if rate:
+                groups.append({"params": list(te.parameters()), "lr": rate})
+                names.append("textencoder" if len(encoders) == 1 else f"textencoder{i + 1}")
+            else:
+                te.requires_grad_(False)
         if not unet:
             self.models.denoiser.requires_grad_(False)
         return groups, names
@@ -91,6 +91,13 @@ class ModelWeights:
     def set_multiplier(self, multiplier: float) -> None:
         """A network's strength; datasets asking for one are refused before training."""
 
+    def to(self, device, dtype: torch.dtype | None = None) -> ModelWeights:
+        """Only a dtype change (``--full_bf16``): the family has placed the modules already, some
+        of them deliberately elsewhere (SD3's swapped blocks in host memory, T5 on its device)."""
+        if dtype is not None:
+            self.net.to(dtype)
+        return self
+
     def enable_gradient_checkpointing(self) -> None:
         """Nothing more: the trainer turns it on in the denoiser and the trained text encoders."""
 
@@ -106,12 +113,12 @@ class ModelWeights:
         weights, or with ``--ema`` their average (``--ema_save_mode both``: the weights, and the
         average as ``<name>-ema``)."""
         if self.ema is None or self.cfg.ema.save_mode == "both":
-            self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder)
+            self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder, bool(self.text_encoders))
         if self.ema is not None:
             target = path if self.cfg.ema.save_mode == "ema" else ema_path(path)
             with self.ema.applied():
                 self.family.save_model(self.models, str(target), dtype, {**(metadata or {}), "ss_ema": "True"},
-                                       self.cfg.as_folder)
+                                       self.cfg.as_folder, bool(self.text_encoders))
 
 
 def ema_path(path) -> Path:
@@ -127,7 +134,7 @@ class ModelTraining:
     weights_title = "model weights"
     layout_scripts = {"sd1": "train_db.py or fine_tune.py", "sd2": "train_db.py or fine_tune.py",
                       "sdxl": "sdxl_train.py",
-                      "sd3": "sd3_train_network.py for a LoRA (SD3 full-weight training is not in this version yet)"}
+                      "sd3": "sd3_train.py"}
     nothing_to_train = ("nothing to train: the UNet and the text encoder all have a learning rate of 0; check "
                         "--learning_rate / --unet_lr / --learning_rate_te")
 
@@ -142,15 +149,24 @@ class ModelTraining:
         float32 masters); --full_fp16/--full_bf16 cast them afterwards."""
         return torch.float32
 
-    def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
-        """The parts that do not train (the VAE, a frozen text encoder) in the mixed-precision
-        dtype, as a network run holds them (``--no_half_vae`` keeps the VAE in float32)."""
-        frozen = [models.vae] + ([] if self.cfg.train_text_encoder else list(models.text_encoders))
-        for module in frozen:
+    def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
+        """Before the family places the models (which may give a part its own dtype: SD3's
+        ``--t5xxl_dtype``): the parts that never train (the VAE, frozen text encoders) in the
+        mixed-precision dtype, as a network run holds them (``--no_half_vae`` keeps the VAE in
+        float32)."""
+        trained = family.trainable_text_encoders(models) if self.cfg.train_text_encoder else []
+        for module in [models.vae, *(te for te in models.text_encoders if all(te is not t for t in trained))]:
             module.to(weight_dtype)
 
+    def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
+        """Nothing after placing: :meth:`cast_frozen` did the casting."""
+
+    def checkpointed_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[torch.nn.Module]:
+        """``--gradient_checkpointing`` in the text encoders that train."""
+        return family.trainable_text_encoders(models) if self.cfg.train_text_encoder else []
+
     def build(self, family: ModelFamily, models: LoadedModels) -> ModelWeights:
-        problem = family.save_problem(models, self.cfg.as_folder)
+        problem = family.save_problem(models, self.cfg.save_as)
         if problem:  # found now, not at the first save after hours of training
             raise UserError(f"--save_model_as {self.cfg.save_as}: {problem}")
         return ModelWeights(family, models, self.cfg)
@@ -199,9 +215,11 @@ class ModelTraining:
         ema = self.cfg.ema
         return [ema_path(path)] if ema is not None and ema.save_mode == "both" else []
 
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, family_metadata: dict[str, str]) -> dict[str, str]:
+        """The family's keys (a whole model: its modelspec architecture as it is) and the run's kind."""
         ema = self.cfg.ema
-        return {"ss_training_kind": self.cfg.kind, "ss_train_text_encoder": str(self.cfg.train_text_encoder),
+        return {**family_metadata, "ss_training_kind": self.cfg.kind,
+                "ss_train_text_encoder": str(self.cfg.train_text_encoder),
                 "ss_stop_text_encoder_training": str(self.cfg.stop_text_encoder_training),
                 "ss_ema_decay": str(ema.decay if ema else None)}
 

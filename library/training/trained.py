@@ -52,6 +52,13 @@ class NetworkTraining:
         """The base model is frozen: it is loaded in the mixed-precision dtype."""
         return weight_dtype
 
+    def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
+        """Nothing: the frozen model was loaded in the mixed-precision dtype."""
+
+    def checkpointed_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[torch.nn.Module]:
+        """``--gradient_checkpointing`` in every text encoder when the network trains them."""
+        return list(models.text_encoders) if self.cfg.train_text_encoder else []
+
     def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
         """After loading, before caching: ``--base_weights`` merged (they change text outputs)."""
         merge_base_weights(self.cfg, models, device)
@@ -97,10 +104,13 @@ class NetworkTraining:
         """Files written next to each saved file (pruned with it): none."""
         return []
 
-    def metadata(self) -> dict[str, str]:
-        """kohya's ``ss_network_*`` keys."""
+    def metadata(self, family_metadata: dict[str, str]) -> dict[str, str]:
+        """The family's keys with kohya's ``ss_network_*`` ones; the modelspec architecture is the
+        base model's with ``/lora`` (SAI's model spec for adapters)."""
         n = self.cfg
-        return {"ss_network_module": n.module, "ss_network_dim": str(n.dim if n.dim is not None else 4),
+        arch = family_metadata["modelspec.architecture"]
+        return {**family_metadata, "modelspec.architecture": f"{arch}/lora", "ss_network_module": n.module,
+                "ss_network_dim": str(n.dim if n.dim is not None else 4),
                 "ss_network_alpha": str(n.alpha if n.alpha is not None else 1.0),
                 "ss_network_args": json.dumps(n.args), "ss_network_dropout": str(n.dropout),
                 "ss_scale_weight_norms": str(n.scale_weight_norms)}

@@ -84,13 +84,19 @@ def _same_on_all_processes(acc, seed: int) -> int:
     return broadcast_object_list([seed])[0]
 
 
-def _average_gradients(params) -> None:
-    """Average the network's gradients over all processes (the network is not DDP-wrapped)."""
+def _average_gradients(params, device: torch.device) -> None:
+    """Average the trained gradients over all processes (what is trained is not DDP-wrapped).
+    A gradient held elsewhere (a swapped block's, in host memory) is reduced on ``device``, where
+    the process group's backend works, and put back."""
     world = dist.get_world_size()
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+        if p.grad is None:
+            continue
+        grad = p.grad if p.grad.device == device else p.grad.to(device)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        grad.div_(world)
+        if grad is not p.grad:
+            p.grad.copy_(grad)
 
 
 class NonFiniteError(Exception):
@@ -202,6 +208,7 @@ class Trainer:
         cfg = self.cfg
         models = self.family.load(cfg.model_path, self.what.load_dtype(self._weight_dtype()), cfg.tokenizer_dir,
                                   acc.device if cfg.lowram else None)
+        self.what.cast_frozen(self.family, models, self._weight_dtype())
         self.family.place(models, acc.device)
         # before caching: merged base weights change text outputs
         self.what.prepare(models, acc.device, self._weight_dtype())
@@ -238,12 +245,11 @@ class Trainer:
     def _enable_checkpointing(self, models: LoadedModels, trainable) -> None:
         models.denoiser.enable_gradient_checkpointing()
         trainable.enable_gradient_checkpointing()
-        if self.what.trains_text_encoders:
-            for te in models.text_encoders:
-                # transformers 5 renamed the method; older versions only have the old name
-                enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
-                enable()
-                te.train()
+        for te in self.what.checkpointed_text_encoders(self.family, models):
+            # transformers 5 renamed the method; older versions only have the old name
+            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+            enable()
+            te.train()
 
     def _optimization(self, trainable, batches: int):
         """Optimizer, LR schedule, their log names, and the run's length."""
@@ -333,9 +339,7 @@ class Trainer:
         trainable = self.what.build(self.family, models)
         # what is trained is not wrapped in DDP (gradients are averaged explicitly), and the schedule
         # is stepped once per optimizer step whatever the process count
-        trainable.net.to(acc.device)
-        if cfg.full_half:
-            trainable.net.to(torch.float16 if cfg.full_half == "fp16" else torch.bfloat16)
+        trainable.to(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.full_half))
         if cfg.full_half == "fp16":
             precision.allow_fp16_gradients(acc.scaler)
         if cfg.gradient_checkpointing:
@@ -346,10 +350,13 @@ class Trainer:
         optimizer = acc.prepare(optimizer)
         trainable.prepare_grad_etc(models.text_encoders, models.denoiser)
         fused = None
-        if cfg.fused_backward:
+        if cfg.fused_backward or cfg.fused_optimizer_groups:
             if acc.num_processes > 1:
-                raise UserError("--fused_backward_pass runs on one process only in this version")
-            fused = optim.FusedBackwardPass(optimizer, trainable.trainable_params(), cfg.optimizer.max_grad_norm)
+                flag = "--fused_backward_pass" if cfg.fused_backward else "--fused_optimizer_groups"
+                raise UserError(f"{flag} runs on one process only in this version")
+            params, max_norm = trainable.trainable_params(), cfg.optimizer.max_grad_norm
+            fused = optim.FusedBackwardPass(optimizer, params, max_norm) if cfg.fused_backward else \
+                optim.FusedOptimizerGroups(optimizer, params, cfg.fused_optimizer_groups, max_norm)
         progress = self._start_position(trainable, optimizer, scheduler, schedule, len(group))
         checkpointer = self._checkpointer(acc, models, group, trainable, optimizer, scheduler, schedule)
         if acc.is_main_process and cfg.trackers:
@@ -378,7 +385,7 @@ class Trainer:
     def _checkpointer(self, acc, models: LoadedModels, group: DatasetGroup, trainable, optimizer,
                       scheduler, schedule: Schedule) -> Checkpointer:
         cfg = self.cfg
-        meta = saving.base_metadata(cfg, {**self.family.metadata(models), **self.what.metadata()}, group, len(group),
+        meta = saving.base_metadata(cfg, self.what.metadata(self.family.metadata(models)), group, len(group),
                                     schedule.num_epochs, schedule.max_steps)
         run_info = {"seed": self.seed, "num_batches_per_epoch": len(group), "network": self.what.fingerprint(),
                     "log_dir": acc.project_dir if cfg.logging_dir else None}
@@ -564,14 +571,15 @@ class _Loop:
             raise NonFiniteError(step, f"the loss became {loss.item()}")
         if loss.requires_grad:  # not when the network is off for this batch (network_multiplier 0)
             acc.backward(loss / self.cfg.gradient_accumulation_steps)
-        if sync and self.fused:  # the optimizer already ran inside backward, tensor by tensor
+        if sync and self.fused:  # the optimizer already ran inside backward, tensor by tensor or part by part
+            self.fused.finish()
             if bad := self.fused.take_non_finite():
                 raise NonFiniteError(step, f"{len(bad)} gradient tensor(s) became non-finite (those were not "
                                            "applied; the others of this step were)")
             self.scheduler.step()
         elif sync:
             if acc.num_processes > 1:
-                _average_gradients(self.params)
+                _average_gradients(self.params, acc.device)
             max_norm = self.cfg.optimizer.max_grad_norm
             norm = acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
             if norm is not None and not torch.isfinite(torch.as_tensor(norm)):

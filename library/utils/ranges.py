@@ -44,6 +44,7 @@ TRAINING = {
     COUNT, "vae_batch_size": COUNT, "text_encoder_batch_size": COUNT, "network_dim": COUNT, "save_every_n_epochs":
     COUNT, "save_every_n_steps": COUNT, "save_last_n_epochs": COUNT, "save_last_n_steps": COUNT,
     "save_last_n_epochs_state": COUNT, "save_last_n_steps_state": COUNT, "sample_every_n_steps": COUNT,
+    "fused_optimizer_groups": COUNT,
     "sample_every_n_epochs": COUNT, "validate_every_n_steps": COUNT, "validate_every_n_epochs": COUNT,
     "max_validation_steps": COUNT, "save_n_epoch_ratio": COUNT, "initial_epoch": COUNT, "ddp_timeout": COUNT,
     "lr_scheduler_num_cycles": COUNT, "clip_skip": COUNT, "min_bucket_reso": COUNT, "max_bucket_reso": COUNT,

@@ -117,7 +117,7 @@ def test_sd35_medium_options(tmp_path):
     (("--network_args", "emb_dims=[1,2]"), "expected 6 numbers"),
     (("--network_module", "networks.lora"), "for SD3 use networks.lora_sd3"),
     (("--noise_offset", "0.05"), "--noise_offset: not used by SD3"),
-    (("--blocks_to_swap", "2", "--cpu_offload_checkpointing"), "cannot be used together"),
+    (("--blocks_to_swap", "2", "--cpu_offload_checkpointing"), "cannot be combined with --blocks_to_swap"),
     (("--blocks_to_swap", "5"), "swap 1 to 1"),
     (("--weighting_scheme", "bogus"), "invalid choice"),
 ])

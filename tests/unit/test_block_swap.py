@@ -93,3 +93,54 @@ def test_running_an_offloaded_block_is_caught_and_limits_are_checked():
     assert swap.resident == {0, 1, 2, 3}
     with pytest.raises(UserError, match="swap 1 to 4"):
         install_block_swap(_model(), _model().transformer_blocks, 5, torch.device("cpu"))
+
+
+def _full_step(model, optimizer, seed):
+    torch.manual_seed(seed)
+    out = model(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 10, 128),
+                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([100.0, 700.0])).sample
+    (out.float() ** 2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trained_blocks_move_with_their_gradients(checkpointing):
+    """Full-weight training: every weight of the model trains (AdamW, two steps); the swapped
+    blocks' gradients travel with them (counted), and every weight ends bit-identical to the
+    unswapped model's, the shared timestep embedding's too (its gradient sums every block's)."""
+    models = [_model().requires_grad_(True), _model().requires_grad_(True)]
+    for m in models:
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+        m.train()
+    swap = install_block_swap(models[1], models[1].transformer_blocks, 2, torch.device("cpu"))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    for seed in (0, 1):
+        for m, opt in zip(models, optimizers):
+            _full_step(m, opt, seed)
+    assert swap.grads_moved > 0 and swap.resident == set(range(LAYERS - 2))
+    plain = models[0].state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in models[1].state_dict().items())
+
+
+def test_moving_average_is_restored_whatever_the_layout():
+    """Sample images with --ema: the averages are copied in, a forward (no backward) leaves the
+    late blocks resident, and the weights copied back are the trained ones, in their own blocks.
+    (On CPU both places are host memory, so values are what this checks, not devices.)"""
+    from library.training.ema import WeightEMA
+
+    model = _model().requires_grad_(True)
+    swap = install_block_swap(model, model.transformer_blocks, 2, torch.device("cpu"))
+    ema = WeightEMA(dict(model.named_parameters()), 0.5, 1, on_cpu=False)
+    for average in ema.averages.values():
+        average.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.applied(), torch.no_grad():
+        model(hidden_states=torch.randn(1, 16, 8, 8), encoder_hidden_states=torch.randn(1, 10, 128),
+              pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+        assert swap.resident != set(range(LAYERS - 2))
+        assert torch.equal(model.transformer_blocks[0].norm1.linear.weight, before[
+            "transformer_blocks.0.norm1.linear.weight"] + 1)
+    swap.prepare_forward()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

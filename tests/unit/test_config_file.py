@@ -99,8 +99,8 @@ def test_output_config_as_a_path_and_as_kohyas_switch(tmp_path):
 
 
 def test_sd3_takes_clip_skip_1_as_no_skip():
+    from library.args.sd3 import add_sd3_args
     from library.config.family_options import training_family
-    from sd3_train_network import add_sd3_args
 
     parser = network_training_parser("t")
     add_sd3_args(parser)

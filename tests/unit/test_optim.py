@@ -155,3 +155,42 @@ def test_full_fp16_gradients_can_be_unscaled():
     allow_fp16_gradients(scaler)
     scaler.unscale_(opt)
     assert p.grad.tolist() == [1.0] * 4
+
+
+def test_fused_optimizer_groups_step_each_part_inside_backward():
+    """Five layers in three parts: three steps per backward, each while later parts' gradients do
+    not exist yet, gradients freed as their part steps, an unused layer's part completed after
+    backward by finish(); the weights equal a plain AdamW step's bit for bit."""
+    def layers():
+        torch.manual_seed(0)
+        return torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(5))
+
+    plain, fused = layers(), layers()
+    params = [p for m in fused for p in m.parameters()]
+    reference = torch.optim.AdamW(plain.parameters(), lr=0.1)
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    held = []
+    original_step = optimizer.step
+
+    def counting_step(*a, **k):
+        held.append(sum(p.grad is not None for p in params))
+        return original_step(*a, **k)
+
+    optimizer.step = counting_step
+    groups = optim.FusedOptimizerGroups(optimizer, params, 3, max_norm=0.0)  # parts of 4, 4 and 2 tensors
+    x = torch.randn(2, 4)
+    for model in (plain, fused):
+        out = x
+        for m in list(model)[1:]:  # the first layer is not used: no gradient
+            out = m(out)
+        out.square().mean().backward()
+    assert len(held) == 2 and max(held) <= 4  # the last two parts, stepped inside backward
+    groups.finish()  # the first part: layer 1's tensors (no gradient) and layer 2's
+    assert len(held) == 3 and all(p.grad is None for p in params)
+    reference.step()
+    for a, b in zip(plain.parameters(), params):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="use one of them"):
+        optim.check_fused_optimizer_groups(2, "AdamW", 1, fused_backward=True)
+    with pytest.raises(UserError, match="estimates its step size"):
+        optim.check_fused_optimizer_groups(2, "Prodigy", 1, fused_backward=False)

@@ -8,12 +8,12 @@ import pytest
 import gen_img
 from library.args.common import network_training_parser
 from library.args.model_training import model_training_parser
+from library.args.sd3 import add_sd3_args
 from library.config.training_config import build_training_config
 from library.generation.prompt_lines import parse_gen_line
 from library.sampling.prompts import load_prompt_file, parse_prompt_line
 from library.utils.errors import UserError
 from library.utils.ranges import GENERATION, TRAINING
-from sd3_train_network import add_sd3_args
 from sdxl_train_network import add_sdxl_args
 
 
