@@ -87,6 +87,16 @@ def tiny_train_args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
             "--seed", "1", "--console_log_level", "WARNING", *extra]
 
 
+def part(state: dict, prefix: str) -> dict:
+    """The tensors of a state dict whose keys start with ``prefix`` (one part of a checkpoint)."""
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    """Same keys and every tensor bit-identical."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """kohya's (sshs_model_hash, sshs_legacy_hash) of ``tensors``, computed the way kohya's
     precalculate_safetensors_hashes does: on safetensors' own in-memory serialisation carrying only

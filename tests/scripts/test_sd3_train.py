@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import part, run_script, same_tensors
 
 SCRIPT = "sd3_train.py"
 MMDIT, VAE = "model.diffusion_model.", "first_stage_model."
@@ -35,12 +35,6 @@ def _args(tiny: Path, out: Path, *extra: str) -> list[str]:
             "--learning_rate", "1e-3", "--t5xxl_max_token_length", "16", "--console_log_level", "WARNING", *extra]
 
 
-def _part(state: dict, prefix: str) -> dict:
-    return {k: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +49,11 @@ def test_what_trains_and_what_keeps_its_bytes(tiny_sd3, plain):
     base = load_file(str(tiny_sd3 / "model" / "tiny-sd3.safetensors"))
     tuned = load_file(str(plain / "last.safetensors"))
     assert base.keys() == tuned.keys()  # the base file bundled all three encoders: so does the result
-    changed = [k for k in _part(base, MMDIT) if not torch.equal(base[k], tuned[k])]
-    assert len(changed) >= len(_part(base, MMDIT)) - 1  # every trained tensor (pos_embed is a fixed table)
-    assert all(not torch.equal(base[k], tuned[k]) for k in _part(base, CLIP_L))  # --learning_rate
+    changed = [k for k in part(base, MMDIT) if not torch.equal(base[k], tuned[k])]
+    assert len(changed) >= len(part(base, MMDIT)) - 1  # every trained tensor (pos_embed is a fixed table)
+    assert all(not torch.equal(base[k], tuned[k]) for k in part(base, CLIP_L))  # --learning_rate
     for frozen in (CLIP_G, T5, VAE):  # --learning_rate_te2 0; T5 never trains; the VAE neither
-        assert _same(_part(base, frozen), _part(tuned, frozen)), frozen
+        assert same_tensors(part(base, frozen), part(tuned, frozen)), frozen
     with safe_open(str(plain / "last.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sd3_medium" and meta["ss_training_kind"] == "sd3"
@@ -88,7 +82,7 @@ def test_block_swap_trains_the_same_model(tiny_sd3, plain, tmp_path):
     optimizer step runs there; the result equals the run without swapping, tensor for tensor."""
     run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--train_text_encoder", "--learning_rate_te2", "0",
                               "--blocks_to_swap", "1"), check=True)
-    assert _same(load_file(str(plain / "last.safetensors")), load_file(str(tmp_path / "last.safetensors")))
+    assert same_tensors(load_file(str(plain / "last.safetensors")), load_file(str(tmp_path / "last.safetensors")))
 
 
 def test_fused_backward_with_block_swap_equals_no_swap_and_resumes(tiny_sd3, tmp_path):
@@ -97,10 +91,10 @@ def test_fused_backward_with_block_swap_equals_no_swap_and_resumes(tiny_sd3, tmp
     run_script(SCRIPT, *_args(tiny_sd3, tmp_path / "swap", *fused, "--blocks_to_swap", "1", "--save_every_n_steps",
                               "2", "--save_state"), check=True)
     plain = load_file(str(tmp_path / "plain" / "last.safetensors"))
-    assert _same(plain, load_file(str(tmp_path / "swap" / "last.safetensors")))
+    assert same_tensors(plain, load_file(str(tmp_path / "swap" / "last.safetensors")))
     run_script(SCRIPT, *_args(tiny_sd3, tmp_path / "resumed", *fused, "--blocks_to_swap", "1", "--resume",
                               str(tmp_path / "swap" / "last-step00000002-state")), check=True)
-    assert _same(plain, load_file(str(tmp_path / "resumed" / "last.safetensors")))
+    assert same_tensors(plain, load_file(str(tmp_path / "resumed" / "last.safetensors")))
 
 
 def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):

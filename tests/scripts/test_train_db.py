@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.utils.errors import run_cli
-from tests.conftest import run_script
+from tests.conftest import part, run_script, same_tensors
 
 TE, UNET, VAE = "cond_stage_model.", "model.diffusion_model.", "first_stage_model."
 
@@ -26,12 +26,6 @@ def _db_args(tiny_default: Path, out: Path, *extra: str) -> list[str]:
             "--max_train_steps", "4", "--learning_rate", "1e-3", "--console_log_level", "WARNING", *extra]
 
 
-def _part(state: dict, prefix: str) -> dict:
-    return {k: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +42,10 @@ def test_dreambooth_trains_the_model_and_stops_the_text_encoder(tiny_default, dr
     mid = load_file(str(dreambooth / "last-step00000002.safetensors"))
     final = load_file(str(dreambooth / "last.safetensors"))
     assert final.keys() == base.keys()
-    assert not _same(_part(mid, TE), _part(base, TE))  # the text encoder trained in steps 1-2 ...
-    assert _same(_part(mid, TE), _part(final, TE))  # ... and not after --stop_text_encoder_training 2
-    assert not _same(_part(mid, UNET), _part(final, UNET))  # the UNet kept training
-    assert _same(_part(final, VAE), _part(base, VAE))  # the VAE never trains
+    assert not same_tensors(part(mid, TE), part(base, TE))  # the text encoder trained in steps 1-2 ...
+    assert same_tensors(part(mid, TE), part(final, TE))  # ... and not after --stop_text_encoder_training 2
+    assert not same_tensors(part(mid, UNET), part(final, UNET))  # the UNet kept training
+    assert same_tensors(part(final, VAE), part(base, VAE))  # the VAE never trains
     assert len(list((dreambooth / "sample").glob("*.png"))) == 2
     with safe_open(str(dreambooth / "last.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -78,7 +72,7 @@ def test_dreambooth_resumes_bit_identically(tiny_default, dreambooth, tmp_path):
     run_script("train_db.py", *_db_args(tiny_default, out, "--stop_text_encoder_training", "2", "--no_token_padding",
                                         "--resume",
                                         str(dreambooth / "last-step00000002-state")), check=True)
-    assert _same(load_file(str(out / "last.safetensors")), load_file(str(dreambooth / "last.safetensors")))
+    assert same_tensors(load_file(str(out / "last.safetensors")), load_file(str(dreambooth / "last.safetensors")))
 
 
 def _metadata(tiny_default: Path, path: Path) -> Path:
@@ -106,9 +100,9 @@ def test_fine_tune_from_metadata_into_a_diffusers_folder(tiny_default, tmp_path)
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "last"), safety_checker=None)
     base = load_sd_single_file(str(tiny_default / "model" / "tiny-sd15.safetensors"), with_tokenizer=False)
     ours = load_sd_model(str(out / "last"))
-    assert _same(pipe.text_encoder.state_dict(), base.text_encoder.state_dict())  # no --train_text_encoder
-    assert _same(pipe.unet.state_dict(), ours.unet.state_dict())
-    assert not _same(pipe.unet.state_dict(), base.unet.state_dict())
+    assert same_tensors(pipe.text_encoder.state_dict(), base.text_encoder.state_dict())  # no --train_text_encoder
+    assert same_tensors(pipe.unet.state_dict(), ours.unet.state_dict())
+    assert not same_tensors(pipe.unet.state_dict(), base.unet.state_dict())
 
 
 def test_fused_backward_pass_equals_the_plain_adafactor_step(tiny_default, tmp_path):
@@ -122,7 +116,7 @@ def test_fused_backward_pass_equals_the_plain_adafactor_step(tiny_default, tmp_p
     plain = load_file(str(tmp_path / "plain" / "last.safetensors"))
     fused = load_file(str(tmp_path / "fused" / "last.safetensors"))
     base = load_file(str(tiny_default / "model" / "tiny-sd15.safetensors"))
-    assert not _same(_part(plain, UNET), _part(base, UNET))
+    assert not same_tensors(part(plain, UNET), part(base, UNET))
     for key in plain:
         torch.testing.assert_close(fused[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -200,7 +194,7 @@ def test_ema_is_saved_restored_and_pruned(tiny_default, tmp_path):
     run_script("train_db.py", *_db_args(tiny_default, tmp_path / "all", *ema), check=True)
     steps = [load_file(str(tmp_path / "all" / f"last-step0000000{i}.safetensors")) for i in (1, 2, 3)]
     steps.append(load_file(str(tmp_path / "all" / "last.safetensors")))
-    average = {k: v.clone() for k, v in _part(load_file(str(tiny_default / "model" / "tiny-sd15.safetensors")),
+    average = {k: v.clone() for k, v in part(load_file(str(tiny_default / "model" / "tiny-sd15.safetensors")),
                                                  UNET).items()}
     for n, weights in enumerate(steps):
         d = min(0.5, (1 + n) / (10 + n))
@@ -209,11 +203,11 @@ def test_ema_is_saved_restored_and_pruned(tiny_default, tmp_path):
     saved = load_file(str(tmp_path / "all" / "last-ema.safetensors"))
     for key, value in average.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=1e-7, msg=key)
-    assert _same(_part(saved, TE), _part(steps[-1], TE))  # the frozen text encoder is not averaged
+    assert same_tensors(part(saved, TE), part(steps[-1], TE))  # the frozen text encoder is not averaged
     run_script("train_db.py", *_db_args(tiny_default, tmp_path / "resumed", *ema, "--save_last_n_steps", "1",
                                         "--resume", str(run / "last-step00000002-state")), check=True)
     for name in ("last.safetensors", "last-ema.safetensors"):
-        assert _same(load_file(str(tmp_path / "resumed" / name)), load_file(str(run / name))), name
+        assert same_tensors(load_file(str(tmp_path / "resumed" / name)), load_file(str(run / name))), name
 
 
 def test_sigkill_then_resume_latest_with_ema(tiny_default, tmp_path):
@@ -235,5 +229,5 @@ def test_sigkill_then_resume_latest_with_ema(tiny_default, tmp_path):
     _kill_when(proc, lambda: any(s >= 3 for s in _state_steps(tmp_path / "killed")))
     assert not (tmp_path / "killed" / "last.safetensors").exists()
     run_script("train_db.py", *args, "--resume", "latest", check=True)
-    assert _same(load_file(str(tmp_path / "killed" / "last.safetensors")),
+    assert same_tensors(load_file(str(tmp_path / "killed" / "last.safetensors")),
                  load_file(str(tmp_path / "whole" / "last.safetensors")))
