@@ -301,10 +301,20 @@ def add_config_file_args(p: argparse.ArgumentParser) -> None:
                         "the --config_file path (kohya's switch)")
 
 
-def network_training_parser(description: str) -> argparse.ArgumentParser:
-    """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
+def shared_training_parser(description: str, save_formats: tuple[str, ...] = ("safetensors", "ckpt", "pt"),
+                           network: bool = True) -> argparse.ArgumentParser:
+    """The flags every trainer shares; ``network`` adds the network ones (the LoRA trainers),
+    ``save_formats`` are the --save_model_as choices."""
     p = argparse.ArgumentParser(description=description)
-    for add in (add_model_args, add_dataset_args, add_caption_args, add_training_args, add_noise_loss_args,
-                add_optimizer_args, add_network_args, add_sample_args, add_logging_args, add_config_file_args):
+    for add in (add_model_args, add_dataset_args, add_caption_args):
+        add(p)
+    add_training_args(p, save_formats, network)
+    for add in (add_noise_loss_args, add_optimizer_args, *([add_network_args] if network else []), add_sample_args,
+                add_logging_args, add_config_file_args):
         add(p)
     return p
+
+
+def network_training_parser(description: str) -> argparse.ArgumentParser:
+    """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
+    return shared_training_parser(description)

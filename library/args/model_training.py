@@ -5,17 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from library.args.common import (
-    add_caption_args,
-    add_config_file_args,
-    add_dataset_args,
-    add_logging_args,
-    add_model_args,
-    add_noise_loss_args,
-    add_optimizer_args,
-    add_sample_args,
-    add_training_args,
-)
+from library.args.common import shared_training_parser
 from library.config.model_training import SAVE_FORMATS, SHARDING_FLAGS
 
 
@@ -70,12 +60,7 @@ def add_ema_args(p: argparse.ArgumentParser) -> None:
 def model_training_parser(description: str, kind: str, add_family_args=None) -> argparse.ArgumentParser:
     """The full parser of a full-weight trainer (``kind``: "dreambooth", "fine_tune", "sdxl" or "sd3");
     ``add_family_args(parser)`` adds the flags of the script's model family."""
-    p = argparse.ArgumentParser(description=description)
-    for add in (add_model_args, add_dataset_args, add_caption_args):
-        add(p)
-    add_training_args(p, SAVE_FORMATS, network=False)
-    for add in (add_noise_loss_args, add_optimizer_args, add_sample_args, add_logging_args, add_config_file_args):
-        add(p)
+    p = shared_training_parser(description, SAVE_FORMATS, network=False)
     add_text_encoder_args(p, kind)
     add_ema_args(p)
     p.add_argument_group("memory").add_argument(

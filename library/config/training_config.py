@@ -374,7 +374,8 @@ def _save_config(args: argparse.Namespace) -> SaveConfig:
 
 def build_training_config(args: argparse.Namespace, model_kind: str | None = None) -> TrainingConfig:
     """Validate flags, dataset config and prompt file; nothing heavy is loaded here. ``model_kind``
-    ("dreambooth" / "fine_tune"): a full-weight trainer's flags (no network flags then)."""
+    ("dreambooth", "fine_tune", "sdxl", "sd3"): a full-weight trainer's flags (no network flags
+    then); "textual_inversion": the token trainers' (their own config is built beside this one)."""
 
     _check_numbers(args)
     check_precision_flags(args.mixed_precision, args.full_fp16, args.full_bf16, args.fp8_base or args.fp8_base_unet)
@@ -396,7 +397,8 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
     return TrainingConfig(
         model_path=args.pretrained_model_name_or_path, tokenizer_dir=args.tokenizer_cache_dir, datasets=datasets,
         network=_network_config(args) if model_kind is None else None,
-        model=model_training_config(args, datasets, model_kind) if model_kind else None,
+        model=model_training_config(args, datasets, model_kind) if model_kind not in (None, "textual_inversion")
+        else None,
         optimizer=_optimizer_config(args), save=_save_config(args),
         sample=SampleConfig(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, args.sample_at_first,
                             args.sample_sampler),

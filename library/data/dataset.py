@@ -263,6 +263,9 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         self.entries += balance_regularization(train_count, reg_items)
         self.num_train_images = train_count
         self.num_reg_images = sum(r for _, r in self.entries[len(items):])
+        #: (caption, sample's generator) -> the caption trained, after the subset's own processing
+        #: (textual inversion's templates); None: as processed
+        self.caption_rewrite = None
 
     def _assign_buckets(self) -> None:
         c = self.config
@@ -374,6 +377,8 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         items = [batch[j] for j in positions]
         flips = [it.subset.flip_aug and r.random() < 0.5 for it, r in zip(items, rngs)]
         captions = [process_caption(it.caption, it.subset.caption, r, epoch, *step) for it, r in zip(items, rngs)]
+        if self.caption_rewrite is not None:
+            captions = [self.caption_rewrite(c, r) for c, r in zip(captions, rngs)]
         boxes = [self.crop_box(it, r) for it, r in zip(items, rngs)]
         out = TrainBatch(
             captions=captions,
@@ -441,6 +446,14 @@ class DatasetGroup(torch.utils.data.Dataset):
     @property
     def items(self) -> list[ImageItem]:
         return [it for d in self.datasets for it in d.items]
+
+    def set_caption_rewrite(self, rewrite) -> None:
+        """Every caption of this group (and of its validation group) passed through ``rewrite``
+        (caption, the sample's generator) -> caption, after the subset's processing."""
+        for ds in self.datasets:
+            ds.caption_rewrite = rewrite
+        if self.validation is not None:
+            self.validation.set_caption_rewrite(rewrite)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -171,6 +171,11 @@ class ModelFamily(ABC):
         """kohya's ``--block_lr`` index of a denoiser parameter (defined for SDXL only)."""
         raise UserError(f"--block_lr: per-block rates are defined for SDXL's UNet, not for {self.title or self.name}")
 
+    def load_tokenizers(self, name_or_path: str, tokenizer_dir: str | None) -> list | None:
+        """The model's tokenizers without its weights, for checks before loading (textual
+        inversion's token checks); None where the family does not offer it."""
+        return None
+
     def trainable_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
         """The text encoders a full-weight run trains with ``--train_text_encoder`` (all of them
         here; SD3 keeps T5 frozen)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import diffusers
 import torch
@@ -15,8 +16,10 @@ from library.maths.loss import apply_mask, elementwise_loss, per_sample_mean
 from library.maths.metadata import file_hashes
 from library.maths.noise import DDPMOptions
 from library.maths.rng import SampleRNG
+from library.models.checkpoints import checkpoint_layout
 from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import load_sd_model, load_vae
+from library.models.tokenizers import model_tokenizers
 from library.sampling.samplers import build_scheduler
 from library.utils.errors import UserError
 
@@ -78,6 +81,10 @@ class SDFamily(ModelFamily):
 
     def model_layout(self, models: LoadedModels) -> str:
         return models.variant  # "sd1" / "sd2"
+
+    def load_tokenizers(self, name_or_path: str, tokenizer_dir: str | None) -> list:
+        v2 = self.options.v2 or (Path(name_or_path).is_file() and checkpoint_layout(name_or_path) == "sd2")
+        return model_tokenizers(name_or_path, tokenizer_dir, ("sd2" if v2 else "clip_l",))
 
     def save_problem(self, models: LoadedModels, save_as: str) -> str | None:
         if not save_as.startswith("diffusers") and models.variant == "sd2" and not models.parts.unused:

@@ -26,6 +26,7 @@ from library.models.fingerprint import module_fingerprint
 from library.models.sd_keys import unet_module_to_ldm
 from library.models.sd_loading import load_vae
 from library.models.sdxl_loading import load_sdxl_model
+from library.models.tokenizers import model_tokenizers
 from library.sampling.samplers import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class SDXLFamily(SDFamily):
         return LoadedModels(denoiser=parts.unet, vae=parts.vae,
                             text_encoders=[parts.text_encoder_1, parts.text_encoder_2],
                             tokenizers=[parts.tokenizer_1, parts.tokenizer_2], source=name_or_path, parts=parts)
+
+    def load_tokenizers(self, name_or_path: str, tokenizer_dir: str | None) -> list:
+        return model_tokenizers(name_or_path, tokenizer_dir, ("clip_l", "clip_g"))
 
     def model_layout(self, models: LoadedModels) -> str:
         return "sdxl"  # not SD's variant-based layout

@@ -9,44 +9,13 @@ tensor per text encoder. The family says which keys it reads (``textual_inversio
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import AddedToken
 
+from library.models.textual_inversion import expand_words, read_vectors, token_names
 from library.utils.errors import UserError
-
-
-def read_vectors(path: Path, keys: tuple[str, ...]) -> list[torch.Tensor]:
-    """One (N, width) tensor per text encoder (``keys``; ``""`` means the file's single tensor)."""
-    if not path.is_file():
-        raise UserError(f"--textual_inversion_embeddings {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            data = load_file(str(path))
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file; pickles with code in them are refused by weights_only
-        raise UserError(f"--textual_inversion_embeddings {path}: not a readable embedding ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from exc
-    if isinstance(data, dict) and "string_to_param" in data:
-        data = data["string_to_param"]
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
-    if keys == ("",):
-        if not tensors:
-            raise UserError(f"--textual_inversion_embeddings {path}: no tensor in the file")
-        return [_two_d(next(iter(tensors.values())))]
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise UserError(f"--textual_inversion_embeddings {path}: this model needs the tensors {list(keys)} "
-                        f"(missing {missing}); the file has {sorted(tensors)} - is it for another model family?")
-    return [_two_d(tensors[k]) for k in keys]
-
-
-def _two_d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(1, -1) if t.dim() == 1 else t
 
 
 class TextualInversion:
@@ -61,7 +30,7 @@ class TextualInversion:
         count = vectors[0].shape[0]
         if any(v.shape[0] != count for v in vectors):
             raise UserError(f"--textual_inversion_embeddings {path}: the tensors have different vector counts")
-        tokens = [name] + [f"{name}{i}" for i in range(1, count)]
+        tokens = token_names(name, count)
         for tokenizer, encoder, v in zip(tokenizers, text_encoders, vectors):
             embeddings = encoder.get_input_embeddings()
             if v.shape[1] != embeddings.weight.shape[1]:
@@ -79,10 +48,7 @@ class TextualInversion:
 
     def expand(self, text: str) -> str:
         """``name`` -> ``name name1 ...`` for every embedding with several vectors (whole words only)."""
-        for name, tokens in self.expansions.items():
-            if tokens != name:
-                text = re.sub(rf"(?<![\w]){re.escape(name)}(?![\w])", tokens, text)
-        return text
+        return expand_words(text, self.expansions)
 
 
 def load_textual_inversions(paths: list[str], family, models) -> TextualInversion:

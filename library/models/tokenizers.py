@@ -66,3 +66,16 @@ def resolve_tokenizer(name: str, ckpt: Path, tokenizer_dir: str | None):
                     f"Hugging Face cache for {spec.hub_id}. Put its files (tokenizer.json, or vocab.json + "
                     f"merges.txt, or spiece.model) in a '{spec.folder}' folder next to the checkpoint or under "
                     f"--tokenizer_cache_dir, or go online once so {spec.hub_id} is cached.") from problem
+
+
+def model_tokenizers(name_or_path: str, tokenizer_dir: str | None, names: tuple[str, ...]) -> list:
+    """A model's tokenizers without its weights (for checks before loading): for a single file,
+    each of ``names`` (keys of :data:`SPECS`) found as :func:`resolve_tokenizer` finds it; for a
+    diffusers folder or hub id, its tokenizer subfolders."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return [resolve_tokenizer(name, path, tokenizer_dir) for name in names]
+    try:
+        return [_load(SPECS[name], name_or_path, subfolder=SPECS[name].folder) for name in names]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{name_or_path}: its tokenizers could not be read ({str(exc).splitlines()[0]})") from exc

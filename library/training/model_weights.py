@@ -149,6 +149,9 @@ class ModelTraining:
         float32 masters); --full_fp16/--full_bf16 cast them afterwards."""
         return torch.float32
 
+    def prepare_captions(self, group) -> None:
+        """Nothing: captions are trained as the subsets process them."""
+
     def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
         """Before the family places the models (which may give a part its own dtype: SD3's
         ``--t5xxl_dtype``): the parts that never train (the VAE, frozen text encoders) in the

@@ -24,7 +24,7 @@ from library.utils.safetensors_io import read_tensors, save_safetensors
 
 STATE_FILE = "train_state.json"
 #: the trained weights: a network's, or the model's own (full training)
-WEIGHT_FILES = ("network.safetensors", "model.safetensors")
+WEIGHT_FILES = ("network.safetensors", "model.safetensors", "embeddings.safetensors")
 EXTRA_FILE = "extra.safetensors"
 _FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
 
@@ -129,7 +129,8 @@ def check_weights_kind(folder: Path, weights: str) -> None:
     """Refuse a state of the other kind of run (a network's state for a full run, or back)."""
     if not (Path(folder) / weights).is_file():
         other = next((w for w in WEIGHT_FILES if (Path(folder) / w).is_file()), None)
-        kind = {"network.safetensors": "a network", "model.safetensors": "the model's own weights"}
+        kind = {"network.safetensors": "a network", "model.safetensors": "the model's own weights",
+                "embeddings.safetensors": "textual inversion vectors"}
         raise UserError(f"--resume {folder}: this state trained {kind.get(other, 'something else')}, this run "
                         f"trains {kind[weights]}; resume it with the script that made it")
 

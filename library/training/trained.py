@@ -52,6 +52,9 @@ class NetworkTraining:
         """The base model is frozen: it is loaded in the mixed-precision dtype."""
         return weight_dtype
 
+    def prepare_captions(self, group) -> None:
+        """Nothing: captions are trained as the subsets process them."""
+
     def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
         """Nothing: the frozen model was loaded in the mixed-precision dtype."""
 

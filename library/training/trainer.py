@@ -330,6 +330,7 @@ class Trainer:
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
         group = self.prepare_data(acc.num_processes, acc.process_index)
+        self.what.prepare_captions(group)
         if cfg.debug_dataset:
             return debug_dataset(group, cfg.max_train_epochs or 1)
         if cfg.cache_text:

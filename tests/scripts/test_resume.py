@@ -36,9 +36,10 @@ def reference(tiny_default, tmp_path_factory) -> Path:
     return out
 
 
-def _start(args: list[str]) -> subprocess.Popen:
+def _start(args: list[str], script: str = "train_network.py") -> subprocess.Popen:
+    """A training run in the background (to be killed by :func:`_kill_when`)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, str(ROOT / "train_network.py"), *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

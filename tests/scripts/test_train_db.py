@@ -213,20 +213,13 @@ def test_ema_is_saved_restored_and_pruned(tiny_default, tmp_path):
 def test_sigkill_then_resume_latest_with_ema(tiny_default, tmp_path):
     """A full run with --ema killed (SIGKILL) once a state exists, resumed with --resume latest,
     ends bit-identical to the run never stopped (the average too: it is the saved model)."""
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT
-    from tests.scripts.test_resume import _kill_when, _state_steps
+    from tests.scripts.test_resume import _kill_when, _start, _state_steps
 
     extra = ("--ema", "--ema_decay", "0.5", "--save_every_n_steps", "1", "--save_state", "--max_train_steps", "10")
     run_script("train_db.py", *_db_args(tiny_default, tmp_path / "whole", *extra), check=True)
     args = _db_args(tiny_default, tmp_path / "killed", *extra)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_db.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, lambda: any(s >= 3 for s in _state_steps(tmp_path / "killed")))
+    _kill_when(_start(args, "train_db.py"), lambda: any(s >= 3 for s in _state_steps(tmp_path / "killed")))
     assert not (tmp_path / "killed" / "last.safetensors").exists()
     run_script("train_db.py", *args, "--resume", "latest", check=True)
     assert same_tensors(load_file(str(tmp_path / "killed" / "last.safetensors")),
