@@ -44,7 +44,7 @@ def run_token_trainer(family: str, description: str, argv: list[str] | None) -> 
     from library.training.token_vectors import TokenTraining
     from library.training.trainer import Trainer
 
-    tokens = token_training_config(args)
     config = build_training_config(args, "textual_inversion")
+    tokens = token_training_config(args, config.datasets)
     what = TokenTraining(tokens, config.model_path, config.tokenizer_dir)
     Trainer(training_family(family, args, config.datasets), config, what).run()

@@ -70,15 +70,21 @@ def _check_datasets(kind: str, datasets: list[DatasetConfig], from_json: bool) -
             raise UserError(f"{', '.join(folders)}: no metadata_file; fine_tune.py trains from captions in a metadata "
                             "JSON (--in_json, or metadata_file in the dataset config). Use train_db.py for DreamBooth "
                             "folders")
+    refuse_network_keys(datasets, "a full-weight run")
+
+
+def refuse_network_keys(datasets: list[DatasetConfig], run: str) -> None:
+    """Dataset keys that only mean something to a network: its strength per dataset, and
+    diff_output_preservation (the base model's own output, got by turning the network off)."""
     for i, ds in enumerate(datasets):
         if float(ds.network_multiplier) != 1.0:
-            raise UserError(f"datasets[{i}].network_multiplier {ds.network_multiplier}: a network's strength; a "
-                            "full-weight run has no network (remove the key)")
-    preserved = [f"datasets[{i}].subsets[{j}]" for i, j, sub in subsets
+            raise UserError(f"datasets[{i}].network_multiplier {ds.network_multiplier}: a network's strength; {run} "
+                            "has no network (remove the key)")
+    preserved = [f"datasets[{i}].subsets[{j}]" for i, ds in enumerate(datasets) for j, sub in enumerate(ds.subsets)
                  if sub.custom_attributes.get("diff_output_preservation")]
     if preserved:
         raise UserError(f"{', '.join(preserved)}: diff_output_preservation compares with the base model's own "
-                        "output, which full-weight training changes; it works with network training only")
+                        f"output with the network turned off; {run} has no network to turn off")
 
 
 def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig], kind: str) -> ModelTrainConfig:

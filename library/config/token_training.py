@@ -7,6 +7,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.config.model_training import refuse_network_keys
+from library.data.dataset_config import DatasetConfig
 from library.utils.errors import UserError
 
 #: --save_model_as for an embedding: safetensors (AUTOMATIC1111, kohya, diffusers, ComfyUI read it)
@@ -41,7 +43,7 @@ class TokenConfig:
     save_as: str = "safetensors"
 
 
-def token_training_config(args: argparse.Namespace) -> TokenConfig:
+def token_training_config(args: argparse.Namespace, datasets: list[DatasetConfig]) -> TokenConfig:
     token = (args.token_string or "").strip()
     if not token:
         raise UserError("--token_string is required: the new word your captions use for the concept (e.g. mychar)")
@@ -57,5 +59,6 @@ def token_training_config(args: argparse.Namespace) -> TokenConfig:
     if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
         raise UserError("--cache_text_encoder_outputs: textual inversion trains the token's vectors, which change the "
                         "text encoder's output every step; remove the flag")
+    refuse_network_keys(datasets, "a textual inversion run")
     return TokenConfig(token, args.init_word, args.num_vectors_per_token, args.weights, templates,
                        args.save_model_as)

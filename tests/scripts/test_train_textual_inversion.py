@@ -161,6 +161,7 @@ def test_sigkill_then_resume_latest(tiny_default, tmp_path):
     ("train_textual_inversion", ["--weights", "xl.safetensors"], "an SDXL embedding (clip_l + clip_g)"),
     ("train_textual_inversion", ["--cache_text_encoder_outputs"], "change the text encoder's output"),
     ("sdxl_train_textual_inversion", [], "is not an SDXL checkpoint"),
+    ("train_textual_inversion", ["--dataset_config", "mult.toml"], "a textual inversion run has no network"),
 ])
 def test_bad_input_is_refused_before_loading(script, extra, message, tiny_default, tmp_path, capsys, monkeypatch):
     import importlib
@@ -172,7 +173,10 @@ def test_bad_input_is_refused_before_loading(script, extra, message, tiny_defaul
     monkeypatch.chdir(tmp_path)
     write_embedding(tmp_path / "two.safetensors", [torch.zeros(2, 32)], ("",), "two")
     write_embedding(tmp_path / "xl.safetensors", [torch.zeros(1, 32), torch.zeros(1, 64)], ("clip_l", "clip_g"), "x")
-    args = _args(_sd1(tiny_default), _dataset(tiny_default, tmp_path), tmp_path / "out", *extra)
+    toml = _dataset(tiny_default, tmp_path)
+    multiplied = toml.read_text().replace("batch_size = 2", "batch_size = 2\nnetwork_multiplier = 0.5")
+    (tmp_path / "mult.toml").write_text(multiplied)
+    args = _args(_sd1(tiny_default), toml, tmp_path / "out", *extra)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(importlib.import_module(script).main, args)
     err = capsys.readouterr().err
