@@ -18,12 +18,13 @@ from library.config.model_training import ModelTrainConfig
 from library.families.base import LoadedModels, ModelFamily
 from library.training import kohya_state
 from library.training.ema import WeightEMA
+from library.training.trained import OwnTrainable, WhatIsTrained
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class ModelWeights:
+class ModelWeights(OwnTrainable):
     """The denoiser (and the text encoders, when they train) as one trainable."""
 
     def __init__(self, family: ModelFamily, models: LoadedModels, cfg: ModelTrainConfig):
@@ -85,21 +86,12 @@ class ModelWeights:
     def on_epoch_start(self, text_encoders, denoiser) -> None:
         self.net.train()
 
-    def on_step_start(self, text_encoders, denoiser) -> None:
-        """Nothing: which parts train in a step is the trainer's question to ModelTraining."""
-
-    def set_multiplier(self, multiplier: float) -> None:
-        """A network's strength; datasets asking for one are refused before training."""
-
     def to(self, device, dtype: torch.dtype | None = None) -> ModelWeights:
         """Only a dtype change (``--full_bf16``): the family has placed the modules already, some
         of them deliberately elsewhere (SD3's swapped blocks in host memory, T5 on its device)."""
         if dtype is not None:
             self.net.to(dtype)
         return self
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing more: the trainer turns it on in the denoiser and the trained text encoders."""
 
     def prepare_grad_etc(self, text_encoders, denoiser) -> None:
         """After the optimizer groups (which freeze parts at rate 0): the moving average of what trains."""
@@ -127,7 +119,7 @@ def ema_path(path) -> Path:
     return path.with_name(f"{path.stem}-ema{path.suffix}") if path.suffix else path.with_name(f"{path.name}-ema")
 
 
-class ModelTraining:
+class ModelTraining(WhatIsTrained):
     """The model's own weights trained (DreamBooth or fine-tuning)."""
 
     state_weights = "model.safetensors"
@@ -141,16 +133,10 @@ class ModelTraining:
     def __init__(self, cfg: ModelTrainConfig):
         self.cfg = cfg
 
-    def check(self, family: ModelFamily) -> None:
-        """Nothing beyond what the config builder checked."""
-
     def load_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """Trained weights are float32 (mixed precision computes in half, the optimizer updates the
         float32 masters); --full_fp16/--full_bf16 cast them afterwards."""
         return torch.float32
-
-    def prepare_captions(self, group) -> None:
-        """Nothing: captions are trained as the subsets process them."""
 
     def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
         """Before the family places the models (which may give a part its own dtype: SD3's
@@ -160,9 +146,6 @@ class ModelTraining:
         trained = family.trainable_text_encoders(models) if self.cfg.train_text_encoder else []
         for module in [models.vae, *(te for te in models.text_encoders if all(te is not t for t in trained))]:
             module.to(weight_dtype)
-
-    def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
-        """Nothing after placing: :meth:`cast_frozen` did the casting."""
 
     def checkpointed_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[torch.nn.Module]:
         """``--gradient_checkpointing`` in the text encoders that train."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from library.data.dataset import DatasetGroup
 from library.families.base import LoadedModels, ModelFamily
 from library.models.textual_inversion import ExpandingTokenizer, read_vectors, token_names, write_embedding
 from library.training import kohya_state
+from library.training.trained import OwnTrainable, WhatIsTrained
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class CaptionTemplates:
         return rng.choice(self.templates).format(self.token)
 
 
-class TokenVectors:
+class TokenVectors(OwnTrainable):
     """The new vectors of every text encoder that takes an embedding (SD: one; SDXL: two)."""
 
     def __init__(self, family: ModelFamily, models: LoadedModels, cfg: TokenConfig):
@@ -114,21 +114,6 @@ class TokenVectors:
     def trainable_params(self) -> list[nn.Parameter]:
         return list(self.net)
 
-    def on_epoch_start(self, text_encoders, denoiser) -> None:
-        """Nothing: the frozen model stays in eval mode."""
-
-    def on_step_start(self, text_encoders, denoiser) -> None:
-        """Nothing."""
-
-    def set_multiplier(self, multiplier: float) -> None:
-        """A network's strength; datasets asking for one are refused before training."""
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing more: the trainer turns it on in the denoiser."""
-
-    def prepare_grad_etc(self, text_encoders, denoiser) -> None:
-        """Nothing."""
-
     def to(self, device, dtype: torch.dtype | None = None) -> TokenVectors:
         self.net.to(device, dtype)
         return self
@@ -171,7 +156,7 @@ def init_ids(tokenizer, word: str, count: int) -> list[int]:
     return ids
 
 
-class TokenTraining:
+class TokenTraining(WhatIsTrained):
     """New token vectors trained on the frozen model (textual inversion)."""
 
     state_weights = "embeddings.safetensors"
@@ -207,12 +192,6 @@ class TokenTraining:
         """The model is frozen: it is loaded in the mixed-precision dtype (the vectors are float32)."""
         return weight_dtype
 
-    def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
-        """Nothing: loaded in the mixed-precision dtype."""
-
-    def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
-        """Nothing."""
-
     def prepare_captions(self, group: DatasetGroup) -> None:
         """Captions must name the concept: a subset none of whose captions holds the token string is
         refused, naming it (unless the templates write every caption)."""
@@ -244,28 +223,10 @@ class TokenTraining:
     def trains_text_encoders_at(self, step: int) -> bool:
         return True
 
-    def check_schedule(self, max_steps: int) -> None:
-        """Nothing depends on the run's length."""
-
     def fingerprint(self) -> dict:
         c = self.cfg
         return {"trained": "tokens", "token": c.token_string, "vectors": c.num_vectors, "init_word": c.init_word,
                 "templates": len(c.templates)}
-
-    def after_optimizer_step(self, trainable: TokenVectors, device, step: int) -> None:
-        return None
-
-    def sampling_weights(self, trainable: TokenVectors):
-        return nullcontext()
-
-    def extra_state(self, trainable: TokenVectors) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_extra_state(self, trainable: TokenVectors, state, folder) -> None:
-        """Nothing to restore."""
-
-    def companion_files(self, path) -> list:
-        return []
 
     def metadata(self, family_metadata: dict[str, str]) -> dict[str, str]:
         """The family's keys; the modelspec architecture is the base's with ``/textual-inversion``."""

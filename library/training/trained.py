@@ -4,6 +4,10 @@
   its trainable is the plug-in wrapped in :class:`networks.base.NetworkAdapter`.
 * :class:`library.training.model_weights.ModelTraining`: the model's own weights (DreamBooth,
   fine-tuning); its trainable, ``ModelWeights``, answers the loop as the adapter does.
+* :class:`library.training.token_vectors.TokenTraining`: new token vectors (textual inversion).
+
+:class:`WhatIsTrained` holds the answers most of them share (nothing to do); :class:`OwnTrainable`
+the same for the trainables this project writes itself (the adapter wraps any plug-in).
 
 A "what is trained" object is made before any model loads (its checks run first), builds the
 trainable once the models are loaded, and tells the loop the few things that differ: which dtype
@@ -26,7 +30,64 @@ from library.training.network_setup import build_network, check_network_setup, m
 from networks.base import NetworkAdapter
 
 
-class NetworkTraining:
+class WhatIsTrained:
+    """The defaults of a "what is trained" object: each hook below does nothing."""
+
+    def check(self, family: ModelFamily) -> None:
+        """Before any model loads: nothing beyond what the config builder checked."""
+
+    def prepare_captions(self, group) -> None:
+        """Before any model loads: nothing; captions are trained as the subsets process them."""
+
+    def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
+        """Before the family places the models: nothing (they were loaded in the dtype they train in)."""
+
+    def prepare(self, models: LoadedModels, device, weight_dtype: torch.dtype) -> None:
+        """After placing, before caching: nothing."""
+
+    def check_schedule(self, max_steps: int) -> None:
+        """Nothing depends on the run's length."""
+
+    def after_optimizer_step(self, trainable, device, step: int):
+        """Nothing after each optimizer step (None: nothing to log)."""
+        return None
+
+    def sampling_weights(self, trainable):
+        """The weights sample images are made with: the trained ones as they are."""
+        return nullcontext()
+
+    def extra_state(self, trainable) -> dict[str, torch.Tensor]:
+        """What a state folder holds beyond the weights, optimizer, scheduler and RNG: nothing."""
+        return {}
+
+    def load_extra_state(self, trainable, state: dict[str, torch.Tensor] | None, folder) -> None:
+        """Nothing to restore."""
+
+    def companion_files(self, path) -> list:
+        """Files written next to each saved file (pruned with it): none."""
+        return []
+
+
+class OwnTrainable:
+    """The loop's per-epoch and per-step hooks for the trainables written here: nothing to do."""
+
+    def on_epoch_start(self, text_encoders, denoiser) -> None:
+        """Nothing."""
+
+    def on_step_start(self, text_encoders, denoiser) -> None:
+        """Nothing: which parts train in a step is the loop's question to what is trained."""
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """A network's strength; datasets asking for one are refused before training."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing more: the trainer turns it on in the denoiser and the encoders that train."""
+
+    def prepare_grad_etc(self, text_encoders, denoiser) -> None:
+        """Nothing."""
+
+
+class NetworkTraining(WhatIsTrained):
     """A network plug-in trained on the frozen model (train_network.py and its family twins)."""
 
     #: the file holding the trained weights in a state folder
@@ -52,12 +113,6 @@ class NetworkTraining:
         """The base model is frozen: it is loaded in the mixed-precision dtype."""
         return weight_dtype
 
-    def prepare_captions(self, group) -> None:
-        """Nothing: captions are trained as the subsets process them."""
-
-    def cast_frozen(self, family: ModelFamily, models: LoadedModels, weight_dtype: torch.dtype) -> None:
-        """Nothing: the frozen model was loaded in the mixed-precision dtype."""
-
     def checkpointed_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[torch.nn.Module]:
         """``--gradient_checkpointing`` in every text encoder when the network trains them."""
         return list(models.text_encoders) if self.cfg.train_text_encoder else []
@@ -77,9 +132,6 @@ class NetworkTraining:
     def trains_text_encoders_at(self, step: int) -> bool:
         return self.cfg.train_text_encoder
 
-    def check_schedule(self, max_steps: int) -> None:
-        """Nothing in a network run depends on the run's length."""
-
     def fingerprint(self) -> dict:
         """What a state folder must have been made with to be resumed by this run."""
         n = self.cfg
@@ -91,21 +143,6 @@ class NetworkTraining:
         if self.cfg.scale_weight_norms:
             return trainable.max_norm_regularize(self.cfg.scale_weight_norms, device)
         return None
-
-    def sampling_weights(self, trainable: NetworkAdapter):
-        """The weights sample images are made with: the network as it is."""
-        return nullcontext()
-
-    def extra_state(self, trainable: NetworkAdapter) -> dict[str, torch.Tensor]:
-        """What a state folder holds beyond the weights, optimizer, scheduler and RNG: nothing."""
-        return {}
-
-    def load_extra_state(self, trainable: NetworkAdapter, state: dict[str, torch.Tensor] | None, folder) -> None:
-        """Nothing to restore."""
-
-    def companion_files(self, path) -> list:
-        """Files written next to each saved file (pruned with it): none."""
-        return []
 
     def metadata(self, family_metadata: dict[str, str]) -> dict[str, str]:
         """The family's keys with kohya's ``ss_network_*`` ones; the modelspec architecture is the

@@ -23,10 +23,9 @@ ADAFACTOR = ("--optimizer_type", "adafactor", "--optimizer_args", "relative_step
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_sd3_full")
-    run_script("tools/make_tiny_default.py", "--out", str(out), "--family", "sd3", check=True)
-    return out
+def tiny_sd3(tiny_family_models) -> Path:
+    """The session's tiny SD3 folder (model, dataset, dataset TOML, prompts); runs write elsewhere."""
+    return tiny_family_models["sd3"].parent.parent
 
 
 def _args(tiny: Path, out: Path, *extra: str) -> list[str]:

@@ -17,10 +17,9 @@ UNET = "model.diffusion_model."
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("sdxl_full")
-    run_script("tools/make_tiny_default.py", "--out", str(data), "--family", "sdxl", check=True)
-    return data
+def tiny_sdxl(tiny_family_models) -> Path:
+    """The session's tiny SDXL folder (model, dataset, dataset TOML, prompts); runs write elsewhere."""
+    return tiny_family_models["sdxl"].parent.parent
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
