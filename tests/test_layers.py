@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("library.sampling", "networks"),  # samplers, prompt weighting, the typed pipeline call; network plug-ins
     ("library.families",),  # SD1/SD2, SDXL, SD3
     ("library.data", "library.optim"),  # datasets and caches; optimizer and scheduler registries
+    ("library.prep",),  # dataset preparation for finetune/: taggers, captioners, metadata files
     ("library.config",),  # the typed training config and family options built from the flags
     ("library.training",),  # the trainer and what it saves and restores
     ("library.generation",),  # the gen_img application
