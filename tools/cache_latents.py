@@ -26,31 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (files end in _sdxl*.npz)")
     args = parse_args_with_config(parser, argv, required=("pretrained_model_name_or_path",))
     setup_logging(args.console_log_level, args.console_log_file)
-    # imported after parsing, so --help and argument errors do not wait for torch and diffusers
-    import torch
+    from library.training.latent_prep import cache_dataset_latents  # after parsing: torch loads here
 
-    from library.config.family_options import training_family
-    from library.config.training_config import build_datasets, check_latent_caching
-    from library.data.dataset import build_dataset_group
-    from library.data.dataset_config import fit_to_family
-    from library.data.latent_cache import cache_latents
-    from library.models.fingerprint import module_fingerprint
-    from library.utils.ranges import TRAINING, check_flags
-
-    check_flags(vars(args), TRAINING)
-    configs, _ = build_datasets(args)
-    check_latent_caching(configs, "tools/cache_latents.py", to_disk=True)  # the trainer's own refusals
-    family = training_family("sdxl" if args.sdxl else "sd", args)
-    configs = fit_to_family(configs, family.size_multiple, family.advised_size_multiple, family.title)  # as training
-    group, report = build_dataset_group(configs, args.seed or 0, args.prior_loss_weight, args.strict_dataset)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-    models = family.load(args.pretrained_model_name_or_path, dtype, args.tokenizer_cache_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models.vae.to(device)
-    if args.no_half_vae:
-        models.vae.to(torch.float32)
-    counts = cache_latents(group, lambda px: family.encode_images(models, px), args.vae_batch_size,
-                           family.latent_channels, family.cache_suffix, module_fingerprint(models.vae))
+    _, counts, report = cache_dataset_latents(args, "sdxl" if args.sdxl else "sd", "tools/cache_latents.py")
     print(f"latent cache: {counts['loaded']} valid file(s) kept, {counts['encoded']} written; "
           f"{len(report.skipped)} unusable image(s) skipped")
 

@@ -74,11 +74,12 @@ def save_cached(path: Path, item: ImageItem, record: dict, latents: torch.Tensor
 @torch.no_grad()
 def cache_latents(group: DatasetGroup, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
                   latent_channels: int, to_disk: str | None = None, vae_id: str = "",
-                  show_progress: bool = True) -> dict[str, int]:
+                  show_progress: bool = True, refresh: bool = False) -> dict[str, int]:
     """Fill ``item.latents`` (and ``latents_flipped``) for every image of the group.
 
     With ``to_disk`` (the family's file suffix, e.g. ``"sd"``) valid cache files are read and the
-    others are rebuilt and written. Returns counts: ``loaded`` and ``encoded``.
+    others are rebuilt and written (``refresh``: every file is rebuilt). Returns counts: ``loaded``
+    and ``encoded``.
     """
     todo = defaultdict(list)
     counts = {"loaded": 0, "encoded": 0}
@@ -86,7 +87,7 @@ def cache_latents(group: DatasetGroup, encode: Callable[[torch.Tensor], torch.Te
         for item in ds.items:
             if item.latents is not None:
                 continue
-            if to_disk:
+            if to_disk and not refresh:
                 shape = (latent_channels, item.bucket[1] // 8, item.bucket[0] // 8)
                 found = load_cached(cache_path(item, to_disk), cache_record(item, vae_id), shape)
                 if found is not None:

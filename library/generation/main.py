@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from library.families import LAYOUT_FAMILY, PIPELINE_FAMILY
+from library.families.detect import family_of_model
 from library.generation import jobs as gen_run
 from library.generation import sources as gen_sources
 from library.generation.checks import check_family_args, line_problems, noise_tricks, run_settings, with_size_defaults
@@ -23,9 +20,7 @@ from library.generation.prompt_lines import parse_gen_line, read_prompt_file
 from library.generation.session import GenSession
 from library.generation.textual_inversion import load_textual_inversions
 from library.maths.precision import set_attention
-from library.models.sd_loading import detect_layout, read_state_dict
 from library.sampling.regional import RegionalLoRA
-from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +28,7 @@ logger = logging.getLogger(__name__)
 def detect_family(model: ModelSettings) -> str:
     """The family name from ``--sdxl``/``--sd3``, else from the file's keys or the diffusers folder's
     index (a hub id is taken as SD1/SD2 unless a flag says otherwise)."""
-    path = Path(model.ckpt)
-    index = path / "model_index.json"
-    if model.forced_family or not (path.is_file() or index.is_file()):
-        return model.forced_family or "sd"
-    if index.is_file():
-        return PIPELINE_FAMILY.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""), "sd")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            layout = detect_layout(dict.fromkeys(f.keys()))
-    else:
-        layout = detect_layout(read_state_dict(path))
-    if layout not in LAYOUT_FAMILY:
-        raise UserError(f"--ckpt {path}: not a Stable Diffusion checkpoint this script knows (SD1/SD2, SDXL, SD3)")
-    return LAYOUT_FAMILY[layout]
+    return model.forced_family or family_of_model(model.ckpt, "--ckpt") or "sd"
 
 
 def load_for_generation(c: GenConfig, family, device: torch.device):
