@@ -9,8 +9,14 @@ import re
 
 import pytest
 
-from finetune import (clean_captions_and_tags, make_captions, merge_captions_to_metadata, merge_dd_tags_to_metadata,
-                      prepare_buckets_latents, tag_images_by_wd14_tagger)
+from finetune import (
+    clean_captions_and_tags,
+    make_captions,
+    merge_captions_to_metadata,
+    merge_dd_tags_to_metadata,
+    prepare_buckets_latents,
+    tag_images_by_wd14_tagger,
+)
 from library.utils.errors import UserError
 from tests.conftest import run_script
 from tests.prep.test_tagger import WD_TAGS
