@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "library", "library.args", "library.config", "library.data", "library.families", "library.models",
-        "library.sampling", "library.training", "library.utils", "networks", "finetune", "tools",
+        "library.prep", "library.sampling", "library.training", "library.utils", "networks", "finetune", "tools",
     ],
     package_data={"library.models": ["configs/*.json"]},
     py_modules=["train_network", "sdxl_train_network", "sd3_train_network", "train_db", "fine_tune", "gen_img"],
@@ -33,7 +33,6 @@ setup(
     extras_require={
         "test": requirements("requirements-test.txt"),
         "xformers": ["xformers"],
-        "captioning": ["onnxruntime", "huggingface_hub"],
         "lycoris": ["lycoris-lora==4.1.3"],
         "optimizers": ["bitsandbytes==0.50.2", "lion-pytorch==0.2.5", "prodigyopt==1.1.2", "schedulefree==1.4.1",
                        "dadaptation==3.2"],

@@ -85,3 +85,23 @@ def test_bad_caption_file_is_named_and_the_rest_merged(folder, tmp_path, capsys)
     assert "1 written, 1 skipped" in out and "b.caption is not UTF-8" in out
     with pytest.raises(UserError, match="must end in .json or .jsonl"):
         merge_captions_to_metadata.main([str(folder), str(tmp_path / "m.txt")])
+
+
+SCRIPTS = ("make_captions", "make_captions_by_git", "tag_images_by_wd14_tagger", "merge_captions_to_metadata",
+           "merge_dd_tags_to_metadata", "clean_captions_and_tags", "prepare_buckets_latents")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_what_it_writes_and_bad_input_is_one_line(script, tmp_path):
+    from tests.conftest import run_script
+
+    shown = run_script(f"finetune/{script}.py", "--help", check=True).stdout
+    assert "usage:" in shown and "writ" in shown  # the epilog says what is written where
+    (tmp_path / "empty").mkdir()
+    args = {"clean_captions_and_tags": [str(tmp_path / "none.json"), str(tmp_path / "out.json")],
+            "merge_captions_to_metadata": [str(tmp_path / "empty"), str(tmp_path / "out.json")],
+            "merge_dd_tags_to_metadata": [str(tmp_path / "empty"), str(tmp_path / "out.json")],
+            "prepare_buckets_latents": [str(tmp_path / "empty"), str(tmp_path / "none.json"),
+                                        str(tmp_path / "out.json"), str(tmp_path / "model.safetensors")]}
+    failed = run_script(f"finetune/{script}.py", *args.get(script, [str(tmp_path / "empty")]))
+    assert failed.returncode == 2 and failed.stderr.startswith("error: ") and "Traceback" not in failed.stderr
