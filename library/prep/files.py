@@ -74,3 +74,36 @@ class RunSummary:
                  + (f", {len(self.failed)} skipped" if self.failed else "")]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.failed]
         return "\n".join(lines)
+
+
+def check_out_dir(in_dir: str | Path, out_dir: str | Path, in_flag: str, out_flag: str) -> Path:
+    """An output folder that is not the input folder nor inside it (a later run, or a recursive
+    one, would read its own output back); checked before any work."""
+    source, target = Path(in_dir).resolve(), Path(out_dir).resolve()
+    if target == source or source in target.parents:
+        raise UserError(f"{out_flag} {out_dir} is inside {in_flag} {in_dir}: the output would be read back as "
+                        "input; choose a folder outside it")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{out_flag} {out_dir}: a file, not a folder")
+    return target
+
+
+def copy_sidecars(image: Path, target_image: Path, extensions: list[str]) -> int:
+    """Copy the caption/tag files of ``image`` (same stem, one of ``extensions``) beside
+    ``target_image`` under its stem; an existing file there is left as it is. Returns how many were copied."""
+    import shutil
+
+    copied = 0
+    for ext in extensions:
+        source = sidecar(image, ext)
+        target = sidecar(target_image, ext)
+        if source.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            copied += 1
+    return copied
+
+
+def extension_list(text: str) -> list[str]:
+    """``".txt,.caption"`` -> [".txt", ".caption"]."""
+    return [e if e.startswith(".") else "." + e for e in (t.strip() for t in text.split(",")) if e]

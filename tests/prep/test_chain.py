@@ -102,3 +102,25 @@ def test_bad_input(prepared, tiny_family_models, tmp_path, capsys):
     with pytest.raises(UserError, match="none of the images"):
         prepare_buckets_latents.main([str(images), str(tmp_path / "other.json"), str(tmp_path / "o.json"), str(model)])
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "o.json").exists()
+
+
+def test_sdxl_found_from_the_file_and_a_broken_image_named(tiny_family_models, tmp_path, capsys):
+    images = tmp_path / "images"
+    for name, size in SIZES.items():
+        solid(images / f"{name}.png", (90, 160, 40), size=size)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    meta = {f"{n}.png": {"caption": "a shape"} for n in [*SIZES, "broken"]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    model = tiny_family_models["sdxl"]
+    prepare_buckets_latents.main([str(images), str(tmp_path / "meta.json"), str(tmp_path / "out.json"), str(model),
+                                  "--max_resolution", "64", "--flip_aug", "--full_path",
+                                  "--tokenizer_cache_dir", str(model.parent), *BUCKETS])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert sorted(out) == sorted(str((images / f"{n}.png").resolve()) for n in SIZES)  # --full_path keys
+    assert len(list(images.glob("*_sdxl.npz"))) == 3
+    import numpy as np
+
+    with np.load(next(images.glob("square_*_sdxl.npz"))) as cached:
+        assert cached["latents"].shape == cached["latents_flipped"].shape == (4, 8, 8)
+    report = capsys.readouterr().out
+    assert "3 written" in report and "broken.png" in report
