@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.in_dir)
     summary = RunSummary()
     groups = find_groups(collect_facts(find_images(root, args.recursive, "--in_dir"), args.hash, args.hash_size,
-                                       summary), args.threshold)
+                                       summary), args.threshold, bits)
     write_report(report, groups, root)  # first: the report says what the copies below come from
     place_kept(groups, root, out_dir, extension_list(args.caption_extensions), args.move, summary)
     duplicates = sum(len(g.duplicates) for g in groups)

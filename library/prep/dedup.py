@@ -72,7 +72,7 @@ def collect_facts(paths: list[Path], kind: str, hash_size: int, summary: RunSumm
     return facts
 
 
-def find_groups(facts: list[ImageFacts], threshold: int) -> list[Group]:
+def find_groups(facts: list[ImageFacts], threshold: int, bits: int) -> list[Group]:
     """Every image in exactly one group; each group's kept image is its best copy."""
     by_content: dict[str, list[ImageFacts]] = {}
     for f in facts:
@@ -80,7 +80,7 @@ def find_groups(facts: list[ImageFacts], threshold: int) -> list[Group]:
     firsts = [members[0] for members in by_content.values()]  # identical bytes: one stands for all
     order = sorted(range(len(firsts)), key=lambda i: (-firsts[i].pixels, -firsts[i].size_bytes, str(firsts[i].path)))
     groups: dict[int, Group] = {}
-    for i, kept_i, distance in group_near([f.hash for f in firsts], order, threshold):
+    for i, kept_i, distance in group_near([f.hash for f in firsts], order, threshold, bits):
         if i == kept_i:
             groups[i] = Group(firsts[i])
         else:

@@ -1,67 +1,115 @@
-"""Grouping images whose perceptual hashes are close, with a BK-tree (no all-pairs loop).
+"""Grouping images whose perceptual hashes are close, without comparing every pair.
 
-Images are taken best first (most pixels, then largest file); each joins the group of the nearest
-kept image at most ``threshold`` bits away, or starts a group of its own and is kept. So every group
-holds its best copy, and no chain of small steps joins two images that are far apart (each member is
-within the threshold of the kept one). Hashes are Python ints; distances are popcounts of the XOR.
+Near pairs come from multi-index hashing: the ``bits`` of a hash are cut into ``m`` chunks; two
+hashes at most ``t`` bits apart differ in at least one chunk by at most ``t // m`` bits (pigeonhole),
+so each hash looks up, in a sorted array per chunk, the chunk values within that many bits of its
+own, and only those candidates get a full distance. ``m`` is chosen for the count of hashes so the
+lookups stay few and the buckets stay small: the work grows about as n log n on spread-out hashes,
+where a BK-tree in 64 dimensions degrades towards all pairs.
+
+Grouping then takes images best first (most pixels, then largest file): each joins the nearest image
+already kept within the threshold (on a tie, the one kept first), or is kept itself. So every group
+holds its best copy, and no chain of small steps joins two images that are far apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import combinations
+from math import comb
+
+import numpy as np
 
 
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-class BKTree:
-    """A metric tree over ints under the Hamming distance: ``nearest`` visits only the subtrees
-    the triangle inequality leaves possible."""
-
-    def __init__(self):
-        self._root: list | None = None  # [value, payload, {distance: child}]
-
-    def add(self, value: int, payload) -> None:
-        node = [value, payload, {}]
-        if self._root is None:
-            self._root = node
-            return
-        current = self._root
-        while True:
-            d = hamming(value, current[0])
-            child = current[2].get(d)
-            if child is None:
-                current[2][d] = node
-                return
-            current = child
-
-    def nearest(self, value: int, limit: int):
-        """(distance, payload) of the closest value at most ``limit`` away, or None."""
-        if self._root is None:
-            return None
-        best, stack = None, [self._root]
-        while stack:
-            node = stack.pop()
-            d = hamming(value, node[0])
-            if d <= limit and (best is None or d < best[0]):
-                best = (d, node[1])
-                limit = d  # nothing farther can win now
-            for edge, child in node[2].items():
-                if d - limit <= edge <= d + limit:
-                    stack.append(child)
-        return best
+def _chunks(bits: int, m: int) -> list[tuple[int, int]]:
+    """(shift, width) of ``m`` chunks covering ``bits`` bits, as even as possible."""
+    widths = [bits // m + (1 if i < bits % m else 0) for i in range(m)]
+    shifts = [sum(widths[:i]) for i in range(m)]
+    return list(zip(shifts, widths))
 
 
-def group_near(hashes: Sequence[int], order: Sequence[int], threshold: int) -> list[tuple[int, int, int]]:
+def _lookups(width: int, radius: int) -> int:
+    return sum(comb(width, k) for k in range(radius + 1))
+
+
+def choose_chunks(n: int, bits: int, threshold: int) -> int:
+    """The chunk count with the least estimated work: lookups (n x masks) plus candidates
+    (n^2 x masks / 2^width), among counts whose chunks fit in 64 bits."""
+    best, best_cost = None, None
+    for m in range(max(1, -(-bits // 64)), threshold + 2):
+        width = bits // m
+        masks = m * _lookups(width, threshold // m)
+        cost = n * masks + n * n * masks / 2.0 ** width
+        if best_cost is None or cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+def _masks(width: int, radius: int) -> np.ndarray:
+    out = [0]
+    for k in range(1, radius + 1):
+        out += [sum(1 << b for b in bits) for bits in combinations(range(width), k)]
+    return np.array(out, dtype=np.uint64)
+
+
+def near_pairs(hashes: Sequence[int], bits: int, threshold: int) -> list[tuple[int, int, int]]:
+    """Every (i, j, distance) with i < j and the two hashes at most ``threshold`` bits apart."""
+    n = len(hashes)
+    if n < 2:
+        return []
+    candidates, m = [], choose_chunks(n, bits, threshold)
+    for shift, width in _chunks(bits, m):
+        mask_all = (1 << width) - 1
+        values = np.fromiter(((h >> shift) & mask_all for h in hashes), dtype=np.uint64, count=n)
+        order = np.argsort(values, kind="stable")
+        ordered = values[order]
+        for flip in _masks(width, threshold // m):
+            wanted = values ^ flip
+            lo = np.searchsorted(ordered, wanted, "left")
+            hi = np.searchsorted(ordered, wanted, "right")
+            counts = hi - lo
+            if not counts.any():
+                continue
+            src = np.repeat(np.arange(n), counts)
+            starts = np.repeat(lo, counts)
+            offsets = np.arange(len(src)) - np.repeat(np.cumsum(counts) - counts, counts)
+            dst = order[starts + offsets]
+            keep = src < dst
+            candidates.append(src[keep].astype(np.int64) * n + dst[keep])
+    if not candidates:
+        return []
+    pairs = np.unique(np.concatenate(candidates))
+    left, right = pairs // n, pairs % n
+    if bits <= 64:
+        packed = np.fromiter(hashes, dtype=np.uint64, count=n)
+        dist = np.bitwise_count(packed[left] ^ packed[right]).astype(np.int64)
+    else:
+        dist = np.array([hamming(hashes[a], hashes[b]) for a, b in zip(left.tolist(), right.tolist())])
+    near = dist <= threshold
+    return list(zip(left[near].tolist(), right[near].tolist(), dist[near].tolist()))
+
+
+def group_near(hashes: Sequence[int], order: Sequence[int], threshold: int,
+               bits: int = 64) -> list[tuple[int, int, int]]:
     """For every index of ``hashes``: (index, index of its kept image, distance). ``order`` lists the
     indices best first; a kept image points to itself with distance 0."""
-    tree, out = BKTree(), []
+    neighbours: dict[int, list[tuple[int, int]]] = {}
+    for a, b, d in near_pairs(hashes, bits, threshold):
+        neighbours.setdefault(a, []).append((b, d))
+        neighbours.setdefault(b, []).append((a, d))
+    rank = {i: r for r, i in enumerate(order)}
+    kept: set[int] = set()
+    out = []
     for i in order:
-        found = tree.nearest(hashes[i], threshold)
-        if found is None:
-            tree.add(hashes[i], i)
-            out.append((i, i, 0))
+        options = [(d, rank[k], k) for k, d in neighbours.get(i, ()) if k in kept]
+        if options:
+            d, _, k = min(options)
+            out.append((i, k, d))
         else:
-            out.append((i, found[1], found[0]))
+            kept.add(i)
+            out.append((i, i, 0))
     return out

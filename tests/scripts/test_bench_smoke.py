@@ -54,3 +54,10 @@ def test_bench_full_train_step_smoke():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(result[m]["steps"] == 2 and result[m]["median_s"] > 0
                for m in ("bare_adamw", "trainer_adamw", "trainer_adafactor", "trainer_fused"))
+
+
+def test_bench_dedup_smoke():
+    proc = run_script("bench/bench_dedup.py", "--images", "20", "--hashes", "4000", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["hashing"]["images"] == 20 and result["hashing"]["images_per_s"] > 0
+    assert all(g["planted_found"] == g["pairs_planted"] for g in result["grouping"])
