@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from library.data.captions import CaptionError, read_caption_file
 from library.prep.cleaning import clean_caption, clean_tags
 from library.prep.files import RunSummary, image_key
@@ -17,7 +19,7 @@ def merge_sidecars(images: list[Path], root: Path, entries: dict[str, dict], fie
     """Put each image's ``<stem><extension>`` text into its entry under ``field``. Images without the
     file are counted as kept (their entry, if any, is left as it was); unreadable files are named."""
     summary = RunSummary()
-    for path in images:
+    for path in tqdm(images, desc=f"merging {field}", unit="img"):
         try:
             text = read_caption_file(str(path), extension, all_lines=True)
         except CaptionError as exc:

@@ -123,7 +123,11 @@ def locate_tagger(model_dir: str, repo_id: str, force_download: bool) -> Path:
     ``model_dir/<repo_id with / as _>``, downloaded from the hub when files are missing (or with
     ``force_download``) unless the hub is offline."""
     direct = Path(model_dir)
-    if not force_download and not missing_files(direct):
+    lacking = missing_files(direct)
+    if not force_download and len(lacking) < 2:  # model_dir holds a tagger, or part of one
+        if lacking:
+            raise UserError(f"tagger folder {direct}: missing {lacking[0]}; copy it there from the model's repo "
+                            f"(or give --model_dir the folder that holds both files)")
         return direct
     folder = direct / repo_id.replace("/", "_")
     missing = missing_files(folder)

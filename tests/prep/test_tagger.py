@@ -147,9 +147,15 @@ def test_bad_folders_and_files(tmp_path, wd):
     half = tmp_path / "half"
     half.mkdir()
     (half / "selected_tags.csv").write_text((wd / "selected_tags.csv").read_text())
-    with pytest.raises(UserError, match=r"missing model\.onnx.*offline"):
+    with pytest.raises(UserError, match=r"half: missing model\.onnx; copy it there"):
         main([str(tmp_path / "img"), "--model_dir", str(half)])
+    with pytest.raises(UserError, match=r"missing model\.onnx, selected_tags\.csv.*offline"):
+        main([str(tmp_path / "img"), "--model_dir", str(tmp_path / "no_tagger_here")])
     (half / "model.onnx").write_bytes((wd / "model.onnx").read_bytes())
+    (half / "selected_tags.csv").rename(half / "tags.bak")
+    with pytest.raises(UserError, match=r"missing selected_tags\.csv \(or tag_mapping\.json\)"):
+        main([str(tmp_path / "img"), "--model_dir", str(half)])
+    (half / "tags.bak").rename(half / "selected_tags.csv")
     (half / "selected_tags.csv").write_text("\n".join((wd / "selected_tags.csv").read_text().splitlines()[:-1]))
     with pytest.raises(UserError, match="lists 7 tags but .* has 8 outputs"):
         main([str(tmp_path / "img"), "--model_dir", str(half)])
