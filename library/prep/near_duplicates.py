@@ -62,16 +62,24 @@ def near_pairs(hashes: Sequence[int], bits: int, threshold: int) -> list[tuple[i
     if n < 2:
         return []
     candidates, m = [], choose_chunks(n, bits, threshold)
+    packed = _pack_words(hashes, bits)
     for shift, width in _chunks(bits, m):
         mask_all = (1 << width) - 1
         values = np.fromiter(((h >> shift) & mask_all for h in hashes), dtype=np.uint64, count=n)
         order = np.argsort(values, kind="stable")
         ordered = values[order]
+        # chunks up to 2^24 values get a direct table (start, count per value): two gathers per lookup
+        # instead of a binary search's ~20 scattered reads
+        table = np.bincount(values.astype(np.int64), minlength=1 << width) if width <= 24 else None
+        starts_of = np.cumsum(table) - table if table is not None else None
         for flip in _masks(width, threshold // m):
             wanted = values ^ flip
-            lo = np.searchsorted(ordered, wanted, "left")
-            hi = np.searchsorted(ordered, wanted, "right")
-            counts = hi - lo
+            if table is not None:
+                counts = table[wanted.astype(np.int64)]
+                lo = starts_of[wanted.astype(np.int64)]
+            else:
+                lo = np.searchsorted(ordered, wanted, "left")
+                counts = np.searchsorted(ordered, wanted, "right") - lo
             if not counts.any():
                 continue
             src = np.repeat(np.arange(n), counts)
@@ -79,18 +87,31 @@ def near_pairs(hashes: Sequence[int], bits: int, threshold: int) -> list[tuple[i
             offsets = np.arange(len(src)) - np.repeat(np.cumsum(counts) - counts, counts)
             dst = order[starts + offsets]
             keep = src < dst
-            candidates.append(src[keep].astype(np.int64) * n + dst[keep])
+            src, dst = src[keep], dst[keep]
+            # distances before de-duplication: a popcount per candidate is cheaper than a unique over
+            # all candidates (measured: unique of 1.6e7 candidates took 17 s of a 25 s run at 1M hashes)
+            near = _distances(packed, src, dst) <= threshold
+            candidates.append(src[near].astype(np.int64) * n + dst[near])
     if not candidates:
         return []
     pairs = np.unique(np.concatenate(candidates))
     left, right = pairs // n, pairs % n
-    if bits <= 64:
-        packed = np.fromiter(hashes, dtype=np.uint64, count=n)
-        dist = np.bitwise_count(packed[left] ^ packed[right]).astype(np.int64)
-    else:
-        dist = np.array([hamming(hashes[a], hashes[b]) for a, b in zip(left.tolist(), right.tolist())])
-    near = dist <= threshold
-    return list(zip(left[near].tolist(), right[near].tolist(), dist[near].tolist()))
+    dist = _distances(packed, left, right)
+    return list(zip(left.tolist(), right.tolist(), dist.tolist()))
+
+
+def _pack_words(hashes: Sequence[int], bits: int) -> np.ndarray:
+    """The hashes as an (n, words) array of 64-bit words, lowest word first."""
+    words = max(1, -(-bits // 64))
+    out = np.empty((len(hashes), words), dtype=np.uint64)
+    for w in range(words):
+        out[:, w] = np.fromiter(((h >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for h in hashes), dtype=np.uint64,
+                                count=len(hashes))
+    return out
+
+
+def _distances(packed: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(packed[left] ^ packed[right]).sum(axis=1, dtype=np.int64)
 
 
 def group_near(hashes: Sequence[int], order: Sequence[int], threshold: int,
