@@ -166,3 +166,16 @@ def write_diffusers(checkpoint: Checkpoint, folder: str | os.PathLike, dtype: to
                     prediction_type: str | None = None) -> None:
     """Write the model as a diffusers pipeline folder of its family (atomically)."""
     _IO[checkpoint.layout].write_folder(folder, checkpoint.parts, dtype, prediction_type)
+
+
+def text_encoder_widths(path: str | os.PathLike) -> list[int] | None:
+    """The token-embedding width of each bundled text encoder (in the family's order), read without
+    loading a tensor: from a safetensors header or a diffusers folder's configs. None for what
+    cannot be read that way (a ``.ckpt``, a hub id), whose widths are known only once loaded."""
+    folder = Path(path)
+    if folder.is_dir():
+        configs = [folder / name / "config.json" for name in ("text_encoder", "text_encoder_2")]
+        return [json.loads(c.read_text(encoding="utf-8"))["hidden_size"] for c in configs if c.is_file()] or None
+    if not (folder.is_file() and folder.suffix == ".safetensors"):
+        return None
+    return [te.get_input_embeddings().weight.shape[1] for te in read_checkpoint(folder, skeleton=True).text_encoders]

@@ -24,6 +24,7 @@ from transformers import AddedToken
 from library.config.token_training import TokenConfig
 from library.data.dataset import DatasetGroup
 from library.families.base import LoadedModels, ModelFamily
+from library.models.checkpoints import text_encoder_widths
 from library.models.textual_inversion import ExpandingTokenizer, read_vectors, token_names, write_embedding
 from library.training import kohya_state
 from library.training.trained import OwnTrainable, WhatIsTrained
@@ -179,14 +180,27 @@ class TokenTraining(WhatIsTrained):
                             "version; train a LoRA instead")
         cfg = self.cfg
         if cfg.weights:
-            counts = {v.shape[0] for v in read_vectors(Path(cfg.weights), keys, "--weights")}
-            if counts != {cfg.num_vectors}:
-                raise UserError(f"--weights {cfg.weights}: {sorted(counts)} vector(s) per encoder, but "
-                                f"--num_vectors_per_token is {cfg.num_vectors}; set it to the file's count")
+            self._check_weights_file(keys)
         for tokenizer in family.load_tokenizers(self.model_path, self.tokenizer_dir) or []:
             add_tokens(tokenizer, cfg.token_string, cfg.num_vectors)  # on a copy that is thrown away
             if cfg.init_word and not cfg.weights:
                 init_ids(tokenizer, cfg.init_word, cfg.num_vectors)
+
+    def _check_weights_file(self, keys: tuple[str, ...]) -> None:
+        """--weights holds --num_vectors_per_token vectors per encoder, each as wide as that encoder's
+        embeddings (widths read from the model's header or configs; a .ckpt is checked once loaded)."""
+        cfg = self.cfg
+        vectors = read_vectors(Path(cfg.weights), keys, "--weights")
+        counts = {v.shape[0] for v in vectors}
+        if counts != {cfg.num_vectors}:
+            raise UserError(f"--weights {cfg.weights}: {sorted(counts)} vector(s) per encoder, but "
+                            f"--num_vectors_per_token is {cfg.num_vectors}; set it to the file's count")
+        widths = text_encoder_widths(self.model_path)
+        for key, v, width in zip(keys, vectors, widths or []):
+            if v.shape[1] != width:
+                raise UserError(f"--weights {cfg.weights}: {key or 'the'} vectors are {v.shape[1]} wide, the model's "
+                                f"text encoder takes {width}: this embedding was made for another model family "
+                                "(SD1 768, SD2 1024, SDXL 768 + 1280)")
 
     def load_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The model is frozen: it is loaded in the mixed-precision dtype (the vectors are float32)."""

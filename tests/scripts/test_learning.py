@@ -39,10 +39,10 @@ def _training_latents(model, tiny_default):
 
 
 @torch.no_grad()
-def _denoising_loss(model, latents) -> float:
+def _denoising_loss(model, latents, prompt: str = PROMPT, v_prediction: bool = False) -> float:
     from library.maths.noise import ddpm_noisy_and_target, scaled_linear_alphas_cumprod
 
-    ids = model.tokenizer([PROMPT] * len(latents), padding="max_length", max_length=77,
+    ids = model.tokenizer([prompt] * len(latents), padding="max_length", max_length=77,
                           return_tensors="pt").input_ids
     cond = model.text_encoder(ids).last_hidden_state
     gen = torch.Generator().manual_seed(0)
@@ -50,26 +50,27 @@ def _denoising_loss(model, latents) -> float:
     for t in (100, 300, 500, 700, 900):
         noise = torch.randn(latents.shape, generator=gen)
         steps = torch.full((len(latents),), t)
-        noisy, target = ddpm_noisy_and_target(scaled_linear_alphas_cumprod(), latents, noise, steps, False)
+        noisy, target = ddpm_noisy_and_target(scaled_linear_alphas_cumprod(), latents, noise, steps, v_prediction)
         losses.append(((model.unet(noisy, steps, cond).sample - target) ** 2).mean().item())
     return sum(losses) / len(losses)
 
 
 @torch.no_grad()
-def _generation_distances(model, latents) -> list[float]:
+def _generation_distances(model, latents, prompt: str = PROMPT, v_prediction: bool = False) -> list[float]:
     """Distance from each seed's generated latents to the nearest training latent."""
     from diffusers import StableDiffusionPipeline
 
     from library.sampling.samplers import build_scheduler
 
+    scheduler = build_scheduler("euler", "v_prediction" if v_prediction else "epsilon")
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=build_scheduler("euler"), safety_checker=None,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for seed in SEEDS:
         gen = torch.Generator().manual_seed(seed)
-        z = pipe(PROMPT, width=64, height=64, num_inference_steps=20, guidance_scale=1.0, generator=gen,
+        z = pipe(prompt, width=64, height=64, num_inference_steps=20, guidance_scale=1.0, generator=gen,
                  output_type="latent").images[0]
         out.append(torch.cdist(z.flatten()[None], latents.flatten(1)).min().item())
     return out
@@ -247,3 +248,111 @@ def test_full_training_learns_the_content(tiny_default, tmp_path, capsys):
     assert loss["control"] > 0.95 * loss["base"]
     assert all(t < 0.8 * b for t, b in zip(dist["trained"], dist["base"]))
     assert sum(dist["control"]) > 0.95 * sum(dist["base"])
+
+
+def _separating_base(tiny_default, folder):
+    """The tiny default with its VAE's latent means scaled 20x (the log-variance half untouched), as a
+    single file with its tokenizer beside it. The random VAE's latents are otherwise so small (element
+    std 0.037) that the noise drowns what tells two images apart, and no prompt can matter."""
+    import shutil
+
+    from library.models.sd_loading import load_sd_model, save_sd_single_file
+
+    folder.mkdir()
+    model = load_sd_model(str(tiny_default / "model" / "tiny-sd15.safetensors"))
+    with torch.no_grad():
+        model.vae.quant_conv.weight[:4].mul_(20.0)
+        model.vae.quant_conv.bias[:4].mul_(20.0)
+        model.vae.post_quant_conv.weight.div_(20.0)
+    save_sd_single_file(folder / "separating.safetensors", model, None)
+    shutil.copytree(tiny_default / "model" / "tokenizer", folder / "tokenizer")
+    return folder / "separating.safetensors"
+
+
+def _flat_concepts(root, concepts: dict[str, tuple[str, str]]):
+    """Six images per folder of ``concepts`` (folder: look, caption): a "red circle" or "blue square"
+    of one colour (jittered) at one place on grey, so each look's latents lie close together and far
+    from the other's."""
+    from PIL import Image, ImageDraw
+
+    gen = torch.Generator().manual_seed(0)
+    colours = {"red circle": (220, 30, 30), "blue square": (30, 30, 220)}
+    for folder, concept in concepts.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(6):
+            image = Image.new("RGB", (64, 64), (245, 245, 245))
+            fill = tuple(int(c) + int(torch.randint(-15, 16, (), generator=gen)) for c in colours[concept[0]])
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if "circle" in concept[0] else draw.rectangle)((12, 12, 52, 52), fill=fill)
+            image.save(root / folder / f"{i}.png")
+    subsets = "".join(f'\n  [[datasets.subsets]]\n  image_dir = "{(root / f).as_posix()}"\n  class_tokens = "{c}"\n'
+                      f"  num_repeats = 5\n" for f, (_, c) in concepts.items())
+    toml = root / "dataset.toml"
+    toml.write_text('[general]\nenable_bucket = false\ncaption_extension = ".none"\n\n[[datasets]]\n'
+                    f"resolution = 64\nbatch_size = 2\n{subsets}", encoding="utf-8")
+    return toml
+
+
+def test_textual_inversion_learns_the_content(tiny_default, tmp_path, capsys):
+    """train_textual_inversion.py on red circles, its token starting as the word "square". A frozen
+    model can only be steered by its prompt if it has learnt to read prompts, which the random tiny
+    model has not: so the base is the tiny model taught "red circle" and "blue square" by train_db.py
+    (v-prediction, where the prompt decides most of the target at high noise, on latents that keep
+    the two apart). After the run the token's loss on the circles is far below the init word's and
+    as low as the words "red circle" give, its generations come closer to them for every seed, and a
+    random vector of the same norm does neither."""
+    import shutil
+
+    from library.families.base import LoadedModels
+    from library.families.sd import SDFamily
+    from library.generation.textual_inversion import load_textual_inversions
+    from library.models.sd_loading import load_sd_model
+    from library.models.textual_inversion import read_vectors, write_embedding
+
+    common = ("--cache_latents", "--seed", "1", "--v_parameterization", "--console_log_level", "WARNING")
+    two = _flat_concepts(tmp_path / "two", {"circles": ("red circle", "red circle"),
+                                                "squares": ("blue square", "blue square")})
+    run_script("train_db.py", "--pretrained_model_name_or_path", str(_separating_base(tiny_default, tmp_path / "sep")),
+               "--dataset_config", str(two), "--output_dir", str(tmp_path / "base"), "--output_name", "taught",
+               "--learning_rate", "5e-4", "--max_train_epochs", "20", "--stop_text_encoder_training", "-1", *common,
+               check=True)
+    base = tmp_path / "base" / "taught.safetensors"
+    shutil.copytree(tmp_path / "sep" / "tokenizer", tmp_path / "base" / "tokenizer")
+    circles = _flat_concepts(tmp_path / "ti", {"circles": ("red circle", "zqshape")})
+    run_script("train_textual_inversion.py", "--pretrained_model_name_or_path", str(base), "--dataset_config",
+               str(circles), "--output_dir", str(tmp_path / "emb"), "--output_name", "zqshape", "--token_string",
+               "zqshape", "--init_word", "square", "--learning_rate", "5e-3", "--max_train_epochs", "6", *common,
+               check=True)
+    trained = tmp_path / "emb" / "zqshape.safetensors"
+    (vector,) = read_vectors(trained, ("",), "trained")
+    gen = torch.Generator().manual_seed(5)
+    random = torch.randn(vector.shape, generator=gen)
+    write_embedding(tmp_path / "zqrand.safetensors", [random * vector.norm() / random.norm()], ("",), "zqrand")
+
+    model = load_sd_model(str(base))
+    load_textual_inversions([str(trained), str(tmp_path / "zqrand.safetensors")], SDFamily(), LoadedModels(
+        denoiser=model.unet, vae=model.vae, text_encoders=[model.text_encoder], tokenizers=[model.tokenizer]))
+    latents = _training_latents_of(model, tmp_path / "ti" / "circles")
+    prompts = {"token": "zqshape", "init word": "square", "control": "zqrand", "taught words": "red circle"}
+    loss = {name: _denoising_loss(model, latents, p, v_prediction=True) for name, p in prompts.items()}
+    dist = {name: _generation_distances(model, latents, prompts[name], v_prediction=True)
+            for name in ("token", "init word", "control")}
+    with capsys.disabled():
+        print(f"\n[learning textual inversion] v-prediction loss on the circles: {loss}")
+        for name, d in dist.items():
+            print(f"[learning textual inversion] {name:9s} distance of generated latents to the circles per seed: "
+                  + ", ".join(f"{x:.1f}" for x in d))
+    # the token reaches what the taught words give; a random vector lands between the two concepts
+    # (below "square", which points at the other one) but nowhere near the circles
+    assert loss["token"] < 0.5 * loss["init word"] and loss["token"] < 1.2 * loss["taught words"]
+    assert loss["control"] > 2 * loss["token"]
+    assert all(t < 0.9 * b for t, b in zip(dist["token"], dist["init word"]))
+    assert sum(dist["control"]) > 0.9 * sum(dist["init word"])
+
+
+def _training_latents_of(model, folder):
+    from library.data.images import load_image_rgb, to_tensor_image
+
+    pixels = torch.stack([to_tensor_image(load_image_rgb(p)) for p in sorted(glob.glob(str(folder / "*.png")))])
+    with torch.no_grad():
+        return model.vae.encode(pixels).latent_dist.mean * 0.18215

@@ -159,6 +159,8 @@ def test_sigkill_then_resume_latest(tiny_default, tmp_path):
     ("train_textual_inversion", ["--init_word", "red circle"], "--init_word 'red circle' is 2 tokens"),
     ("train_textual_inversion", ["--weights", "two.safetensors"], "--num_vectors_per_token is 1"),
     ("train_textual_inversion", ["--weights", "xl.safetensors"], "an SDXL embedding (clip_l + clip_g)"),
+    ("train_textual_inversion", ["--weights", "wide.safetensors"], "vectors are 48 wide, the model's text encoder "
+                                                                   "takes 32"),
     ("train_textual_inversion", ["--cache_text_encoder_outputs"], "change the text encoder's output"),
     ("sdxl_train_textual_inversion", [], "is not an SDXL checkpoint"),
     ("train_textual_inversion", ["--dataset_config", "mult.toml"], "a textual inversion run has no network"),
@@ -172,6 +174,7 @@ def test_bad_input_is_refused_before_loading(script, extra, message, tiny_defaul
     monkeypatch.setattr(SDFamily, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     write_embedding(tmp_path / "two.safetensors", [torch.zeros(2, 32)], ("",), "two")
+    write_embedding(tmp_path / "wide.safetensors", [torch.zeros(1, 48)], ("",), "wide")
     write_embedding(tmp_path / "xl.safetensors", [torch.zeros(1, 32), torch.zeros(1, 64)], ("clip_l", "clip_g"), "x")
     toml = _dataset(tiny_default, tmp_path)
     multiplied = toml.read_text().replace("batch_size = 2", "batch_size = 2\nnetwork_multiplier = 0.5")

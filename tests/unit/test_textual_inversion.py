@@ -95,3 +95,20 @@ def test_wrong_embedding_files_are_refused(tmp_path):
         load_textual_inversions([str(tmp_path / "sd1emb.safetensors")], SDFamily(), models)
     with pytest.raises(UserError, match="file not found"):
         load_textual_inversions([str(tmp_path / "missing.pt")], SDFamily(), models)
+
+
+def test_text_encoder_widths_without_loading(tmp_path):
+    """The widths an embedding must have come from a safetensors header or a diffusers folder's
+    configs (what the trainer checks --weights against before loading); a .ckpt is not read."""
+    from library.models.checkpoints import text_encoder_widths
+    from library.models.sdxl_loading import save_sdxl_diffusers, save_sdxl_single_file
+
+    c = make_tiny_sdxl(seed=0)
+    expected = [c.text_encoder_1.config.hidden_size, c.text_encoder_2.config.hidden_size]
+    save_sdxl_single_file(tmp_path / "xl.safetensors", c, None)
+    save_sdxl_diffusers(tmp_path / "xl_folder", c, None)
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    assert expected[0] != expected[1]
+    assert text_encoder_widths(tmp_path / "xl.safetensors") == expected
+    assert text_encoder_widths(tmp_path / "xl_folder") == expected
+    assert text_encoder_widths(tmp_path / "model.ckpt") is None and text_encoder_widths("org/model-id") is None
