@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library.args.common import add_attention_args
+from library.args.common import add_attention_args, add_compile_args
 from library.utils.errors import run_cli
 from library.utils.log import setup_logging
 
@@ -45,6 +45,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     precision.add_argument("--bf16", action="store_true", help="bf16 weights")
     m.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
     add_attention_args(m, sliced=False)
+    add_compile_args(m)
     m.add_argument("--vae_slices", type=int, help="decode the batch's images one at a time (any value > 0)")
     m.add_argument("--vae_tiling", action="store_true", help="decode large images in tiles")
     m.add_argument("--vae_batch_size", type=float,

@@ -14,6 +14,7 @@ with the VAE every step; the difference is what the data pipeline costs (target 
 
     .venv/bin/python bench/bench_train_step.py            # full size (about 3 minutes, 2 CPU cores)
     .venv/bin/python bench/bench_train_step.py --tiny     # smoke (seconds)
+    .venv/bin/python bench/bench_train_step.py --compile  # and --torch_compile (inductor; compiling takes minutes)
 """
 
 from __future__ import annotations
@@ -82,11 +83,13 @@ def network_run(family, data: Path, out: Path, total_steps: int, flags: list[str
     Trainer(family, build_training_config(args)).run()
 
 
-def train_timed(family, size: int, steps: int, warmup: int, flags: list[str], run=network_run) -> list[float]:
+def train_timed(family, size: int, steps: int, warmup: int, flags: list[str], run=network_run,
+                first_step: dict | None = None) -> list[float]:
     """Run the real trainer with ``family`` on a small generated dataset (``run`` builds the config
     and trains); per-step wall times after warm-up. A step's time is the time between the ends of
     consecutive steps, so data loading, logging and the progress bar count too. Shared by the
-    SD1.5, SDXL, SD3 and full-weight benchmarks."""
+    SD1.5, SDXL, SD3 and full-weight benchmarks. ``first_step`` gets "s": the seconds from the start
+    to the end of the first step (set-up, caching and, with --torch_compile, compiling)."""
     from library.training import trainer as trainer_mod
 
     ends: list[float] = []
@@ -101,14 +104,18 @@ def train_timed(family, size: int, steps: int, warmup: int, flags: list[str], ru
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = make_dataset(Path(tmp) / "data", size, 4)
+            started = time.perf_counter()
             run(family, data, Path(tmp) / "out", steps + warmup, ["--resolution", str(size), *flags])
     finally:
         trainer_mod._Loop._step = original
+    if first_step is not None:
+        first_step["s"] = ends[0] - started
     return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
 
 
-def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = False) -> list[float]:
-    """The real trainer on the SD1.5 modules."""
+def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = False, extra: tuple = (),
+                first_step: dict | None = None) -> list[float]:
+    """The real trainer on the SD1.5 modules (``extra``: more trainer flags)."""
     from library.families.base import LoadedModels
     from library.families.sd import SDFamily
 
@@ -118,7 +125,7 @@ def run_trainer(parts, size: int, steps: int, warmup: int, uncached: bool = Fals
 
     workers = ["--max_data_loader_n_workers", "4", "--persistent_data_loader_workers"]
     flags = workers if uncached else ["--cache_latents"]
-    return train_timed(InMemorySD(), size, steps, warmup, flags)
+    return train_timed(InMemorySD(), size, steps, warmup, [*flags, *extra], first_step=first_step)
 
 
 def run_bare(parts, size: int, steps: int, warmup: int, uncached: bool = False) -> list[float]:
@@ -189,7 +196,13 @@ def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, uncached: b
 
     torch.set_num_threads(os.cpu_count() or 2)
     parts = build_models(tiny)
-    print_result((run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup, uncached), mode=mode)
+    if mode == "bare":
+        print_result(run_bare(parts, size, steps, warmup, uncached), mode=mode)
+        return
+    first: dict = {}
+    extra = ("--torch_compile",) if mode == "compiled" else ()
+    times = run_trainer(parts, size, steps, warmup, uncached, extra, first)
+    print_result(times, mode=mode, first_step_s=round(first["s"], 2))
 
 
 def main() -> None:
@@ -199,23 +212,29 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="measured steps per mode")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--uncached", action="store_true", help="no latent cache: measure the data pipeline (4 workers)")
-    p.add_argument("--child", choices=["trainer", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true",
+                   help="also the trainer with --torch_compile (inductor, the blocks compiled one by one)")
+    p.add_argument("--child", choices=["trainer", "bare", "compiled"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         child(a.child, a.tiny, a.size, a.steps, a.warmup, a.uncached)
         return
-    results = run_children(__file__, ["bare", "trainer"],
+    results = run_children(__file__, ["bare", "trainer"] + (["compiled"] if a.compile else []),
                            ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)]
                            + (["--tiny"] if a.tiny else []) + (["--uncached"] if a.uncached else []))
     bare, tr = results["bare"], results["trainer"]
     overhead = tr["median_s"] / bare["median_s"] - 1
     print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet, {a.size}px, batch 1, LoRA dim 16 UNet only, AdamW, fp32, "
           + ("uncached latents, 4 data-loader workers" if a.uncached else "cached latents"))
-    for name, r in (("bare compute", bare), ("trainer", tr)):
-        print(f"{name:13s}: {r['median_s']:.3f} s/step (median of {r['steps']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
+    rows = [("bare compute", bare), ("trainer", tr)] + ([("compiled", results["compiled"])] if a.compile else [])
+    for name, r in rows:
+        first = f", first step after {r['first_step_s']:.1f} s" if "first_step_s" in r else ""
+        ratio = r["median_s"] / bare["median_s"]
+        print(f"{name:13s}: {r['median_s']:.3f} s/step (median of {r['steps']}; {ratio:.2f}x bare), "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB{first}")
     target = "3% (data pipeline)" if a.uncached else "5%"
     print(f"trainer overhead: {overhead * 100:+.1f}% (target within {target}); peak RSS target < 6.5 GiB")
-    print(json.dumps({"bare": bare, "trainer": tr, "overhead": overhead}))
+    print(json.dumps({**results, "overhead": overhead}))
 
 
 if __name__ == "__main__":

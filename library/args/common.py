@@ -141,6 +141,7 @@ def add_training_args(p: argparse.ArgumentParser, save_formats: tuple[str, ...] 
     g.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    add_compile_args(g)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--full_fp16", action="store_true",
                    help="keep the trained weights themselves in fp16 (GPU, fp16 mixed precision)")
@@ -318,3 +319,14 @@ def shared_training_parser(description: str, save_formats: tuple[str, ...] = ("s
 def network_training_parser(description: str) -> argparse.ArgumentParser:
     """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
     return shared_training_parser(description)
+
+
+def add_compile_args(g) -> None:
+    """kohya's --torch_compile / --dynamo_backend (training and gen_img.py)."""
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the denoiser's repeated blocks with torch.compile (one block at a time, so "
+                        "compiling stays short and a new bucket shape recompiles only the blocks it reaches); "
+                        "see docs/performance.md for where it pays")
+    g.add_argument("--dynamo_backend", default="inductor",
+                   help="the torch.compile backend for --torch_compile: inductor (default), aot_eager, eager, "
+                        "or another torch lists; 'no' (what the kohya_ss GUI writes) means no compiling")

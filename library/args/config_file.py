@@ -33,7 +33,6 @@ _NOT_READ = {"config_file", "output_config"}
 FOREIGN_KEYS = {
     "epoch": "the GUI's epoch count (max_train_epochs is what trains)",
     "noise_offset_type": "the GUI's choice of noise_offset or multires_noise_* (those keys are read)",
-    "dynamo_backend": "an accelerate setting (torch.compile is not used by this version)",
     "highvram": "a memory hint (nothing to change here)", "lowvram": "a memory hint (nothing to change here)",
     "disable_mmap_load_safetensors": "a loading option (checkpoints are read without it)",
     "skip_cache_check": "caches are always checked against what they were made from",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from library.config.compile_options import compile_backend
 from library.config.model_training import ModelTrainConfig, model_training_config
 from library.data.dataset_config import (
     DatasetConfig,
@@ -128,6 +129,7 @@ class TrainingConfig:
     validate_every_n_epochs: int | None = None
     max_validation_steps: int | None = None
     full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
+    compile_backend: str | None = None  # --torch_compile: the denoiser's blocks compiled with this backend
     fp8_base: str | None = None  # "all" or "unet"
     attention: str = "sdpa"
     no_half_vae: bool = False
@@ -416,6 +418,7 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
         prior_loss_weight=args.prior_loss_weight, strict_dataset=args.strict_dataset,
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
         full_half="fp16" if args.full_fp16 else ("bf16" if args.full_bf16 else None),
+        compile_backend=compile_backend(args),
         fp8_base="unet" if args.fp8_base_unet else ("all" if args.fp8_base else None),
         attention="xformers" if args.xformers else ("mem_eff" if args.mem_eff_attn else "sdpa"),
         no_half_vae=args.no_half_vae, fused_backward=args.fused_backward_pass, fused_optimizer_groups=fused_groups,

@@ -74,6 +74,8 @@ class ModelFamily(ABC):
     #: the tensors of a textual inversion file, one per text encoder ("" = the file's only tensor);
     #: empty when the family does not take them
     textual_inversion_keys: tuple[str, ...] = ()
+    #: class names of the denoiser's repeated blocks, each compiled on its own by --torch_compile
+    compiled_blocks: tuple[str, ...] = ()
     #: diffusers has ControlNet pipelines for it and gen_img loads its ControlNets
     controlnet_supported: bool = False
     #: kohya's ControlNet-LLLite files are made for this family's UNet

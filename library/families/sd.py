@@ -53,6 +53,7 @@ class SDFamily(ModelFamily):
     negative_scale_supported = True  # SDXL inherits it
     unet_denoiser = True
     textual_inversion_keys = ("",)
+    compiled_blocks = ("BasicTransformerBlock", "ResnetBlock2D")  # SDXL's UNet has the same blocks
     controlnet_supported = True
     text_encoder_replaceable = True  # SD1's CLIP-L (SD2's encoder is wider: refused by its width)
     size_multiple = 8  # the UNet pads what its downsampling does not divide (diffusers)

@@ -97,6 +97,7 @@ class SD3Family(ModelFamily):
     cache_suffix = "sd3"
     checkpoint_layouts = ("sd3",)
     default_network_module = "networks.lora_sd3"
+    compiled_blocks = ("JointTransformerBlock", "SD3SingleTransformerBlock")
     default_image_size = 1024
     size_conditioning = False
     diffusers_lora_via_pipeline = True  # diffusers' SD3 LoRAs have separate q/k/v, ours are fused

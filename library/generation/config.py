@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from library.config.compile_options import compile_backend
 from library.families import ModelFamily, build_family
 from library.families.sd import SDOptions
 from library.families.sd3 import SD3Options
@@ -67,6 +68,7 @@ class RuntimeSettings:
     vae_batch_size: float | None = None  # images decoded at a time (below 1: a fraction of the batch)
     channels_last: bool = False
     xformers: bool = False  # --xformers / --diffusers_xformers
+    compile_backend: str | None = None  # --torch_compile: the denoiser's blocks compiled with this backend
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ def build_gen_config(args: argparse.Namespace) -> GenConfig:
         runtime=RuntimeSettings(
             torch.float16 if a.fp16 else (torch.bfloat16 if a.bf16 else torch.float32), a.no_half_vae,
             bool(a.vae_slices), a.vae_tiling, a.vae_batch_size, a.opt_channels_last,
-            a.xformers or a.diffusers_xformers),
+            a.xformers or a.diffusers_xformers, compile_backend(a)),
         prompts=PromptSettings(
             a.prompt, a.from_file, a.interactive, a.from_module, a.prompter_module_args, a.shuffle_prompts,
             a.images_per_prompt, a.n_iter, a.batch_size, a.seed, a.iter_same_seed, a.W, a.H, a.steps, a.scale,

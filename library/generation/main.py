@@ -20,6 +20,7 @@ from library.generation.prompt_lines import parse_gen_line, read_prompt_file
 from library.generation.session import GenSession
 from library.generation.textual_inversion import load_textual_inversions
 from library.maths.precision import set_attention
+from library.models.compiling import check_toolchain, compile_blocks
 from library.sampling.regional import RegionalLoRA
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,14 @@ def generate_all(c: GenConfig) -> list[str]:
         return problems or ["no prompts to generate"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = c.runtime.dtype
+    if c.runtime.compile_backend:
+        check_toolchain(c.runtime.compile_backend, device)
     models = load_for_generation(c, family, device)
     embeddings = _prepare_text_encoders(c, family, models, dtype)
     networks = load_networks(c.networks, family, models, device)
+    if c.runtime.compile_backend:  # after the networks: the compiled blocks trace their hooks
+        count = compile_blocks(models.denoiser, family.compiled_blocks, c.runtime.compile_backend)
+        logger.info("torch.compile (%s): %d denoiser blocks", c.runtime.compile_backend, count)
     shared = _run_batch_settings(c, models, device, dtype)
     if masks and init_images is None:  # LoRAs with a mask and no image: the mask holds their regions
         shared["regional"] = RegionalLoRA(networks, masks[0], c.networks.regional_color_codes)

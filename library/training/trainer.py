@@ -36,6 +36,7 @@ from library.families.base import LoadedModels, ModelFamily
 from library.maths import precision
 from library.maths.loss import weighted_batch_loss
 from library.maths.rng import SampleRNG
+from library.models.compiling import check_toolchain, compile_blocks
 from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import check_file_layout
 from library.optim import optimizers as optim
@@ -325,6 +326,8 @@ class Trainer:
         self.what.check(self.family)
         self._read_resume()
         acc = self._make_accelerator()
+        if cfg.compile_backend:
+            check_toolchain(cfg.compile_backend, acc.device)
         self.seed = _same_on_all_processes(acc, self.seed)
         torch.manual_seed(self.seed)
         random.seed(self.seed)
@@ -345,6 +348,10 @@ class Trainer:
             precision.allow_fp16_gradients(acc.scaler)
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, trainable)
+        if cfg.compile_backend:  # after the network's hooks and checkpointing: the compiled code traces them
+            count = compile_blocks(models.denoiser, self.family.compiled_blocks, cfg.compile_backend)
+            logger.info("torch.compile (%s): %d denoiser blocks, each compiled at its first call",
+                        cfg.compile_backend, count)
         optimizer, scheduler, lr_names, schedule = self._optimization(trainable, len(group))
         self.what.check_schedule(schedule.max_steps)
         group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
