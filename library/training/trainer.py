@@ -349,22 +349,13 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self._enable_checkpointing(models, trainable)
         if cfg.compile_backend:  # after the network's hooks and checkpointing: the compiled code traces them
-            count = compile_blocks(models.denoiser, self.family.compiled_blocks, cfg.compile_backend)
-            logger.info("torch.compile (%s): %d denoiser blocks, each compiled at its first call",
-                        cfg.compile_backend, count)
+            self._compile_denoiser(models)
         optimizer, scheduler, lr_names, schedule = self._optimization(trainable, len(group))
         self.what.check_schedule(schedule.max_steps)
         group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
         optimizer = acc.prepare(optimizer)
         trainable.prepare_grad_etc(models.text_encoders, models.denoiser)
-        fused = None
-        if cfg.fused_backward or cfg.fused_optimizer_groups:
-            if acc.num_processes > 1:
-                flag = "--fused_backward_pass" if cfg.fused_backward else "--fused_optimizer_groups"
-                raise UserError(f"{flag} runs on one process only in this version")
-            params, max_norm = trainable.trainable_params(), cfg.optimizer.max_grad_norm
-            fused = optim.FusedBackwardPass(optimizer, params, max_norm) if cfg.fused_backward else \
-                optim.FusedOptimizerGroups(optimizer, params, cfg.fused_optimizer_groups, max_norm)
+        fused = self._fused_steps(acc, trainable, optimizer)
         progress = self._start_position(trainable, optimizer, scheduler, schedule, len(group))
         checkpointer = self._checkpointer(acc, models, group, trainable, optimizer, scheduler, schedule)
         if acc.is_main_process and cfg.trackers:
@@ -380,6 +371,24 @@ class Trainer:
         loop = _Loop(self, acc, models, trainable, optimizer, scheduler, lr_names, checkpointer,
                      self._validator(acc, models, group), fused)
         return loop.train(loader, schedule, progress)
+
+    def _compile_denoiser(self, models: LoadedModels) -> None:
+        backend = self.cfg.compile_backend
+        count = compile_blocks(models.denoiser, self.family.compiled_blocks, backend)
+        logger.info("torch.compile (%s): %d denoiser blocks, each compiled at its first call", backend, count)
+
+    def _fused_steps(self, acc, trainable, optimizer):
+        """The optimizer stepped inside backward (--fused_backward_pass, --fused_optimizer_groups), or None."""
+        cfg = self.cfg
+        if not (cfg.fused_backward or cfg.fused_optimizer_groups):
+            return None
+        if acc.num_processes > 1:
+            flag = "--fused_backward_pass" if cfg.fused_backward else "--fused_optimizer_groups"
+            raise UserError(f"{flag} runs on one process only in this version")
+        params, max_norm = trainable.trainable_params(), cfg.optimizer.max_grad_norm
+        if cfg.fused_backward:
+            return optim.FusedBackwardPass(optimizer, params, max_norm)
+        return optim.FusedOptimizerGroups(optimizer, params, cfg.fused_optimizer_groups, max_norm)
 
     def _start_position(self, trainable, optimizer, scheduler, schedule: Schedule, batches: int) -> Progress:
         """Where training starts: step 0, our state, a kohya state, or --initial_step."""
