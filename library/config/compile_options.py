@@ -14,9 +14,10 @@ def compile_backend(args: argparse.Namespace) -> str | None:
     loads."""
     if not getattr(args, "torch_compile", False):
         return None
-    check_backend(args.dynamo_backend)
+    backend = args.dynamo_backend.lower()  # accelerate's config spells them in capitals (INDUCTOR)
+    check_backend(backend)
     if getattr(args, "blocks_to_swap", None):
         # swapped blocks change device every step: each move would invalidate their compiled code
         raise UserError("--torch_compile cannot be combined with --blocks_to_swap in this version (swapped blocks "
                         "move between devices every step, which recompiles them); use one of the two")
-    return args.dynamo_backend
+    return backend

@@ -59,7 +59,7 @@ def test_aot_eager_full_weights_with_checkpointing(tiny_default, tmp_path):
 @pytest.mark.parametrize("script, extra, message", [
     ("train_network", ["--dynamo_backend", "nosuch"], "--dynamo_backend nosuch: not a torch.compile backend here"),
     ("train_network", ["--dynamo_backend", "tensorrt"], "needs the torch-tensorrt package"),
-    ("train_network", ["--dynamo_backend", "no"], "--torch_compile with --dynamo_backend no"),
+    ("train_network", ["--dynamo_backend", "NO"], "--torch_compile with --dynamo_backend no"),
     ("sd3_train_network", ["--blocks_to_swap", "1"], "--torch_compile cannot be combined with --blocks_to_swap"),
 ])
 def test_bad_backends_are_refused_before_loading(script, extra, message, tiny_default, tmp_path, capsys,
