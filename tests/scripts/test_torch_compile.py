@@ -30,12 +30,13 @@ def _relative(a: dict, b: dict) -> float:
     return float((num / sum((a[k].float() ** 2).sum() for k in a)).sqrt())
 
 
-def _pair(script: str, tiny_default, tmp_path, *extra: str) -> tuple[tuple, tuple]:
+def _pair(script: str, tiny_default, tmp_path, *extra: str, common: tuple = ()) -> tuple[tuple, tuple]:
+    """An eager run and a --torch_compile run (with ``extra``), both with ``common``: (losses, weights) each."""
     runs = []
     for name, flags in (("eager", ()), ("compiled", ("--torch_compile", *extra))):
         out = tmp_path / name
         run_script(script, *tiny_train_args(tiny_default, out, "--output_name", "run", "--max_train_steps", "3",
-                                            "--logging_dir", str(out / "logs"), *flags), check=True)
+                                            "--logging_dir", str(out / "logs"), *common, *flags), check=True)
         runs.append((_losses(out), load_file(str(out / "run.safetensors"))))
     return runs[0], runs[1]
 
@@ -105,3 +106,14 @@ def test_gen_img_compiled_with_a_lora_and_per_line_strengths(tiny_default, tmp_p
     assert len(images["eager"]) == 2 and np.abs(images["eager"][0] - images["eager"][1]).max() > 10
     for eager, compiled in zip(images["eager"], images["compiled"]):
         assert np.abs(eager - compiled).max() <= 1
+
+
+def test_aot_eager_lycoris_equals_eager(tiny_default, tmp_path):
+    """LyCORIS modules (LoHa) replace the layers' forwards their own way; the compiled blocks trace them too."""
+    pytest.importorskip("lycoris")
+    (eager_loss, eager), (compiled_loss, compiled) = _pair(
+        "train_network.py", tiny_default, tmp_path, "--dynamo_backend", "aot_eager",
+        common=("--network_module", "lycoris.kohya", "--network_dim", "4", "--network_alpha", "4",
+                "--network_args", "algo=loha", "preset=attn-mlp"))
+    assert any(".hada_w1_a" in k for k in eager)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4) and _relative(eager, compiled) < 1e-4
