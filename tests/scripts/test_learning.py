@@ -30,10 +30,14 @@ def _load(tiny_default, lora_state=None):
 
 
 def _training_latents(model, tiny_default):
+    return _latents_of(model, tiny_default / "train" / "*" / "*.png")
+
+
+def _latents_of(model, pattern):
+    """SD1 posterior-mean latents of the images matching ``pattern``, sorted by path."""
     from library.data.images import load_image_rgb, to_tensor_image
 
-    pixels = torch.stack([to_tensor_image(load_image_rgb(p))
-                          for p in sorted(glob.glob(str(tiny_default / "train" / "*" / "*.png")))])
+    pixels = torch.stack([to_tensor_image(load_image_rgb(p)) for p in sorted(glob.glob(str(pattern)))])
     with torch.no_grad():
         return model.vae.encode(pixels).latent_dist.mean * 0.18215
 
@@ -332,7 +336,7 @@ def test_textual_inversion_learns_the_content(tiny_default, tmp_path, capsys):
     model = load_sd_model(str(base))
     load_textual_inversions([str(trained), str(tmp_path / "zqrand.safetensors")], SDFamily(), LoadedModels(
         denoiser=model.unet, vae=model.vae, text_encoders=[model.text_encoder], tokenizers=[model.tokenizer]))
-    latents = _training_latents_of(model, tmp_path / "ti" / "circles")
+    latents = _latents_of(model, tmp_path / "ti" / "circles" / "*.png")
     prompts = {"token": "zqshape", "init word": "square", "control": "zqrand", "taught words": "red circle"}
     loss = {name: _denoising_loss(model, latents, p, v_prediction=True) for name, p in prompts.items()}
     dist = {name: _generation_distances(model, latents, prompts[name], v_prediction=True)
@@ -349,10 +353,3 @@ def test_textual_inversion_learns_the_content(tiny_default, tmp_path, capsys):
     assert all(t < 0.9 * b for t, b in zip(dist["token"], dist["init word"]))
     assert sum(dist["control"]) > 0.9 * sum(dist["init word"])
 
-
-def _training_latents_of(model, folder):
-    from library.data.images import load_image_rgb, to_tensor_image
-
-    pixels = torch.stack([to_tensor_image(load_image_rgb(p)) for p in sorted(glob.glob(str(folder / "*.png")))])
-    with torch.no_grad():
-        return model.vae.encode(pixels).latent_dist.mean * 0.18215
