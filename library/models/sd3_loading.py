@@ -33,8 +33,8 @@ from library.models.sd_loading import (
     _build,
     _Cfg,
     _strip,
+    read_checked_state_dict,
     read_state_dict,
-    require_layout,
     write_diffusers_folder,
     write_single_file,
 )
@@ -140,7 +140,7 @@ def _text_encoder(name: str, state: dict, separate: str | None, dtype, path) -> 
     bundled = _strip(state, TE_PREFIXES[name])
     source = path
     if not bundled and separate:
-        bundled, source = read_state_dict(separate), separate
+        bundled, source = read_state_dict(separate, dtype=dtype), separate
         bundled = _strip(bundled, TE_PREFIXES[name]) or bundled
         if name != "t5xxl":
             bundled = clip_to_transformers_layout(bundled, name, separate)
@@ -155,8 +155,7 @@ def load_sd3_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.flo
                          clip_g: str | None = None, t5xxl: str | None = None,
                          require_text_encoders: bool = True, device: torch.device | None = None) -> SD3Components:
     """Load an SD3/SD3.5 single file; text encoders come from the file or the given files."""
-    state = read_state_dict(path, device or "cpu")
-    require_layout(state, ("sd3",), path)
+    state, _ = read_checked_state_dict(path, ("sd3",), device or "cpu", dtype)
     bundled = frozenset(name for name, prefix in TE_PREFIXES.items() if any(k.startswith(prefix) for k in state))
     encoders = {name: _text_encoder(name, state, sep, dtype, path)
                 for name, sep in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl))}

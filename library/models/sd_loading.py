@@ -58,21 +58,27 @@ class SDComponents:
         return ("sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2") if self.v2 else "sd_v1"
 
 
-def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) checkpoint.
 
     Pickles are opened with ``weights_only=True``: a file that needs arbitrary code to load is
     refused. A safetensors header larger than 100 MiB, or longer than the file, is refused too.
     ``device="meta"`` gives the tensors' shapes and dtypes only (from the header of a safetensors
     file): enough to build a model skeleton and check what will be merged into it before loading.
+    ``prefixes``: only the tensors whose keys start with one of them (a safetensors file's other
+    tensors, e.g. an original SD1.5 file's EMA copy of the UNet, are never read). ``dtype``: a
+    safetensors file's floating tensors are cast as each is read, so the file's own precision is
+    never held beside the wanted one (a pickle is mapped, and its tensors are cast when adopted).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (check --pretrained_model_name_or_path)")
     if path.suffix == ".safetensors" and str(device) == "meta":
-        return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in read_header(path).tensors.items()}
+        return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in read_header(path).tensors.items()
+                if prefixes is None or k.startswith(prefixes)}
     if path.suffix == ".safetensors":  # read tensor by tensor: no mapping of the whole file is kept
-        return read_tensors(path, device)
+        return read_tensors(path, device, dtype, prefixes)
     try:
         obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001
@@ -82,7 +88,8 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{path} does not contain a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items()
+            if isinstance(v, torch.Tensor) and (prefixes is None or k.startswith(prefixes))}
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
@@ -117,6 +124,20 @@ def require_layout(state: Mapping[str, torch.Tensor], accepted: tuple[str, ...],
     raise UserError(f"{path} is not an {wanted} checkpoint (it looks like: {layout}){hint}")
 
 
+def read_checked_state_dict(path: str | os.PathLike, accepted: tuple[str, ...], device: str | torch.device = "cpu",
+                            dtype: torch.dtype | None = None,
+                            prefixes: tuple[str, ...] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`read_state_dict` of a file whose layout must be one of ``accepted`` (checked on all
+    its keys, from the header of a safetensors file before any tensor is read); returns the
+    tensors and the layout."""
+    if Path(path).suffix == ".safetensors" and Path(path).is_file():
+        layout = require_layout(read_header(path).tensors, accepted, path)
+        return read_state_dict(path, device, dtype, prefixes), layout
+    state = read_state_dict(path, device)  # a pickle is mapped: its keys cost no memory
+    layout = require_layout(state, accepted, path)
+    return ({k: v for k, v in state.items() if k.startswith(prefixes)} if prefixes else state), layout
+
+
 def check_file_layout(path: str, accepted: tuple[str, ...], scripts: Mapping[str, str] = NETWORK_SCRIPTS) -> None:
     """Refuse a single ``.safetensors`` file of another family from its header alone (no tensor is
     read), so a wrong model stops the run before the dataset is scanned or anything is loaded.
@@ -149,14 +170,18 @@ def _build(cls, config, state: dict[str, torch.Tensor], dtype, what: str, path) 
     return model.eval().requires_grad_(False)
 
 
+#: the parts of an SD1.x/2.x single file the modules are built from (both text encoders' prefixes)
+_SD_PREFIXES = (sd_keys.UNET_PREFIX, sd_keys.VAE_PREFIX, "cond_stage_model.")
+
+
 def load_sd_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         tokenizer_dir: str | None = None, device: torch.device | None = None,
                         with_tokenizer: bool = True) -> SDComponents:
     """Load an SD1.x or SD2.x single-file checkpoint (original key layout) into diffusers/transformers
     modules; the architecture comes from the tensor shapes. The file tools need no tokenizer
     (``with_tokenizer=False``: none is looked for)."""
-    state = read_state_dict(path, device or "cpu")
-    v2 = require_layout(state, ("sd1", "sd2"), path) == "sd2"
+    state, layout = read_checked_state_dict(path, ("sd1", "sd2"), device or "cpu", dtype, _SD_PREFIXES)
+    v2 = layout == "sd2"
     unet_ldm = _strip(state, sd_keys.UNET_PREFIX)
     unet_cfg = sd_infer.infer_unet_config(unet_ldm, v2=v2)
     unet_state = sd_keys.unet_from_ldm(unet_ldm, _Cfg(unet_cfg))

@@ -23,8 +23,7 @@ from library.models.sd_loading import (
     _build,
     _Cfg,
     _strip,
-    read_state_dict,
-    require_layout,
+    read_checked_state_dict,
     write_diffusers_folder,
     write_single_file,
 )
@@ -75,8 +74,7 @@ def load_sdxl_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.fl
                           device: torch.device | None = None) -> SDXLComponents:
     """Load an SDXL single file into diffusers/transformers modules."""
 
-    state = read_state_dict(path, device or "cpu")
-    require_layout(state, ("sdxl",), path)
+    state, _ = read_checked_state_dict(path, ("sdxl",), device or "cpu", dtype)
     te2, unused = _text_encoder_2(state, dtype, path)
     te1_ldm = _strip(state, TE1_PREFIX)
     te1_cfg = CLIPTextConfig(**sd_infer.infer_clip_l_config(te1_ldm))

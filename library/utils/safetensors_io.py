@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -88,30 +89,54 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(tensors, metadata, 8 + length)
 
 
-def iter_tensors(path: str | os.PathLike, keys: list[str] | None = None,
-                 header: Header | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` in file order (or ``keys``' order), each read into its own memory."""
+def iter_tensors(path: str | os.PathLike, keys: list[str] | None = None, header: Header | None = None,
+                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` in file order (or ``keys``' order), each read into its own memory.
+
+    ``dtype`` casts floating tensors stored in another precision as each is read: the stored bytes
+    go through one staging buffer, reused for every tensor, so a file is never held in its own
+    precision and the wanted one at once (an fp16 checkpoint loaded in fp32 costs its fp32 size).
+    """
     header = header or read_header(path)
     names = sorted(header.tensors, key=lambda k: header.tensors[k].start) if keys is None else keys
+    staging = torch.empty(0, dtype=torch.uint8)
     with open(path, "rb") as fh:
         for key in names:
             info = header.tensors[key]
-            tensor = torch.empty(info.shape, dtype=info.dtype)
-            view = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
-            if view is not None:
-                if view.nbytes != info.end - info.start:
-                    raise UserError(f"{path}: tensor {key!r} has {info.end - info.start} bytes for shape "
-                                    f"{list(info.shape)}; the file is damaged")
-                fh.seek(header.data_start + info.start)
-                if fh.readinto(view) != view.nbytes:
-                    raise UserError(f"{path}: tensor {key!r} is cut short; is the file complete?")
-            yield key, tensor
+            size = info.end - info.start
+            if size != math.prod(info.shape) * info.dtype.itemsize:
+                raise UserError(f"{path}: tensor {key!r} has {size} bytes for shape {list(info.shape)}; "
+                                "the file is damaged")
+            if not (dtype is not None and info.dtype.is_floating_point and info.dtype != dtype):
+                tensor = torch.empty(info.shape, dtype=info.dtype)
+                _read_into(fh, header.data_start + info.start, tensor.view(-1).view(torch.uint8), path, key)
+                yield key, tensor
+                continue
+            if staging.numel() < size:
+                staging = torch.empty(size, dtype=torch.uint8)
+            _read_into(fh, header.data_start + info.start, staging[:size], path, key)
+            yield key, torch.empty(info.shape, dtype=dtype).copy_(staging[:size].view(info.dtype).view(info.shape))
 
 
-def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a file, read one by one (no mapping of the whole file is kept)."""
+def _read_into(fh, offset: int, buffer: torch.Tensor, path, key: str) -> None:
+    """Fill the uint8 ``buffer`` with the file's bytes at ``offset``; a short read is an error."""
+    if not buffer.numel():
+        return
+    view = buffer.numpy()
+    fh.seek(offset)
+    if fh.readinto(view) != view.nbytes:
+        raise UserError(f"{path}: tensor {key!r} is cut short; is the file complete?")
+
+
+def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a file, read one by one (no mapping of the whole file is kept): all of them,
+    or those whose keys start with one of ``prefixes``; floating ones cast to ``dtype`` if given."""
+    header = read_header(path)
+    keys = sorted((k for k in header.tensors if prefixes is None or k.startswith(prefixes)),
+                  key=lambda k: header.tensors[k].start)
     move = str(device) != "cpu"
-    return {k: (v.to(device) if move else v) for k, v in iter_tensors(path)}
+    return {k: (v.to(device) if move else v) for k, v in iter_tensors(path, keys, header, dtype)}
 
 
 def _order(tensors: Mapping[str, torch.Tensor], dtype_of: Callable) -> list[str]:

@@ -92,3 +92,23 @@ def test_damaged_files_are_named(tmp_path):
     huge.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(UserError, match="corrupt safetensors header"):
         read_header(huge)
+
+
+def test_cast_as_read_and_only_the_asked_prefixes(tmp_path):
+    """dtype casts floating tensors as each is read (equal to casting afterwards; integers and
+    tensors already in that dtype untouched); prefixes leave the other tensors unread."""
+    state = {"unet.a": torch.randn(7, 5).half(), "unet.b": torch.arange(6), "unet.c": torch.randn(3).bfloat16(),
+             "unet.big": torch.randn(40, 40).half(), "unet.d": torch.randn(4), "ema.a": torch.randn(9, 9).half(),
+             "unet.empty": torch.zeros(0, 3).half()}
+    path = tmp_path / "m.safetensors"
+    save_safetensors(state, path)
+    back = read_tensors(path, dtype=torch.float32, prefixes=("unet.",))
+    assert set(back) == {k for k in state if k.startswith("unet.")}
+    for key, value in back.items():
+        expected = state[key].float() if state[key].is_floating_point() else state[key]
+        assert value.dtype == expected.dtype and torch.equal(value, expected), key
+    # the staging buffer is shared between reads: tensors read later must not change earlier ones
+    assert torch.equal(back["unet.a"], state["unet.a"].float())
+    assert set(read_tensors(path, prefixes=("ema.", "unet.c"))) == {"ema.a", "unet.c"}
+    halves = dict(iter_tensors(path, dtype=torch.float16))
+    assert halves["unet.d"].dtype == torch.float16 and torch.equal(halves["unet.d"], state["unet.d"].half())

@@ -268,3 +268,33 @@ def test_hub_id_loads_from_the_offline_cache(tmp_path, tiny_sd1):
     env["HF_HUB_CACHE"] = str(tmp_path / "empty")
     missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert missing.returncode != 0 and "could not load a diffusers model from someone/tiny-sd15" in missing.stderr
+
+
+def test_ema_copy_and_other_tensors_are_not_read(tmp_path, tiny_sd1, monkeypatch):
+    """An original SD1.5 file also holds an EMA copy of the UNet (``model_ema.*``): the loader reads
+    only the tensors its modules are built from, cast to the load dtype as each is read."""
+    from library.utils import safetensors_io
+
+    path = tmp_path / "m.safetensors"
+    save_sd_single_file(path, tiny_sd1, dtype=torch.float16)
+    tiny_sd1.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    state = load_file(str(path))
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state.update({f"model_ema.diffusion_model{k[len('model.diffusion_model'):].replace('.', '')}": v.clone()
+                  for k, v in state.items() if k.startswith("model.diffusion_model.")})
+    save_file(state, str(path))
+    read = []
+    original = safetensors_io.iter_tensors
+
+    def spy(*args, **kwargs):
+        for key, tensor in original(*args, **kwargs):
+            read.append(key)
+            yield key, tensor
+
+    monkeypatch.setattr(safetensors_io, "iter_tensors", spy)
+    loaded = load_sd_model(str(path), torch.float32)
+    assert read and not [k for k in read if k.startswith("model_ema")]
+    unet = loaded.unet.state_dict()
+    assert all(v.dtype == torch.float32 for v in unet.values())
+    ours = tiny_sd1.unet.state_dict()
+    assert all(torch.equal(unet[k], ours[k].half().float()) for k in ours)
