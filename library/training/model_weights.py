@@ -124,6 +124,7 @@ class ModelTraining(WhatIsTrained):
 
     state_weights = "model.safetensors"
     weights_title = "model weights"
+    saves_whole_model = True
     layout_scripts = {"sd1": "train_db.py or fine_tune.py", "sd2": "train_db.py or fine_tune.py",
                       "sdxl": "sdxl_train.py",
                       "sd3": "sd3_train.py"}

@@ -33,6 +33,9 @@ from networks.base import NetworkAdapter
 class WhatIsTrained:
     """The defaults of a "what is trained" object: each hook below does nothing."""
 
+    #: saved files hold the whole model (VAE and text encoders too), so none of it may be freed
+    saves_whole_model = False
+
     def check(self, family: ModelFamily) -> None:
         """Before any model loads: nothing beyond what the config builder checked."""
 

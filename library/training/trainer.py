@@ -44,6 +44,7 @@ from library.training import kohya_state, saving
 from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.interrupt import StopRequest, ignore_interrupts
+from library.training.residency import PartUse, Residency, settle_frozen_parts
 from library.training.trained import NetworkTraining
 from library.training.validation import Validator, batch_latents, make_noisy_batch
 from library.utils.errors import Interrupted, UserError
@@ -369,8 +370,26 @@ class Trainer:
             num_workers=cfg.num_workers, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_interrupts)
         loop = _Loop(self, acc, models, trainable, optimizer, scheduler, lr_names, checkpointer,
-                     self._validator(acc, models, group), fused)
+                     self._validator(acc, models, group), fused, self._settle_frozen_parts(acc, models, group))
         return loop.train(loader, schedule, progress)
+
+    def _settle_frozen_parts(self, acc, models: LoadedModels, group: DatasetGroup) -> Residency:
+        """Free the VAE and the text encoders when nothing in the run uses them again (their
+        outputs cached for every training and validation image, nothing trains or saves them);
+        when only sample images use them, park them off an accelerator between samples."""
+        cfg, what = self.cfg, self.what
+        items = [it for g in [group] + ([group.validation] if group.validation else []) for it in g.items]
+        s = cfg.sample
+        samples = bool(s.prompts) and bool(s.every_n_steps or s.every_n_epochs or s.at_first)
+        whole = what.saves_whole_model
+        latents_cached = all(it.latents is not None for it in items)
+        texts_cached = all(it.text_outputs is not None for it in items)
+        encoders = [te for te in models.text_encoders if te is not None]
+        return settle_frozen_parts({
+            "VAE": ([models.vae], PartUse(steps=whole or not latents_cached, samples=samples)),
+            "text encoder" + ("s" if len(encoders) > 1 else ""):
+                (encoders, PartUse(steps=whole or what.trains_text_encoders or not texts_cached, samples=samples)),
+        }, acc.device)
 
     def _compile_denoiser(self, models: LoadedModels) -> None:
         backend = self.cfg.compile_backend
@@ -431,8 +450,9 @@ class _Loop:
 
     def __init__(self, trainer: Trainer, acc, models, trainable, optimizer, scheduler, lr_names,
                  checkpointer: Checkpointer, validator: Validator | None = None,
-                 fused: optim.FusedBackwardPass | None = None):
+                 fused: optim.FusedBackwardPass | None = None, residency: Residency | None = None):
         self.t, self.acc, self.models, self.trainable = trainer, acc, models, trainable
+        self.residency = residency or Residency(acc.device)
         self.fused = fused
         self.validator = validator
         self.optimizer, self.scheduler, self.lr_names = optimizer, scheduler, lr_names
@@ -652,7 +672,8 @@ class _Loop:
         was_training = self.trainable.net.training
         self.trainable.net.eval()
         try:
-            with optim.optimizer_eval_mode(self.optimizer), self.what.sampling_weights(self.trainable):
+            with optim.optimizer_eval_mode(self.optimizer), self.what.sampling_weights(self.trainable), \
+                    self.residency.for_sampling():
                 for i, prompt in enumerate(prompts):
                     self._sample_one(i, prompt, epoch, step)
         finally:
