@@ -12,9 +12,18 @@ With --uncached the latents are not cached: the trainer reads, resizes and encod
 step with 4 data-loader workers, and the bare loop encodes one fixed, already loaded pixel batch
 with the VAE every step; the difference is what the data pipeline costs (target under 3%).
 
+With --from_file two more modes run what a user runs: ``train_network.py``'s own ``main`` with its
+command line, on a random SD1.5 single file stored in fp16 (written first, in its own process), so
+the peak RSS includes loading it; "start-up" is the load plus the latent cache:
+
+  file          the LoRA run above from the file (the text encoder runs every step)
+  file_cached   the same with --cache_text_encoder_outputs (VAE and text encoder then leave memory)
+  file_bf16     file_cached with --mixed_precision bf16 (frozen weights loaded in bf16, bf16 compute)
+
     .venv/bin/python bench/bench_train_step.py            # full size (about 3 minutes, 2 CPU cores)
     .venv/bin/python bench/bench_train_step.py --tiny     # smoke (seconds)
     .venv/bin/python bench/bench_train_step.py --compile  # and --torch_compile (inductor; compiling takes minutes)
+    .venv/bin/python bench/bench_train_step.py --from_file  # and the user's command line on an fp16 file
 """
 
 from __future__ import annotations
@@ -83,33 +92,55 @@ def network_run(family, data: Path, out: Path, total_steps: int, flags: list[str
     Trainer(family, build_training_config(args)).run()
 
 
+def file_run(model_path: str):
+    """A ``run`` for :func:`train_timed`: train_network.py's ``main`` with a user's command line
+    (LoRA dim 16 on the UNet only, AdamW, cached latents) on the single file ``model_path``."""
+    def run(family, data: Path, out: Path, total_steps: int, flags: list[str]) -> None:
+        import train_network
+
+        train_network.main([
+            "--pretrained_model_name_or_path", model_path, "--train_data_dir", str(data), "--output_dir", str(out),
+            "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
+            "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(total_steps),
+            "--seed", "0", "--console_log_level", "WARNING", "--cache_latents", *flags])
+    return run
+
+
 def train_timed(family, size: int, steps: int, warmup: int, flags: list[str], run=network_run,
                 first_step: dict | None = None) -> list[float]:
     """Run the real trainer with ``family`` on a small generated dataset (``run`` builds the config
     and trains); per-step wall times after warm-up. A step's time is the time between the ends of
     consecutive steps, so data loading, logging and the progress bar count too. Shared by the
     SD1.5, SDXL, SD3 and full-weight benchmarks. ``first_step`` gets "s": the seconds from the start
-    to the end of the first step (set-up, caching and, with --torch_compile, compiling)."""
+    to the end of the first step (set-up, caching and, with --torch_compile, compiling), and
+    "startup_s": the seconds the models took to load and their latents / text outputs to cache."""
     from library.training import trainer as trainer_mod
 
     ends: list[float] = []
-    original = trainer_mod._Loop._step
+    loading: list[float] = []
+    original, original_load = trainer_mod._Loop._step, trainer_mod.Trainer._load_models
 
     def timed(self, *args):
         loss = original(self, *args)
         ends.append(time.perf_counter())
         return loss
 
-    trainer_mod._Loop._step = timed
+    def timed_load(self, *args):
+        start = time.perf_counter()
+        models = original_load(self, *args)
+        loading.append(time.perf_counter() - start)
+        return models
+
+    trainer_mod._Loop._step, trainer_mod.Trainer._load_models = timed, timed_load
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = make_dataset(Path(tmp) / "data", size, 4)
             started = time.perf_counter()
             run(family, data, Path(tmp) / "out", steps + warmup, ["--resolution", str(size), *flags])
     finally:
-        trainer_mod._Loop._step = original
+        trainer_mod._Loop._step, trainer_mod.Trainer._load_models = original, original_load
     if first_step is not None:
-        first_step["s"] = ends[0] - started
+        first_step.update(s=ends[0] - started, startup_s=loading[0])
     return [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
 
 
@@ -191,10 +222,19 @@ def run_children(script: str, modes: list[str], args: list[str]) -> dict[str, di
     return results
 
 
-def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, uncached: bool) -> None:
+FILE_MODES = {"file": [], "file_cached": ["--cache_text_encoder_outputs"],
+              "file_bf16": ["--cache_text_encoder_outputs", "--mixed_precision", "bf16"]}
+
+
+def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, uncached: bool, model: str | None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 2)
+    if mode in FILE_MODES:  # nothing is built here: the process holds only what the script loads
+        first: dict = {}
+        times = train_timed(None, size, steps, warmup, FILE_MODES[mode], run=file_run(model), first_step=first)
+        print_result(times, mode=mode, first_step_s=round(first["s"], 2), startup_s=round(first["startup_s"], 2))
+        return
     parts = build_models(tiny)
     if mode == "bare":
         print_result(run_bare(parts, size, steps, warmup, uncached), mode=mode)
@@ -202,7 +242,7 @@ def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, uncached: b
     first: dict = {}
     extra = ("--torch_compile",) if mode == "compiled" else ()
     times = run_trainer(parts, size, steps, warmup, uncached, extra, first)
-    print_result(times, mode=mode, first_step_s=round(first["s"], 2))
+    print_result(times, mode=mode, first_step_s=round(first["s"], 2), startup_s=round(first["startup_s"], 2))
 
 
 def main() -> None:
@@ -214,26 +254,53 @@ def main() -> None:
     p.add_argument("--uncached", action="store_true", help="no latent cache: measure the data pipeline (4 workers)")
     p.add_argument("--compile", action="store_true",
                    help="also the trainer with --torch_compile (inductor, the blocks compiled one by one)")
-    p.add_argument("--child", choices=["trainer", "bare", "compiled"], help=argparse.SUPPRESS)
+    p.add_argument("--from_file", action="store_true",
+                   help="also train_network.py's command line on an fp16 single file (peak RSS includes loading)")
+    p.add_argument("--child", choices=["trainer", "bare", "compiled", *FILE_MODES], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child, a.tiny, a.size, a.steps, a.warmup, a.uncached)
+        child(a.child, a.tiny, a.size, a.steps, a.warmup, a.uncached, a.model)
         return
-    results = run_children(__file__, ["bare", "trainer"] + (["compiled"] if a.compile else []),
-                           ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-                           + (["--tiny"] if a.tiny else []) + (["--uncached"] if a.uncached else []))
+    common = (["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+              + (["--tiny"] if a.tiny else []) + (["--uncached"] if a.uncached else []))
+    results = run_children(__file__, ["bare", "trainer"] + (["compiled"] if a.compile else []), common)
+    if a.from_file:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = write_model_file(Path(tmp), a.tiny)
+            results |= run_children(__file__, list(FILE_MODES), [*common, "--model", model])
+    print_table(results, a)
+
+
+def write_model_file(folder: Path, tiny: bool) -> str:
+    """A random SD1.5 (or tiny) single file in fp16 with its tokenizer, written by bench_load.py
+    in its own process (so this one's memory is not touched)."""
+    path = folder / "random-sd15.safetensors"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_load.py"), "--write", str(path), "--fp16"]
+                         + (["--tiny"] if tiny else []), capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(f"writing the model file failed:\n{out.stderr[-3000:]}")
+    return str(path)
+
+
+def print_table(results: dict[str, dict], a) -> None:
     bare, tr = results["bare"], results["trainer"]
     overhead = tr["median_s"] / bare["median_s"] - 1
     print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet, {a.size}px, batch 1, LoRA dim 16 UNet only, AdamW, fp32, "
           + ("uncached latents, 4 data-loader workers" if a.uncached else "cached latents"))
-    rows = [("bare compute", bare), ("trainer", tr)] + ([("compiled", results["compiled"])] if a.compile else [])
+    names = {"bare": "bare compute", "trainer": "trainer", "compiled": "compiled", "file": "from the file",
+             "file_cached": "file, text cached",
+             "file_bf16": "file, cached, bf16"}
+    rows = [(names[mode], r) for mode, r in results.items()]
     for name, r in rows:
         first = f", first step after {r['first_step_s']:.1f} s" if "first_step_s" in r else ""
+        first += f" (start-up {r['startup_s']:.1f} s)" if "startup_s" in r else ""
         ratio = r["median_s"] / bare["median_s"]
-        print(f"{name:13s}: {r['median_s']:.3f} s/step (median of {r['steps']}; {ratio:.2f}x bare), "
+        print(f"{name:17s}: {r['median_s']:.3f} s/step (median of {r['steps']}; {ratio:.2f}x bare), "
               f"peak RSS {r['peak_rss_gib']:.2f} GiB{first}")
     target = "3% (data pipeline)" if a.uncached else "5%"
-    print(f"trainer overhead: {overhead * 100:+.1f}% (target within {target}); peak RSS target < 6.5 GiB")
+    print(f"trainer overhead: {overhead * 100:+.1f}% (target within {target}); peak RSS target < 6.5 GiB"
+          + ("; from the file <= 6.1 GiB" if "file" in results else ""))
     print(json.dumps({**results, "overhead": overhead}))
 
 

@@ -7,11 +7,13 @@ from tests.conftest import run_script
 
 def test_bench_train_step_smoke():
     proc = run_script("bench/bench_train_step.py", "--tiny", "--size", "64", "--steps", "2", "--warmup", "1",
-                      check=True)
+                      "--from_file", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["bare"]["steps"] == 2 and result["trainer"]["steps"] == 2
-    assert result["bare"]["median_s"] > 0 and result["trainer"]["median_s"] > 0
+    # file*: train_network.py's main on a written file
+    for mode in ("bare", "trainer", "file", "file_cached", "file_bf16"):
+        assert result[mode]["steps"] == 2 and result[mode]["median_s"] > 0, mode
     assert 0 < result["trainer"]["peak_rss_gib"] < 6.5
+    assert 0 < result["file"]["startup_s"] < result["file"]["first_step_s"]
 
 
 def test_bench_load_smoke():
@@ -61,3 +63,11 @@ def test_bench_dedup_smoke():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["hashing"]["images"] == 20 and result["hashing"]["images_per_s"] > 0
     assert all(g["planted_found"] == g["pairs_planted"] for g in result["grouping"])
+
+
+def test_bench_cpu_options_smoke():
+    proc = run_script("bench/bench_cpu_options.py", "--tiny", "--size", "64", "--steps", "1", "--warmup", "1",
+                      check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"eager", "threads_1", "no_onednn", "channels_last", "bf16_autocast", "math_attention"}
+    assert all(r["median_s"] > 0 and r["steps"] == 1 for r in result.values())
