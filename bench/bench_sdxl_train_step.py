@@ -9,8 +9,14 @@ Each mode runs in its own process so peak RSS is measured separately:
   trainer  the real Trainer loop with the SDXL family (size conditioning, pooled text)
   bare     the same modules and LoRA on one fixed batch: UNet forward + backward + AdamW step
 
+  file     sdxl_train_network.py's own main with the same flags on a random SDXL single file
+           stored in bf16 (written first, in its own process): what a user runs, so the peak RSS
+           includes loading, and the VAE and text encoders leave memory once their outputs are
+           cached (only with --from_file)
+
     .venv/bin/python bench/bench_sdxl_train_step.py           # full size (about 15 minutes, 2 CPU cores)
     .venv/bin/python bench/bench_sdxl_train_step.py --tiny    # smoke (seconds)
+    .venv/bin/python bench/bench_sdxl_train_step.py --from_file   # and the file mode (about 10 minutes more)
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.bench_train_step import print_result, run_children, train_timed  # noqa: E402
+
+TRAINER_FLAGS = ["--mixed_precision", "bf16", "--cache_latents", "--cache_text_encoder_outputs"]
 
 # SDXL base 1.0's architecture (the UNet of sd_xl_base_1.0, CLIP-L and OpenCLIP bigG with projection)
 SDXL_UNET = {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
@@ -77,8 +87,32 @@ def run_trainer(parts, size: int, steps: int, warmup: int) -> list[float]:
             return LoadedModels(parts.unet, parts.vae, [parts.text_encoder_1, parts.text_encoder_2],
                                 [parts.tokenizer_1, parts.tokenizer_2], source="random")
 
-    return train_timed(InMemorySDXL(), size, steps, warmup,
-                       ["--mixed_precision", "bf16", "--cache_latents", "--cache_text_encoder_outputs"])
+    return train_timed(InMemorySDXL(), size, steps, warmup, TRAINER_FLAGS)
+
+
+def write_model_file(path: Path, tiny: bool) -> None:
+    """The random SDXL parts as a bf16 single file with both tokenizer folders next to it."""
+    import torch
+
+    from library.models.sdxl_loading import save_sdxl_single_file
+
+    parts = build_models(tiny)
+    save_sdxl_single_file(path, parts, dtype=torch.bfloat16)
+    parts.tokenizer_1.save_pretrained(str(path.parent / "tokenizer"))
+    parts.tokenizer_2.save_pretrained(str(path.parent / "tokenizer_2"))
+
+
+def run_file(model: str, size: int, steps: int, warmup: int, first: dict) -> list[float]:
+    """sdxl_train_network.py's main with a user's command line on the single file ``model``."""
+    def run(family, data: Path, out: Path, total_steps: int, flags: list[str]) -> None:
+        import sdxl_train_network
+
+        sdxl_train_network.main([
+            "--pretrained_model_name_or_path", model, "--train_data_dir", str(data), "--output_dir", str(out),
+            "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
+            "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(total_steps),
+            "--seed", "0", "--console_log_level", "WARNING", *flags])
+    return train_timed(None, size, steps, warmup, TRAINER_FLAGS, run=run, first_step=first)
 
 
 def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
@@ -120,10 +154,15 @@ def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def child(mode: str, tiny: bool, size: int, steps: int, warmup: int) -> None:
+def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, model: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 2)
+    if mode == "file":
+        first: dict = {}
+        times = run_file(model, size, steps, warmup, first)
+        print_result(times, mode=mode, startup_s=round(first["startup_s"], 2))
+        return
     parts = build_models(tiny)
     print_result((run_trainer if mode == "trainer" else run_bare)(parts, size, steps, warmup), mode=mode)
 
@@ -134,21 +173,40 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="measured steps per mode")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--child", choices=["trainer", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--from_file", action="store_true",
+                   help="also sdxl_train_network.py's command line on a bf16 single file (peak RSS includes loading)")
+    p.add_argument("--child", choices=["trainer", "bare", "file"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--write", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.child:
-        child(a.child, a.tiny, a.size, a.steps, a.warmup)
+    if a.write:
+        write_model_file(Path(a.write), a.tiny)
         return
-    results = run_children(__file__, ["bare", "trainer"], ["--size", str(a.size), "--steps", str(a.steps),
-                                                          "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else []))
+    if a.child:
+        child(a.child, a.tiny, a.size, a.steps, a.warmup, a.model)
+        return
+    common = ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    common += ["--tiny"] if a.tiny else []
+    results = run_children(__file__, ["bare", "trainer"], common)
+    if a.from_file:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = str(Path(tmp) / "random-sdxl.safetensors")
+            writer = subprocess.run([sys.executable, __file__, "--write", model] + (["--tiny"] if a.tiny else []),
+                                    capture_output=True, text=True, check=False)
+            if writer.returncode != 0:
+                sys.exit(f"writing the model file failed:\n{writer.stderr[-3000:]}")
+            results |= run_children(__file__, ["file"], [*common, "--model", model])
     bare, tr = results["bare"], results["trainer"]
     overhead = tr["median_s"] / bare["median_s"] - 1
     print(f"model: {'tiny' if a.tiny else 'SDXL-base-size'} UNet (bf16 weights), {a.size}px, batch 1, LoRA dim 16 "
           "UNet only, AdamW, bf16 mixed precision, cached latents and text-encoder outputs")
-    for name, r in (("bare compute", bare), ("trainer", tr)):
-        print(f"{name:13s}: {r['median_s']:.3f} s/step (median of {r['steps']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
+    names = {"bare": "bare compute", "trainer": "trainer", "file": "from the file"}
+    for mode, r in results.items():
+        startup = f", start-up {r['startup_s']:.1f} s" if "startup_s" in r else ""
+        print(f"{names[mode]:13s}: {r['median_s']:.3f} s/step (median of {r['steps']}), "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB{startup}")
     print(f"trainer overhead: {overhead * 100:+.1f}%")
-    print(json.dumps({"bare": bare, "trainer": tr, "overhead": overhead}))
+    print(json.dumps({**results, "overhead": overhead}))
 
 
 if __name__ == "__main__":
