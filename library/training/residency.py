@@ -47,6 +47,11 @@ def _release(module: torch.nn.Module, name: str) -> None:
         sub.register_forward_pre_hook(_refuse_call(name))
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if not t.is_meta)
 
@@ -56,18 +61,19 @@ class Residency:
     """The parts parked off the training device between sample images, and what was released."""
 
     device: torch.device
-    parked: list[torch.nn.Module] = field(default_factory=list)
+    #: each parked module with the device it was on (a family may keep a part on the CPU on purpose)
+    parked: list[tuple[torch.nn.Module, torch.device]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
 
     @contextmanager
     def for_sampling(self) -> Iterator[None]:
-        """The parked parts on the training device while sample images are made, then back."""
-        for module in self.parked:
-            module.to(self.device)
+        """The parked parts back where the family placed them while sample images are made."""
+        for module, home in self.parked:
+            module.to(home)
         try:
             yield
         finally:
-            for module in self.parked:
+            for module, _ in self.parked:
                 module.to("cpu")
             if self.parked and self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -89,8 +95,8 @@ def settle_frozen_parts(parts: dict[str, tuple[list[torch.nn.Module], PartUse]],
                         "them" if len(modules) > 1 else "it")
         elif device.type != "cpu":
             for module in modules:
+                residency.parked.append((module, _device_of(module)))
                 module.to("cpu")
-            residency.parked.extend(modules)
             logger.info("%s kept in CPU memory between sample images (%.2f GiB off %s)", name, size, device)
     if residency.parked and device.type == "cuda":
         torch.cuda.empty_cache()

@@ -86,7 +86,10 @@ def test_parts_only_samples_use_are_parked_off_an_accelerator():
     parts = {"VAE": ([vae], residency.PartUse(steps=False, samples=True)),
              "text encoder": ([encoder], residency.PartUse(steps=True, samples=True))}
     on_gpu = residency.settle_frozen_parts(parts, torch.device("cuda"))
-    assert on_gpu.parked == [vae] and on_gpu.released == [] and not _on_meta(vae)
+    # (here the VAE's home is the CPU: a family may keep a part there, and sampling puts it back there)
+    assert on_gpu.parked == [(vae, torch.device("cpu"))] and on_gpu.released == [] and not _on_meta(vae)
+    with on_gpu.for_sampling():
+        assert vae.weight.device.type == "cpu"
     on_cpu = residency.settle_frozen_parts(parts, torch.device("cpu"))
     assert on_cpu.parked == [] and on_cpu.released == []
     with on_cpu.for_sampling():
