@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_train_step import print_result, run_children, train_timed  # noqa: E402
+from bench.bench_train_step import file_run, print_result, run_children, train_timed  # noqa: E402
 
 TRAINER_FLAGS = ["--mixed_precision", "bf16", "--cache_latents", "--cache_text_encoder_outputs"]
 
@@ -104,15 +104,8 @@ def write_model_file(path: Path, tiny: bool) -> None:
 
 def run_file(model: str, size: int, steps: int, warmup: int, first: dict) -> list[float]:
     """sdxl_train_network.py's main with a user's command line on the single file ``model``."""
-    def run(family, data: Path, out: Path, total_steps: int, flags: list[str]) -> None:
-        import sdxl_train_network
-
-        sdxl_train_network.main([
-            "--pretrained_model_name_or_path", model, "--train_data_dir", str(data), "--output_dir", str(out),
-            "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
-            "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(total_steps),
-            "--seed", "0", "--console_log_level", "WARNING", *flags])
-    return train_timed(None, size, steps, warmup, TRAINER_FLAGS, run=run, first_step=first)
+    return train_timed(None, size, steps, warmup, TRAINER_FLAGS, run=file_run(model, "sdxl_train_network"),
+                       first_step=first)
 
 
 def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:

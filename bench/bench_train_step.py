@@ -92,13 +92,14 @@ def network_run(family, data: Path, out: Path, total_steps: int, flags: list[str
     Trainer(family, build_training_config(args)).run()
 
 
-def file_run(model_path: str):
-    """A ``run`` for :func:`train_timed`: train_network.py's ``main`` with a user's command line
-    (LoRA dim 16 on the UNet only, AdamW, cached latents) on the single file ``model_path``."""
+def file_run(model_path: str, script: str = "train_network"):
+    """A ``run`` for :func:`train_timed`: an entry script's ``main`` (``script``, e.g.
+    ``sdxl_train_network``) with a user's command line (LoRA dim 16 on the UNet only, AdamW, cached
+    latents) on the single file ``model_path``."""
     def run(family, data: Path, out: Path, total_steps: int, flags: list[str]) -> None:
-        import train_network
+        import importlib
 
-        train_network.main([
+        importlib.import_module(script).main([
             "--pretrained_model_name_or_path", model_path, "--train_data_dir", str(data), "--output_dir", str(out),
             "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
             "--network_train_unet_only", "--optimizer_type", "AdamW", "--max_train_steps", str(total_steps),
