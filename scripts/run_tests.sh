@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q tests "$@"
+# --durations: the slowest tests are named in every run (CI keeps the suite under an hour)
+exec .venv/bin/python -m pytest -q --durations=25 tests "$@"

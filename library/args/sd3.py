@@ -48,3 +48,5 @@ def add_sd3_full_training_args(p: argparse.ArgumentParser) -> None:
                         "train (trained or bundled encoders are always written)")
     g.add_argument("--save_t5xxl", action="store_true",
                    help="bundle T5-XXL in saved files even when the base file did not (it never trains)")
+    g.add_argument("--num_last_block_to_freeze", type=int,
+                   help="keep the MMDiT's last N joint transformer blocks frozen (their weights keep their bytes)")

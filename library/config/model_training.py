@@ -44,6 +44,7 @@ class ModelTrainConfig:
     save_as: str  # one of SAVE_FORMATS
     block_lr: tuple[float, ...] | None = None  # SDXL: a rate per UNet block (kohya's --block_lr)
     ema: EMAOptions | None = None
+    frozen_last_blocks: int = 0  # SD3: the denoiser's last N blocks stay frozen (--num_last_block_to_freeze)
 
     @property
     def as_folder(self) -> bool:
@@ -110,7 +111,17 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
         raise UserError("--cache_text_encoder_outputs: the text encoder is trained in this run, so its outputs change; "
                         f"cache only with a frozen text encoder ({flag})")
     return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)),
-                            _ema(args))
+                            _ema(args), _frozen_last_blocks(getattr(args, "num_last_block_to_freeze", None)))
+
+
+def _frozen_last_blocks(count: int | None) -> int:
+    """kohya's --num_last_block_to_freeze. kohya freezes the last N *parameters* whose name holds
+    "x_block" (a fraction of one block for small N); here it is N whole blocks, as the name says."""
+    if count is None:
+        return 0
+    if count < 1:
+        raise UserError(f"--num_last_block_to_freeze {count}: give a number of blocks of at least 1 (or leave it out)")
+    return count
 
 
 def _refuse_sharding(args: argparse.Namespace) -> None:

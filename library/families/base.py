@@ -169,6 +169,11 @@ class ModelFamily(ABC):
         """The single-file layout these models are written in (library/models/checkpoints.py)."""
         return self.checkpoint_layouts[0]
 
+    def freezable_blocks(self, models: LoadedModels) -> list[torch.nn.Module]:
+        """The denoiser's repeated blocks in the order they run, for ``--num_last_block_to_freeze``
+        (defined for SD3's MMDiT only, where kohya offers the flag)."""
+        raise UserError(f"--num_last_block_to_freeze is defined for SD3's MMDiT, not for {self.title or self.name}")
+
     def block_lr_index(self, models: LoadedModels, parameter: str) -> int:
         """kohya's ``--block_lr`` index of a denoiser parameter (defined for SDXL only)."""
         raise UserError(f"--block_lr: per-block rates are defined for SDXL's UNet, not for {self.title or self.name}")

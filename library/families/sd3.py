@@ -276,6 +276,9 @@ class SD3Family(ModelFamily):
         """CLIP-L and CLIP-G; T5-XXL stays frozen (kohya's sd3_train.py trains no T5 either)."""
         return list(models.text_encoders[:2])
 
+    def freezable_blocks(self, models: LoadedModels) -> list[torch.nn.Module]:
+        return list(models.denoiser.transformer_blocks)
+
     def save_problem(self, models: LoadedModels, save_as: str) -> str | None:
         if save_as == "ckpt":
             return "SD3 models are written as .safetensors single files or diffusers folders (no .ckpt)"

@@ -64,10 +64,13 @@ class ModelWeights(OwnTrainable):
         """The denoiser in one group, or (SDXL's ``--block_lr``) one group per block at its rate,
         the blocks at 0 frozen."""
         denoiser = self.models.denoiser
+        frozen = self._freeze_last_blocks()
         if self.cfg.block_lr is None:
-            return [{"params": list(denoiser.parameters()), "lr": rate}], ["unet"]
+            return [{"params": [p for p in denoiser.parameters() if id(p) not in frozen], "lr": rate}], ["unet"]
         blocks: dict[int, list] = {}
         for name, param in denoiser.named_parameters():
+            if id(param) in frozen:
+                continue
             blocks.setdefault(self.family.block_lr_index(self.models, name), []).append(param)
         groups, names = [], []
         for index in sorted(blocks):
@@ -79,6 +82,22 @@ class ModelWeights(OwnTrainable):
                 for param in blocks[index]:
                     param.requires_grad_(False)
         return groups, names
+
+    def _freeze_last_blocks(self) -> set[int]:
+        """``--num_last_block_to_freeze N``: the ids of the last N blocks' parameters, now frozen."""
+        count = self.cfg.frozen_last_blocks
+        if not count:
+            return set()
+        blocks = self.family.freezable_blocks(self.models)
+        if count >= len(blocks):
+            logger.warning("--num_last_block_to_freeze %d: the model has %d blocks, so every block stays frozen "
+                           "(only the embeddings and the final layer train)", count, len(blocks))
+        frozen = [p for block in blocks[-count:] for p in block.parameters()]
+        for param in frozen:
+            param.requires_grad_(False)
+        logger.info("--num_last_block_to_freeze: the last %d of %d blocks frozen (%.1fM weights)",
+                    min(count, len(blocks)), len(blocks), sum(p.numel() for p in frozen) / 1e6)
+        return {id(p) for p in frozen}
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]

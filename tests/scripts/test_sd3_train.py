@@ -96,6 +96,20 @@ def test_fused_backward_with_block_swap_equals_no_swap_and_resumes(tiny_sd3, tmp
     assert same_tensors(plain, load_file(str(tmp_path / "resumed" / "last.safetensors")))
 
 
+def test_the_last_blocks_frozen_keep_their_bytes(tiny_sd3, tmp_path):
+    """--num_last_block_to_freeze 1: the MMDiT's last joint block keeps its bytes, the others train."""
+    run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--num_last_block_to_freeze", "1", "--max_train_steps", "2"),
+               check=True)
+    base = load_file(str(tiny_sd3 / "model" / "tiny-sd3.safetensors"))
+    tuned = load_file(str(tmp_path / "last.safetensors"))
+    count = 1 + max(int(k[len(MMDIT):].split(".")[1]) for k in part(base, MMDIT + "joint_blocks."))
+    assert count >= 2
+    for i in range(count):
+        block = part(base, f"{MMDIT}joint_blocks.{i}.")
+        same = same_tensors(block, part(tuned, f"{MMDIT}joint_blocks.{i}."))
+        assert same == (i == count - 1), (i, count)
+
+
 def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):
     """A base whose encoders came from separate files: unchanged encoders stay out (as kohya
     writes them), trained CLIPs go in, --save_t5xxl adds T5."""
@@ -123,6 +137,7 @@ def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):
     (["--cpu_offload_checkpointing"], "--cpu_offload_checkpointing is not available"),
     (["--train_text_encoder", "--cache_text_encoder_outputs"], "the text encoder is trained in this run"),
     (["--noise_offset", "0.1"], "not used by SD3 (flow matching)"),
+    (["--num_last_block_to_freeze", "0"], "--num_last_block_to_freeze 0: give a number of blocks of at least 1"),
     (["--deepspeed", "--zero_stage", "2"], "--deepspeed, --zero_stage: sharded training (DeepSpeed ZeRO / FSDP) is "
                                           "not in this version"),
     (["--fused_optimizer_groups", "2", "--fused_backward_pass", "--optimizer_type", "adafactor"], "use one of them"),
