@@ -5,9 +5,12 @@ Nothing here touches the network: HF_HUB_OFFLINE is forced before any Hugging Fa
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -55,16 +58,94 @@ def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+class _ScriptServer:
+    """The client of tests/script_server.py: scripts run in processes forked from an interpreter
+    that has imported torch, diffusers and transformers once (about 7 s saved per run)."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_server.py")], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert json.loads(self._answer(600))["ready"]
+
+    def _answer(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the test script server stopped")
+        return line
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(ROOT), "env": env, "stdout": str(out),
+                                              "stderr": str(err)}) + "\n")
+            pid = json.loads(self._answer(60))["pid"]
+            try:
+                code = json.loads(self._answer(timeout))["code"]
+            except TimeoutError:
+                os.kill(pid, 9)
+                self._answer(60)
+                raise subprocess.TimeoutExpired(argv, timeout) from None
+            return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+
+
+_server: _ScriptServer | None = None
+
+
 def run_script(script: str, *args: str, check: bool = False, timeout: int = 1800) -> subprocess.CompletedProcess:
-    """Run a project script in a fresh interpreter, offline; returns the completed process. The
-    timeout guards against a hang only (a busy machine may be several times slower than CI)."""
+    """Run a project script in a process of its own, offline; returns the completed process. The
+    timeout guards against a hang only (a busy machine may be several times slower than CI).
+
+    The process is forked from tests/script_server.py (imports done once); SDTRAIN_TEST_FRESH=1
+    runs each script in a fresh interpreter instead."""
+    global _server
     # SDTRAIN_TRACEBACK: a failing script's traceback is printed as well as logged, for the test report
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", SDTRAIN_TRACEBACK="1")
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    argv = [str(ROOT / script), *args]
+    if os.environ.get("SDTRAIN_TEST_FRESH") == "1":
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        if _server is None or _server.proc.poll() is not None:
+            _server = _ScriptServer(env)
+        proc = _server.run(argv, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a project script's ``main`` in this interpreter, as ``run_cli`` runs it from the command
+    line (exit codes and the ``error:`` line included); returns what :func:`run_script` returns.
+
+    For runs that stop with an error: a fresh interpreter spends about 7 s importing torch,
+    diffusers and transformers, which is most of such a test's time. The state a run leaves in the
+    process (accelerate's singleton state, the root logger's handlers) is reset afterwards."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    from accelerate.state import AcceleratorState
+
+    from library.utils.errors import run_cli
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(importlib.import_module(script.removesuffix(".py").replace("/", ".")).main, list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def one_image_per_step(tiny_default: Path, out: Path, **subset_options) -> Path:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import gen_img
-from tests.conftest import run_script
+from tests.conftest import run_in_process
 
 
 def _gen(*args: str) -> int:
@@ -170,10 +170,10 @@ def test_bad_lines_are_skipped_and_bad_files_stop(sd1, sd1_lora, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1 and len(list((tmp_path / "o").glob("*.png"))) == 2
     assert "prompts.txt:2: unknown option --zz" in err and "prompts.txt:3: bad value for --w" in err
-    proc = run_script("gen_img.py", "--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "o2"),
+    proc = run_in_process("gen_img.py", "--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "o2"),
                       "--network_weights", str(tmp_path / "missing.safetensors"))
     assert proc.returncode == 2 and "missing.safetensors: file not found" in proc.stderr
-    proc = run_script("gen_img.py", "--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "o3"), "--W", "70")
+    proc = run_in_process("gen_img.py", "--ckpt", sd1, "--prompt", "x", "--outdir", str(tmp_path / "o3"), "--W", "70")
     assert proc.returncode == 2 and "--W 70: image sizes must be multiples of 8" in proc.stderr
 
 
@@ -207,8 +207,8 @@ def test_sdxl_and_sd3_with_their_loras(tiny_family_models, sd1_lora, tmp_path):
     assert np.abs(images["sd3"] - images["sd3_lora"]).max() > 5
     # our kohya SD3 file (our hooks) and its diffusers form (diffusers' PEFT loader) give the same image
     assert np.abs(images["sd3_lora"] - images["sd3_diffusers"]).max() <= 2
-    proc = run_script("gen_img.py", "--ckpt", str(tiny_family_models["sd3"]), "--prompt", "x", "--W", "64", "--H", "64",
-                      "--outdir", str(tmp_path / "wrong"), "--network_weights", sd1_lora[0])
+    proc = run_in_process("gen_img.py", "--ckpt", str(tiny_family_models["sd3"]), "--prompt", "x", "--W", "64", "--H",
+                          "64", "--outdir", str(tmp_path / "wrong"), "--network_weights", sd1_lora[0])
     assert proc.returncode == 2 and "another model" in proc.stderr
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import one_image_per_step, run_script
+from tests.conftest import one_image_per_step, run_in_process, run_script
 
 EPOCHS = 4  # 8 batches per epoch (8 images, 1 repeat, batch 1): 32 steps
 
@@ -71,9 +71,9 @@ def test_continuing_from_a_step_file_ends_as_the_whole_run(tiny_default, referen
 
 
 def test_initial_step_checks(tiny_default, tmp_path):
-    proc = run_script("train_network.py", *_args(tiny_default, tmp_path, "--initial_step", "40"))
+    proc = run_in_process("train_network.py", *_args(tiny_default, tmp_path, "--initial_step", "40"))
     assert proc.returncode == 2 and "--initial_step 40 is at or past the end of the run (32 steps)" in proc.stderr
-    proc = run_script("train_network.py", *_args(tiny_default, tmp_path, "--skip_until_initial_step"))
+    proc = run_in_process("train_network.py", *_args(tiny_default, tmp_path, "--skip_until_initial_step"))
     assert proc.returncode == 2 and "--skip_until_initial_step needs --initial_step" in proc.stderr
-    proc = run_script("train_network.py", *_args(tiny_default, tmp_path, "--lr_scheduler", "cosin"))
+    proc = run_in_process("train_network.py", *_args(tiny_default, tmp_path, "--lr_scheduler", "cosin"))
     assert proc.returncode == 2 and "'cosin' is not a scheduler (did you mean 'cosine'?)" in proc.stderr

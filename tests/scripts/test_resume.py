@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_in_process, run_script
 
 STEPS = 50  # 20 batches per epoch (80 samples, batch 4): epoch boundaries at steps 20 and 40
 
@@ -184,13 +184,13 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path):
 def test_bad_resume_requests(reference, tiny_default, tmp_path):
     incomplete = tmp_path / "last-step00000003-state"
     incomplete.mkdir()
-    proc = run_script("train_network.py", *_args(tiny_default, tmp_path, "--resume", str(incomplete)))
+    proc = run_in_process("train_network.py", *_args(tiny_default, tmp_path, "--resume", str(incomplete)))
     assert proc.returncode == 2 and "incomplete state folder" in proc.stderr and "Traceback" not in proc.stderr
     out = tmp_path / "states"
     run_script("train_network.py", *_args(tiny_default, out, "--max_train_steps", "2", "--save_state_on_train_end"),
                check=True)
-    proc = run_script("train_network.py", *_args(tiny_default, out, "--network_dim", "8", "--resume",
+    proc = run_in_process("train_network.py", *_args(tiny_default, out, "--network_dim", "8", "--resume",
                                                  str(out / "last-state")))
     assert proc.returncode == 2 and "another network" in proc.stderr and "dim: state None vs now 8" in proc.stderr
-    proc = run_script("train_network.py", *_args(tiny_default, tmp_path / "none", "--resume", "latest"))
+    proc = run_in_process("train_network.py", *_args(tiny_default, tmp_path / "none", "--resume", "latest"))
     assert proc.returncode == 2 and "no complete state folder" in proc.stderr

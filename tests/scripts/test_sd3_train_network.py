@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import run_in_process, run_script
 
 SCRIPT = "sd3_train_network.py"
 
@@ -122,19 +122,19 @@ def test_sd35_medium_options(tmp_path):
     (("--weighting_scheme", "bogus"), "invalid choice"),
 ])
 def test_bad_input(tiny_sd3, tmp_path, extra, message):
-    proc = run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--max_train_steps", "1", *extra))
+    proc = run_in_process(SCRIPT, *_args(tiny_sd3, tmp_path, "--max_train_steps", "1", *extra))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_wrong_files(tiny_sd3, tiny_default, tmp_path):
     from library.models.sd3_loading import load_sd3_single_file, save_sd3_single_file
 
-    proc = run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--max_train_steps", "1"),
+    proc = run_in_process(SCRIPT, *_args(tiny_sd3, tmp_path, "--max_train_steps", "1"),
                       "--pretrained_model_name_or_path", str(tiny_default / "model" / "tiny-sd15.safetensors"))
     assert proc.returncode == 2 and "not an SD3 checkpoint" in proc.stderr and "train_network.py" in proc.stderr
     bare = tmp_path / "bare.safetensors"
     save_sd3_single_file(bare, load_sd3_single_file(tiny_sd3 / "model" / "tiny-sd3.safetensors"),
                          bundle_text_encoders=False)
-    proc = run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--max_train_steps", "1"),
+    proc = run_in_process(SCRIPT, *_args(tiny_sd3, tmp_path, "--max_train_steps", "1"),
                       "--pretrained_model_name_or_path", str(bare))
     assert proc.returncode == 2 and "no bundled clip_l and clip_g: pass --clip_l <file> --clip_g <file>" in proc.stderr

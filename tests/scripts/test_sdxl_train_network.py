@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import run_in_process, run_script
 
 SCRIPT = "sdxl_train_network.py"
 
@@ -153,16 +153,16 @@ def test_bf16_with_fp32_vae(tiny_xl, tmp_path):
     (("--text_encoder_lr", "1e-4", "1e-4", "1e-4"), "at most one value per text encoder"),
 ])
 def test_bad_flags(tiny_xl, tmp_path, extra, message):
-    proc = run_script(SCRIPT, *_args(tiny_xl, tmp_path, "--max_train_steps", "1", *extra))
+    proc = run_in_process(SCRIPT, *_args(tiny_xl, tmp_path, "--max_train_steps", "1", *extra))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_wrong_family_files(tiny_xl, tiny_default, tmp_path):
     sd1 = str(tiny_default / "model" / "tiny-sd15.safetensors")
-    proc = run_script(SCRIPT, *_args(tiny_xl, tmp_path, "--max_train_steps", "1"),
+    proc = run_in_process(SCRIPT, *_args(tiny_xl, tmp_path, "--max_train_steps", "1"),
                       "--pretrained_model_name_or_path", sd1)
     assert proc.returncode == 2 and "not an SDXL checkpoint" in proc.stderr and "train_network.py" in proc.stderr
-    proc = run_script("train_network.py", "--pretrained_model_name_or_path",
+    proc = run_in_process("train_network.py", "--pretrained_model_name_or_path",
                       str(tiny_xl / "model" / "tiny-sdxl.safetensors"), "--dataset_config",
                       str(tiny_xl / "dataset.toml"), "--output_dir", str(tmp_path), "--max_train_steps", "1")
     assert proc.returncode == 2 and "sdxl_train_network.py" in proc.stderr

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import run_script, tiny_train_args
+from tests.conftest import run_in_process, run_script, tiny_train_args
 
 
 def _train(tiny_default: Path) -> str:
@@ -183,26 +183,26 @@ def test_bad_input_messages(tiny_default, tmp_path):
     args = tiny_train_args(tiny_default, tmp_path)
     missing = list(args)
     missing[1] = str(tmp_path / "nope.safetensors")
-    _user_error(run_script("train_network.py", *missing), "nope.safetensors", "file not found")
+    _user_error(run_in_process("train_network.py", *missing), "nope.safetensors", "file not found")
 
     empty = tmp_path / "empty" / "5_thing"
     empty.mkdir(parents=True)
-    _user_error(run_script("train_network.py", *args, "--dataset_config", "", "--train_data_dir",
+    _user_error(run_in_process("train_network.py", *args, "--dataset_config", "", "--train_data_dir",
                            str(empty.parent), "--resolution", "64"), "no usable training images", "5_thing")
 
-    _user_error(run_script("train_network.py", *args, "--network_module", "networks.nosuch"),
+    _user_error(run_in_process("train_network.py", *args, "--network_module", "networks.nosuch"),
                 "--network_module networks.nosuch")
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("ok --w 64\nbad --x 1\n", encoding="utf-8")
-    _user_error(run_script("train_network.py", *args, "--sample_prompts", str(prompts)), "p.txt:2", "--x")
+    _user_error(run_in_process("train_network.py", *args, "--sample_prompts", str(prompts)), "p.txt:2", "--x")
 
-    _user_error(run_script("train_network.py", *args, "--v2"), "--v2 was given", "SD1.x")
+    _user_error(run_in_process("train_network.py", *args, "--v2"), "--v2 was given", "SD1.x")
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 'ten'\n",
                    encoding="utf-8")
-    _user_error(run_script("train_network.py", *args, "--dataset_config", str(cfg)),
+    _user_error(run_in_process("train_network.py", *args, "--dataset_config", str(cfg)),
                 'datasets[0].subsets[0].num_repeats: expected a positive int, got "ten"')
 
 
@@ -216,7 +216,7 @@ def test_unreadable_image_is_skipped_or_stops(tiny_default, tmp_path):
     proc = run_script("train_network.py", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipping" in proc.stderr and "zz_broken.png" in proc.stderr
-    _user_error(run_script("train_network.py", *args, "--strict_dataset"), "zz_broken.png", "--strict_dataset")
+    _user_error(run_in_process("train_network.py", *args, "--strict_dataset"), "zz_broken.png", "--strict_dataset")
 
 
 def test_trained_file_loads_in_diffusers_like_a_hand_merge(main_run, tiny_default, caplog):
@@ -335,9 +335,10 @@ network_args = ["conv_dim=2"]
 
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rat = 1e-4\nmax_train_steps = 'many'\n", encoding="utf-8")
-    _user_error(run_script("train_network.py", "--config_file", str(bad)),
+    _user_error(run_in_process("train_network.py", "--config_file", str(bad)),
                 "unknown key learning_rat (did you mean 'learning_rate'?)", "max_train_steps: expected int")
-    _user_error(run_script("train_network.py", "--output_dir", str(out)), "--pretrained_model_name_or_path required")
+    _user_error(run_in_process("train_network.py", "--output_dir", str(out)),
+                "--pretrained_model_name_or_path required")
 
 
 def test_loggable_args_drop_paths_and_secrets():
@@ -361,8 +362,8 @@ def test_precision_options_and_modelspec_flags(tiny_default, tmp_path):
     assert meta["modelspec.title"] == "Red circles" and meta["modelspec.author"] == "me"
     assert meta["modelspec.trigger_phrase"] == "sks shape"
     args = tiny_train_args(tiny_default, tmp_path)
-    _user_error(run_script("train_network.py", *args, "--full_bf16"), "--full_bf16 needs --mixed_precision bf16")
-    _user_error(run_script("train_network.py", *args, "--fp8_base"), "--fp8_base computes in the mixed-precision")
+    _user_error(run_in_process("train_network.py", *args, "--full_bf16"), "--full_bf16 needs --mixed_precision bf16")
+    _user_error(run_in_process("train_network.py", *args, "--fp8_base"), "--fp8_base computes in the mixed-precision")
 
 
 def test_attention_modes(tiny_sd1):
@@ -423,7 +424,7 @@ def test_masked_loss_training(tiny_default, tmp_path):
         {"image_dir": _train(tiny_default), "conditioning_data_dir": str(masks), "caption_extension": ".caption"},
         {"image_dir": _reg(tiny_default), "alpha_mask": True, "class_tokens": "shape"}], batch_size=2)
     args = tiny_train_args(tiny_default, tmp_path / "out", "--dataset_config", str(cfg), "--max_train_steps", "3")
-    _user_error(run_script("train_network.py", *args), "conditioning_data_dir: add --masked_loss")
+    _user_error(run_in_process("train_network.py", *args), "conditioning_data_dir: add --masked_loss")
     run_script("train_network.py", *args, "--masked_loss", "--cache_latents", check=True)
     assert (tmp_path / "out" / "last.safetensors").is_file()
 
@@ -522,9 +523,10 @@ def test_text_encoder_cache_tool_training_and_staleness(tiny_default, tmp_path):
     # refused combinations, before any model is loaded
     bad = list(train)
     bad[1] = str(tmp_path / "nothing")
-    _user_error(run_script("train_network.py", *bad, "--shuffle_caption"), "needs fixed captions", "shuffle_caption")
+    _user_error(run_in_process("train_network.py", *bad, "--shuffle_caption"), "needs fixed captions",
+                "shuffle_caption")
     bad.remove("--network_train_unet_only")
-    _user_error(run_script("train_network.py", *bad), "needs --network_train_unet_only")
+    _user_error(run_in_process("train_network.py", *bad), "needs --network_train_unet_only")
 
 
 def test_network_multiplier_per_dataset(tiny_default, tmp_path):
@@ -585,4 +587,4 @@ def test_separate_vae_flag(tiny_default, tmp_path):
     _, meta = _read(tmp_path / "out" / "last.safetensors")
     assert meta["ss_vae_name"] == "my_vae"
     args = tiny_train_args(tiny_default, tmp_path / "out2", "--vae", str(tmp_path / "missing.safetensors"))
-    _user_error(run_script("train_network.py", *args), "--vae", "not found")
+    _user_error(run_in_process("train_network.py", *args), "--vae", "not found")

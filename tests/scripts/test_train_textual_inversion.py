@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.utils.errors import run_cli
-from tests.conftest import run_script
+from tests.conftest import run_in_process, run_script
 
 TOKEN = "zqshape"
 
@@ -187,9 +187,9 @@ def test_bad_input_is_refused_before_loading(script, extra, message, tiny_defaul
 
 
 def test_captions_without_the_token_and_sd3_are_refused(tiny_default, tmp_path, tiny_family_models):
-    proc = run_script("train_textual_inversion.py", *_args(_sd1(tiny_default), _dataset(tiny_default, tmp_path,
+    proc = run_in_process("train_textual_inversion.py", *_args(_sd1(tiny_default), _dataset(tiny_default, tmp_path,
                                                                                         "shape"), tmp_path / "o"))
     assert proc.returncode == 2 and "contains --token_string zqshape" in proc.stderr and "10_sks shape" in proc.stderr
-    proc = run_script("sdxl_train_textual_inversion.py", *_args(tiny_family_models["sd3"], _dataset(
+    proc = run_in_process("sdxl_train_textual_inversion.py", *_args(tiny_family_models["sd3"], _dataset(
         tiny_default, tmp_path), tmp_path / "o"))
     assert proc.returncode == 2 and "textual inversion is not available for SD3" in proc.stderr, proc.stderr[-800:]
