@@ -20,13 +20,14 @@ def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
     else:
         g.add_argument("--train_text_encoder", action="store_true",
                        help="train the text encoder(s) as well as the UNet / MMDiT (SD3: CLIP-L and CLIP-G; "
-                            "T5-XXL stays frozen)")
+                            "T5-XXL too with --train_t5xxl)")
     g.add_argument("--learning_rate_te", dest="text_encoder_lr", type=float, nargs=1,
                    help="the text encoder's learning rate (default --learning_rate; SDXL, SD3: both CLIPs)")
 
 
-def add_per_encoder_rates(group, names: tuple[str, str]) -> None:
-    """kohya's ``--learning_rate_te1`` / ``--learning_rate_te2`` (SDXL's and SD3's two CLIP encoders)."""
+def add_per_encoder_rates(group, names: tuple[str, ...]) -> None:
+    """kohya's ``--learning_rate_te1`` / ``--learning_rate_te2`` (SDXL's and SD3's CLIP encoders) and
+    SD3's ``--learning_rate_te3`` (T5-XXL, with ``--train_t5xxl``)."""
     for i, name in enumerate(names, start=1):
         group.add_argument(f"--learning_rate_te{i}", dest=f"text_encoder_lr{i}", type=float,
                            help=f"{name}'s learning rate (default --learning_rate_te, else --learning_rate; 0 "

@@ -39,14 +39,20 @@ def add_sd3_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sd3_full_training_args(p: argparse.ArgumentParser) -> None:
-    """sd3_train.py's own flags: the CLIP encoders' rates and what the saved file bundles."""
+    """sd3_train.py's own flags: which encoders train and at what rate, what is cached, and what the
+    saved file bundles."""
     add_sd3_args(p)
     g = p.add_argument_group("SD3 full-weight training")
-    add_per_encoder_rates(g, ("CLIP-L", "CLIP-G"))
+    add_per_encoder_rates(g, ("CLIP-L", "CLIP-G", "T5-XXL"))
+    g.add_argument("--train_t5xxl", action="store_true",
+                   help="with --train_text_encoder: train T5-XXL too, at --learning_rate_te3")
+    g.add_argument("--use_t5xxl_cache_only", action="store_true",
+                   help="cache the frozen T5-XXL's outputs once while CLIP-L/G train and run at every step (turns "
+                        "on --cache_text_encoder_outputs)")
     g.add_argument("--save_clip", action="store_true",
                    help="bundle CLIP-L and CLIP-G in saved files even when the base file did not and they did not "
                         "train (trained or bundled encoders are always written)")
     g.add_argument("--save_t5xxl", action="store_true",
-                   help="bundle T5-XXL in saved files even when the base file did not (it never trains)")
+                   help="bundle T5-XXL in saved files even when the base file did not and it did not train")
     g.add_argument("--num_last_block_to_freeze", type=int,
                    help="keep the MMDiT's last N joint transformer blocks frozen (their weights keep their bytes)")

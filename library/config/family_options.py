@@ -88,6 +88,7 @@ def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
         also = " (and it cannot be combined with --blocks_to_swap)" if args.blocks_to_swap else ""
         raise UserError(f"--cpu_offload_checkpointing is not available in this version{also}; use --blocks_to_swap N "
                         "or --gradient_checkpointing")
+    _check_t5_training(args)
     flow = FlowOptions(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.training_shift,
                        args.min_timestep, args.max_timestep, args.loss_type, args.huber_c)
     sizes = tuple(patched_side(*ds.resolution) for ds in datasets) if args.enable_scaled_pos_embed else ()
@@ -100,7 +101,26 @@ def _sd3_training(args: argparse.Namespace, datasets) -> SD3Options:
         blocks_to_swap=args.blocks_to_swap or 0, t5xxl_device=args.t5xxl_device,
         t5xxl_dtype=_DTYPES[args.t5xxl_dtype], ip_noise_gamma=args.ip_noise_gamma,
         ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
-        save_clip=getattr(args, "save_clip", False), save_t5xxl=getattr(args, "save_t5xxl", False))
+        save_clip=getattr(args, "save_clip", False), save_t5xxl=getattr(args, "save_t5xxl", False),
+        train_t5xxl=getattr(args, "train_t5xxl", False))
+
+
+def _check_t5_training(args: argparse.Namespace) -> None:
+    """sd3_train.py's --train_t5xxl: only beside the CLIPs (as kohya requires), never cached, and
+    with T5 where the trained weights are (not on its own device or dtype)."""
+    if not getattr(args, "train_t5xxl", False):
+        return
+    if not args.train_text_encoder:
+        raise UserError("--train_t5xxl trains T5-XXL beside CLIP-L/G: add --train_text_encoder")
+    cached = [f"--{name}" for name in ("use_t5xxl_cache_only", "cache_text_encoder_outputs",
+                                       "cache_text_encoder_outputs_to_disk") if getattr(args, name)]
+    if cached:
+        raise UserError(f"--train_t5xxl with {', '.join(cached)}: a trained T5's outputs change at every step, so "
+                        "they cannot be cached; remove one of them")
+    placed = [f"--{name}" for name in ("t5xxl_device", "t5xxl_dtype") if getattr(args, name)]
+    if placed:
+        raise UserError(f"--train_t5xxl with {', '.join(placed)}: a trained T5 stays on the training device in the "
+                        "trained weights' dtype; remove " + " and ".join(placed))
 
 
 _TRAINING = {"sd": _sd_training, "sdxl": _sdxl_training, "sd3": _sd3_training}

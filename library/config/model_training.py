@@ -45,6 +45,8 @@ class ModelTrainConfig:
     block_lr: tuple[float, ...] | None = None  # SDXL: a rate per UNet block (kohya's --block_lr)
     ema: EMAOptions | None = None
     frozen_last_blocks: int = 0  # SD3: the denoiser's last N blocks stay frozen (--num_last_block_to_freeze)
+    #: SD3's --use_t5xxl_cache_only: the frozen encoders' outputs are cached, the trained ones run each step
+    partial_text_cache: bool = False
 
     @property
     def as_folder(self) -> bool:
@@ -106,12 +108,20 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
     if args.fp8_base or args.fp8_base_unet:
         raise UserError("--fp8_base / --fp8_base_unet store frozen weights in fp8; a full-weight run trains the "
                         "model's own weights, which cannot be fp8 (remove the flag)")
-    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and train_te:
+    partial = bool(getattr(args, "use_t5xxl_cache_only", False))
+    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and train_te and not partial:
         flag = "--stop_text_encoder_training -1" if kind == "dreambooth" else "no --train_text_encoder"
+        # the scripts whose family can cache one encoder alone have the flag for it (sd3_train.py)
+        also = "; --use_t5xxl_cache_only caches the frozen T5 while the CLIPs train" \
+            if hasattr(args, "use_t5xxl_cache_only") else ""
         raise UserError("--cache_text_encoder_outputs: the text encoder is trained in this run, so its outputs change; "
-                        f"cache only with a frozen text encoder ({flag})")
+                        f"cache only with a frozen text encoder ({flag}){also}")
+    if partial:
+        logger.info("--use_t5xxl_cache_only: T5-XXL's outputs are cached%s", "; CLIP-L/G run at every step"
+                    if train_te else " (with the CLIPs frozen, as --cache_text_encoder_outputs caches all three)")
     return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)),
-                            _ema(args), _frozen_last_blocks(getattr(args, "num_last_block_to_freeze", None)))
+                            _ema(args), _frozen_last_blocks(getattr(args, "num_last_block_to_freeze", None)),
+                            partial_text_cache=partial and train_te)
 
 
 def _frozen_last_blocks(count: int | None) -> int:

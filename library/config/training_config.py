@@ -322,11 +322,14 @@ def text_encoder_rates(args: argparse.Namespace) -> float | tuple[float | None, 
     rates = list(args.text_encoder_lr or [])
     if len(rates) > 3:
         raise UserError(f"--text_encoder_lr: at most one value per text encoder (3 for SD3), got {len(rates)}")
-    per_encoder = [getattr(args, "text_encoder_lr1", None), getattr(args, "text_encoder_lr2", None)]
-    if len(rates) < 2 and not any(r is not None for r in per_encoder):
+    per_encoder = [getattr(args, f"text_encoder_lr{i}", None) for i in (1, 2, 3)]
+    while per_encoder and per_encoder[-1] is None:
+        per_encoder.pop()
+    if len(rates) < 2 and not per_encoder:
         return rates[0] if rates else None
-    base = rates + [rates[0] if rates else None] * (2 - len(rates))
-    per_encoder += [None] * (len(base) - 2)
+    count = max(2, len(rates), len(per_encoder))
+    base = rates + [rates[0] if rates else None] * (count - len(rates))
+    per_encoder += [None] * (count - len(per_encoder))
     return tuple(own if own is not None else b for own, b in zip(per_encoder, base))
 
 
@@ -410,7 +413,8 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
         debug_dataset=args.debug_dataset, lowram=args.lowram, validate_every_n_steps=args.validate_every_n_steps,
-        cache_text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
+        cache_text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+        or getattr(args, "use_t5xxl_cache_only", False),  # SD3's partial cache turns caching on, as in kohya
         cache_text_to_disk=args.cache_text_encoder_outputs_to_disk,
         text_encoder_batch_size=args.text_encoder_batch_size,
         validate_every_n_epochs=args.validate_every_n_epochs, max_validation_steps=args.max_validation_steps,

@@ -185,8 +185,16 @@ class ModelFamily(ABC):
 
     def trainable_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
         """The text encoders a full-weight run trains with ``--train_text_encoder`` (all of them
-        here; SD3 keeps T5 frozen)."""
+        here; SD3 trains T5 only with ``--train_t5xxl``)."""
         return list(models.text_encoders)
+
+    def encode_prompt_parts(self, models: LoadedModels, captions: list[str], device: torch.device,
+                            encoders: list[int]) -> dict:
+        """The part of :meth:`encode_prompts`'s conditioning that the text encoders at these
+        indices give, so that frozen encoders' parts can be cached while the others train and run
+        at every step. Families whose conditioning mixes the encoders cannot split it."""
+        raise UserError(f"{self.title}: the text conditioning cannot be split by encoder, so the frozen encoders' "
+                        "outputs cannot be cached while another one trains (cache all or none)")
 
     def save_problem(self, models: LoadedModels, save_as: str) -> str | None:
         """Why these models cannot be written as ``save_as`` (a ``--save_model_as`` value; checked
@@ -194,10 +202,10 @@ class ModelFamily(ABC):
         return None
 
     def save_model(self, models: LoadedModels, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
-                   as_folder: bool, trained_text_encoders: bool = False) -> None:
+                   as_folder: bool, trained_text_encoders: tuple[torch.nn.Module, ...] = ()) -> None:
         """The whole model (its trained weights as they are now) as a single file in the family's
-        original layout, or as a diffusers folder (``trained_text_encoders``: whether they
-        changed, for families whose files may leave unchanged ones out)."""
+        original layout, or as a diffusers folder (``trained_text_encoders``: those that changed,
+        for families whose files may leave unchanged ones out)."""
         checkpoint = Checkpoint(self.model_layout(models), models.parts, models.source)
         if as_folder:
             write_diffusers(checkpoint, path, dtype)

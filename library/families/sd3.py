@@ -64,6 +64,7 @@ class SD3Options:
     # what full-weight saves bundle beyond the encoders the base file held and those that trained
     save_clip: bool = False
     save_t5xxl: bool = False
+    train_t5xxl: bool = False  # sd3_train.py --train_t5xxl: T5 is one of the trainable encoders
 
 
 @dataclass
@@ -115,6 +116,8 @@ class SD3Family(ModelFamily):
             parts.vae = load_vae(o.vae, dtype, self.latent_channels, device)
             parts.vae.register_to_config(scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT)
         if parts.t5xxl is None:
+            if o.train_t5xxl:
+                raise UserError(f"--train_t5xxl: {name_or_path} bundles no T5-XXL; give its file with --t5xxl")
             logger.warning("no T5-XXL in %s and no --t5xxl: training without T5 (its states are zeros)", name_or_path)
         pos_embed = None
         if o.pos_emb_random_crop_rate or o.scaled_pos_embed_sizes:
@@ -162,18 +165,26 @@ class SD3Family(ModelFamily):
     def encode_prompts(self, models: LoadedModels, captions: list[str], device: torch.device) -> dict:
         """``{"clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5"}``; the MMDiT's inputs are
         assembled from them in :meth:`denoise`."""
-        encoders, tokenizers = models.text_encoders, models.tokenizers
+        return self.encode_prompt_parts(models, captions, device, list(range(len(models.text_encoders))))
+
+    def encode_prompt_parts(self, models: LoadedModels, captions: list[str], device: torch.device,
+                            encoders: list[int]) -> dict:
+        """The keys of :meth:`encode_prompts` that the encoders at ``encoders`` give (0 CLIP-L,
+        1 CLIP-G, 2 T5): each encoder's part of the conditioning is its own."""
+        modules, tokenizers = models.text_encoders, models.tokenizers
         out = {}
         for i, part in enumerate(("clip_l", "clip_g")):
-            out[part], out[f"{part}_pooled"] = self._clip(tokenizers[i], encoders[i], captions, device)
-        if len(encoders) > 2:
+            if i in encoders:
+                out[part], out[f"{part}_pooled"] = self._clip(tokenizers[i], modules[i], captions, device)
+        if 2 in encoders and len(modules) > 2:
             tokens = tokenizers[2](captions, padding="max_length", max_length=self.options.t5xxl_max_token_length,
                                    truncation=True, return_tensors="pt")
-            t5 = encoders[2]
+            t5 = modules[2]
             where = t5.device  # T5 may live elsewhere (--t5xxl_device); its output comes back here
             mask = tokens.attention_mask.to(where) if self.options.apply_t5_attn_mask else None
             hidden = t5(tokens.input_ids.to(where), attention_mask=mask).last_hidden_state
-            out["t5"] = hidden.to(device, out["clip_l"].dtype)
+            # in the CLIPs' output dtype: T5 may be kept in another one (--t5xxl_dtype)
+            out["t5"] = hidden.to(device, out["clip_l"].dtype if "clip_l" in out else hidden.dtype)
         return out
 
     def text_encoder_settings(self, models: LoadedModels) -> dict:
@@ -273,8 +284,8 @@ class SD3Family(ModelFamily):
 
     # ----------------------------------------------------------------- full-weight training
     def trainable_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
-        """CLIP-L and CLIP-G; T5-XXL stays frozen (kohya's sd3_train.py trains no T5 either)."""
-        return list(models.text_encoders[:2])
+        """CLIP-L and CLIP-G; T5-XXL too with ``--train_t5xxl`` (as kohya's sd3_train.py)."""
+        return list(models.text_encoders[:3 if self.options.train_t5xxl else 2])
 
     def freezable_blocks(self, models: LoadedModels) -> list[torch.nn.Module]:
         return list(models.denoiser.transformer_blocks)
@@ -285,18 +296,19 @@ class SD3Family(ModelFamily):
         return None
 
     def save_model(self, models: LoadedModels, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
-                   as_folder: bool, trained_text_encoders: bool = False) -> None:
-        """A single file bundles the encoders the base file bundled, the trained CLIPs, and those
-        --save_clip / --save_t5xxl ask for; encoders that came from separate files and did not
-        change stay out, as kohya writes them (users keep loading them with --clip_l etc.).
-        A diffusers folder holds every encoder, as the pipeline needs."""
+                   as_folder: bool, trained_text_encoders: tuple[torch.nn.Module, ...] = ()) -> None:
+        """A single file bundles the encoders the base file bundled, the trained ones (a trained
+        CLIP brings its twin, as kohya writes them as a pair), and those --save_clip /
+        --save_t5xxl ask for; encoders that came from separate files and did not change stay out,
+        as kohya writes them (users keep loading them with --clip_l etc.). A diffusers folder holds
+        every encoder, as the pipeline needs."""
         if as_folder:
             return super().save_model(models, path, dtype, metadata, as_folder)
         o, parts = self.options, models.parts
         names = set(parts.bundled)
-        if trained_text_encoders or o.save_clip:
+        if o.save_clip or any(te is parts.clip_l or te is parts.clip_g for te in trained_text_encoders):
             names |= {"clip_l", "clip_g"}
-        if o.save_t5xxl:
+        if o.save_t5xxl or any(te is parts.t5xxl for te in trained_text_encoders):
             names.add("t5xxl")
         save_sd3_single_file(path, parts, dtype, bundle_text_encoders=names, metadata=metadata)
 

@@ -30,7 +30,8 @@ class ModelWeights(OwnTrainable):
     def __init__(self, family: ModelFamily, models: LoadedModels, cfg: ModelTrainConfig):
         self.family, self.models, self.cfg = family, models, cfg
         trained = {"unet": models.denoiser}
-        #: the text encoders in the optimizer (SD3: the CLIPs, never T5)
+        #: the text encoders that may train (SD3: the CLIPs, T5 with --train_t5xxl); those at rate 0
+        #: are frozen by :meth:`optimizer_groups`
         self.text_encoders = family.trainable_text_encoders(models) if cfg.train_text_encoder else []
         trained |= {f"text_encoder{i}": te for i, te in enumerate(self.text_encoders)}
         # what the loop calls the network: state folders hold its state_dict, samples toggle its mode
@@ -123,13 +124,18 @@ class ModelWeights(OwnTrainable):
         """The whole model in the family's single-file layout or as a diffusers folder: the trained
         weights, or with ``--ema`` their average (``--ema_save_mode both``: the weights, and the
         average as ``<name>-ema``)."""
+        trained = self.trained_text_encoders()
         if self.ema is None or self.cfg.ema.save_mode == "both":
-            self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder, bool(self.text_encoders))
+            self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder, trained)
         if self.ema is not None:
             target = path if self.cfg.ema.save_mode == "ema" else ema_path(path)
             with self.ema.applied():
                 self.family.save_model(self.models, str(target), dtype, {**(metadata or {}), "ss_ema": "True"},
-                                       self.cfg.as_folder, bool(self.text_encoders))
+                                       self.cfg.as_folder, trained)
+
+    def trained_text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The text encoders in the optimizer (a rate of 0 left the others frozen)."""
+        return tuple(te for te in self.text_encoders if any(p.requires_grad for p in te.parameters()))
 
 
 def ema_path(path) -> Path:
@@ -176,6 +182,14 @@ class ModelTraining(WhatIsTrained):
         if problem:  # found now, not at the first save after hours of training
             raise UserError(f"--save_model_as {self.cfg.save_as}: {problem}")
         return ModelWeights(family, models, self.cfg)
+
+    def live_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[int]:
+        """SD3's --use_t5xxl_cache_only: the trainable encoders run at every step, the others' outputs
+        are cached."""
+        if not self.cfg.partial_text_cache:
+            return []
+        trained = family.trainable_text_encoders(models)
+        return [i for i, te in enumerate(models.text_encoders) if any(te is t for t in trained)]
 
     @property
     def trains_text_encoders(self) -> bool:

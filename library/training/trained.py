@@ -51,6 +51,11 @@ class WhatIsTrained:
     def check_schedule(self, max_steps: int) -> None:
         """Nothing depends on the run's length."""
 
+    def live_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[int]:
+        """With cached text outputs, the encoders (indices) that still run at every step: none,
+        every output is cached."""
+        return []
+
     def after_optimizer_step(self, trainable, device, step: int):
         """Nothing after each optimizer step (None: nothing to log)."""
         return None

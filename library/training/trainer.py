@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from library.config.training_config import TrainingConfig, loggable_args
 from library.data.batch import TrainBatch
-from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single, to_device
+from library.data.dataset import DatasetGroup, EpochSampler, build_dataset_group, collate_single
 from library.data.dataset_config import fit_to_family
 from library.data.latent_cache import cache_latents
 from library.data.text_cache import cache_text_outputs, random_caption_options
@@ -46,7 +46,7 @@ from library.training.checkpointing import Checkpointer, Progress
 from library.training.interrupt import StopRequest, ignore_interrupts
 from library.training.residency import PartUse, Residency, settle_frozen_parts
 from library.training.trained import NetworkTraining
-from library.training.validation import Validator, batch_latents, make_noisy_batch
+from library.training.validation import Validator, batch_conditioning, batch_latents, make_noisy_batch
 from library.utils.errors import Interrupted, UserError
 from library.utils.files import atomic_path
 
@@ -239,10 +239,16 @@ class Trainer:
 
     def _cache_text(self, models: LoadedModels, group: DatasetGroup, acc) -> None:
         groups = [group] + ([group.validation] if group.validation else [])
-        cache_text_outputs(groups, lambda caps: self.family.encode_prompts(models, caps, acc.device),
-                           self.family.text_encoder_settings(models), self.cfg.text_encoder_batch_size,
-                           self.family.cache_suffix if self.cfg.cache_text_to_disk else None,
-                           acc.is_local_main_process)
+        family, settings = self.family, self.family.text_encoder_settings(models)
+        live = self.what.live_text_encoders(family, models)
+        if live:  # only the other encoders' parts are cached; the record says which, so no full cache serves
+            cached = [i for i in range(len(models.text_encoders)) if i not in live]
+            settings = {**settings, "cached_encoders": cached}
+            encode = lambda caps: family.encode_prompt_parts(models, caps, acc.device, cached)  # noqa: E731
+        else:
+            encode = lambda caps: family.encode_prompts(models, caps, acc.device)  # noqa: E731
+        cache_text_outputs(groups, encode, settings, self.cfg.text_encoder_batch_size,
+                           family.cache_suffix if self.cfg.cache_text_to_disk else None, acc.is_local_main_process)
 
     def _enable_checkpointing(self, models: LoadedModels, trainable) -> None:
         models.denoiser.enable_gradient_checkpointing()
@@ -434,8 +440,9 @@ class Trainer:
     def _validator(self, acc, models: LoadedModels, group: DatasetGroup) -> Validator | None:
         if group.validation is None:
             return None
+        live = self.what.live_text_encoders(self.family, models) if self.cfg.cache_text else []
         validator = Validator(self.family, models, group.validation, self.seed, self.cfg.max_validation_steps, acc,
-                              self._weight_dtype())
+                              self._weight_dtype(), live)
         logger.info("validation: %d held-out image(s), %d batch(es) per pass", len(group.validation.items),
                     validator.batches)
         return validator
@@ -460,6 +467,8 @@ class _Loop:
         self.cfg = trainer.cfg
         self.family = trainer.family
         self.what = trainer.what
+        #: encoders run at every step although text outputs are cached (SD3's --use_t5xxl_cache_only)
+        self.live_encoders = trainer.what.live_text_encoders(trainer.family, models) if trainer.cfg.cache_text else []
         self.params = trainable.trainable_params()
         self.multiplier = 1.0
         self.key_norms: tuple[int, float, float] | None = None  # --scale_weight_norms: the last step's result
@@ -593,12 +602,7 @@ class _Loop:
         dtype = self.t._weight_dtype()
         rng = SampleRNG(self.t.seed, batch.sample_keys, acc.device)
         latents = batch_latents(family, models, batch, acc.device, dtype, rng)
-        if batch.conditioning is not None:
-            cond = to_device(batch.conditioning, acc.device, dtype)
-        else:
-            with torch.set_grad_enabled(self.what.trains_text_encoders_at(step)), acc.autocast():
-                cond = family.encode_prompts(models, batch.captions, acc.device)
-        cond = family.drop_conditioning(cond, rng)
+        cond = family.drop_conditioning(self._conditioning(batch, step), rng)
         noisy = make_noisy_batch(family, batch, latents, rng)
         self._preserve_outputs(batch, noisy, cond)
         with acc.autocast():
@@ -629,6 +633,13 @@ class _Loop:
         if acc.num_processes > 1:
             loss = acc.reduce(loss.detach(), reduction="mean")
         return loss.detach().item()
+
+    def _conditioning(self, batch: TrainBatch, step: int):
+        """The batch's text conditioning (see :func:`batch_conditioning`), with gradients through
+        the text encoders while they train."""
+        with torch.set_grad_enabled(self.what.trains_text_encoders_at(step)), self.acc.autocast():
+            return batch_conditioning(self.family, self.models, batch, self.acc.device, self.t._weight_dtype(),
+                                      self.live_encoders)
 
     def _preserve_outputs(self, batch: TrainBatch, noisy, cond) -> None:
         """diff_output_preservation (a subset's custom_attributes): for those samples the target is

@@ -25,6 +25,18 @@ def batch_latents(family: ModelFamily, models: LoadedModels, batch: TrainBatch, 
         return family.encode_images(models, batch.images.to(device), rng).to(dtype)
 
 
+def batch_conditioning(family: ModelFamily, models: LoadedModels, batch: TrainBatch, device, dtype,
+                       live_encoders: list[int]):
+    """The batch's text conditioning: cached, encoded now, or (SD3's --use_t5xxl_cache_only) the
+    cached parts of the frozen encoders joined by the parts of ``live_encoders`` encoded now."""
+    if batch.conditioning is None:
+        return family.encode_prompts(models, batch.captions, device)
+    cached = to_device(batch.conditioning, device, dtype)
+    if not live_encoders:
+        return cached
+    return {**cached, **family.encode_prompt_parts(models, batch.captions, device, live_encoders)}
+
+
 def make_noisy_batch(family: ModelFamily, batch: TrainBatch, latents: torch.Tensor, rng: SampleRNG,
                      timestep: int | None = None):
     """The family's noisy batch for a data batch, carrying the batch's size conditioning."""
@@ -37,8 +49,9 @@ class Validator:
     """Computes the mean validation loss over (at most ``max_batches``) held-out batches."""
 
     def __init__(self, family: ModelFamily, models: LoadedModels, group: DatasetGroup, seed: int,
-                 max_batches: int | None, acc, dtype: torch.dtype):
+                 max_batches: int | None, acc, dtype: torch.dtype, live_encoders: list[int] | None = None):
         self.family, self.models, self.group, self.acc, self.dtype = family, models, group, acc, dtype
+        self.live_encoders = live_encoders or []
         self.seed = seed ^ VALIDATION_SALT
         self.batches = min(len(group), max_batches) if max_batches else len(group)
 
@@ -55,9 +68,8 @@ class Validator:
                     rng = SampleRNG(self.seed + t, batch.sample_keys, self.acc.device)
                     latents = batch_latents(self.family, self.models, batch, self.acc.device, self.dtype, rng)
                     with self.acc.autocast():
-                        cond = to_device(batch.conditioning, self.acc.device, self.dtype) \
-                            if batch.conditioning is not None \
-                            else self.family.encode_prompts(self.models, batch.captions, self.acc.device)
+                        cond = batch_conditioning(self.family, self.models, batch, self.acc.device, self.dtype,
+                                                  self.live_encoders)
                         noisy = make_noisy_batch(self.family, batch, latents, rng, timestep=t)
                         pred = self.family.denoise(self.models, noisy, cond)
                     per = self.family.per_sample_loss(pred, noisy, batch.masks)

@@ -6,6 +6,7 @@ bundle the encoders the base file bundled, trained ones, and those asked for."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import part, run_script, same_tensors
+from tests.conftest import part, run_in_process, run_script, same_tensors
 
 SCRIPT = "sd3_train.py"
 MMDIT, VAE = "model.diffusion_model.", "first_stage_model."
@@ -110,6 +111,45 @@ def test_the_last_blocks_frozen_keep_their_bytes(tiny_sd3, tmp_path):
         assert same == (i == count - 1), (i, count)
 
 
+def test_train_t5xxl_trains_t5_at_its_own_rate(tiny_sd3, tmp_path):
+    """--train_t5xxl: T5 joins the CLIPs in the optimizer (--learning_rate_te3) and is written."""
+    run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--train_text_encoder", "--train_t5xxl", "--learning_rate_te2", "0",
+                              "--learning_rate_te3", "1e-3", "--max_train_steps", "2"), check=True)
+    base = load_file(str(tiny_sd3 / "model" / "tiny-sd3.safetensors"))
+    tuned = load_file(str(tmp_path / "last.safetensors"))
+    t5 = part(base, T5)
+    changed = [k for k in t5 if not torch.equal(t5[k], tuned[k])]
+    assert len(changed) >= len(t5) - 1, f"{len(changed)} of {len(t5)} T5 tensors trained"  # -1: unused bias table
+    assert same_tensors(part(base, CLIP_G), part(tuned, CLIP_G))  # --learning_rate_te2 0
+
+
+def test_t5_cache_only_trains_as_live_t5(tiny_sd3, plain, tmp_path):
+    """--use_t5xxl_cache_only: T5's outputs come from the cache while the CLIPs run (and train) at
+    every step; the result equals the run that encodes all three at every step."""
+    run_script(SCRIPT, *_args(tiny_sd3, tmp_path, "--train_text_encoder", "--learning_rate_te2", "0",
+                              "--use_t5xxl_cache_only"), check=True)
+    assert same_tensors(load_file(str(plain / "last.safetensors")), load_file(str(tmp_path / "last.safetensors")))
+
+
+def test_encode_prompt_parts_gives_each_encoders_own_part():
+    """The partial cache relies on each encoder's keys depending on that encoder only."""
+    from library.families.base import LoadedModels
+    from library.families.sd3 import SD3Family, SD3Options
+    from library.models.tiny import make_tiny_sd3
+
+    parts = make_tiny_sd3(0)
+    tokenizers = [parts.tokenizers[k] for k in ("clip_l", "clip_g", "t5xxl")]
+    models = LoadedModels(parts.transformer, parts.vae, parts.text_encoder_list, tokenizers, parts=parts)
+    family, captions = SD3Family(SD3Options(t5xxl_max_token_length=8)), ["a red circle", "sks"]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        whole = family.encode_prompts(models, captions, cpu)
+        t5 = family.encode_prompt_parts(models, captions, cpu, [2])
+        clips = family.encode_prompt_parts(models, captions, cpu, [0, 1])
+    assert t5.keys() == {"t5"} and torch.equal(t5["t5"], whole["t5"])
+    assert clips.keys() == whole.keys() - {"t5"} and all(torch.equal(clips[k], whole[k]) for k in clips)
+
+
 def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):
     """A base whose encoders came from separate files: unchanged encoders stay out (as kohya
     writes them), trained CLIPs go in, --save_t5xxl adds T5."""
@@ -121,21 +161,23 @@ def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):
     parts.bundled = frozenset()
     models = LoadedModels(parts.transformer, parts.vae, parts.text_encoder_list, [], parts=parts)
 
-    def prefixes(options: SD3Options, trained: bool) -> set[str]:
+    def prefixes(options: SD3Options, trained: tuple = ()) -> set[str]:
         SD3Family(options).save_model(models, str(tmp_path / "m.safetensors"), None, None, False, trained)
         with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
             return {p for p in (CLIP_L, CLIP_G, T5) if any(k.startswith(p) for k in f.keys())}
 
-    assert prefixes(SD3Options(), trained=False) == set()
-    assert prefixes(SD3Options(), trained=True) == {CLIP_L, CLIP_G}
-    assert prefixes(SD3Options(save_t5xxl=True), trained=False) == {T5}
-    assert prefixes(SD3Options(save_clip=True), trained=False) == {CLIP_L, CLIP_G}
+    assert prefixes(SD3Options()) == set()
+    assert prefixes(SD3Options(), trained=(parts.clip_l,)) == {CLIP_L, CLIP_G}  # written as a pair
+    assert prefixes(SD3Options(), trained=(parts.clip_l, parts.clip_g, parts.t5xxl)) == {CLIP_L, CLIP_G, T5}
+    assert prefixes(SD3Options(save_t5xxl=True)) == {T5}
+    assert prefixes(SD3Options(save_clip=True)) == {CLIP_L, CLIP_G}
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--save_model_as", "ckpt"], "SD3 models are written as .safetensors"),
     (["--cpu_offload_checkpointing"], "--cpu_offload_checkpointing is not available"),
-    (["--train_text_encoder", "--cache_text_encoder_outputs"], "the text encoder is trained in this run"),
+    (["--train_text_encoder", "--cache_text_encoder_outputs"], "--use_t5xxl_cache_only caches the frozen T5"),
+    (["--train_t5xxl"], "--train_t5xxl trains T5-XXL beside CLIP-L/G: add --train_text_encoder"),
     (["--noise_offset", "0.1"], "not used by SD3 (flow matching)"),
     (["--num_last_block_to_freeze", "0"], "--num_last_block_to_freeze 0: give a number of blocks of at least 1"),
     (["--deepspeed", "--zero_stage", "2"], "--deepspeed, --zero_stage: sharded training (DeepSpeed ZeRO / FSDP) is "
@@ -143,6 +185,20 @@ def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):
     (["--fused_optimizer_groups", "2", "--fused_backward_pass", "--optimizer_type", "adafactor"], "use one of them"),
 ])
 def test_bad_input(tiny_sd3, tmp_path, extra, message):
-    proc = run_script(SCRIPT, *_args(tiny_sd3, tmp_path, *extra))
+    proc = run_in_process(SCRIPT, *_args(tiny_sd3, tmp_path, *extra))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--use_t5xxl_cache_only"], "--train_t5xxl with --use_t5xxl_cache_only: a trained T5's outputs change"),
+    (["--t5xxl_device", "cpu", "--t5xxl_dtype", "bf16"], "remove --t5xxl_device and --t5xxl_dtype"),
+])
+def test_train_t5xxl_refuses_what_cannot_hold(tiny_sd3, tmp_path, extra, message):
+    """Checked in-process (the refusals come before any model loads; test_bad_input covers the exit)."""
+    import sd3_train
+    from library.utils.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        sd3_train.main(_args(tiny_sd3, tmp_path, "--train_text_encoder", "--train_t5xxl", *extra))
     assert not list(tmp_path.glob("*.safetensors"))
