@@ -413,8 +413,9 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         cache_latents=args.cache_latents or args.cache_latents_to_disk, cache_to_disk=args.cache_latents_to_disk,
         debug_dataset=args.debug_dataset, lowram=args.lowram, validate_every_n_steps=args.validate_every_n_steps,
-        cache_text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
-        or getattr(args, "use_t5xxl_cache_only", False),  # SD3's partial cache turns caching on, as in kohya
+        # SD3's --use_t5xxl_cache_only turns caching on, as in kohya
+        cache_text=(args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+                    or getattr(args, "use_t5xxl_cache_only", False)),
         cache_text_to_disk=args.cache_text_encoder_outputs_to_disk,
         text_encoder_batch_size=args.text_encoder_batch_size,
         validate_every_n_epochs=args.validate_every_n_epochs, max_validation_steps=args.max_validation_steps,

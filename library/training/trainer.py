@@ -240,15 +240,23 @@ class Trainer:
     def _cache_text(self, models: LoadedModels, group: DatasetGroup, acc) -> None:
         groups = [group] + ([group.validation] if group.validation else [])
         family, settings = self.family, self.family.text_encoder_settings(models)
-        live = self.what.live_text_encoders(family, models)
+        live = self._live_encoders(models)
+        cached = [i for i in range(len(models.text_encoders)) if i not in live]
         if live:  # only the other encoders' parts are cached; the record says which, so no full cache serves
-            cached = [i for i in range(len(models.text_encoders)) if i not in live]
             settings = {**settings, "cached_encoders": cached}
-            encode = lambda caps: family.encode_prompt_parts(models, caps, acc.device, cached)  # noqa: E731
-        else:
-            encode = lambda caps: family.encode_prompts(models, caps, acc.device)  # noqa: E731
+
+        def encode(captions: list[str]):
+            if live:
+                return family.encode_prompt_parts(models, captions, acc.device, cached)
+            return family.encode_prompts(models, captions, acc.device)
+
         cache_text_outputs(groups, encode, settings, self.cfg.text_encoder_batch_size,
                            family.cache_suffix if self.cfg.cache_text_to_disk else None, acc.is_local_main_process)
+
+    def _live_encoders(self, models: LoadedModels) -> list[int]:
+        """The text encoders that run at every step although text outputs are cached (SD3's
+        --use_t5xxl_cache_only: the CLIPs that train); none without caching or by default."""
+        return self.what.live_text_encoders(self.family, models) if self.cfg.cache_text else []
 
     def _enable_checkpointing(self, models: LoadedModels, trainable) -> None:
         models.denoiser.enable_gradient_checkpointing()
@@ -440,9 +448,8 @@ class Trainer:
     def _validator(self, acc, models: LoadedModels, group: DatasetGroup) -> Validator | None:
         if group.validation is None:
             return None
-        live = self.what.live_text_encoders(self.family, models) if self.cfg.cache_text else []
         validator = Validator(self.family, models, group.validation, self.seed, self.cfg.max_validation_steps, acc,
-                              self._weight_dtype(), live)
+                              self._weight_dtype(), self._live_encoders(models))
         logger.info("validation: %d held-out image(s), %d batch(es) per pass", len(group.validation.items),
                     validator.batches)
         return validator
@@ -467,8 +474,7 @@ class _Loop:
         self.cfg = trainer.cfg
         self.family = trainer.family
         self.what = trainer.what
-        #: encoders run at every step although text outputs are cached (SD3's --use_t5xxl_cache_only)
-        self.live_encoders = trainer.what.live_text_encoders(trainer.family, models) if trainer.cfg.cache_text else []
+        self.live_encoders = trainer._live_encoders(models)
         self.params = trainable.trainable_params()
         self.multiplier = 1.0
         self.key_norms: tuple[int, float, float] | None = None  # --scale_weight_norms: the last step's result
