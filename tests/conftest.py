@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -64,23 +65,29 @@ class _ScriptServer:
 
     def __init__(self, env: dict):
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_server.py")], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.pending = b""  # read from the server, not yet answered (two answers may arrive in one read)
         assert json.loads(self._answer(600))["ready"]
 
     def _answer(self, timeout: float) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the test script server stopped")
-        return line
+        """The server's next line; our own buffer, so that select() never waits on a line already read."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError("the test script server stopped")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode()
 
     def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(ROOT), "env": env, "stdout": str(out),
-                                              "stderr": str(err)}) + "\n")
+            self.proc.stdin.write((json.dumps({"argv": argv, "cwd": str(ROOT), "env": env, "stdout": str(out),
+                                               "stderr": str(err)}) + "\n").encode())
             pid = json.loads(self._answer(60))["pid"]
             try:
                 code = json.loads(self._answer(timeout))["code"]
