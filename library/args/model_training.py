@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from library.args.common import shared_training_parser
-from library.config.model_training import SAVE_FORMATS, SHARDING_FLAGS
+from library.config.model_training import SAVE_FORMATS
 
 
 def add_text_encoder_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -35,14 +35,26 @@ def add_per_encoder_rates(group, names: tuple[str, ...]) -> None:
 
 
 def add_sharding_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sharded training (kohya's DeepSpeed flags; not in this version: refused with advice)")
-    for name in SHARDING_FLAGS:
-        if name in ("zero_stage",):
-            g.add_argument(f"--{name}", type=int, help="(not in this version)")
-        elif name.endswith(("_device", "_path")):
-            g.add_argument(f"--{name}", help="(not in this version)")
-        else:
-            g.add_argument(f"--{name}", action="store_true", help="(not in this version)")
+    """kohya's DeepSpeed flags; the run is sharded with torch's FSDP2 (library/config/sharding.py)."""
+    g = p.add_argument_group("sharded training over processes (kohya's DeepSpeed flags, run on torch FSDP2)")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="shard the trained weights, their gradients and the optimizer state over the processes of "
+                        "accelerate launch --num_processes N (N > 1)")
+    g.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3],
+                   help="2 (default) or 1: weights gathered once per step; 3: regathered for backward (least "
+                        "memory); 0: no sharding")
+    for name in ("offload_optimizer_device", "offload_param_device"):
+        g.add_argument(f"--{name}", choices=["none", "cpu", "nvme"],
+                       help="cpu: keep the shards in host memory between uses (either flag offloads weights, "
+                            "gradients and optimizer state together); nvme is not in this version")
+    for name in ("offload_optimizer_nvme_path", "offload_param_nvme_path"):
+        g.add_argument(f"--{name}", help="(NVMe offloading is not in this version: refused)")
+    g.add_argument("--zero3_init_flag", action="store_true",
+                   help="(building the model already sharded is not in this version: refused)")
+    g.add_argument("--zero3_save_16bit_model", action="store_true",
+                   help="saved models are always gathered whole, in --save_precision (accepted)")
+    g.add_argument("--fp16_master_weights_and_gradients", action="store_true",
+                   help="(sharded runs keep float32 master weights: refused)")
 
 
 def add_ema_args(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 
+from library.config.sharding import ShardingOptions, sharding_options
 from library.data.dataset_config import DatasetConfig
 from library.utils.errors import UserError
 
@@ -13,11 +14,6 @@ logger = logging.getLogger(__name__)
 
 #: kohya's --save_model_as values for whole models; the diffusers ones are folders
 SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
-#: kohya's DeepSpeed flags (its deepspeed_utils): parsed so that a kohya command or config gets an
-#: answer naming them, and refused by :func:`model_training_config`
-SHARDING_FLAGS = ("deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
-                  "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
-                  "fp16_master_weights_and_gradients")
 #: kohya's --block_lr: one rate per SDXL UNet block (embeddings, 9 input, 3 middle, 9 output, out)
 SDXL_BLOCK_LR_COUNT = 23
 
@@ -47,6 +43,7 @@ class ModelTrainConfig:
     frozen_last_blocks: int = 0  # SD3: the denoiser's last N blocks stay frozen (--num_last_block_to_freeze)
     #: SD3's --use_t5xxl_cache_only: the frozen encoders' outputs are cached, the trained ones run each step
     partial_text_cache: bool = False
+    sharding: ShardingOptions | None = None  # --deepspeed: the trained weights sharded over processes
 
     @property
     def as_folder(self) -> bool:
@@ -94,7 +91,7 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
     """The choices of train_db.py (``kind="dreambooth"``), fine_tune.py (``"fine_tune"``),
     sdxl_train.py (``"sdxl"``) or sd3_train.py (``"sd3"``)."""
     _check_datasets(kind, datasets, bool(args.in_json) and not args.dataset_config)
-    _refuse_sharding(args)
+    sharding = sharding_options(args)
     if kind == "dreambooth":
         stop = args.stop_text_encoder_training
         train_te = stop is None or stop > 0  # kohya: -1 (and 0) never train it
@@ -121,7 +118,7 @@ def model_training_config(args: argparse.Namespace, datasets: list[DatasetConfig
                     if train_te else " (with the CLIPs frozen, as --cache_text_encoder_outputs caches all three)")
     return ModelTrainConfig(kind, train_te, stop, args.save_model_as, _block_lr(getattr(args, "block_lr", None)),
                             _ema(args), _frozen_last_blocks(getattr(args, "num_last_block_to_freeze", None)),
-                            partial_text_cache=partial and train_te)
+                            partial_text_cache=partial and train_te, sharding=sharding)
 
 
 def _frozen_last_blocks(count: int | None) -> int:
@@ -132,18 +129,6 @@ def _frozen_last_blocks(count: int | None) -> int:
     if count < 1:
         raise UserError(f"--num_last_block_to_freeze {count}: give a number of blocks of at least 1 (or leave it out)")
     return count
-
-
-def _refuse_sharding(args: argparse.Namespace) -> None:
-    """kohya's DeepSpeed flags: sharding weights and optimizer state over GPUs is not in this
-    version (it is planned on accelerate's DeepSpeed / FSDP plugins), so they stop the run with what
-    works instead rather than train unsharded as if they had been honoured."""
-    given = [f"--{name}" for name in SHARDING_FLAGS if getattr(args, name, None) not in (None, False)]
-    if given:
-        raise UserError(f"{', '.join(given)}: sharded training (DeepSpeed ZeRO / FSDP) is not in this version. On one "
-                        "GPU, --full_bf16, --gradient_checkpointing and --fused_backward_pass (Adafactor) or "
-                        "--fused_optimizer_groups N cut memory (SD3 also --blocks_to_swap); several GPUs train "
-                        "data-parallel with accelerate launch --num_processes N")
 
 
 def _ema(args: argparse.Namespace) -> EMAOptions | None:

@@ -331,12 +331,13 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
         if part is None:
             index[name] = [None, None]
             continue
-        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
+        built = _built_class(part)
+        library = "diffusers" if built.__module__.startswith("diffusers") else "transformers"
         if name in modules:
             _save_module(part, tmp / name, library, dtype)
         else:
             part.save_pretrained(str(tmp / name))
-        index[name] = [library, type(part).__name__]
+        index[name] = [library, built.__name__]
     if scheduler is None:
         scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
                                   prediction_type=prediction_type)
@@ -350,6 +351,22 @@ def write_diffusers_folder(folder: str | os.PathLike, pipeline_class: str, modul
     tmp.rename(folder)
 
 
+def _built_class(module: torch.nn.Module) -> type:
+    """The class ``module`` was made as: torch's FSDP2 (``--deepspeed`` runs) swaps a sharded
+    module's class for a generated subclass (``FSDPUNet2DConditionModel``) that no loader knows."""
+    from torch.distributed.fsdp import FSDPModule
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
+def _fix_class_name(config_file: Path, name: str) -> None:
+    """diffusers writes the module's own class name into its config (``_class_name``), which for a
+    sharded module is FSDP's generated one."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("_class_name") != name:
+        config["_class_name"] = name
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _save_module(module: torch.nn.Module, folder: Path, library: str, dtype: torch.dtype | None) -> None:
     """A diffusers or transformers module as its from_pretrained reads it: the config, and the
     weights in one safetensors file written tensor by tensor (cast on the way; the libraries' own
@@ -357,6 +374,7 @@ def _save_module(module: torch.nn.Module, folder: Path, library: str, dtype: tor
     folder.mkdir(parents=True)
     if library == "diffusers":
         module.save_config(str(folder))
+        _fix_class_name(folder / "config.json", _built_class(module).__name__)
         weights = folder / "diffusion_pytorch_model.safetensors"
     else:
         module.config.save_pretrained(str(folder))

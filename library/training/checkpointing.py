@@ -13,6 +13,7 @@ from pathlib import Path
 from library.config.training_config import SaveConfig
 from library.optim.optimizers import optimizer_eval_mode
 from library.training import saving
+from library.training.sharding import Sharding
 from library.training.state import TrainState, save_state
 from networks.lora_export import write_diffusers_lora
 
@@ -33,12 +34,15 @@ class Progress:
 class Checkpointer:
     """Writes the trained files and state folders with kohya's names, and prunes old ones.
     ``trainable`` is what the run trains (a network adapter or the model's weights): it writes its
-    own file; ``what`` (library/training/trained.py) says what a state folder holds besides."""
+    own file; ``what`` (library/training/trained.py) says what a state folder holds besides.
+    With ``sharding`` (``--deepspeed``) every process takes part in each save (the whole tensors are
+    gathered from all of them) and rank 0 writes."""
 
     def __init__(self, cfg: SaveConfig, trainable, optimizer, scheduler, base_meta: dict[str, str],
-                 run_info: dict, is_main: bool, what):
+                 run_info: dict, is_main: bool, what, sharding: Sharding | None = None):
         self.cfg, self.trainable, self.optimizer, self.scheduler = cfg, trainable, optimizer, scheduler
         self.base_meta, self.run_info, self.is_main, self.what = base_meta, run_info, is_main, what
+        self.sharding = sharding
 
     def _stem(self, step: int | None = None, epoch: int | None = None) -> str:
         name = self.cfg.output_name
@@ -50,23 +54,31 @@ class Checkpointer:
 
     def save_network(self, stem: str, progress: Progress) -> Path:
         path = self.cfg.output_dir / f"{stem}{self.cfg.extension}"
-        if self.is_main:
+        if self.is_main or self.sharding is not None:  # the trainable writes on rank 0 only
             meta = saving.metadata_for_save(self.base_meta, progress.global_step, progress.epoch + 1,
                                             self.cfg.no_metadata)
             with optimizer_eval_mode(self.optimizer):
                 self.trainable.save(str(path), self.cfg.precision, meta)
-            logger.info("saved %s", path)
+            if self.is_main:
+                logger.info("saved %s", path)
         return path
 
     def save_state(self, stem: str, progress: Progress) -> Path:
         folder = self.cfg.output_dir / f"{stem}-state"
+        whole = None
+        if self.sharding is not None:  # collective: rank 0 receives the whole model and optimizer state
+            whole = (self.sharding.model_state(self.trainable.net),
+                     self.sharding.optimizer_state(self.trainable.net, self.optimizer))
+        extra = self.what.extra_state(self.trainable)  # on every process: collective when sharded
         if self.is_main:
             state = TrainState(global_step=progress.global_step, epoch=progress.epoch,
                                batches_done=progress.batches_done, recent_losses=list(progress.recent_losses),
                                epoch_losses=list(progress.epoch_losses), **self.run_info)
             save_state(folder, self.trainable.net, self.optimizer, self.scheduler, state, self.what.state_weights,
-                       self.what.extra_state(self.trainable))
+                       extra, whole)
             logger.info("saved state %s", folder)
+        if self.sharding is not None:
+            self.sharding.barrier()
         return folder
 
     def on_step(self, progress: Progress, is_last: bool) -> None:

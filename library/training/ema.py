@@ -5,6 +5,10 @@ step each average moves toward its weight: ``ema = d * ema + (1 - d) * weight``,
 ``d = min(decay, (1 + n) / (10 + n))`` for the n-th update (diffusers' warm-up, so a short run's
 average is not stuck at the starting weights). The averages are float32, on the weights' device or
 in CPU memory (``--ema_cpu``), and are swapped into the model for sample images and for saving.
+
+With sharded weights (``--deepspeed``: DTensor parameters) each process averages its own shard;
+only state files hold whole tensors, gathered from every process (so :meth:`WeightEMA.state_dict`
+and :meth:`WeightEMA.load_state_dict` are collective there).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class WeightEMA:
 
     def __init__(self, params: dict[str, torch.nn.Parameter], decay: float, update_every: int, on_cpu: bool):
         self.params, self.decay, self.update_every = params, decay, update_every
-        self.averages = {name: p.detach().to("cpu" if on_cpu else p.device, torch.float32, copy=True)
+        self.averages = {name: _local(p).detach().to("cpu" if on_cpu else p.device, torch.float32, copy=True)
                          for name, p in params.items()}
         self.updates = 0
 
@@ -37,7 +41,7 @@ class WeightEMA:
         d = ema_decay(self.decay, self.updates)
         for name, p in self.params.items():
             average = self.averages[name]
-            average.mul_(d).add_(p.detach().to(average.device, torch.float32), alpha=1 - d)
+            average.mul_(d).add_(_local(p).detach().to(average.device, torch.float32), alpha=1 - d)
         self.updates += 1
 
     @contextmanager
@@ -49,21 +53,50 @@ class WeightEMA:
         afterwards may not be the one it held before."""
         kept = {}
         for name, p in self.params.items():
-            kept[name] = p.detach().clone()
-            p.data.copy_(self.averages[name])
+            kept[name] = _local(p).detach().clone()
+            _local(p).copy_(self.averages[name])
         try:
             yield
         finally:
             for name, p in self.params.items():
-                p.data.copy_(kept[name])
+                _local(p).copy_(kept[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**{f"ema.{k}": v for k, v in self.averages.items()}, "ema_updates": torch.tensor(self.updates)}
+        whole = {f"ema.{k}": _whole(v, self.params[k]) for k, v in self.averages.items()}
+        return {**whole, "ema_updates": torch.tensor(self.updates)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.averages if f"ema.{k}" not in state]
         if missing or "ema_updates" not in state:
             raise KeyError(f"the state has no moving averages for {missing[:3] or ['ema_updates']}")
         for name, average in self.averages.items():
-            average.copy_(state[f"ema.{name}"])
+            average.copy_(_shard(state[f"ema.{name}"], self.params[name]))
         self.updates = int(state["ema_updates"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its shard when sharded (a DTensor), else itself. The
+    shard is a view, so writing into it writes into the parameter."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _whole(average: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole average of a sharded parameter, gathered from every process (collective)."""
+    if not hasattr(param, "to_local"):
+        return average
+    from torch.distributed.tensor import DTensor
+
+    mesh = param.device_mesh  # the gather runs where the process group does (not in host memory)
+    sharded = DTensor.from_local(average.to(mesh.device_type), mesh, param.placements, shape=param.shape,
+                                 stride=param.stride())
+    return sharded.full_tensor().cpu()
+
+
+def _shard(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a whole average read from a state file (every process has read it)."""
+    if not hasattr(param, "to_local"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = param.device_mesh
+    return distribute_tensor(whole.to(mesh.device_type), mesh, param.placements, src_data_rank=None).to_local()

@@ -9,7 +9,7 @@ groups, and its own file (the whole model, written through the family in the lay
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from library.config.model_training import ModelTrainConfig
 from library.families.base import LoadedModels, ModelFamily
 from library.training import kohya_state
 from library.training.ema import WeightEMA
+from library.training.sharding import TEXT_ENCODER_BLOCKS, Sharding
 from library.training.trained import OwnTrainable, WhatIsTrained
 from library.utils.errors import UserError
 
@@ -41,6 +42,7 @@ class ModelWeights(OwnTrainable):
         self.net.requires_grad_(True)
         self.net.train()
         self.ema: WeightEMA | None = None  # made once the trained parameters are known
+        self.sharding: Sharding | None = None  # --deepspeed: set by ModelTraining.shard
 
     def optimizer_groups(self, text_encoder_lr, unet_lr: float | None, default_lr: float):
         """One group for the denoiser, one per trained text encoder (kohya's ``lr/unet``,
@@ -123,15 +125,28 @@ class ModelWeights(OwnTrainable):
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         """The whole model in the family's single-file layout or as a diffusers folder: the trained
         weights, or with ``--ema`` their average (``--ema_save_mode both``: the weights, and the
-        average as ``<name>-ema``)."""
+        average as ``<name>-ema``). Sharded (``--deepspeed``): every process calls this, the whole
+        tensors are gathered from all of them and rank 0 writes."""
         trained = self.trained_text_encoders()
         if self.ema is None or self.cfg.ema.save_mode == "both":
-            self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder, trained)
+            with self._whole_weights() as writes:
+                if writes:
+                    self.family.save_model(self.models, path, dtype, metadata, self.cfg.as_folder, trained)
         if self.ema is not None:
             target = path if self.cfg.ema.save_mode == "ema" else ema_path(path)
-            with self.ema.applied():
-                self.family.save_model(self.models, str(target), dtype, {**(metadata or {}), "ss_ema": "True"},
-                                       self.cfg.as_folder, trained)
+            with self.ema.applied(), self._whole_weights() as writes:
+                if writes:
+                    self.family.save_model(self.models, str(target), dtype, {**(metadata or {}), "ss_ema": "True"},
+                                           self.cfg.as_folder, trained)
+
+    @contextmanager
+    def _whole_weights(self):
+        """Yields whether this process writes: always unsharded (the caller runs on rank 0 only)."""
+        if self.sharding is None:
+            yield True
+        else:
+            with self.sharding.whole_weights() as writes:
+                yield writes
 
     def trained_text_encoders(self) -> tuple[torch.nn.Module, ...]:
         """The text encoders in the optimizer (a rate of 0 left the others frozen)."""
@@ -182,6 +197,21 @@ class ModelTraining(WhatIsTrained):
         if problem:  # found now, not at the first save after hours of training
             raise UserError(f"--save_model_as {self.cfg.save_as}: {problem}")
         return ModelWeights(family, models, self.cfg)
+
+    def shard(self, trainable: ModelWeights, family: ModelFamily, models: LoadedModels, acc) -> Sharding | None:
+        """``--deepspeed``: the denoiser sharded block by block, each trained text encoder whole
+        (frozen parts stay whole on every process: nothing of theirs is trained or kept)."""
+        if self.cfg.sharding is None:
+            return None
+        sharding = Sharding(self.cfg.sharding, acc.device, acc.num_processes)
+        blocks = sharding.shard(models.denoiser, family.compiled_blocks)
+        for te in trainable.text_encoders:
+            sharding.shard(te, TEXT_ENCODER_BLOCKS)
+        trainable.sharding = sharding
+        if acc.is_main_process:
+            logger.info("--deepspeed: the trained weights %s; the denoiser in %d blocks, %d text encoder(s)",
+                        sharding.describe(), blocks, len(trainable.text_encoders))
+        return sharding
 
     def live_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[int]:
         """SD3's --use_t5xxl_cache_only: the trainable encoders run at every step, the others' outputs

@@ -62,21 +62,25 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_state(folder: Path, network: torch.nn.Module, optimizer, scheduler, state: TrainState,
-               weights: str = "network.safetensors", extra: dict[str, torch.Tensor] | None = None) -> None:
+               weights: str = "network.safetensors", extra: dict[str, torch.Tensor] | None = None,
+               whole: tuple[dict, dict] | None = None) -> None:
     """Write a complete state folder atomically (temporary folder, then rename); ``network`` is
     what is trained (its weights go to ``weights``, one of :data:`WEIGHT_FILES`); ``extra``: more
-    tensors the run needs to continue (the moving averages of ``--ema``), in ``extra.safetensors``."""
+    tensors the run needs to continue (the moving averages of ``--ema``), in ``extra.safetensors``.
+    ``whole``: the network's and the optimizer's state gathered from a sharded run (the optimizer's
+    keyed by parameter name), written instead of this process's own."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_safetensors(network.state_dict(), tmp / weights)  # tensor by tensor: no second copy of a full model
+    network_state, optimizer_state = whole or (network.state_dict(), optimizer.state_dict())
+    save_safetensors(network_state, tmp / weights)  # tensor by tensor: no second copy of a full model
     written = [weights]
     if extra:
         save_safetensors(extra, tmp / EXTRA_FILE)
         written.append(EXTRA_FILE)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")  # written last
@@ -109,14 +113,33 @@ def read_train_state(folder: Path) -> TrainState:
 
 
 def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler,
-               weights: str = "network.safetensors") -> None:
-    """Restore the trained weights, optimizer, scheduler and every RNG from a state folder."""
+               weights: str = "network.safetensors", sharding=None) -> None:
+    """Restore the trained weights, optimizer, scheduler and every RNG from a state folder.
+    With ``sharding`` (library/training/sharding.py) each process keeps its shard of them."""
     folder = Path(folder)
     check_weights_kind(folder, weights)
-    network.load_state_dict(_read(folder, weights, read_tensors), strict=True)
-    optimizer.load_state_dict(_read(folder, "optimizer.pt", _torch_file))
+    network_state = _read(folder, weights, read_tensors)
+    optimizer_state = _read(folder, "optimizer.pt", _torch_file)
+    saved_sharded = is_sharded_optimizer_state(optimizer_state)
+    if saved_sharded != (sharding is not None):
+        raise UserError(f"--resume {folder}: saved by a{' sharded' if saved_sharded else 'n unsharded'} run "
+                        f"({'with' if saved_sharded else 'without'} --deepspeed); resume it "
+                        f"{'with' if saved_sharded else 'without'} --deepspeed, or start a new run from its model file")
+    if sharding is not None:
+        sharding.load(network, optimizer, network_state, optimizer_state)
+    else:
+        network.load_state_dict(network_state, strict=True)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(_read(folder, "scheduler.pt", _torch_file))
     _set_rng_state(_read(folder, "rng.pt", _torch_file))
+
+
+def is_sharded_optimizer_state(state: dict) -> bool:
+    """Whether an optimizer state names its parameters (a sharded run's, gathered whole) rather
+    than numbering them (``optimizer.state_dict()``)."""
+    groups = state.get("param_groups") or [{}] if isinstance(state, dict) else [{}]
+    params = groups[0].get("params") or [0]
+    return isinstance(params[0], str)
 
 
 def read_extra_state(folder: Path) -> dict[str, torch.Tensor] | None:

@@ -51,6 +51,11 @@ class WhatIsTrained:
     def check_schedule(self, max_steps: int) -> None:
         """Nothing depends on the run's length."""
 
+    def shard(self, trainable, family: ModelFamily, models: LoadedModels, acc):
+        """Before the optimizer is made: split what is trained over processes (``--deepspeed``);
+        None, it is not (every process holds all of it, gradients are averaged after backward)."""
+        return None
+
     def live_text_encoders(self, family: ModelFamily, models: LoadedModels) -> list[int]:
         """With cached text outputs, the encoders (indices) that still run at every step: none,
         every output is cached."""

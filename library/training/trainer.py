@@ -45,6 +45,7 @@ from library.training import state as train_state
 from library.training.checkpointing import Checkpointer, Progress
 from library.training.interrupt import StopRequest, ignore_interrupts
 from library.training.residency import PartUse, Residency, settle_frozen_parts
+from library.training.sharding import Sharding
 from library.training.trained import NetworkTraining
 from library.training.validation import Validator, batch_conditioning, batch_latents, make_noisy_batch
 from library.utils.errors import Interrupted, UserError
@@ -128,6 +129,7 @@ class Trainer:
         self.seed = config.seed
         self.resume: tuple[Path, train_state.TrainState] | None = None
         self.kohya_resume: kohya_state.KohyaState | None = None  # --resume of a state folder kohya wrote
+        self.sharding: Sharding | None = None  # --deepspeed: what is trained is split over processes
 
     # ----------------------------------------------------------------- setup
     def prepare_data(self, world_size: int = 1, rank: int = 0) -> DatasetGroup:
@@ -327,7 +329,7 @@ class Trainer:
         folder, state = self.resume
         train_state.check_weights_kind(folder, self.what.state_weights)
         train_state.check_compatible(state, self.what.fingerprint(), batches, folder)
-        train_state.load_state(folder, trainable.net, optimizer, scheduler, self.what.state_weights)
+        train_state.load_state(folder, trainable.net, optimizer, scheduler, self.what.state_weights, self.sharding)
         self.what.load_extra_state(trainable, train_state.read_extra_state(folder), folder)
         return Progress(state.global_step, state.epoch, state.batches_done, list(state.recent_losses),
                         list(state.epoch_losses))
@@ -365,6 +367,8 @@ class Trainer:
             self._enable_checkpointing(models, trainable)
         if cfg.compile_backend:  # after the network's hooks and checkpointing: the compiled code traces them
             self._compile_denoiser(models)
+        # before the optimizer: it must hold the shards' parameters and keep state for them only
+        self.sharding = self.what.shard(trainable, self.family, models, acc)
         optimizer, scheduler, lr_names, schedule = self._optimization(trainable, len(group))
         self.what.check_schedule(schedule.max_steps)
         group.accumulation, group.max_train_steps = cfg.gradient_accumulation_steps, schedule.max_steps
@@ -443,7 +447,8 @@ class Trainer:
         if save.n_epoch_ratio:
             save = replace(save, every_n_epochs=saving.epochs_between_saves(schedule.num_epochs, save.n_epoch_ratio))
             logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s)", save.n_epoch_ratio, save.every_n_epochs)
-        return Checkpointer(save, trainable, optimizer, scheduler, meta, run_info, acc.is_main_process, self.what)
+        return Checkpointer(save, trainable, optimizer, scheduler, meta, run_info, acc.is_main_process, self.what,
+                            self.sharding)
 
     def _validator(self, acc, models: LoadedModels, group: DatasetGroup) -> Validator | None:
         if group.validation is None:
@@ -476,6 +481,10 @@ class _Loop:
         self.what = trainer.what
         self.live_encoders = trainer._live_encoders(models)
         self.params = trainable.trainable_params()
+        # sharded weights get their gradients averaged in backward (FSDP's reduce-scatter)
+        self.average_gradients = acc.num_processes > 1 and trainer.sharding is None
+        # a sharded model's forward gathers each block from every process: all of them sample
+        self.samples_everywhere = trainer.sharding is not None
         self.multiplier = 1.0
         self.key_norms: tuple[int, float, float] | None = None  # --scale_weight_norms: the last step's result
         self.stop = StopRequest()  # replaced by the active one while training
@@ -574,10 +583,18 @@ class _Loop:
         return (f"{self.stop.requested or 'a signal'} after step {p.global_step}: saved {network} and the state "
                 f"{state}; continue with --resume {state}")
 
+    def _all_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process (so that all of them stop together, or none)."""
+        if self.acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() == 0)
+
     def _stop_non_finite(self, exc: NonFiniteError, p: Progress) -> str:
         """Keep the weights of the last completed step (they are still finite: the bad step was not
         applied), then explain. Weights that are not finite are never written."""
-        finite = all(torch.isfinite(t).all() for t in self.trainable.net.state_dict().values())
+        local = (t.to_local() if hasattr(t, "to_local") else t for t in self.trainable.net.state_dict().values())
+        finite = self._all_agree(all(bool(torch.isfinite(t).all()) for t in local))  # sharded: each its own part
         saved = ""
         if finite and p.global_step > 0:
             stem = saving.step_file_name(self.cfg.save.output_name, p.global_step, "")
@@ -614,8 +631,9 @@ class _Loop:
         with acc.autocast():
             pred = family.denoise(models, noisy, cond)
         loss = weighted_batch_loss(family.per_sample_loss(pred, noisy, batch.masks), batch.loss_weights)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(step, f"the loss became {loss.item()}")
+        if not self._all_agree(bool(torch.isfinite(loss))):
+            raise NonFiniteError(step, f"the loss became {loss.item()}" if not torch.isfinite(loss) else
+                                 "another process's loss became non-finite")
         if loss.requires_grad:  # not when the network is off for this batch (network_multiplier 0)
             acc.backward(loss / self.cfg.gradient_accumulation_steps)
         if sync and self.fused:  # the optimizer already ran inside backward, tensor by tensor or part by part
@@ -625,10 +643,11 @@ class _Loop:
                                            "applied; the others of this step were)")
             self.scheduler.step()
         elif sync:
-            if acc.num_processes > 1:
+            if self.average_gradients:
                 _average_gradients(self.params, acc.device)
             max_norm = self.cfg.optimizer.max_grad_norm
             norm = acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: the norm of all shards
             if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
                 raise NonFiniteError(step, f"the gradient norm became {float(norm)}")
             self.optimizer.step()
@@ -682,7 +701,7 @@ class _Loop:
     def sample(self, epoch: int | None, step: int) -> None:
         """Generate the sample prompts; the RNG state and training modes are restored afterwards."""
         prompts = self.cfg.sample.prompts
-        if not prompts or not self.acc.is_main_process:
+        if not prompts or not (self.acc.is_main_process or self.samples_everywhere):
             return
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         self._set_multiplier(1.0)  # samples show the network at full strength
@@ -700,10 +719,14 @@ class _Loop:
 
     def _sample_one(self, index: int, prompt, epoch: int | None, step: int) -> None:
         seed = prompt.seed if prompt.seed is not None else random.randint(0, 2**31 - 1)
+        if self.samples_everywhere:  # every process draws the same image
+            seed = _same_on_all_processes(self.acc, seed)
         prompt = prompt.__class__(**{**prompt.__dict__, "seed": seed})
         with self.acc.autocast():  # modules may be in different dtypes (--no_half_vae)
             image = self.family.generate(self.models, prompt, prompt.sampler or self.cfg.sample.sampler,
                                          self.acc.device)
+        if not self.acc.is_main_process:
+            return
         path = saving.sample_file_name(self.cfg.save.output_dir, self.cfg.save.output_name, epoch, step, index, seed)
         _save_png(image, path, prompt)
         if self.cfg.trackers:

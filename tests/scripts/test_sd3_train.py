@@ -182,8 +182,8 @@ def test_saved_files_bundle_what_the_base_bundled_trained_or_asked(tmp_path):
     (["--train_t5xxl"], "--train_t5xxl trains T5-XXL beside CLIP-L/G: add --train_text_encoder"),
     (["--noise_offset", "0.1"], "not used by SD3 (flow matching)"),
     (["--num_last_block_to_freeze", "0"], "--num_last_block_to_freeze 0: give a number of blocks of at least 1"),
-    (["--deepspeed", "--zero_stage", "2"], "--deepspeed, --zero_stage: sharded training (DeepSpeed ZeRO / FSDP) is "
-                                          "not in this version"),
+    (["--deepspeed", "--blocks_to_swap", "2"], "--deepspeed with --blocks_to_swap: not together in this version"),
+    (["--deepspeed", "--zero_stage", "2"], "--deepspeed shards the weights over processes, and this run has one"),
     (["--fused_optimizer_groups", "2", "--fused_backward_pass", "--optimizer_type", "adafactor"], "use one of them"),
 ])
 def test_bad_input(tiny_sd3, tmp_path, extra, message):
