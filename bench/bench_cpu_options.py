@@ -10,6 +10,8 @@ once per variant, each in its own process so a setting cannot leak into the next
   channels_last   the UNet and its input in channels-last memory format
   bf16_autocast   forward under torch.autocast("cpu", torch.bfloat16)
   math_attention  diffusers' plain attention processor instead of SDPA
+  small_maps      convolutions on maps of at most 16x16 through PyTorch's own kernels, the rest
+                  through oneDNN (library/models/cpu_conv.py; what the trainer does on the CPU)
 
     .venv/bin/python bench/bench_cpu_options.py            # full size (about 6 minutes, 2 CPU cores)
     .venv/bin/python bench/bench_cpu_options.py --tiny     # smoke (seconds)
@@ -33,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.bench_train_step import bare_step, build_models, run_children  # noqa: E402
 
-VARIANTS = ("eager", "threads_1", "no_onednn", "channels_last", "bf16_autocast", "math_attention")
+VARIANTS = ("eager", "threads_1", "no_onednn", "channels_last", "bf16_autocast", "math_attention", "small_maps")
 
 
 def apply_variant(variant: str, unet):
@@ -48,6 +50,10 @@ def apply_variant(variant: str, unet):
     elif variant == "channels_last":
         fmt = torch.channels_last
         unet.to(memory_format=fmt)
+    elif variant == "small_maps":
+        from library.models.cpu_conv import route_small_cpu_convolutions
+
+        route_small_cpu_convolutions(unet)
     elif variant == "math_attention":
         from diffusers.models.attention_processor import AttnProcessor
 

@@ -142,6 +142,10 @@ def add_training_args(p: argparse.ArgumentParser, save_formats: tuple[str, ...] 
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
     add_compile_args(g)
+    g.add_argument("--cpu_conv_kernels", choices=["auto", "onednn"], default="auto",
+                   help="training on the CPU: auto (default) runs float32 convolutions on small feature maps (at "
+                        "most 16x16) through PyTorch's own kernels, which are faster there; onednn runs every "
+                        "convolution through oneDNN, as PyTorch does (see docs/performance.md)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--full_fp16", action="store_true",
                    help="keep the trained weights themselves in fp16 (GPU, fp16 mixed precision)")

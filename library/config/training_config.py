@@ -130,6 +130,8 @@ class TrainingConfig:
     max_validation_steps: int | None = None
     full_half: str | None = None  # "fp16"/"bf16": the network itself in that dtype
     compile_backend: str | None = None  # --torch_compile: the denoiser's blocks compiled with this backend
+    #: --cpu_conv_kernels auto: small-map float32 convolutions through PyTorch's kernels on the CPU
+    route_small_cpu_convolutions: bool = True
     fp8_base: str | None = None  # "all" or "unet"
     attention: str = "sdpa"
     no_half_vae: bool = False
@@ -424,6 +426,7 @@ def build_training_config(args: argparse.Namespace, model_kind: str | None = Non
         num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
         full_half="fp16" if args.full_fp16 else ("bf16" if args.full_bf16 else None),
         compile_backend=compile_backend(args),
+        route_small_cpu_convolutions=args.cpu_conv_kernels == "auto",
         fp8_base="unet" if args.fp8_base_unet else ("all" if args.fp8_base else None),
         attention="xformers" if args.xformers else ("mem_eff" if args.mem_eff_attn else "sdpa"),
         no_half_vae=args.no_half_vae, fused_backward=args.fused_backward_pass, fused_optimizer_groups=fused_groups,

@@ -37,6 +37,7 @@ from library.maths import precision
 from library.maths.loss import weighted_batch_loss
 from library.maths.rng import SampleRNG
 from library.models.compiling import check_toolchain, compile_blocks
+from library.models.cpu_conv import route_small_cpu_convolutions
 from library.models.fingerprint import module_fingerprint
 from library.models.sd_loading import check_file_layout
 from library.optim import optimizers as optim
@@ -219,6 +220,9 @@ class Trainer:
         if cfg.no_half_vae:
             models.vae.to(torch.float32)
         precision.set_attention(models.denoiser, cfg.attention)
+        if cfg.route_small_cpu_convolutions and acc.device.type == "cpu":
+            routed = route_small_cpu_convolutions(models.denoiser)
+            logger.debug("%d denoiser convolutions run small float32 maps through PyTorch's own kernels", routed)
         if cfg.cache_latents:
             for g in [group] + ([group.validation] if group.validation else []):
                 cache_latents(g, lambda px: self.family.encode_images(models, px), cfg.vae_batch_size,

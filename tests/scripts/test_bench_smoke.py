@@ -10,7 +10,7 @@ def test_bench_train_step_smoke():
                       "--from_file", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # file*: train_network.py's main on a written file
-    for mode in ("bare", "trainer", "file", "file_cached", "file_bf16"):
+    for mode in ("bare", "bare_routed", "trainer", "file", "file_cached", "file_bf16"):
         assert result[mode]["steps"] == 2 and result[mode]["median_s"] > 0, mode
     assert 0 < result["trainer"]["peak_rss_gib"] < 6.5
     assert 0 < result["file"]["startup_s"] < result["file"]["first_step_s"]
