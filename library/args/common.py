@@ -141,11 +141,7 @@ def add_training_args(p: argparse.ArgumentParser, save_formats: tuple[str, ...] 
     g.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
-    add_compile_args(g)
-    g.add_argument("--cpu_conv_kernels", choices=["auto", "onednn"], default="auto",
-                   help="training on the CPU: auto (default) runs float32 convolutions on small feature maps (at "
-                        "most 16x16) through PyTorch's own kernels, which are faster there; onednn runs every "
-                        "convolution through oneDNN, as PyTorch does (see docs/performance.md)")
+    _add_speed_args(g)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--full_fp16", action="store_true",
                    help="keep the trained weights themselves in fp16 (GPU, fp16 mixed precision)")
@@ -323,6 +319,16 @@ def shared_training_parser(description: str, save_formats: tuple[str, ...] = ("s
 def network_training_parser(description: str) -> argparse.ArgumentParser:
     """The full parser of the LoRA trainers (family scripts add their own flags to it)."""
     return shared_training_parser(description)
+
+
+def _add_speed_args(g) -> None:
+    """Compiling, and which kernels run the denoiser's convolutions when training on the CPU
+    (library/models/cpu_conv.py)."""
+    add_compile_args(g)
+    g.add_argument("--cpu_conv_kernels", choices=["auto", "onednn"], default="auto",
+                   help="training on the CPU: auto (default) runs float32 convolutions on small feature maps (at "
+                        "most 16x16) through PyTorch's own kernels, which are faster there; onednn runs every "
+                        "convolution through oneDNN, as PyTorch does (see docs/performance.md)")
 
 
 def add_compile_args(g) -> None:
