@@ -124,6 +124,19 @@ def run_script(script: str, *args: str, check: bool = False, timeout: int = 1800
     return proc
 
 
+def launch_two_processes(script: str, args: list[str], tmp_path: Path, port: int) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of a project script on two CPU processes (gloo), as a user runs it;
+    fails the test with the end of stderr unless it exits 0."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true",
+               HF_HOME=str(tmp_path / "hf"))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), str(ROOT / script)]
+    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
     """Run a project script's ``main`` in this interpreter, as ``run_cli`` runs it from the command
     line (exit codes and the ``error:`` line included); returns what :func:`run_script` returns.

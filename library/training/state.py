@@ -137,7 +137,7 @@ def load_state(folder: Path, network: torch.nn.Module, optimizer, scheduler,
 def is_sharded_optimizer_state(state: dict) -> bool:
     """Whether an optimizer state names its parameters (a sharded run's, gathered whole) rather
     than numbering them (``optimizer.state_dict()``)."""
-    groups = state.get("param_groups") or [{}] if isinstance(state, dict) else [{}]
+    groups = (state.get("param_groups") if isinstance(state, dict) else None) or [{}]
     params = groups[0].get("params") or [0]
     return isinstance(params[0], str)
 

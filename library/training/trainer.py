@@ -572,11 +572,7 @@ class _Loop:
 
     def _stop_requested(self) -> bool:
         """Whether a signal asked to stop, agreed by every process (each step, so they stop together)."""
-        asked = self.stop.requested is not None
-        if self.acc.num_processes > 1:
-            flag = torch.tensor([1.0 if asked else 0.0], device=self.acc.device)
-            asked = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
-        return asked
+        return not self._all_agree(self.stop.requested is None)
 
     def _save_on_stop(self, p: Progress) -> str:
         """The network and a resumable state at the step just finished; what to tell the user."""

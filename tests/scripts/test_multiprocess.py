@@ -3,14 +3,10 @@ global batch, and only rank 0 writes files."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import launch_two_processes, run_script
 
 
 def _common(tiny_default, out):
@@ -23,14 +19,8 @@ def _common(tiny_default, out):
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_default, tmp_path):
     run_script("train_network.py", *_common(tiny_default, tmp_path / "one"), "--train_batch_size", "4", check=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true",
-               HF_HOME=str(tmp_path / "hf"))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29531", str(ROOT / "train_network.py")]
-    proc = subprocess.run(launcher + _common(tiny_default, tmp_path / "two") + ["--train_batch_size", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two_args = _common(tiny_default, tmp_path / "two") + ["--train_batch_size", "2"]
+    proc = launch_two_processes("train_network.py", two_args, tmp_path, 29531)
     one = load_file(str(tmp_path / "one" / "last.safetensors"))
     two = load_file(str(tmp_path / "two" / "last.safetensors"))
     assert set(one) == set(two)
@@ -56,15 +46,8 @@ def test_full_training_on_two_processes_matches_one(tiny_default, tmp_path):
     common = _common(tiny_default, tmp_path / "one")
     common[common.index("--learning_rate") + 1] = "1e-4"
     run_script("train_db.py", *common, "--train_batch_size", "4", check=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true",
-               HF_HOME=str(tmp_path / "hf"))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29533", str(ROOT / "train_db.py")]
     two_args = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in common]
-    proc = subprocess.run(launcher + two_args + ["--train_batch_size", "2"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two_processes("train_db.py", two_args + ["--train_batch_size", "2"], tmp_path, 29533)
     base = load_file(str(tiny_default / "model" / "tiny-sd15.safetensors"))
     one = load_file(str(tmp_path / "one" / "last.safetensors"))
     two = load_file(str(tmp_path / "two" / "last.safetensors"))

@@ -7,25 +7,11 @@ collectively with rank 0 writing."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_script
-
-
-def _launch(script: str, args: list[str], tmp_path, port: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true",
-               HF_HOME=str(tmp_path / "hf"))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(port), str(ROOT / script)]
-    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+from tests.conftest import launch_two_processes, run_script
 
 
 def _norm(tensors) -> float:
@@ -42,8 +28,8 @@ def test_sharded_train_db_matches_one_process_and_resumes_bit_identically(tiny_d
 
     run_script("train_db.py", *args("one", "--train_batch_size", "4"), check=True)
     sharded = ["--train_batch_size", "2", "--deepspeed", "--save_state"]
-    proc = _launch("train_db.py", args("two", *sharded, "--zero_stage", "3", "--save_every_n_steps", "3"), tmp_path,
-                   29551)
+    two_args = args("two", *sharded, "--zero_stage", "3", "--save_every_n_steps", "3")
+    proc = launch_two_processes("train_db.py", two_args, tmp_path, 29551)
     assert "sharded over 2 processes (FSDP2, ZeRO stage 3" in proc.stderr
     base = load_file(str(tiny_default / "model" / "tiny-sd15.safetensors"))
     for name in ("last", "last-ema"):  # the weights, and their moving average
@@ -60,8 +46,9 @@ def test_sharded_train_db_matches_one_process_and_resumes_bit_identically(tiny_d
     assert optimizer["param_groups"][0]["params"][0] == "unet.conv_in.weight"  # whole, keyed by name
     assert len([line for line in proc.stderr.splitlines() if "saved state" in line]) == 2  # rank 0 wrote
 
-    resumed = _launch("train_db.py", args("resumed", *sharded, "--zero_stage", "2", "--offload_param_device", "cpu",
-                                          "--ema_cpu", "--resume", str(state)), tmp_path, 29552)
+    resumed_args = args("resumed", *sharded, "--zero_stage", "2", "--offload_param_device", "cpu", "--ema_cpu",
+                        "--resume", str(state))
+    resumed = launch_two_processes("train_db.py", resumed_args, tmp_path, 29552)
     assert "shards offloaded to host memory" in resumed.stderr
     for name in ("last", "last-ema"):
         final, two = (load_file(str(tmp_path / run / f"{name}.safetensors")) for run in ("resumed", "two"))
@@ -79,7 +66,7 @@ def test_sharded_sdxl_samples_validates_and_writes_a_diffusers_folder(tiny_famil
     prompts.write_text("a photo of shape --w 64 --h 64 --s 3 --d 5\n", encoding="utf-8")
     model = tiny_family_models["sdxl"]
     out = tmp_path / "out"
-    proc = _launch("sdxl_train.py", [
+    proc = launch_two_processes("sdxl_train.py", [
         "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tiny_default / "train"),
         "--resolution", "64", "--caption_extension", ".caption", "--cache_latents", "--max_train_steps", "2",
         "--learning_rate", "1e-4", "--seed", "3", "--train_batch_size", "2", "--train_text_encoder",
