@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from library.optim.adafactor_step import adafactor_step_in_place
 from library.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -248,24 +249,32 @@ class FusedBackwardPass:
     """Apply the optimizer to each parameter as soon as its gradient is complete, then free that
     gradient, so the gradients of the whole network are never held at once (kohya's
     ``--fused_backward_pass``). Clipping is per tensor (``max_norm``), as in kohya: the global norm
-    is not known until every gradient exists. Only parameters with a gradient are touched by a
-    step, and every other gradient is None at that moment, so ``optimizer.step()`` updates exactly
-    the tensor whose hook fired."""
+    is not known until every gradient exists. transformers' Adafactor steps the tensor directly
+    with :func:`adafactor_step_in_place` (its update in the gradient's memory: no temporaries of
+    the tensor's size on top of the live activations). Otherwise ``optimizer.step()`` runs: only
+    parameters with a gradient are touched by a step, and every other gradient is None at that
+    moment, so it updates exactly the tensor whose hook fired."""
 
     def __init__(self, optimizer, params: list[torch.Tensor], max_norm: float):
         self.optimizer, self.max_norm = optimizer, max_norm
         self.non_finite: list[int] = []
         self.handles = [p.register_post_accumulate_grad_hook(self._apply) for p in params]
         self.index = {id(p): i for i, p in enumerate(params)}
+        self.lean_groups = _lean_adafactor_groups(optimizer)
 
     def _apply(self, param: torch.Tensor) -> None:
-        if not torch.isfinite(param.grad).all():
+        # the tensor's norm is finite when its gradient is (the plain step checks the total norm,
+        # which overflows with it), and needs no mask of the gradient's size, as isfinite().all() would
+        norm = torch.nn.utils.clip_grad_norm_([param], self.max_norm) if self.max_norm > 0 else param.grad.norm()
+        if not torch.isfinite(norm):
             self.non_finite.append(self.index[id(param)])
             param.grad = None
             return
-        if self.max_norm > 0:
-            torch.nn.utils.clip_grad_norm_([param], self.max_norm)
         self._state_beside(param)
+        if self.lean_groups:  # transformers' Adafactor update, in the gradient's memory
+            grad, param.grad = param.grad, None
+            adafactor_step_in_place(self.lean_groups[0], self.lean_groups[1][id(param)], param, grad)
+            return
         self.optimizer.step()
         param.grad = None
 
@@ -290,6 +299,19 @@ class FusedBackwardPass:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _lean_adafactor_groups(optimizer):
+    """(the Adafactor, {id(parameter): its group}) when the fused pass may step tensors with
+    :func:`adafactor_step_in_place`: a transformers Adafactor without a gradient scaler (fp16's
+    scaler unscales and checks gradients inside the wrapped optimizer's ``step``, so that case
+    keeps calling it)."""
+    from transformers.optimization import Adafactor
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if type(inner) is not Adafactor or getattr(optimizer, "scaler", None) is not None:
+        return None
+    return inner, {id(p): group for group in inner.param_groups for p in group["params"]}
 
 
 class FusedOptimizerGroups(FusedBackwardPass):
