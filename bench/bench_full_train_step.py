@@ -4,7 +4,9 @@ SD1.5-architecture UNet with random weights (full size unless --tiny), 256 px, b
 trained (text encoder frozen), cached latents, fp32. Each mode in its own process, so peak RSS is
 its own:
 
-  bare_adamw        UNet forward + backward + gradient clipping + AdamW step on one fixed batch
+  bare_adamw        UNet forward + backward + gradient clipping + AdamW step on one fixed batch, with
+                    the small-map convolutions routed as the trainer routes them on CPU
+                    (library/models/cpu_conv.py), so the difference is the trainer's own cost
   trainer_adamw     the real Trainer with ModelTraining (train_db.py's path) and AdamW
   trainer_adafactor the trainer with Adafactor (a plain step after the whole backward)
   trainer_fused     the trainer with Adafactor and --fused_backward_pass (each tensor stepped
@@ -12,6 +14,7 @@ its own:
 
     .venv/bin/python bench/bench_full_train_step.py          # full size (about 6 minutes, 2 CPU cores)
     .venv/bin/python bench/bench_full_train_step.py --tiny   # smoke (seconds)
+    .venv/bin/python bench/bench_full_train_step.py --repeat 3  # the memory saving as a median of 3 pairs
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,8 +76,10 @@ def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
     import torch
 
     from library.maths.noise import scaled_linear_alphas_cumprod
+    from library.models.cpu_conv import route_small_cpu_convolutions
 
     unet = parts.unet.train().requires_grad_(True)
+    route_small_cpu_convolutions(unet)
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6)
     torch.manual_seed(0)
@@ -110,6 +116,9 @@ def main() -> None:
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="the trainer modes with gradient checkpointing (activations no longer hide the gradients' "
                         "memory); the bare mode is left out then")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the two Adafactor modes this many times and report the median saving (glibc's "
+                        "fragmentation moves a run's peak by a few tenths of a GiB)")
     p.add_argument("--child", choices=["bare_adamw", *FLAGS], help=argparse.SUPPRESS)
     a = p.parse_args()
     extra = ["--gradient_checkpointing"] if a.gradient_checkpointing else []
@@ -117,8 +126,9 @@ def main() -> None:
         child(a.child, a.tiny, a.size, a.steps, a.warmup, extra)
         return
     modes = list(FLAGS) if a.gradient_checkpointing else ["bare_adamw", *FLAGS]
-    results = run_children(__file__, modes, ["--size", str(a.size), "--steps", str(a.steps), "--warmup",
-                                             str(a.warmup)] + (["--tiny"] if a.tiny else []) + extra)
+    common = ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)] + \
+        (["--tiny"] if a.tiny else []) + extra
+    results = run_children(__file__, modes, common)
     print(f"model: {'tiny' if a.tiny else 'SD1.5-size'} UNet trained whole, {a.size}px, batch 1, fp32, cached latents"
           + (", gradient checkpointing" if extra else ""))
     for mode in modes:
@@ -126,10 +136,16 @@ def main() -> None:
         print(f"{mode:17s}: {r['median_s']:.3f} s/step (median of {r['steps']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
     overhead = results["trainer_adamw"]["median_s"] / results["bare_adamw"]["median_s"] - 1 \
         if "bare_adamw" in results else float("nan")
-    saved = results["trainer_adafactor"]["peak_rss_gib"] - results["trainer_fused"]["peak_rss_gib"]
+    savings = [results["trainer_adafactor"]["peak_rss_gib"] - results["trainer_fused"]["peak_rss_gib"]]
+    for _ in range(a.repeat - 1):
+        again = run_children(__file__, ["trainer_adafactor", "trainer_fused"], common)
+        savings.append(again["trainer_adafactor"]["peak_rss_gib"] - again["trainer_fused"]["peak_rss_gib"])
+    saved = statistics.median(savings)
     print(f"trainer overhead (AdamW): {overhead * 100:+.1f}% (target within 5%); fused backward saves "
-          f"{saved:.2f} GiB of peak RSS against plain Adafactor")
-    print(json.dumps({**results, "overhead": overhead, "fused_saves_gib": saved}))
+          f"{saved:.2f} GiB of peak RSS against plain Adafactor"
+          + (f" (median of {len(savings)} pairs of runs: {', '.join(f'{x:.2f}' for x in savings)})"
+             if len(savings) > 1 else ""))
+    print(json.dumps({**results, "overhead": overhead, "fused_saves_gib": saved, "savings_gib": savings}))
 
 
 if __name__ == "__main__":
