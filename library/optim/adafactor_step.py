@@ -89,10 +89,6 @@ def _scaled_by_second_moment(state: dict, grad: torch.Tensor, beta2t: float, eps
     return grad
 
 
-def _rms(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.norm(2) / (tensor.numel() ** 0.5)
-
-
 @torch.no_grad()
 def adafactor_step_in_place(optimizer, group: dict, param: torch.Tensor, grad: torch.Tensor) -> None:
     """One Adafactor step of ``param`` (a parameter of ``optimizer``, a transformers Adafactor, in
@@ -104,11 +100,12 @@ def adafactor_step_in_place(optimizer, group: dict, param: torch.Tensor, grad: t
     _initial_state(state, grad, factored, first_moment)
     weights = param.float() if param.dtype in _HALF else param
     state["step"] += 1
-    state["RMS"] = _rms(weights)
-    lr = type(optimizer)._get_lr(group, state)  # transformers' own rule (relative step, parameter scale)
+    rules = type(optimizer)  # transformers' own helpers: the RMS, and the rate (relative step, parameter scale)
+    state["RMS"] = rules._rms(weights)
+    lr = rules._get_lr(group, state)
     beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
     update = _scaled_by_second_moment(state, grad, beta2t, group["eps"][0], factored)
-    update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+    update.div_((rules._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
     update.mul_(lr)
     if first_moment:
         state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
