@@ -260,7 +260,8 @@ class FusedBackwardPass:
         self.non_finite: list[int] = []
         self.handles = [p.register_post_accumulate_grad_hook(self._apply) for p in params]
         self.index = {id(p): i for i, p in enumerate(params)}
-        self.lean_groups = _lean_adafactor_groups(optimizer)
+        #: (the Adafactor, {id(parameter): its group}) for the in-place step, or None
+        self.lean_adafactor = _lean_adafactor_groups(optimizer)
 
     def _apply(self, param: torch.Tensor) -> None:
         # the tensor's norm is finite when its gradient is (the plain step checks the total norm,
@@ -271,9 +272,10 @@ class FusedBackwardPass:
             param.grad = None
             return
         self._state_beside(param)
-        if self.lean_groups:  # transformers' Adafactor update, in the gradient's memory
+        if self.lean_adafactor:  # transformers' Adafactor update, in the gradient's memory
+            adafactor, group_of = self.lean_adafactor
             grad, param.grad = param.grad, None
-            adafactor_step_in_place(self.lean_groups[0], self.lean_groups[1][id(param)], param, grad)
+            adafactor_step_in_place(adafactor, group_of[id(param)], param, grad)
             return
         self.optimizer.step()
         param.grad = None

@@ -124,7 +124,7 @@ def test_the_fused_pass_uses_it_and_frees_each_gradient():
     params = list(model.parameters())
     optimizer = Adafactor(params, lr=1e-2, relative_step=False, scale_parameter=False)
     fused = optim.FusedBackwardPass(optimizer, params, max_norm=0.0)
-    assert fused.lean_groups is not None
+    assert fused.lean_adafactor is not None
     held = []  # gradients alive right after each tensor's step (a hook registered after the pass's)
     for p in params:
         p.register_post_accumulate_grad_hook(lambda _: held.append(sum(q.grad is not None for q in params)))
