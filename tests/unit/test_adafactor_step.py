@@ -57,6 +57,19 @@ def test_equals_transformers_step(options, chunk, monkeypatch):
             torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(want[key]), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[3]], ids=["defaults", "beta1_decay"])
+def test_conv_weights_in_blocks_equal_transformers_bit_for_bit(options, monkeypatch):
+    """A tensor of more than two dimensions is factored over its last two, within each block of
+    rows, so its step in blocks (here of one row or less) is transformers' exactly."""
+    monkeypatch.setattr(adafactor_step, "CHUNK_ELEMENTS", 8)
+    plain, lean, reference, optimizer = _run_both(options)
+    for shape, p, q in zip(SHAPES, plain, lean):
+        if len(shape) > 2:
+            assert torch.equal(q, p), shape
+            for key, want in reference.state[p].items():
+                assert torch.equal(torch.as_tensor(optimizer.state[q][key]), torch.as_tensor(want)), (shape, key)
+
+
 def test_weights_move_and_bf16_weights_round_like_transformers():
     start = _params()
     plain, lean, _, _ = _run_both(OPTIONS[1], dtype=torch.bfloat16)
@@ -79,28 +92,31 @@ def test_a_state_resumes_across_the_two_steps():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
 
 
-class _FullSizeAllocations(TorchDispatchMode):
-    """Counts op outputs of at least ``numel`` elements in new memory (not a view or an in-place result)."""
+class _NewAllocations(TorchDispatchMode):
+    """Counts op outputs of at least ``numel`` elements in new memory (not a view or an in-place
+    result) and records the largest new output."""
 
     def __init__(self, numel, known):
         super().__init__()
-        self.numel, self.known, self.count = numel, {t.untyped_storage().data_ptr() for t in known}, 0
+        self.numel, self.known = numel, {t.untyped_storage().data_ptr() for t in known}
+        self.count = self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.numel \
-                    and t.untyped_storage().data_ptr() not in self.known:
-                self.count += 1
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.count += t.numel() >= self.numel
+                self.largest = max(self.largest, t.numel())
         return out
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (32, 16, 3, 3)])
 def test_no_temporary_of_the_gradient_size(shape, monkeypatch):
     """transformers' step makes full-size temporaries (grad**2 + eps, the second-moment estimate,
-    -update); the fused step makes none (it squares the gradient in blocks, here of 512 elements)."""
+    -update); the fused step makes none bigger than a block (here of 512 elements; a 3x3 conv's
+    factors, two thirds of its size, are formed a block at a time too)."""
     monkeypatch.setattr(adafactor_step, "CHUNK_ELEMENTS", 512)
-    counts = {}
+    counts, largest = {}, {}
     for name in ("transformers", "in_place"):
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(shape))
@@ -109,13 +125,14 @@ def test_no_temporary_of_the_gradient_size(shape, monkeypatch):
         param.grad = grad
         optimizer.step()  # the state exists before counting
         optimizer.state[param]["step"] = 3
-        with _FullSizeAllocations(param.numel(), [param, grad]) as seen:
+        with _NewAllocations(param.numel(), [param, grad]) as seen:
             if name == "transformers":
                 optimizer.step()
             else:
                 adafactor_step_in_place(optimizer, optimizer.param_groups[0], param, grad)
-        counts[name] = seen.count
+        counts[name], largest[name] = seen.count, seen.largest
     assert counts["transformers"] >= 2 and counts["in_place"] == 0, counts
+    assert largest["in_place"] <= 512 < param.numel() == largest["transformers"], largest
 
 
 def test_the_fused_pass_uses_it_and_frees_each_gradient():
