@@ -15,16 +15,25 @@ its own:
     .venv/bin/python bench/bench_full_train_step.py          # full size (about 6 minutes, 2 CPU cores)
     .venv/bin/python bench/bench_full_train_step.py --tiny   # smoke (seconds)
     .venv/bin/python bench/bench_full_train_step.py --repeat 3  # the memory saving as a median of 3 pairs
+    .venv/bin/python bench/bench_full_train_step.py --live_memory  # and the allocator's figures (below)
+
+Peak RSS counts what glibc keeps of freed memory too, which moves a run's peak by a few tenths of
+a GiB from run to run. ``--live_memory`` also runs the two Adafactor modes with one step under
+torch.profiler's memory profiler and reports the bytes of live tensors at the step's start and at
+its peak: the CPU counterpart of ``torch.cuda.max_memory_allocated``, the same in every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +81,43 @@ def run_trainer(parts, mode: str, size: int, steps: int, warmup: int, extra: lis
     return train_timed(InMemorySD(), size, steps, warmup, FLAGS[mode] + extra, run=model_run)
 
 
+@contextlib.contextmanager
+def live_memory_of_step(index: int, figures: dict):
+    """Run the trainer's ``index``-th step (from 0) under torch.profiler's memory profiler;
+    ``figures`` gets the live tensor bytes (GiB) at the step's start and at its peak. Only
+    tensors the step touches count, which here are all of them (weights, optimizer state, the
+    frozen text encoder's weights, activations, gradients, temporaries)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from library.training import trainer as trainer_mod
+
+    original, calls = trainer_mod._Loop._step, []
+
+    def step(self, *args):
+        calls.append(None)
+        if len(calls) - 1 != index:
+            return original(self, *args)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            loss = original(self, *args)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "timeline.json")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA's snapshots; CPU has none
+                prof.export_memory_timeline(path, device="cpu")
+            with open(path) as f:
+                _, sizes = json.load(f)  # [times, [bytes by category] at each time]
+        totals = [sum(point) for point in sizes]
+        figures.update(live_start_gib=totals[0] / 2**30, live_peak_gib=max(totals) / 2**30)
+        return loss
+
+    trainer_mod._Loop._step = step
+    try:
+        yield
+    finally:
+        trainer_mod._Loop._step = original
+
+
 def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
     import torch
 
@@ -97,14 +143,18 @@ def run_bare(parts, size: int, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, extra: list[str]) -> None:
+def child(mode: str, tiny: bool, size: int, steps: int, warmup: int, extra: list[str], live: bool) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 2)
     parts = build_models(tiny)
-    times = run_bare(parts, size, steps, warmup) if mode == "bare_adamw" else \
-        run_trainer(parts, mode, size, steps, warmup, extra)
-    print_result(times, mode=mode)
+    if mode == "bare_adamw":
+        print_result(run_bare(parts, size, steps, warmup), mode=mode)
+        return
+    figures = {"gradients_gib": sum(p.numel() * p.element_size() for p in parts.unet.parameters()) / 2**30}
+    with live_memory_of_step(warmup, figures) if live else contextlib.nullcontext():
+        times = run_trainer(parts, mode, size, steps, warmup, extra)
+    print_result(times, mode=mode, **figures)  # with --live, one measured step ran under the profiler
 
 
 def main() -> None:
@@ -119,11 +169,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the two Adafactor modes this many times and report the median saving (glibc's "
                         "fragmentation moves a run's peak by a few tenths of a GiB)")
+    p.add_argument("--live_memory", action="store_true",
+                   help="also run the two Adafactor modes with one step under torch.profiler's memory profiler and "
+                        "report live tensor bytes (independent of glibc; the profiled runs' times are not reported)")
     p.add_argument("--child", choices=["bare_adamw", *FLAGS], help=argparse.SUPPRESS)
+    p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     extra = ["--gradient_checkpointing"] if a.gradient_checkpointing else []
     if a.child:
-        child(a.child, a.tiny, a.size, a.steps, a.warmup, extra)
+        child(a.child, a.tiny, a.size, a.steps, a.warmup, extra, a.live)
         return
     modes = list(FLAGS) if a.gradient_checkpointing else ["bare_adamw", *FLAGS]
     common = ["--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup)] + \
@@ -145,7 +199,21 @@ def main() -> None:
           f"{saved:.2f} GiB of peak RSS against plain Adafactor"
           + (f" (median of {len(savings)} pairs of runs: {', '.join(f'{x:.2f}' for x in savings)})"
              if len(savings) > 1 else ""))
-    print(json.dumps({**results, "overhead": overhead, "fused_saves_gib": saved, "savings_gib": savings}))
+    live = live_memory_report(run_children(__file__, ["trainer_adafactor", "trainer_fused"], [*common, "--live"])) \
+        if a.live_memory else {}
+    print(json.dumps({**results, "overhead": overhead, "fused_saves_gib": saved, "savings_gib": savings, **live}))
+
+
+def live_memory_report(live: dict[str, dict]) -> dict:
+    """Print the allocator-level figures of the two Adafactor runs; returns them for the JSON line."""
+    plain, fused = live["trainer_adafactor"], live["trainer_fused"]
+    for mode, r in live.items():
+        print(f"{mode:17s}: live tensors {r['live_start_gib']:.3f} GiB at the step's start, {r['live_peak_gib']:.3f} "
+              f"GiB at its peak (+{r['live_peak_gib'] - r['live_start_gib']:.3f})")
+    saved = plain["live_peak_gib"] - fused["live_peak_gib"]
+    print(f"fused backward saves {saved:.3f} GiB of live tensors at the peak; a full set of the UNet's gradients is "
+          f"{plain['gradients_gib']:.3f} GiB")
+    return {"live": live, "fused_saves_live_gib": saved}
 
 
 if __name__ == "__main__":

@@ -54,10 +54,13 @@ def test_bench_file_tools_smoke():
 
 def test_bench_full_train_step_smoke():
     proc = run_script("bench/bench_full_train_step.py", "--tiny", "--size", "64", "--steps", "2", "--warmup", "1",
-                      check=True)
+                      "--live_memory", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(result[m]["steps"] == 2 and result[m]["median_s"] > 0
                for m in ("bare_adamw", "trainer_adamw", "trainer_adafactor", "trainer_fused"))
+    live = result["live"]  # the profiler's figures are deterministic: the fused step holds fewer live tensors
+    assert 0 < live["trainer_fused"]["live_peak_gib"] < live["trainer_adafactor"]["live_peak_gib"]
+    assert result["fused_saves_live_gib"] > 0
 
 
 def test_bench_dedup_smoke():
