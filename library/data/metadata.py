@@ -27,7 +27,10 @@ def read_metadata(path: str) -> dict[str, dict]:
             entries = {}
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
-                    obj = json.loads(line)
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:  # exc counts lines within this one line: name the file's
+                        raise UserError(f"{p}:{n}: not valid JSON (column {exc.colno}: {exc.msg})") from exc
                     if "image_path" not in obj:
                         raise UserError(f"{p}:{n}: a JSONL line needs image_path")
                     entries[obj["image_path"]] = obj

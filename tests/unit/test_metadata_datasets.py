@@ -79,3 +79,13 @@ def test_resize_interpolation_names():
         parse_dataset_config({"datasets": [{"resolution": 64, "subsets": [{"image_dir": "a",
                                                                          "resize_interpolation": "fancy"}]}]},
                              "c.toml", {})
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    from library.data.metadata import read_metadata
+    from library.utils.errors import UserError
+
+    path = tmp_path / "meta.jsonl"
+    path.write_text('{"image_path": "a.png", "caption": "ok"}\n\n{"image_path": "b.png", "caption": }\n')
+    with pytest.raises(UserError, match=r"meta.jsonl:3: not valid JSON \(column 36"):
+        read_metadata(str(path))
